@@ -1,0 +1,196 @@
+"""Self-distillation loss (Eq. 3) and the per-token advantage A_t.
+
+The student π_θ(·|x, y<t) (LoRA on) and the self-teacher π_base(·|x, c, y<t) (the same weights with the
+adapter disabled, prompted with the feedback c) both score the student's own rollout y. The loss is the
+per-token divergence between their next-token distributions over the full vocabulary, on the rollout
+positions only:
+
+    Eq. 3:  L = mean_t KL( π_base(·|x, c, y<t) ‖ π_θ(·|x, y<t) )
+    A_t     = log π_base(y_t|x, c, y<t) − log π_θ(y_t|x, y<t)
+
+Conventions used by every function here:
+- `*_logits[b, t]` is the distribution over y_t (the caller has already shifted by one), so logits,
+  log-probs, tokens and mask are all indexed by rollout position t.
+- `mask[b, t]` is 1 on the rollout tokens y and 0 on prompt and padding positions.
+- Losses are a SUM over valid positions divided by `normalizer`, the number of valid tokens in the whole
+  optimizer step (all micro-batches, all ranks). Left as None it is this call's own `mask.sum()`. Passing
+  the global count is what makes gradient accumulation and DDP take the same step as one big batch.
+- Divergences are computed in fp32 whatever the input dtype.
+
+Run the tests:  python -m pytest tests/test_sd_loss.py -q
+
+Departures from the paper:
+1. `sampled_token_loss` (the policy-gradient form) is provided next to the full-vocabulary KL. The paper
+   trains with the full-vocabulary forward KL; the sampled form is the on-policy estimator of the
+   per-token *reverse* KL gradient, E_{y_t~π_θ}[−A_t ∇log π_θ(y_t)] = ∇KL(π_θ ‖ π_base) at position t,
+   exact only when y was sampled at temperature 1 (the paper samples at 1.1).
+2. `reverse` and `jsd` divergences are offered for ablations; `forward` is the paper's and the default.
+3. `chunked_self_distillation_loss` computes the same loss from final hidden states without ever holding
+   (B, T, V) logits: a memory device, not a change to the objective (values and gradients match).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+def _kl(logp_a: Tensor, logp_b: Tensor) -> Tensor:
+    """KL(a‖b) = Σ_v a_v (log a_v − log b_v) over the last dim; terms with a_v = 0 contribute 0."""
+    p_a = logp_a.exp()
+    terms = torch.where(p_a > 0, p_a * (logp_a - logp_b), torch.zeros_like(p_a))  # (..., V)
+    return terms.sum(-1)  # (...)
+
+
+def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str = "forward",
+                     beta: float = 0.5) -> Tensor:
+    """Per-position divergence between teacher and student next-token distributions, (B, T, V) -> (B, T).
+
+    kind="forward": KL(teacher ‖ student), the paper's choice (Eq. 3).
+    kind="reverse": KL(student ‖ teacher).
+    kind="jsd":     β·KL(T‖M) + (1−β)·KL(S‖M), M = β·T + (1−β)·S. β must lie strictly inside (0, 1):
+                    at β = 0 or 1 the mixture M equals one of the two distributions and both terms vanish,
+                    so the "divergence" would be identically 0.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    logp_s = torch.log_softmax(student_logits.float(), dim=-1)  # (B, T, V)
+    logp_t = torch.log_softmax(teacher_logits.float(), dim=-1)  # (B, T, V)
+    if kind == "forward":
+        return _kl(logp_t, logp_s)  # (B, T)  KL(teacher‖student)
+    if kind == "reverse":
+        return _kl(logp_s, logp_t)  # (B, T)  KL(student‖teacher)
+    if kind == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"jsd needs 0 < beta < 1 (at the ends it is identically 0), got beta={beta}")
+        # M = β·T + (1−β)·S, in log space
+        logp_m = torch.logsumexp(torch.stack([logp_t + math.log(beta),
+                                              logp_s + math.log(1.0 - beta)]), dim=0)  # (B, T, V)
+        return beta * _kl(logp_t, logp_m) + (1.0 - beta) * _kl(logp_s, logp_m)  # (B, T)
+    raise ValueError(f"unknown divergence kind {kind!r}; expected 'forward', 'reverse' or 'jsd'")
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log π(y_t) of the sampled tokens: (B, T, V), (B, T) -> (B, T), fp32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def token_advantage(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """Per-token advantage on the sampled tokens, detached: (B, T), (B, T) -> (B, T)."""
+    # A_t = log π_base(y_t | x, c, y<t) − log π_θ(y_t | x, y<t)
+    return (teacher_logprobs.float() - student_logprobs.float()).detach()  # (B, T)
+
+
+def _masked_sum(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum()
+
+
+def _normalizer(mask: Tensor, normalizer: float | None) -> float | Tensor:
+    n = mask.sum() if normalizer is None else normalizer
+    return n.clamp(min=1) if isinstance(n, Tensor) else max(float(n), 1.0)
+
+
+def _advantage_metrics(A: Tensor, mask: Tensor) -> dict[str, float]:
+    """Mean A_t and the fraction of valid tokens with A_t < 0 (this call's tokens only)."""
+    n = mask.sum().clamp(min=1)
+    return {
+        "adv_mean": (_masked_sum(A, mask) / n).item(),
+        "adv_neg_frac": (_masked_sum((A < 0).float(), mask) / n).item(),
+    }
+
+
+def sampled_token_loss(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor,
+                       normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Policy-gradient form of SD: L = Σ_t −A_t · log π_θ(y_t) / normalizer, with A_t detached.
+
+    Its gradient is GRPO's gradient with a per-token advantage A_t instead of a per-sequence one.
+    """
+    mask = mask.float()
+    A = token_advantage(student_logprobs, teacher_logprobs)  # (B, T)
+    # −A_t · log π_θ(y_t | x, y<t), summed over rollout tokens
+    loss = _masked_sum(-A * student_logprobs.float(), mask) / _normalizer(mask, normalizer)
+    return loss, _advantage_metrics(A, mask)
+
+
+def self_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
+                           kind: str = "forward", *, tokens: Tensor | None = None, beta: float = 0.5,
+                           normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Eq. 3 on full logits: Σ_t D(π_base(·|x,c,y<t), π_θ(·|x,y<t)) · mask_t / normalizer.
+
+    `tokens` (B, T), the sampled y_t, is needed only for the A_t metrics (adv_mean, adv_neg_frac).
+    The teacher side is detached: no gradient flows into the self-teacher.
+    """
+    mask = mask.float()
+    div = token_divergence(student_logits, teacher_logits.detach(), kind, beta)  # (B, T)
+    loss = _masked_sum(div, mask) / _normalizer(mask, normalizer)
+    metrics = {"divergence": (_masked_sum(div.detach(), mask) / mask.sum().clamp(min=1)).item()}
+    if tokens is not None:
+        with torch.no_grad():
+            A = token_advantage(token_logprobs(student_logits, tokens),
+                                token_logprobs(teacher_logits, tokens))  # (B, T)
+        metrics |= _advantage_metrics(A, mask)
+    return loss, metrics
+
+
+def _chunk_terms(h_s: Tensor, h_t: Tensor, y: Tensor, weight: Tensor, kind: str,
+                 beta: float) -> tuple[Tensor, Tensor]:
+    """One chunk of N rollout positions: (N, D), (N, D), (N,), (V, D) -> divergence (N,), A_t (N,)."""
+    z_s = (h_s @ weight.T).float()  # (N, V)  student logits
+    with torch.no_grad():
+        z_t = (h_t @ weight.T).float()  # (N, V)  teacher logits: no gradient into the self-teacher
+    div = token_divergence(z_s.unsqueeze(0), z_t.unsqueeze(0), kind, beta).squeeze(0)  # (N,)
+    with torch.no_grad():
+        logp_y_s = token_logprobs(z_s, y)  # (N,)
+        logp_y_t = token_logprobs(z_t, y)  # (N,)
+    return div, token_advantage(logp_y_s, logp_y_t)  # (N,), (N,)
+
+
+def chunked_self_distillation_loss(student_hidden: Tensor, teacher_hidden: Tensor, lm_head_weight: Tensor,
+                                   tokens: Tensor, mask: Tensor, kind: str = "forward", *,
+                                   chunk_size: int = 1024, beta: float = 0.5,
+                                   normalizer: float | None = None) -> tuple[Tensor, dict]:
+    """Eq. 3 from final hidden states, never holding more than (chunk_size, V) logits per model.
+
+    student_hidden, teacher_hidden: (B, T, D) final (post-norm) hidden states whose position t predicts y_t.
+    lm_head_weight: (V, D), shared by student and teacher (LoRA does not touch the head).
+    tokens, mask: (B, T) sampled y_t and rollout mask.
+
+    Only the valid positions are gathered, then processed in chunks of `chunk_size`. Each chunk runs under
+    activation checkpointing: the forward keeps only the chunk's inputs, and the backward recomputes the
+    chunk's logits, so the extra memory of the loss is O(chunk_size × V), not O(B × T × V).
+    Returns (loss, metrics); metrics["token_advantage"] is the (B, T) tensor of A_t (0 off the mask).
+    """
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
+                         f"{tuple(teacher_hidden.shape)} must have the same shape")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    valid = mask.bool()  # (B, T)
+    h_s = student_hidden[valid]  # (N, D)
+    h_t = teacher_hidden.detach()[valid]  # (N, D)
+    y = tokens[valid]  # (N,)
+    div_sum = student_hidden.new_zeros((), dtype=torch.float32)
+    A_flat = torch.zeros(y.shape[0], dtype=torch.float32, device=y.device)  # (N,)
+    div_detached = torch.zeros_like(A_flat)  # (N,)
+    for start in range(0, y.shape[0], chunk_size):
+        end = min(start + chunk_size, y.shape[0])
+        div, A = checkpoint(_chunk_terms, h_s[start:end], h_t[start:end], y[start:end], lm_head_weight,
+                            kind, beta, use_reentrant=False)  # (n,), (n,)
+        div_sum = div_sum + div.sum()
+        A_flat[start:end] = A
+        div_detached[start:end] = div.detach()
+    loss = div_sum / _normalizer(mask.float(), normalizer)
+    A_full = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)  # (B, T)
+    A_full[valid] = A_flat
+    n = max(y.shape[0], 1)
+    metrics = {
+        "divergence": (div_detached.sum() / n).item(),
+        "adv_mean": (A_flat.sum() / n).item(),
+        "adv_neg_frac": ((A_flat < 0).float().sum() / n).item(),
+        "token_advantage": A_full,
+    }
+    return loss, metrics

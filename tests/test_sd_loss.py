@@ -1,0 +1,212 @@
+"""Eq. 3 and A_t against brute force, the chunked path against the plain one, and the sign of one SGD step."""
+import math
+
+import pytest
+import torch
+
+from sd_loss import (chunked_self_distillation_loss, sampled_token_loss, self_distillation_loss,
+                     token_advantage, token_divergence, token_logprobs)
+
+
+def brute_divergence(s_logits, t_logits, kind, beta=0.5):
+    """Loop over batch, position and vocabulary with Python floats."""
+    B, T, V = s_logits.shape
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            ps = torch.softmax(s_logits[b, t].double(), -1).tolist()
+            pt = torch.softmax(t_logits[b, t].double(), -1).tolist()
+            pm = [beta * pt[v] + (1 - beta) * ps[v] for v in range(V)]
+            kl = lambda p, q: sum(p[v] * (math.log(p[v]) - math.log(q[v])) for v in range(V))
+            out[b, t] = {"forward": lambda: kl(pt, ps), "reverse": lambda: kl(ps, pt),
+                         "jsd": lambda: beta * kl(pt, pm) + (1 - beta) * kl(ps, pm)}[kind]()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_divergence_matches_brute_force(kind):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 7, generator=g) * 2, torch.randn(2, 3, 7, generator=g) * 2
+    got = token_divergence(s, t, kind, beta=0.3)
+    assert got.shape == (2, 3) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), brute_divergence(s, t, kind, beta=0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_is_teacher_to_student_not_symmetric():
+    s = torch.tensor([[[2.0, 0.0, -1.0]]])
+    t = torch.tensor([[[0.0, 1.0, 0.5]]])
+    fwd, rev = token_divergence(s, t, "forward"), token_divergence(s, t, "reverse")
+    # KL(teacher‖student) = reverse with the roles swapped
+    torch.testing.assert_close(fwd, token_divergence(t, s, "reverse"))
+    assert not torch.allclose(fwd, rev)
+
+
+def test_forward_kl_zero_iff_equal():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 4, 11, generator=g)
+    assert token_divergence(z, z + 3.0).abs().max() < 1e-6  # a shift of logits is the same distribution
+    other = z.clone()
+    other[0, 2, 5] += 0.5
+    d = token_divergence(z, other)
+    assert d[0, 2] > 1e-4 and d[0, [0, 1, 3]].abs().max() < 1e-6
+
+
+def test_fp32_whatever_input_dtype():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(1, 2, 9, generator=g), torch.randn(1, 2, 9, generator=g)
+    got = token_divergence(s.bfloat16(), t.bfloat16())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, token_divergence(s.bfloat16().float(), t.bfloat16().float()))
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, -0.1, 1.5])
+def test_jsd_rejects_ends(beta):
+    z = torch.zeros(1, 1, 3)
+    with pytest.raises(ValueError, match="0 < beta < 1"):
+        token_divergence(z, z, "jsd", beta=beta)
+
+
+def test_unknown_kind():
+    z = torch.zeros(1, 1, 3)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        token_divergence(z, z, "kl")
+
+
+def test_minus_inf_logits_give_finite_divergence():
+    s = torch.tensor([[[0.0, 1.0, float("-inf")]]])
+    t = torch.tensor([[[0.5, 0.0, float("-inf")]]])
+    for kind in ("forward", "reverse", "jsd"):
+        assert torch.isfinite(token_divergence(s, t, kind)).all()
+
+
+def test_token_advantage_is_teacher_minus_student_detached():
+    ls = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    lt = torch.tensor([[-0.5, -3.0]])
+    A = token_advantage(ls, lt)
+    torch.testing.assert_close(A, torch.tensor([[0.5, -1.0]]))
+    assert not A.requires_grad
+
+
+def test_masking_ignores_prompt_and_padding():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 5, 6, generator=g), torch.randn(2, 5, 6, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    loss, _ = self_distillation_loss(s, t, mask)
+    # garbage at masked positions changes nothing
+    s2, t2 = s.clone(), t.clone()
+    s2[mask == 0] = 100 * torch.randn_like(s2[mask == 0])
+    t2[mask == 0] = -100.0
+    loss2, _ = self_distillation_loss(s2, t2, mask)
+    torch.testing.assert_close(loss, loss2)
+    expected = brute_divergence(s, t, "forward")[mask.bool()].mean().float()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_normalizer_makes_micro_batches_sum_to_full_batch():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(4, 6, 8, generator=g, requires_grad=True)
+    t = torch.randn(4, 6, 8, generator=g)
+    mask = (torch.rand(4, 6, generator=g) > 0.3).float()
+    full, _ = self_distillation_loss(s, t, mask)
+    n = mask.sum().item()
+    parts = sum(self_distillation_loss(s[i:i + 2], t[i:i + 2], mask[i:i + 2], normalizer=n)[0] for i in (0, 2))
+    torch.testing.assert_close(full, parts)
+
+
+def test_metrics_advantage_statistics():
+    s = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
+    t = torch.log(torch.tensor([[[0.25, 0.75], [0.9, 0.1], [0.6, 0.4]]]))
+    tokens = torch.tensor([[1, 0, 1]])
+    mask = torch.tensor([[1, 1, 1]])
+    _, m = self_distillation_loss(s, t, mask, tokens=tokens)
+    A = [math.log(0.75 / 0.5), 0.0, math.log(0.4 / 0.8)]
+    assert m["adv_mean"] == pytest.approx(sum(A) / 3, abs=1e-6)
+    assert m["adv_neg_frac"] == pytest.approx(1 / 3)
+
+
+def test_no_gradient_into_teacher():
+    s = torch.randn(1, 3, 5, requires_grad=True)
+    t = torch.randn(1, 3, 5, requires_grad=True)
+    loss, _ = self_distillation_loss(s, t, torch.ones(1, 3))
+    loss.backward()
+    assert s.grad is not None and t.grad is None
+
+
+def test_sampled_token_loss_gradient_is_minus_advantage():
+    ls = torch.tensor([[-1.0, -2.0, -0.3]], requires_grad=True)
+    lt = torch.tensor([[-0.5, -3.0, -0.3]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, m = sampled_token_loss(ls, lt, mask)
+    loss.backward()
+    # ∂L/∂log π_θ(y_t) = −A_t / N on valid tokens
+    torch.testing.assert_close(ls.grad, torch.tensor([[-0.5 / 2, 1.0 / 2, 0.0]]))
+    assert m["adv_neg_frac"] == pytest.approx(0.5)
+
+
+def test_sgd_step_on_sampled_loss_moves_logprobs_by_sign_of_advantage():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 6, 10, generator=g).requires_grad_()  # every position is its own parameter
+    teacher = torch.randn(1, 6, 10, generator=g)
+    y = torch.randint(0, 10, (1, 6), generator=g)
+    mask = torch.ones(1, 6)
+    before = token_logprobs(logits, y).detach()
+    A = token_advantage(before, token_logprobs(teacher, y))
+    assert (A > 0).any() and (A < 0).any()
+    loss, _ = sampled_token_loss(token_logprobs(logits, y), token_logprobs(teacher, y), mask)
+    loss.backward()
+    with torch.no_grad():
+        logits -= 0.1 * logits.grad
+    delta = token_logprobs(logits, y).detach() - before
+    assert (delta[A > 0] > 0).all() and (delta[A < 0] < 0).all()
+
+
+def sd_inputs(B=2, T=7, D=6, V=13, seed=6):
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(B, T, D, generator=g, dtype=torch.float64).float().requires_grad_()
+    h_t = torch.randn(B, T, D, generator=g)
+    W = (torch.randn(V, D, generator=g) * 0.5).requires_grad_()
+    y = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    mask[0, :2] = 0  # prompt
+    mask[1, 5:] = 0  # padding
+    return h_s, h_t, W, y, mask
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 10, 1000])
+def test_chunked_equals_plain_values_and_gradients(kind, chunk_size):
+    h_s, h_t, W, y, mask = sd_inputs()
+    plain, pm = self_distillation_loss(h_s @ W.T, h_t @ W.T, mask, kind, tokens=y)
+    g_h, g_W = torch.autograd.grad(plain, (h_s, W))
+    chunked, cm = chunked_self_distillation_loss(h_s, h_t, W, y, mask, kind, chunk_size=chunk_size)
+    c_h, c_W = torch.autograd.grad(chunked, (h_s, W))
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c_h, g_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c_W, g_W, atol=1e-5, rtol=1e-5)
+    for key in ("divergence", "adv_mean", "adv_neg_frac"):
+        assert cm[key] == pytest.approx(pm[key], abs=1e-5)
+    A = token_advantage(token_logprobs(h_s @ W.T, y), token_logprobs(h_t @ W.T, y)) * mask
+    torch.testing.assert_close(cm["token_advantage"], A, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_bf16_inputs_compute_in_fp32():
+    h_s, h_t, W, y, mask = sd_inputs()
+    loss, _ = chunked_self_distillation_loss(h_s.bfloat16(), h_t.bfloat16(), W.bfloat16(), y, mask, chunk_size=4)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_chunked_frees_logits_between_chunks():
+    """The autograd graph of the chunked loss keeps no (N, V) tensor: only the chunk inputs are saved."""
+    B, T, D, V = 1, 64, 8, 4096
+    g = torch.Generator().manual_seed(7)
+    h_s = torch.randn(B, T, D, generator=g, requires_grad=True)
+    h_t, W = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g)
+    y, mask = torch.randint(0, V, (B, T), generator=g), torch.ones(B, T)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        chunked_self_distillation_loss(h_s, h_t, W, y, mask, chunk_size=8)
+    assert max(saved) < T * V / 4  # plain path would save several (T, V) tensors
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        self_distillation_loss(h_s @ W.T, h_t @ W.T, mask)
+    assert max(saved) >= T * V
