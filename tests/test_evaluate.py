@@ -1,0 +1,296 @@
+"""Grading, Pass/Maj/Avg@k against enumeration and hand counts, the grading time limit, the results table,
+and the pieces of the per-token advantage figure (localization scores, AUROC, position profile, HTML)."""
+import itertools
+import json
+import sys
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from evaluate import (AnswerChecker, ErrorMarks, advantage_by_position, auroc, best_by_metric, evaluate_checkpoint,
+                      evaluate_samples, extract_answer, fast_equivalent, grade, load_evals, localization_scores,
+                      main, majority_vote, pass_at_k, plot_advantage_by_position, render_advantage_html)
+
+
+@pytest.fixture(scope="module")
+def checker():
+    with AnswerChecker(timeout_s=5.0) as c:
+        yield c
+
+
+# ------------------------------------------------------------------------------------------------ pass@k
+def test_pass_at_k_matches_enumeration_of_subsets():
+    for n in range(1, 8):
+        for c in range(n + 1):
+            correct = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(range(n), k))
+                direct = sum(any(correct[i] for i in s) for s in subsets) / len(subsets)
+                assert pass_at_k(n, c, k) == pytest.approx(direct, abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_large_n_is_stable_and_rejects_bad_arguments():
+    assert pass_at_k(1000, 1, 1) == pytest.approx(1e-3)
+    assert pass_at_k(1000, 0, 500) == 0.0
+    assert 0.0 < pass_at_k(10_000, 3, 50) < 1.0
+    for bad in [(0, 0, 1), (5, 6, 1), (5, 2, 0), (5, 2, 6)]:
+        with pytest.raises(ValueError):
+            pass_at_k(*bad)
+
+
+# ------------------------------------------------------------------------------------------------ answers
+def test_extract_answer():
+    assert extract_answer(r"so \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert extract_answer(r"\boxed{3} then \boxed{ 5 }") == "5"  # the last one wins
+    assert extract_answer(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"  # escaped braces inside
+    assert extract_answer(r"\fbox{7}") == "7"
+    assert extract_answer(r"\boxed {x^{2}}") == "x^{2}"
+    assert extract_answer(r"\boxed{4} and then \boxed{12") == "4"  # a truncated box is skipped
+    assert extract_answer(r"\boxed{}") is None
+    assert extract_answer("the answer is 4") is None
+
+
+def test_fast_path_decides_integers_without_a_worker():
+    assert fast_equivalent("42", " 42 ") is True
+    assert fast_equivalent("42", "042") is True
+    assert fast_equivalent("42", "41") is False
+    assert fast_equivalent("$7$", "7") is True
+    assert fast_equivalent("0.5", r"\frac12") is None
+    assert grade(r"\boxed{41}", "42") is False and grade(r"\boxed{42}", "42") is True  # no worker needed
+
+
+@pytest.mark.parametrize("response, gold, expected", [
+    (r"\boxed{0.5}", r"\frac{1}{2}", True),
+    (r"\boxed{\frac{1}{2}}", "0.5", True),
+    (r"\boxed{\dfrac{3}{4}}", "0.75", True),
+    (r"\boxed{\dfrac{3}{4}}", "0.7", False),
+    (r"\boxed{\text{42}}", "42", True),
+    (r"\boxed{5\text{ cm}}", "5", True),
+    (r"\boxed{12 \text{ apples}}", "12", True),
+    (r"\boxed{3} no wait \boxed{5}", "5", True),
+    (r"\boxed{3} no wait \boxed{5}", "3", False),
+    ("the answer is 5", "5", False),
+    (r"\boxed{x+1}", "1+x", True),
+])
+def test_grading_cases(checker, response, gold, expected):
+    assert checker.grade(response, gold) is expected
+    assert grade(response, gold, checker) is expected
+
+
+def test_grading_from_worker_threads(checker):
+    cases = [(r"\boxed{0.5}", r"\frac{1}{2}", True), (r"\boxed{\dfrac{2}{3}}", "0.5", False),
+             (r"\boxed{7}", "7", True)] * 3
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        got = list(pool.map(lambda c: checker.grade(c[0], c[1]), cases))
+        one_shot = pool.submit(grade, r"\boxed{\frac{1}{4}}", "0.25").result()  # no checker, off the main thread
+    assert got == [c[2] for c in cases]
+    assert one_shot is True
+
+
+def test_pathological_answer_hits_our_time_limit_and_counts_as_incorrect():
+    with AnswerChecker(timeout_s=1.0) as c:
+        assert c.grade(r"\boxed{1/2}", "0.5") is True  # worker started (not part of the deadline)
+        t0 = time.time()
+        assert c.grade(r"\boxed{2^{2^{30}}}", "3") is False  # sympy would compare a 10^8-digit integer
+        assert time.time() - t0 < 4.0
+        assert c.failures["timeout"] == 1
+        assert c.grade(r"\boxed{1/2}", "0.5") is True  # a fresh worker takes over
+
+
+def test_unparsable_gold_is_a_data_error(checker):
+    with pytest.raises(ValueError, match="gold answer"):
+        checker.equivalent("}{", "3")
+    assert checker.equivalent("}{", "3", reference=False) is False  # two model answers: just not equivalent
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_majority_vote_groups_by_equivalence_and_breaks_ties_by_first_appearance(checker):
+    # by string "3" would win (2 votes); by equivalence {0.5, \frac12, 1/2} wins with 3
+    assert majority_vote(["0.5", r"\frac12", "3", "3", "1/2"], checker) == 0
+    assert majority_vote(["3", "5", "5", "3"], checker) == 0  # tie: the group that appeared first
+    assert majority_vote(["5", "3", "3", "5"], checker) == 0
+    assert majority_vote([None, None, "7", "8", None], checker) == 2  # unanswered do not vote
+    assert majority_vote([None, None], checker) is None
+
+
+def test_evaluate_samples_by_hand(checker):
+    def box(a):
+        return (f"Step 1: ... \\boxed{{{a}}}", 10)
+    samples = [
+        # gold 5: answers 3, 3, 5, 5 -> tie, 3 appeared first -> Maj wrong; c = 2
+        ("5", [box(3), box(3), box(5), box(5)]),
+        # gold 1/2: three equivalent answers beat "3", one unanswered; c = 3
+        (r"\frac{1}{2}", [box("0.5"), ("no answer", 30), box("1/2"), box(r"\dfrac{1}{2}")]),
+        # gold 9: all unanswered -> Maj 0, c = 0
+        ("9", [("none", 2)] * 4),
+    ]
+    got = evaluate_samples(samples, k=2, checker=checker)
+    # Avg over all n=4; Pass@2 unbiased over n=4; Maj@2 over the first 2 samples
+    assert got["avg@k"] == pytest.approx((2 / 4 + 3 / 4 + 0) / 3)
+    assert got["pass@k"] == pytest.approx((pass_at_k(4, 2, 2) + pass_at_k(4, 3, 2) + 0) / 3)
+    assert got["maj@k"] == pytest.approx((0 + 1 + 0) / 3)  # problem 2: first 2 = ["0.5", None] -> 0.5
+    assert got["length"] == pytest.approx((10 + (10 * 3 + 30) / 4 + 2) / 3)
+    assert got["answered"] == pytest.approx((1 + 3 / 4 + 0) / 3)
+    assert (got["k"], got["n"], got["n_problems"], got["grade_failures"]) == (2, 4, 3, 0)
+    full = evaluate_samples(samples, checker=checker)
+    assert full["k"] == 4 and full["maj@k"] == pytest.approx((0 + 1 + 0) / 3)
+    with pytest.raises(ValueError, match="same positive number"):
+        evaluate_samples([("1", [box(1)]), ("2", [box(2), box(2)])], checker=checker)
+
+
+def test_evaluate_checkpoint_calls_the_engine_per_the_shared_interface(checker, monkeypatch):
+    fake_critic = types.SimpleNamespace(student_messages=lambda p: [{"role": "user", "content": p.problem}],
+                                        render=lambda tok, messages, thinking: "PROMPT:" + messages[0]["content"])
+    monkeypatch.setitem(sys.modules, "critic", fake_critic)
+    calls = []
+
+    class Engine:
+        def generate(self, prompts, seeds, n, temperature, max_new_tokens):
+            calls.append((prompts, seeds, n, temperature, max_new_tokens))
+            completion = types.SimpleNamespace
+            return [[completion(token_ids=[1] * 3, text=r"\boxed{4}", finish_reason="stop")] * n for _ in prompts]
+
+    problems = [types.SimpleNamespace(id=f"p{i}", problem=f"q{i}", answer=str(4 + i)) for i in range(2)]
+    got = evaluate_checkpoint(Engine(), None, problems, n=3, temperature=0.7, max_new_tokens=16, seed=1,
+                              checker=checker)
+    assert calls[0][0] == ["PROMPT:q0", "PROMPT:q1"] and calls[0][2:] == (3, 0.7, 16)
+    assert len(set(calls[0][1])) == 2
+    assert got["avg@k"] == pytest.approx(0.5) and got["length"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ table
+def _write_run(path, feedback, rows):
+    path.mkdir(parents=True)
+    with open(path / "eval.jsonl", "w") as f:
+        for step, p, m, a, length in rows:
+            f.write(json.dumps({"step": step, "feedback": feedback, "k": 12, "pass@k": p, "maj@k": m,
+                                "avg@k": a, "length": length, "extra": "ignored"}) + "\n")
+
+
+def test_results_table_best_per_metric_and_step(tmp_path):
+    _write_run(tmp_path / "runs" / "b_sa", "stepalign", [(0, 0.5, 0.2, 0.1, 900.0), (10, 0.9, 0.5, 0.3, 1000.0),
+                                                       (20, 0.9, 0.6, 0.3, 1100.0), (30, 0.8, 0.6, 0.2, 1200.0)])
+    _write_run(tmp_path / "runs" / "a_grpo", "grpo", [(0, 0.5, 0.2, 0.1, 900.0), (10, 0.7, 0.1, 0.15, 950.0)])
+    records = load_evals([tmp_path / "runs"])
+    best = best_by_metric(records)
+    assert list(best) == ["GRPO", "StepAlignFB"]  # the paper's row order
+    sa = best["StepAlignFB"]
+    # ties go to the earliest step: pass 0.9 at 10 and 20 -> 10; maj 0.6 at 20 and 30 -> 20; avg 0.3 -> 10
+    assert sa["pass@k"] == (0.9, 10) and sa["maj@k"] == (0.6, 20) and sa["avg@k"] == (0.3, 10)
+    assert sa["length"] == (1000.0, 10)  # at the best Avg@k step
+    assert best["GRPO"]["maj@k"] == (0.2, 0) and best["GRPO"]["pass@k"] == (0.7, 10)
+
+    out = tmp_path / "out"
+    table = main([str(tmp_path / "runs"), "--out", str(out)])
+    assert "| StepAlignFB | 90.00 (10) | 60.00 (20) | 30.00 (10) | 1000 (10) |" in table
+    assert "Pass@12" in table
+    assert (out / "results.md").read_text() == table
+    for name in ["pass_at_k", "maj_at_k", "avg_at_k", "length"]:
+        assert (out / f"{name}.png").stat().st_size > 1000
+    # a list of run directories reads the same records
+    same = load_evals([tmp_path / "runs" / "a_grpo", tmp_path / "runs" / "b_sa"])
+    assert best_by_metric(same) == best
+
+
+def test_bad_eval_rows_name_the_file_line_and_field(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.jsonl").write_text('{"step": 0, "feedback": "grpo", "k": 4, "pass@k": 0.5, "maj@k": 0.5, '
+                                    '"avg@k": 50, "length": 3}\n')
+    with pytest.raises(ValueError, match=r"eval.jsonl:1: field 'avg@k'"):
+        load_evals([run])
+    with pytest.raises(FileNotFoundError):
+        load_evals([tmp_path / "nothing"])
+
+
+# ------------------------------------------------------------------------------------------------ figure
+def _marks(T, start, end, claim, earlier):
+    wc, ec = np.zeros(T, bool), np.zeros(T, bool)
+    wc[list(claim)] = True
+    ec[list(earlier)] = True
+    return ErrorMarks(start, end, wc, ec)
+
+
+def test_auroc_matches_brute_force_pair_counting():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pos = rng.integers(0, 5, size=rng.integers(1, 8)).astype(float)  # small range: many ties
+        neg = rng.integers(0, 5, size=rng.integers(1, 8)).astype(float)
+        brute = np.mean([1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg])
+        assert auroc(pos, neg) == pytest.approx(brute)
+    assert auroc([3.0, 4.0], [1.0, 2.0]) == 1.0 and auroc([1.0], [1.0]) == 0.5
+
+
+def test_localization_scores_on_synthetic_advantages():
+    # rollout 0: 12 tokens, steps [0,4) correct, [4,8) erroneous with claim {6,7}, then [8,12) continuation
+    A0 = np.array([0.1, -0.1, 0.2, 0.0, 0.1, 0.0, -2.0, -1.0, -5.0, 0.3, 0.0, -1.0])
+    m0 = _marks(12, 4, 8, {6, 7}, range(4))
+    # rollout 1: the most negative token before the end of the error is an earlier correct token
+    A1 = np.array([-3.0, 0.5, 0.0, -1.0, 1.0, 1.0])
+    m1 = _marks(6, 2, 5, {3}, {0, 1})
+    s = localization_scores([A0, A1], [m0, m1])
+    # top-1 ignores t=8 (after the erroneous step) in rollout 0: argmin over [0,8) is t=6, on the claim
+    assert s["per_rollout"]["top1"] == [1.0, 0.0] and s["top1"] == 0.5
+    share0 = (2.0 + 1.0) / (0.1 + 2.0 + 1.0 + 5.0 + 1.0)
+    share1 = 1.0 / 4.0
+    assert s["per_rollout"]["neg_mass_share"] == pytest.approx([share0, share1])
+    assert s["neg_mass_share"] == pytest.approx((share0 + share1) / 2)
+    # AUROC of -A: rollout 0 claim {2, 1} vs earlier {-0.1, 0.1, -0.2, 0} -> 1; rollout 1 claim {1} vs {3, -0.5}
+    assert s["per_rollout"]["auroc"] == pytest.approx([1.0, 0.5])
+    assert s["auroc_pooled"] == pytest.approx(auroc([2.0, 1.0, 1.0], [-0.1, 0.1, -0.2, 0.0, 3.0, -0.5]))
+    # an error in the first step has no earlier correct tokens: AUROC undefined, left out and counted
+    m2 = _marks(3, 0, 2, {1}, [])
+    s2 = localization_scores([A0, [0.0, -1.0, 0.0]], [m0, m2])
+    assert s2["n_auroc"] == 1 and s2["auroc"] == pytest.approx(1.0) and s2["top1"] == 1.0
+    with pytest.raises(ValueError, match="rollout 0"):
+        localization_scores([A0[:5]], [m0])
+
+
+def test_error_marks_are_validated():
+    with pytest.raises(ValueError, match="wrong claim"):
+        _marks(6, 2, 4, {5}, {0})  # claim outside the erroneous step
+    with pytest.raises(ValueError, match="before error_start"):
+        _marks(6, 2, 4, {3}, {2})
+    with pytest.raises(ValueError, match="bool"):
+        ErrorMarks(0, 1, np.array([1, 0]), np.array([0, 0]))
+
+
+def test_advantage_by_position_and_its_png(tmp_path):
+    # A_t = relative position to the claim start: each bin's mean is known exactly
+    A0, m0 = np.arange(10) - 4.0, _marks(10, 3, 6, {4}, range(3))
+    A1, m1 = np.arange(6) - 1.0, _marks(6, 1, 3, {1}, [0])
+    prof = advantage_by_position([A0, A1], [m0, m1], lo=-4, hi=6, bin_size=2)
+    assert prof.bin_start.tolist() == [-4, -2, 0, 2, 4]
+    # bins [-4,-2): only rollout 0 (-3.5); [-2,0): rollout 0 has -1.5, rollout 1 only rel -1 -> -1, each
+    # rollout weighs the same -> -1.25; [4,6): rollout 0 has 4.5, rollout 1 only rel 4 -> 4.25
+    assert prof.mean == pytest.approx([-3.5, -1.25, 0.5, 2.5, 4.25])
+    assert prof.n_rollouts.tolist() == [1, 2, 2, 2, 2]
+    png = plot_advantage_by_position({"StepAlignFB": prof, "RefSol": prof}, tmp_path / "pos.png")
+    assert png.stat().st_size > 1000
+    with pytest.raises(ValueError):
+        advantage_by_position([A0], [m0], lo=0, hi=5, bin_size=2)
+
+
+def test_html_escapes_tokens_marks_the_error_and_shows_contexts_side_by_side():
+    tokens = [["Step", " 1:", " <b>", "&", "</b>", '"q"', "\n", "42"]]
+    T = len(tokens[0])
+    mk = _marks(T, 6, 8, {7}, range(6))
+    advantages = {"StepAlignFB": [np.linspace(-1, 1, T)], "RefSol": [np.zeros(T)], "verdict": [np.ones(T)]}
+    page = render_advantage_html(tokens, advantages, [mk], title="A_t <demo>",
+                                 scores={"StepAlignFB": {"top1": 1.0}})
+    assert "<b>" not in page and "</b>" not in page and "<demo>" not in page
+    assert "&lt;b&gt;" in page and "&amp;" in page and "&lt;/b&gt;" in page and "A_t &lt;demo&gt;" in page
+    assert '&quot;q&quot;' in page  # quotes inside tokens cannot break out of the attributes
+    assert "↵" in page  # the newline token is visible
+    for ctx in advantages:
+        assert f"<h3>{ctx}</h3>" in page
+    assert "repeat(3, 1fr)" in page
+    assert page.count('class="tok step claim"') == 3  # the claim token, once per context
+    assert page.count("▶") >= 3
+    assert "rgba(220, 38, 38" in page and "rgba(22, 163, 74" in page
+    assert 'title="t=0  A_t=-1.0000' in page
+    with pytest.raises(ValueError, match="context 'RefSol', rollout 0"):
+        render_advantage_html(tokens, {"RefSol": [np.zeros(T - 1)]}, [mk])
