@@ -1,0 +1,705 @@
+"""The training loop: on-policy self-distillation with critic feedback, or GRPO, through one code path.
+
+    torchrun --nproc_per_node 4 train.py --feedback stepalign     # the paper's setup (4×H100, vLLM, a critic server)
+    python train.py --preset demo                                 # SmolLM2-135M on a CPU, all three forms, minutes
+    torchrun --nproc_per_node 2 train.py --preset demo            # the same demo with DDP over 2 CPU processes (gloo)
+    python train.py --help                                        # every option, generated from Config
+
+One optimizer step, in order:
+  1. problems: `prompts_per_step` problems of a fixed, seeded order (epoch permutations); each rank takes
+     every world_size-th of them.
+  2. rollouts: G samples per problem from the student prompt x (G = 1 for SD, 8 for GRPO), on-policy,
+     seeded by (seed, step, problem, sample).
+  3. feedback c: stepalign → the critic's critique of each rollout; refsol → the problem's reference solution;
+     grpo → the binary reward (answer correct) and the group advantages.
+  4. teacher inputs: the teacher prompt (x + c) followed by the SAME token ids y.
+  5. loss: SD — Eq. 3 from final hidden states, teacher = adapter disabled, no gradient (sd_loss.py);
+     GRPO — the clipped surrogate (grpo.py). Divided by the number of valid tokens of the whole step
+     (all micro-batches, all ranks), so accumulation and DDP give the same step as one big batch.
+  6. backward per micro-batch; LoRA gradients all-reduced (sum) once per step; AdamW step.
+  7. the new adapter goes to the generation engine (transformers: the same module, merged for sampling;
+     vLLM: saved in PEFT layout and loaded under a fresh name and id, prefix cache reset).
+Every `eval_every` steps: n = 12 samples per held-out problem → Pass/Maj/Avg@12 and length in eval.jsonl,
+and a checkpoint (adapter, optimizer, RNG, data position), written atomically.
+
+Departures from the paper:
+1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.
+2. Evaluation samples at `eval_temperature` (default = the training temperature 1.1); the paper does not
+   state its evaluation temperature.
+3. GRPO takes one optimizer step per batch of rollouts, so the ratio ρ is 1 and clipping never binds; the
+   clipped surrogate is kept so that several epochs per batch are one option away.
+4. The demo preset replaces Qwen3-1.7B by SmolLM2-135M-Instruct, OpenMathReasoning by arithmetic chains, the
+   QwQ-32B critic by the exact arithmetic critic, and shrinks every size (see PRESETS["demo"]).
+5. A rollout whose critique failed (timeout, server error) is skipped: its tokens are masked out of the loss
+   and counted in `skipped_critic`; a step whose loss or gradient is not finite is skipped and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import critic
+import data
+import evaluate
+import grpo
+import lora
+import rollout
+import sd_loss
+
+FEEDBACKS = ("stepalign", "refsol", "grpo")
+
+
+def opt(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    preset: str = opt("paper", "a named set of defaults (PRESETS); explicit options override it", ("paper", "demo"))
+    feedback: str = opt("stepalign", "the teacher's context c (grpo: no teacher); 'all' runs each in turn",
+                        FEEDBACKS + ("all",))
+    model: str = opt("Qwen/Qwen3-1.7B", "solver (and self-teacher) weights: hub id, local path, or "
+                     "'smollm2-135m-instruct' (the packaged demo model)")
+    data: str = opt("data/omr_hard.jsonl", "problems: a manifest written by `python data.py filter` "
+                    "(train/test splits), or 'arithmetic'")
+    arith_train: int = opt(282, "arithmetic data: number of training problems")
+    arith_test: int = opt(30, "arithmetic data: number of held-out problems")
+    arith_ops: int = opt(2, "arithmetic data: operations per problem")
+    arith_max_operand: int = opt(50, "arithmetic data: largest operand")
+    arith_operators: str = opt("+-*", "arithmetic data: operators to draw from")
+    arith_example: bool = opt(False, "arithmetic data: prefix each problem with a one-shot worked example")
+    critic: str = opt("server", "critic backend for stepalign", ("server", "local", "exact"))
+    critic_url: str = opt("http://127.0.0.1:8000/v1", "OpenAI-compatible server (e.g. `vllm serve Qwen/QwQ-32B "
+                          "--enable-prefix-caching`)")
+    critic_model: str = opt("Qwen/QwQ-32B", "critic model name (server) or path (local)")
+    critic_api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the critic server's API key")
+    critic_timeout: float = opt(900.0, "seconds per critic request before it counts as failed")
+    critic_concurrency: int = opt(32, "concurrent critic requests")
+    critic_retries: int = opt(3, "retries per critic request (exponential backoff) before the rollout is skipped")
+    critic_max_tokens: int = opt(8192, "critic generation budget (its <think> trace included)")
+    engine: str = opt("vllm", "rollout engine", ("vllm", "transformers"))
+    stop_at_boxed: bool = opt(False, "transformers engine: end a sample after its first complete \\boxed{}")
+    vllm_gpu_memory: float = opt(0.35, "fraction of GPU memory vLLM may take (it shares the GPU with training)")
+    student_thinking: bool = opt(False, "thinking mode of the student's chat template (Qwen3 enable_thinking)")
+    teacher_thinking: bool = opt(True, "thinking mode of the teacher's chat template")
+    lora_r: int = opt(64, "LoRA rank r")
+    lora_alpha: float = opt(128.0, "LoRA α (scale α/r)")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "comma-separated modules")
+    divergence: str = opt("forward", "SD divergence: forward = KL(teacher‖student), Eq. 3",
+                          ("forward", "reverse", "jsd"))
+    sd_samples: int = opt(1, "SD: rollouts per problem (the paper: 1)")
+    grpo_group_size: int = opt(8, "GRPO: rollouts per problem, the group G of the advantage (the paper: 8)")
+    grpo_clip: float = opt(0.2, "GRPO clip ε")
+    grpo_aggregation: str = opt("token", "GRPO loss aggregation", ("token", "sequence"))
+    temperature: float = opt(1.1, "rollout sampling temperature")
+    max_new_tokens: int = opt(2048, "rollout length limit")
+    lr: float = opt(5e-6, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping (departure 1)")
+    prompts_per_step: int = opt(32, "problems per optimizer step, across all ranks")
+    micro_batch: int = opt(4, "rollouts per forward/backward pass on one rank")
+    loss_chunk: int = opt(1024, "positions per chunk of the memory-bounded loss")
+    grad_checkpointing: bool = opt(True, "activation checkpointing in the model")
+    dtype: str = opt("bfloat16", "model dtype (LoRA weights stay fp32)", ("bfloat16", "float32"))
+    epochs: int = opt(7, "passes over the training problems")
+    max_steps: int = opt(0, "stop after this many steps (0 = epochs decide)")
+    eval_every: int = opt(10, "evaluate and checkpoint every N steps (and at step 0 and the end)")
+    eval_samples: int = opt(12, "samples per held-out problem (the k of Pass/Maj/Avg@k)")
+    eval_temperature: float = opt(1.1, "evaluation sampling temperature (departure 2)")
+    eval_problems: int = opt(0, "evaluate on the first N held-out problems (0 = all)")
+    seed: int = opt(0, "run seed: data order and every sampling seed derive from it")
+    out_dir: str = opt("runs/{preset}/{feedback}", "output directory ({preset}/{feedback} are filled in)")
+    resume: bool = opt(False, "continue from the latest checkpoint in out_dir")
+    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
+    progress: bool = opt(True, "progress bars on rank 0")
+
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    # SmolLM2-135M solves ~16% of one-operation problems with a worked example at temperature 0.5 (0% without)
+    "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=48, arith_test=16,
+                 arith_ops=1, arith_max_operand=20, arith_operators="+-", arith_example=True, critic="exact",
+                 engine="transformers", stop_at_boxed=True, lora_r=16, lora_alpha=32.0, temperature=0.5, max_new_tokens=48, lr=2e-4,
+                 prompts_per_step=8, micro_batch=8, loss_chunk=256, grad_checkpointing=False, dtype="float32",
+                 grpo_group_size=4, epochs=1, eval_every=3, eval_samples=4, eval_temperature=0.5),
+}
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Command line generated from Config's fields; a preset's values become the defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="paper", choices=list(PRESETS))
+    preset = pre.parse_known_args(argv)[0].preset
+    defaults = {**{f.name: f.default for f in dataclasses.fields(Config)}, **PRESETS[preset], "preset": preset}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kw = dict(default=defaults[f.name], help=f.metadata["help"])
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str}[f.type]
+            if f.metadata["choices"]:
+                kw["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def group_size(cfg: Config) -> int:
+    return cfg.grpo_group_size if cfg.feedback == "grpo" else cfg.sd_samples
+
+
+# ---------------------------------------------------------------------------------------------- setup
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """RANK / LOCAL_RANK / WORLD_SIZE from torchrun; nccl on GPUs, gloo on CPU; single process otherwise."""
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, device)
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def check_inputs(cfg: Config) -> None:
+    """Fail before any model is loaded or GPU time is spent."""
+    if cfg.data != "arithmetic" and not Path(cfg.data).is_file():
+        raise SystemExit(f"--data {cfg.data}: no such file (write one with `python data.py filter ...` "
+                         "or use --data arithmetic)")
+    looks_local = cfg.model.startswith((".", "/", "~")) or os.sep in cfg.model and Path(cfg.model).parent.exists()
+    if looks_local and not Path(cfg.model).expanduser().exists():
+        raise SystemExit(f"--model {cfg.model}: no such directory")
+    if cfg.engine == "vllm" and not torch.cuda.is_available():
+        raise SystemExit("--engine vllm needs a GPU; on a CPU use --engine transformers (or --preset demo)")
+    if cfg.feedback == "stepalign" and cfg.critic == "exact" and cfg.data != "arithmetic":
+        raise SystemExit("--critic exact only knows arithmetic problems: use --critic server or --critic local")
+
+
+def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
+    if cfg.data == "arithmetic":
+        # train and test come from different seeds, so they share no problem by construction of the stream
+        kw = dict(n_ops=cfg.arith_ops, max_operand=cfg.arith_max_operand, ops=cfg.arith_operators,
+                  worked_example=cfg.arith_example)
+        train = data.arithmetic_problems(cfg.arith_train, seed=cfg.seed * 2 + 1, **kw)
+        test = data.arithmetic_problems(cfg.arith_test, seed=cfg.seed * 2 + 2, **kw)
+        seen = {p.problem for p in train}
+        test = [p for p in test if p.problem not in seen]
+    else:
+        train, test = data.load_manifest(cfg.data, "train"), data.load_manifest(cfg.data, "test")
+    if cfg.feedback == "refsol":
+        missing = [p.id for p in train if not p.reference_solution]
+        if missing:
+            raise SystemExit(f"--feedback refsol: {len(missing)} training problems of {cfg.data} have no "
+                             f"reference solution (first: {missing[0]})")
+    return train, (test[:cfg.eval_problems] if cfg.eval_problems else test)
+
+
+def make_critic(cfg: Config):
+    if cfg.critic == "exact":
+        return critic.ExactArithmeticCritic()
+    if cfg.critic == "server":
+        return critic.ServerCritic(cfg.critic_url, cfg.critic_model, api_key_env=cfg.critic_api_key_env,
+                                   max_tokens=cfg.critic_max_tokens, timeout_s=cfg.critic_timeout,
+                                   max_workers=cfg.critic_concurrency, max_retries=cfg.critic_retries)
+    return critic.LocalCritic(cfg.critic_model, max_new_tokens=cfg.critic_max_tokens)
+
+
+def step_problems(train: list[data.Problem], cfg: Config, step: int) -> list[data.Problem]:
+    """Problems of global step `step`: a stream of seeded per-epoch permutations, cut into fixed-size steps."""
+    n, P = len(train), cfg.prompts_per_step
+    out = []
+    for i in range(step * P, (step + 1) * P):
+        epoch, pos = divmod(i, n)
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        out.append(train[perm[pos]])
+    return out
+
+
+def total_steps(cfg: Config, n_train: int) -> int:
+    steps = cfg.epochs * n_train // cfg.prompts_per_step
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+# ---------------------------------------------------------------------------------------------- one step
+@dataclass
+class Item:
+    """One rollout and everything the loss needs about it."""
+    problem: data.Problem
+    prompt_ids: list[int]
+    completion: rollout.Completion
+    reward: float = 0.0
+    advantage: float = 0.0
+    teacher_ids: list[int] | None = None
+    skipped: bool = False
+
+
+def render_ids(tokenizer, messages, thinking: bool) -> list[int]:
+    return tokenizer(critic.render(tokenizer, messages, thinking), add_special_tokens=False).input_ids
+
+
+def collect_rollouts(cfg, engine, tokenizer, checker, problems, step, timer) -> list[Item]:
+    """Step 2: G on-policy samples per problem, with their rewards."""
+    G = group_size(cfg)
+    prompts = [critic.render(tokenizer, critic.student_messages(p), cfg.student_thinking) for p in problems]
+    seeds = [rollout.sample_seed(cfg.seed, "train", step, p.id) for p in problems]
+    with timer("rollout"):
+        outs = engine.generate(prompts, seeds, n=G, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    items = []
+    for p, prompt, samples in zip(problems, prompts, outs):
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        for c in samples:
+            items.append(Item(p, ids, c, reward=float(checker.grade(c.text, p.answer))))
+    return items
+
+
+def attach_feedback(cfg, critic_backend, tokenizer, items: list[Item], timer) -> dict[str, float]:
+    """Step 3–4: the teacher's context c for each rollout, then its token ids x + c (y is appended later)."""
+    if cfg.feedback == "grpo":
+        A = grpo.group_advantages(torch.tensor([it.reward for it in items]), group_size(cfg))
+        for it, a in zip(items, A.tolist()):
+            it.advantage = a
+        return {}
+    stats = {"critic_schema_ok": 0.0, "critic_failed": 0.0}
+    if cfg.feedback == "stepalign":
+        with timer("critic"):
+            critiques = critic_backend.critique([(it.problem, it.completion.text) for it in items])
+        for it, c in zip(items, critiques):
+            if c.error is not None:
+                it.skipped = True
+                stats["critic_failed"] += 1
+                continue
+            stats["critic_schema_ok"] += float(c.schema_ok)
+            it.teacher_ids = render_ids(tokenizer, critic.teacher_messages(it.problem, "stepalign", c.text),
+                                        cfg.teacher_thinking)
+    else:  # refsol
+        for it in items:
+            it.teacher_ids = render_ids(tokenizer, critic.teacher_messages(it.problem, "refsol",
+                                                                           it.problem.reference_solution),
+                                        cfg.teacher_thinking)
+    return stats
+
+
+def micro_batch_loss(cfg, model, items: list[Item], pad_id: int, normalizer: float, timer):
+    """Step 5 for one micro-batch: the loss (already divided by the step's global token count) and metrics."""
+    W = model.get_output_embeddings().weight  # (V, D)
+    ys = [it.completion.token_ids for it in items]
+    student = rollout.score_positions([it.prompt_ids for it in items], ys, pad_id)
+    keep = torch.tensor([0.0 if it.skipped else 1.0 for it in items])[:, None]  # (B, 1)
+    mask = student.mask * keep  # (B, T)
+    if cfg.feedback == "grpo":
+        with timer("student"):
+            h = rollout.final_hidden(model, student)  # (B, T, D)
+            logp = rollout.token_logprobs_from_hidden(h, W, student.tokens, cfg.loss_chunk)  # (B, T)
+            A = torch.tensor([it.advantage for it in items], device=logp.device)  # (B,)
+            return grpo.grpo_loss(logp, logp.detach(), A, mask.to(logp.device), clip_eps=cfg.grpo_clip,
+                                  aggregation=cfg.grpo_aggregation, normalizer=normalizer)
+    teacher = rollout.score_positions([it.teacher_ids or it.prompt_ids for it in items], ys, pad_id)
+    assert torch.equal(teacher.tokens, student.tokens)  # both views score the same y
+    with timer("teacher"), torch.no_grad(), lora.adapters_disabled(model):
+        h_t = rollout.final_hidden(model, teacher)  # (B, T, D)  π_base(·|x, c, y<t)
+    with timer("student"):
+        h_s = rollout.final_hidden(model, student)  # (B, T, D)  π_θ(·|x, y<t)
+        loss, m = sd_loss.chunked_self_distillation_loss(h_s, h_t, W, student.tokens.to(h_s.device),
+                                                         mask.to(h_s.device), cfg.divergence,
+                                                         chunk_size=cfg.loss_chunk, normalizer=normalizer)
+    m.pop("token_advantage")
+    return loss, m
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate_policy(cfg, engine, tokenizer, checker, test, step, d: Dist) -> dict | None:
+    """Pass/Maj/Avg@k and length on the held-out problems; each rank samples a slice, rank 0 aggregates."""
+    mine = test[d.rank::d.world]
+    prompts = [critic.render(tokenizer, critic.student_messages(p), cfg.student_thinking) for p in mine]
+    seeds = [rollout.sample_seed(cfg.seed, "eval", step, p.id) for p in mine]
+    outs = engine.generate(prompts, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
+                           max_new_tokens=cfg.max_new_tokens) if mine else []
+    local = [(p.answer, [(c.text, len(c.token_ids)) for c in samples]) for p, samples in zip(mine, outs)]
+    gathered = [local]
+    if d.world > 1:
+        gathered = [None] * d.world
+        dist.all_gather_object(gathered, local)
+    if not d.master:
+        return None
+    samples = [s for part in gathered for s in part]
+    return {"step": step, "feedback": cfg.feedback,
+            **evaluate.evaluate_samples(samples, k=cfg.eval_samples, checker=checker)}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    return sorted((out_dir / "checkpoints").glob("step_[0-9]*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist) -> None:
+    """Adapter (PEFT layout), optimizer, RNG states, data position: to a temporary directory, then renamed.
+
+    A kill during the save leaves the previous checkpoint intact (and at worst a stray .tmp directory)."""
+    final = Path(cfg.out_dir) / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(f".tmp_{final.name}")
+    if d.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if d.world > 1:
+        dist.barrier()
+    torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    if d.master:
+        lora.save_adapter(model, str(tmp), base_model_name_or_path=cfg.model)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "counters": counters}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    if d.world > 1:
+        dist.barrier()
+    if d.master:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    if d.world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
+    lora.load_adapter(model, str(path))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    rng_file = path / f"rng_rank{d.rank}.pt"
+    if rng_file.exists():
+        state = torch.load(rng_file, weights_only=False)
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    meta = json.loads((path / "state.json").read_text())
+    return meta["step"], meta["counters"]
+
+
+# ---------------------------------------------------------------------------------------------- the run
+class StopFlag:
+    """Set by SIGTERM while the run is inside `with StopFlag()`; checked by every rank at step boundaries
+    (all-reduced, so all ranks stop together)."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, d: Dist) -> bool:
+        flag = torch.tensor([float(self.requested)], device=d.device)
+        return bool(all_reduce_sum(flag, d).item() > 0)
+
+
+class Logger:
+    def __init__(self, cfg: Config, d: Dist):
+        self.enabled = d.master
+        self.dir = Path(cfg.out_dir)
+        self.tb = None
+        if self.enabled and cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise SystemExit(f"--tensorboard needs the tensorboard package: pip install tensorboard ({e})")
+            self.tb = SummaryWriter(str(self.dir / "tb"))
+
+    def write(self, name: str, record: dict) -> None:
+        if not self.enabled:
+            return
+        with (self.dir / name).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{name.split('.')[0]}/{k}", v, record["step"])
+
+
+def build_model(cfg: Config, d: Dist):
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    model, tokenizer = rollout.load_model(cfg.model, dtype=dtype, device=d.device)
+    lora.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets.split(",")))
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: the model (student and, adapter off, teacher), its engine, data."""
+    cfg: Config
+    d: Dist
+    checker: evaluate.AnswerChecker
+    model: torch.nn.Module
+    tokenizer: object
+    engine: object
+    critic: object
+    optimizer: torch.optim.Optimizer
+    params: list
+    train_set: list
+    test_set: list
+    log: Logger
+    counters: dict
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    def push_adapter(self, step: int) -> None:
+        """Step 7: the generation engine samples from the current policy. The transformers engine shares the
+        module (the loop merges it for sampling); vLLM gets the adapter under a fresh name and id."""
+        if self.cfg.engine == "vllm":
+            adapter_dir = self.out_dir / "adapters" / f"rank{self.d.rank}_step{step}"
+            lora.save_adapter(self.model, str(adapter_dir), base_model_name_or_path=self.cfg.model)
+            self.engine.set_adapter(str(adapter_dir))
+
+    def evaluate(self, step: int) -> None:
+        lora.merge(self.model)  # the merged weights are the same policy, and faster to sample from
+        result = evaluate_policy(self.cfg, self.engine, self.tokenizer, self.checker, self.test_set, step, self.d)
+        lora.unmerge(self.model)
+        if result is not None:
+            self.log.write("eval.jsonl", result)
+            print(f"[{self.cfg.feedback}] eval step {step}: " + "  ".join(
+                f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)), flush=True)
+
+    def save(self, step: int) -> None:
+        save_checkpoint(self.cfg, self.model, self.optimizer, step, self.counters, self.d)
+
+    def rollouts_and_feedback(self, step: int, timer: Timer) -> tuple[list[Item], dict]:
+        """Steps 1–4."""
+        problems = step_problems(self.train_set, self.cfg, step)[self.d.rank::self.d.world]
+        lora.merge(self.model)
+        items = collect_rollouts(self.cfg, self.engine, self.tokenizer, self.checker, problems, step, timer)
+        lora.unmerge(self.model)
+        return items, attach_feedback(self.cfg, self.critic, self.tokenizer, items, timer)
+
+    def optimize(self, items: list[Item], timer: Timer) -> tuple[dict, float]:
+        """Steps 5–6: loss and backward per micro-batch, one gradient all-reduce, one AdamW step.
+
+        Returns the token-weighted metric sums and the gradient norm (NaN when the step was skipped)."""
+        cfg, d = self.cfg, self.d
+        # the loss is divided by the number of valid rollout tokens (or sequences) of the whole step, all ranks
+        n_valid = torch.tensor([float(sum(len(it.completion.token_ids) for it in items if not it.skipped))],
+                               device=d.device)
+        n_seq = torch.tensor([float(sum(not it.skipped for it in items))], device=d.device)
+        all_reduce_sum(n_valid, d), all_reduce_sum(n_seq, d)
+        sequence_level = cfg.feedback == "grpo" and cfg.grpo_aggregation == "sequence"
+        normalizer = (n_seq if sequence_level else n_valid).item()
+        sums: dict[str, float] = {}
+        bad = 0.0
+        self.model.train()
+        for i in range(0, len(items), cfg.micro_batch):
+            mb = items[i:i + cfg.micro_batch]
+            if all(it.skipped for it in mb):
+                continue  # nothing to learn from (gradients are synced once below, not per backward pass)
+            loss, m = micro_batch_loss(cfg, self.model, mb, self.tokenizer.pad_token_id, normalizer, timer)
+            if not torch.isfinite(loss):
+                bad = 1.0  # no backward for it; the whole step is dropped below, on every rank
+                continue
+            with timer("student"):
+                loss.backward()
+            w = float(sum(len(it.completion.token_ids) for it in mb if not it.skipped))
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            for k, v in m.items():  # token-weighted sums of the micro-batch means
+                sums[k] = sums.get(k, 0.0) + v * w
+        # one all-reduce of the LoRA gradients and the "bad" flag: the sync of the last micro-step
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([bad], device=d.device)])
+        all_reduce_sum(flat, d)
+        grad_norm = float("nan")
+        if flat[-1].item() == 0 and torch.isfinite(flat).all():
+            offset = 0
+            for p in self.params:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                offset += p.numel()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm).item()
+            self.optimizer.step()
+        else:
+            self.counters["skipped_nonfinite"] += 1  # the weights are untouched
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums, grad_norm
+
+
+def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Run, int]:
+    """Load data and model, build the engine and critic, and resume if asked. Returns (run, first step)."""
+    if cfg.prompts_per_step % d.world:
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} must divide by the world size {d.world}")
+    train_set, test_set = load_problems(cfg)
+    torch.manual_seed(cfg.seed)  # the same LoRA initialization on every rank...
+    model, tokenizer = build_model(cfg, d)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if d.world > 1:
+        for p in params:  # ...and rank 0's copy, as DDP does, so the ranks cannot drift apart
+            dist.broadcast(p.data, src=0)
+    torch.manual_seed(cfg.seed + d.rank)  # per-rank offset: only dropout would use it; sampling has its own seeds
+    random.seed(cfg.seed + d.rank)
+    np.random.seed(cfg.seed + d.rank)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine = (rollout.VLLMEngine(rollout.resolve_model_path(cfg.model), max_lora_rank=cfg.lora_r,
+                                 gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed)
+              if cfg.engine == "vllm" else rollout.TransformersEngine(model, tokenizer, batch_size=64,
+                                                                   stop_at_boxed=cfg.stop_at_boxed))
+    critic_backend = make_critic(cfg) if cfg.feedback == "stepalign" else None
+    run = Run(cfg, d, checker, model, tokenizer, engine, critic_backend, optimizer, params, train_set, test_set,
+              Logger(cfg, d), {"skipped_critic": 0, "skipped_nonfinite": 0})
+    if d.master:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and checkpoint_dirs(run.out_dir):
+        latest = checkpoint_dirs(run.out_dir)[-1]
+        step, run.counters = load_checkpoint(latest, model, optimizer, d)
+        if d.master:
+            print(f"resumed from {latest} (step {step})", flush=True)
+        return run, step
+    if d.master:
+        for name in ("log.jsonl", "eval.jsonl"):
+            (run.out_dir / name).unlink(missing_ok=True)
+        (run.out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    return run, 0
+
+
+def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> Path:
+    """One run of one feedback form, steps 1–7 of the module docstring in a loop. Returns its output directory."""
+    run, start = start_run(cfg, d, checker)
+    steps = total_steps(cfg, len(run.train_set))
+    run.push_adapter(start)
+    if start == 0:
+        run.evaluate(0)
+    bar = None
+    if d.master and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, initial=start, desc=cfg.feedback, unit="step", dynamic_ncols=True)
+    with StopFlag() as stop:
+        for step in range(start, steps):
+            timer, t0 = Timer(), time.perf_counter()
+            items, stats = run.rollouts_and_feedback(step, timer)
+            if stop.agreed(d):  # no weight has changed in this step yet: a checkpoint of `step` steps is exact
+                run.save(step)
+                return _stopped(run.out_dir, step, d)
+            sums, grad_norm = run.optimize(items, timer)
+            run.counters["skipped_critic"] += int(stats.get("critic_failed", 0))
+            done = step + 1
+            run.push_adapter(done)
+            record = step_record(cfg, done, items, sums, stats, run.counters, timer, time.perf_counter() - t0,
+                                 grad_norm, d)
+            run.log.write("log.jsonl", record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.2f}")
+            if done % cfg.eval_every == 0 or done == steps:
+                run.evaluate(done)
+                run.save(done)
+            elif stop.agreed(d):
+                run.save(done)
+            if stop.agreed(d):
+                return _stopped(run.out_dir, done, d)
+    if bar is not None:
+        bar.close()
+    return run.out_dir
+
+
+def _stopped(out_dir: Path, step: int, d: Dist):
+    if d.master:
+        print(f"SIGTERM: checkpoint written at step {step} in {out_dir}; continue with --resume", flush=True)
+    raise SystemExit(143)
+
+
+def step_record(cfg, step, items, sums, stats, counters, timer, seconds, grad_norm, d: Dist) -> dict:
+    """The step's JSONL line, every value summed over ranks then normalized."""
+    n_items = len(items)
+    n_tokens = sum(len(it.completion.token_ids) for it in items)
+    n_valid = sum(len(it.completion.token_ids) for it in items if not it.skipped)
+    keys = sorted(k for k in sums if k != "loss")
+    local = [sums.get("loss", 0.0), n_items, n_tokens, n_valid, sum(it.reward for it in items),
+             sum(it.skipped for it in items), stats.get("critic_schema_ok", 0.0)] + [sums[k] for k in keys]
+    t = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=d.device), d).tolist()
+    loss, n_items, n_tokens, n_valid, reward, skipped, schema_ok = t[:7]
+    record = {"step": step, "loss": loss, "reward": reward / n_items, "response_length": n_tokens / n_items,
+              "skipped_critic_step": skipped, "grad_norm": grad_norm, **counters,
+              "tokens_per_s": n_tokens / max(seconds, 1e-9), "seconds": seconds,
+              **{f"time_{k}": v for k, v in timer.seconds.items()}}
+    if cfg.feedback == "stepalign":
+        record["critic_schema_ok"] = schema_ok / max(n_items - skipped, 1)
+    record |= {k: v / max(n_valid, 1) for k, v in zip(keys, t[7:])}
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(argv)
+    check_inputs(cfg)
+    d = setup_distributed()
+    forms = FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
+    run_dirs = []
+    with evaluate.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
+        for feedback in forms:
+            run_cfg = dataclasses.replace(cfg, feedback=feedback,
+                                          out_dir=cfg.out_dir.format(preset=cfg.preset, feedback=feedback))
+            if d.master:
+                print("config: " + json.dumps(dataclasses.asdict(run_cfg)), flush=True)
+            run_dirs.append(train(run_cfg, d, checker))
+    if d.master:
+        table = evaluate.results_table(evaluate.load_evals(run_dirs))
+        print(table)
+    if d.world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
