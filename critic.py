@@ -2,8 +2,9 @@
 
 - `student_messages(problem)`: the solver's prompt (problem + STEP_FORMAT); no context.
 - `teacher_messages(problem, feedback, context_text)`: the self-teacher's prompt, one `if` per feedback form:
-  "stepalign" (the critique, presented as expert feedback on an earlier attempt) and "refsol" (a reference
-  solution, as in OPSD). GRPO has no teacher.
+  "stepalign" (the critique, presented as expert feedback on an earlier attempt), "refsol" (a reference
+  solution, as in OPSD) and "verdict" (`verdict_text(response, correct)`: the attempt's final answer and whether
+  the verifier accepted it; no solution, no critique). GRPO has no teacher.
 - `render(tokenizer, messages, thinking)`: the chat template, with the thinking switch per role (the paper:
   student off, teacher on). Rollout tokens y are appended to this string's ids, never re-tokenized.
 - The StepAlignFB critic: `critic_messages(problem, response)` asks for ONE schema, no preamble:
@@ -41,6 +42,12 @@ Departures from the paper:
    then completes the solution from there.
 4. An unterminated `<think>` trace (the critic ran out of tokens while thinking) leaves an empty critique:
    everything after an unclosed `<think>` is trace. It fails validation and is counted, never guessed at.
+5. The "verdict" form (issue 6, the outcome-in-context baseline) is ours. Its text states the attempt's final
+   answer (the last \\boxed{}, as the grader reads it) and "correct" or "incorrect"; the gold answer is not
+   an input of `verdict_text`, so a wrong attempt's verdict cannot reveal it. An attempt without a final answer
+   is said to have none and to count as incorrect. Its prompt has stepalign's layout (problem, one framing
+   sentence, the delimited context, the same closing instruction, STEP_FORMAT); only c and the nouns naming it
+   differ.
 """
 from __future__ import annotations
 
@@ -95,7 +102,32 @@ def teacher_messages(problem: Problem, feedback: str, context_text: str) -> list
                    "With the reference solution in mind, solve the problem yourself, in your own words.\n\n"
                    f"{STEP_FORMAT}")
         return [{"role": "user", "content": content}]
-    raise ValueError(f"unknown feedback form {feedback!r}; expected 'stepalign' or 'refsol'")
+    if feedback == "verdict":
+        content = (f"{problem.problem}\n\n"
+                   "A verifier checked the final answer of an earlier attempt at this problem against the correct "
+                   "answer. Its verdict is below.\n\n"
+                   f"=== Verdict ===\n{context_text}\n=== End of verdict ===\n\n"
+                   "Now write your own fresh, self-contained solution to the problem. Do not mention the "
+                   f"verdict or the earlier attempt.\n\n{STEP_FORMAT}")
+        return [{"role": "user", "content": content}]
+    raise ValueError(f"unknown feedback form {feedback!r}; expected 'stepalign', 'refsol' or 'verdict'")
+
+
+def verdict_text(response: str, correct: bool) -> str:
+    """The verdict context c: the attempt's final answer (its last \\boxed{}) and whether it is correct.
+
+    `correct` is the verifier's grade of `response` (evaluate.grade). The gold answer is deliberately not an
+    argument: a wrong attempt learns only that its answer is wrong (departure 5).
+    """
+    from evaluate import extract_answer  # imported here: evaluate.py is not otherwise a dependency of critic.py
+
+    answer = extract_answer(response)
+    if answer is None:
+        if correct:
+            raise ValueError("verdict_text: correct=True for a response without a final \\boxed{} answer")
+        return "The earlier attempt did not give a final answer (no \\boxed{} answer), so it counts as incorrect."
+    judgement = "correct" if correct else "incorrect"
+    return f"The earlier attempt's final answer was {answer}. This answer is {judgement}."
 
 
 def render(tokenizer, messages: list[dict], thinking: bool) -> str:

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from critic import (Critique, ExactArithmeticCritic, LocalCritic, ServerCritic, critic_messages, critique_metrics,
-                    format_critique, parse_critique, render, student_messages, teacher_messages)
+                    format_critique, parse_critique, render, student_messages, teacher_messages, verdict_text)
 from data import STEP_FORMAT, Problem, arithmetic_problems, split_steps
 
 PROBLEM = Problem("t1", "Start with 17. Add 25, then multiply the result by 3, then subtract 4. "
@@ -179,6 +179,41 @@ def test_prompts_and_render():
     prompt = critic_messages(PROBLEM, response)[0]["content"]
     assert response in prompt and "(2 numbered steps)" in prompt and PROBLEM.reference_solution in prompt
     assert "Reference answer: 122" in prompt and "VERBATIM" not in prompt
+
+
+def test_verdict_text_states_the_answer_and_the_verdict_only():
+    wrong = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136\nStep 3: 136 - 4 = 132\n\\boxed{132}"
+    right = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 4 = 122\n\\boxed{122}"
+    v = verdict_text(wrong, correct=False)
+    assert "132" in v and "incorrect" in v
+    assert PROBLEM.answer not in v and "126" not in v  # neither the gold answer nor any step of the attempt
+    v = verdict_text(right, correct=True)
+    assert "122" in v and "correct" in v and "incorrect" not in v
+    assert verdict_text("a \\boxed{7} then \\boxed{9}", correct=False).count("9") == 1  # the graded (last) box
+    none = verdict_text("Step 1: 17 + 25 = 42\nStep 2: 42 * 3 =", correct=False)
+    assert "did not give a final answer" in none and "incorrect" in none
+    with pytest.raises(ValueError, match="without a final"):
+        verdict_text("no answer", correct=True)
+
+
+def test_verdict_prompt_differs_from_the_others_only_in_c():
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136\nStep 3: 136 - 4 = 132\n\\boxed{132}"
+    critique = ExactArithmeticCritic().critique_one(PROBLEM, response).text
+    c = verdict_text(response, correct=False)
+    verdict = teacher_messages(PROBLEM, "verdict", c)
+    assert len(verdict) == 1 and verdict[0]["role"] == "user"
+    content = verdict[0]["content"]
+    assert c in content and "132" in content and "incorrect" in content
+    assert PROBLEM.reference_solution not in content and critique not in content and "Corrected solution" not in content
+    assert "122" not in content.replace(PROBLEM.problem, "")  # the gold answer appears nowhere
+    step = teacher_messages(PROBLEM, "stepalign", critique)[0]["content"]
+    ref = teacher_messages(PROBLEM, "refsol", PROBLEM.reference_solution)[0]["content"]
+    for form in (content, step, ref):  # the same problem text first and the same format instruction last
+        assert form.startswith(PROBLEM.problem + "\n\n") and form.endswith("\n\n" + STEP_FORMAT)
+    # stepalign and verdict share the layout and the closing instruction; only c and the noun naming it differ
+    assert (content.split("=== End of verdict ===")[1].replace("verdict", "review")
+            == step.split("=== End of review ===")[1])
+    assert teacher_messages(PROBLEM, "verdict", "X")[0]["content"].replace("X", c) == content
 
 
 # ---------------------------------------------------------------------------------------------- server critic

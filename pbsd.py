@@ -1,0 +1,218 @@
+"""Preference-based self-distillation (PBSD): a DPO-style loss on (teacher sample, student sample) pairs.
+
+The objective is reward-regularized self-distillation,
+
+    max_π  E_{y~π(·|x)}[r(x, y)] − β·KL( π(·|x) ‖ π_base(·|x, c) ),
+
+whose optimum is the reward-reweighted self-teacher π*(y|x) ∝ π_base(y|x, c)·exp(r(x, y)/β). Inverting it,
+r = β·log(π*/π_base) + const, so (as in DPO) the policy itself defines an implicit reward
+
+    r_θ(y) = β·[ log π_θ(y|x) − log π_base(y|x, c) ]          (sequence log-probs: sums over y's tokens)
+
+and is trained on preference pairs with the Bradley–Terry loss
+
+    L = −log σ( r_θ(y_w) − r_θ(y_l) ),
+
+where each pair is one TEACHER sample y_T ~ π_base(·|x, c) (the self-teacher: adapter disabled, prompt x + c)
+and one on-policy STUDENT sample y_S ~ π_θ(·|x), and the winner y_w is the one with the higher verifier reward.
+
+Who scores what (the four sequence log-probs of a pair):
+    log π_θ(y_S | x)        policy, STUDENT prompt x, with gradient
+    log π_θ(y_T | x)        policy, STUDENT prompt x (no c!), with gradient: the teacher's sample is scored as if
+                            the student had written it
+    log π_base(y_S | x, c)  base (adapter disabled), TEACHER prompt x + c, no gradient
+    log π_base(y_T | x, c)  base (adapter disabled), TEACHER prompt x + c, no gradient
+
+Conventions (as in sd_loss.py and grpo.py):
+- Token log-probs and masks are (B, T) indexed by response position t; row b is pair b. The student and teacher
+  samples of a pair have their own (B, T_S) and (B, T_T) tensors.
+- The loss is a SUM over the decisive (non-tie) pairs divided by `normalizer`, the number of decisive pairs in
+  the whole optimizer step (all micro-batches, all ranks; count it with `decisive_pairs`). Left as None it is
+  this call's own count. Passing the global count makes accumulation and DDP take the same step as one batch.
+- The base-model side is detached: no gradient flows into the self-teacher. Math is in fp32.
+
+Run the tests:  python -m pytest tests/test_pbsd.py -q
+
+Departures and choices (the published description leaves these open; each is tested):
+1. Ties are dropped. When both samples are right or both are wrong the verifier expresses no preference, so the
+   pair is masked out of the loss (no gradient) and counted in `tie_frac`; the normalizer counts decisive pairs
+   only. Any other rule (e.g. "prefer the teacher on ties") would inject a preference the verifier did not
+   give. Like GRPO's all-equal groups, a problem with a tie contributes no signal in that step.
+2. β = 0.1 by default, DPO's usual value. Sequence log-ratios of long answers are tens of nats, so with β = 0.1
+   the margin is O(1–10): the sigmoid is neither flat nor saturated for most pairs.
+3. One pair per (student sample, teacher sample) at the same index: with the paper's G = 1, one teacher sample
+   and one student sample per problem. With G samples of each, sample i is paired with sample i (G pairs, each
+   sample used once), not all G² combinations.
+4. Length normalization: `length_norm="sum"` (default) uses sequence log-probs, the quantity in the derivation
+   (π* ∝ π_base·exp(r/β) holds for sums only). `"mean"` divides each sequence's log-prob by its length (as in
+   SimPO): it removes the bias towards short answers but optimizes a different, length-normalized objective.
+5. Rewards are the verifier's (final answer correct, 0/1); any real-valued reward works, the winner being the
+   strictly higher one.
+6. The loss is the plain sigmoid DPO loss: no label smoothing, no reference-free variant, no SFT term.
+
+Model-facing part (bottom of the file, separated from the math): `pbsd_micro_batch_loss(model, ...)` computes the
+four sequence log-probs with the right prompts (the two base-model passes under `lora.adapters_disabled(model)`
+and `torch.no_grad()`) and returns `pbsd_loss(...)`. The teacher SAMPLES themselves are drawn by the training
+loop from π_base(·|x, c) with the adapter disabled, from the same rendered teacher prompt that is passed here as
+`teacher_prompt_ids` (the prompt a sample was drawn from is the prompt it is scored under by the base model).
+Because the policy scores y_T after the STUDENT prompt, y_T should be in the student's format: render the teacher
+prompt with the student's thinking mode for PBSD (with Qwen3's thinking on, y_T would start with a <think> trace
+that the student's prompt, whose empty think block is already closed, never produces).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+import lora
+import rollout
+
+LENGTH_NORMS = ("sum", "mean")
+
+
+# ---------------------------------------------------------------------------------------------- the math
+def sequence_logprob(token_logprobs: Tensor, mask: Tensor, length_norm: str = "sum") -> Tensor:
+    """log π(y|·) of each row from its per-token log-probs: (B, T), (B, T) -> (B,), fp32.
+
+    length_norm="sum": Σ_t log π(y_t|·, y<t) (the sequence log-prob); "mean": that sum / |y| (departure 4).
+    An empty response (no valid position) has log-prob 0 under both.
+    """
+    if token_logprobs.shape != mask.shape:
+        raise ValueError(f"token log-probs {tuple(token_logprobs.shape)} and mask {tuple(mask.shape)} must have "
+                         "the same shape")
+    valid = mask.bool()  # (B, T)
+    # log π(y|·) = Σ_t log π(y_t|·, y<t); where() rather than a product so that padding values never leak in
+    total = torch.where(valid, token_logprobs.float(), torch.zeros((), device=token_logprobs.device)).sum(-1)  # (B,)
+    if length_norm == "sum":
+        return total
+    if length_norm == "mean":
+        return total / valid.sum(-1).clamp(min=1)  # (B,)
+    raise ValueError(f"unknown length_norm {length_norm!r}; expected one of {LENGTH_NORMS}")
+
+
+def implicit_reward(policy_seq_logp: Tensor, base_seq_logp: Tensor, beta: float) -> Tensor:
+    """r_θ(y) = β·[log π_θ(y|x) − log π_base(y|x, c)], base side detached: (B,), (B,) -> (B,)."""
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    # r_θ(y) = β·[log π_θ(y|x) − log π_base(y|x, c)]
+    return beta * (policy_seq_logp.float() - base_seq_logp.float().detach())  # (B,)
+
+
+def pair_outcomes(student_rewards: Tensor, teacher_rewards: Tensor) -> Tensor:
+    """Who wins each pair: +1 the student sample, −1 the teacher sample, 0 a tie (departure 1). (B,), (B,) -> (B,)."""
+    r_S, r_T = torch.as_tensor(student_rewards).float(), torch.as_tensor(teacher_rewards).float()
+    if r_S.dim() != 1 or r_S.shape != r_T.shape:
+        raise ValueError(f"student rewards {tuple(r_S.shape)} and teacher rewards {tuple(r_T.shape)} must be 1-D "
+                         "tensors of the same length (one reward per pair)")
+    if not (torch.isfinite(r_S).all() and torch.isfinite(r_T).all()):
+        raise ValueError("rewards must be finite")
+    return torch.sign(r_S - r_T)  # (B,)
+
+
+def decisive_pairs(student_rewards, teacher_rewards) -> int:
+    """The number of non-tie pairs: the `normalizer` of one optimizer step is this count summed over all
+    micro-batches and ranks (rewards are known before any forward pass)."""
+    return int((pair_outcomes(torch.as_tensor(student_rewards), torch.as_tensor(teacher_rewards)) != 0).sum())
+
+
+def pbsd_loss(policy_logp_S: Tensor, base_logp_S: Tensor, mask_S: Tensor,
+              policy_logp_T: Tensor, base_logp_T: Tensor, mask_T: Tensor,
+              student_rewards: Tensor, teacher_rewards: Tensor, beta: float = 0.1, length_norm: str = "sum",
+              normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    """L = Σ_{decisive pairs} −log σ(r_θ(y_w) − r_θ(y_l)) / normalizer.
+
+    policy_logp_S, base_logp_S, mask_S: (B, T_S) per-token log π_θ(y_S,t | x, ·) and log π_base(y_S,t | x, c, ·)
+        of the student sample, and its response mask.
+    policy_logp_T, base_logp_T, mask_T: (B, T_T) the same for the teacher sample y_T (policy under the STUDENT
+        prompt x, base under the TEACHER prompt x + c).
+    student_rewards, teacher_rewards: (B,) verifier rewards of y_S and y_T; the higher one wins, equal = tie.
+    Metrics (this call's pairs): pair_acc and margin_mean over decisive pairs (0.0 when there are none),
+    tie_frac, student_win_frac, the mean implicit rewards of both samples, and the counts n_pairs, n_decisive.
+    """
+    if policy_logp_S.shape != base_logp_S.shape or policy_logp_T.shape != base_logp_T.shape:
+        raise ValueError(f"policy and base log-probs must match per sample: student {tuple(policy_logp_S.shape)} vs "
+                         f"{tuple(base_logp_S.shape)}, teacher {tuple(policy_logp_T.shape)} vs "
+                         f"{tuple(base_logp_T.shape)}")
+    if policy_logp_S.shape[0] != policy_logp_T.shape[0]:
+        raise ValueError(f"{policy_logp_S.shape[0]} student samples but {policy_logp_T.shape[0]} teacher samples: "
+                         "one of each per pair")
+    r_S = implicit_reward(sequence_logprob(policy_logp_S, mask_S, length_norm),
+                          sequence_logprob(base_logp_S, mask_S, length_norm), beta)  # (B,)  r_θ(y_S)
+    r_T = implicit_reward(sequence_logprob(policy_logp_T, mask_T, length_norm),
+                          sequence_logprob(base_logp_T, mask_T, length_norm), beta)  # (B,)  r_θ(y_T)
+    s = pair_outcomes(student_rewards, teacher_rewards).to(r_S.device)  # (B,)  +1 student wins, −1 teacher wins
+    decisive = s != 0  # (B,)
+    # margin = r_θ(y_w) − r_θ(y_l) = s·(r_θ(y_S) − r_θ(y_T)) on decisive pairs
+    margin = s * (r_S - r_T)  # (B,)
+    # Bradley–Terry / DPO: ℓ = −log σ(r_θ(y_w) − r_θ(y_l)); ties contribute 0 (departure 1). where() keeps the loss
+    # attached to the graph even when every pair ties, so every rank can run its backward pass.
+    per_pair = torch.where(decisive, -F.logsigmoid(margin), torch.zeros_like(margin))  # (B,)
+    n = decisive.sum() if normalizer is None else normalizer
+    loss = per_pair.sum() / (n.clamp(min=1) if isinstance(n, Tensor) else max(float(n), 1.0))
+    with torch.no_grad():
+        B, k = s.shape[0], int(decisive.sum())
+        metrics = {
+            "pair_acc": ((margin > 0) & decisive).float().sum().item() / max(k, 1),
+            "margin_mean": torch.where(decisive, margin, torch.zeros_like(margin)).sum().item() / max(k, 1),
+            "tie_frac": 1.0 - k / max(B, 1),
+            "student_win_frac": (s > 0).float().sum().item() / max(B, 1),
+            "implicit_reward_student": r_S.sum().item() / max(B, 1),
+            "implicit_reward_teacher": r_T.sum().item() / max(B, 1),
+            "n_pairs": float(B),
+            "n_decisive": float(k),
+        }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------- with a model
+# Everything below touches a model (through rollout.py and lora.py); the math above does not. It needs a model
+# with LoRA layers (lora.add_lora).
+def score_sequences(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+                    chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Per-token log π(y_t | prompt, y<t) of each completion after its prompt: (B, T) log-probs and (B, T) mask.
+
+    Gradients flow if enabled; the caller picks the adapter state (enabled = π_θ, disabled = π_base).
+    """
+    batch = rollout.score_positions(prompt_ids, completion_ids, pad_id)
+    h = rollout.final_hidden(model, batch)  # (B, T, D)
+    W = model.get_output_embeddings().weight  # (V, D)
+    logp = rollout.token_logprobs_from_hidden(h, W, batch.tokens, chunk_size)  # (B, T)
+    return logp, batch.mask.to(logp.device)  # (B, T), (B, T)
+
+
+def pbsd_micro_batch_loss(model, student_prompt_ids: list[list[int]], teacher_prompt_ids: list[list[int]],
+                          student_ids: list[list[int]], teacher_ids: list[list[int]],
+                          student_rewards: list[float], teacher_rewards: list[float], pad_id: int, *,
+                          beta: float = 0.1, length_norm: str = "sum", normalizer: float | None = None,
+                          chunk_size: int = 1024) -> tuple[Tensor, dict[str, float]]:
+    """PBSD loss of one micro-batch of B pairs, from the model.
+
+    Pair b: student_prompt_ids[b] = the rendered student prompt x, teacher_prompt_ids[b] = the rendered teacher
+    prompt x + c (the prompt y_T was sampled from), student_ids[b] = y_S's token ids (sampled from π_θ(·|x)),
+    teacher_ids[b] = y_T's token ids (sampled from π_base(·|x, c), adapter disabled), and the verifier rewards.
+    Both samples are scored twice, in two forward passes of 2B rows each:
+        policy (adapter on, with gradient):            [y_S; y_T] after x
+        base   (adapter disabled, torch.no_grad()):    [y_S; y_T] after x + c
+    normalizer: decisive pairs in the whole optimizer step (`decisive_pairs`, summed over micro-batches, ranks).
+    """
+    B = len(student_ids)
+    lengths = {len(student_prompt_ids), len(teacher_prompt_ids), len(teacher_ids), len(student_rewards),
+               len(teacher_rewards)}
+    if lengths != {B}:
+        raise ValueError(f"pbsd_micro_batch_loss: per-pair lists of different lengths: student prompts "
+                         f"{len(student_prompt_ids)}, teacher prompts {len(teacher_prompt_ids)}, student samples {B}, "
+                         f"teacher samples {len(teacher_ids)}, rewards {len(student_rewards)}/{len(teacher_rewards)}")
+    samples = list(student_ids) + list(teacher_ids)  # rows 0..B−1: y_S, rows B..2B−1: y_T
+    # log π_θ(y | x): BOTH samples after the student prompt x
+    policy_logp, mask = score_sequences(model, list(student_prompt_ids) * 2, samples, pad_id, chunk_size)  # (2B, T)
+    # log π_base(y | x, c): both samples after the teacher prompt x + c, self-teacher = adapter disabled
+    with torch.no_grad(), lora.adapters_disabled(model):
+        base_logp, base_mask = score_sequences(model, list(teacher_prompt_ids) * 2, samples, pad_id,
+                                               chunk_size)  # (2B, T)
+    assert torch.equal(mask, base_mask)  # both views score the same tokens
+    device = policy_logp.device
+    return pbsd_loss(policy_logp[:B], base_logp[:B], mask[:B], policy_logp[B:], base_logp[B:], mask[B:],
+                     torch.tensor(student_rewards, dtype=torch.float32, device=device),
+                     torch.tensor(teacher_rewards, dtype=torch.float32, device=device),
+                     beta=beta, length_norm=length_norm, normalizer=normalizer)

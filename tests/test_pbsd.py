@@ -1,0 +1,228 @@
+"""Tests of pbsd.py: the DPO-style loss against a hand computation, its gradient direction, ties, the normalizer,
+length normalization, and the model-facing helper against a direct computation from model(input_ids).logits on a
+tiny random LoRA model (teacher side = the base model without LoRA)."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lora
+from conftest import tiny_llama
+from pbsd import (decisive_pairs, implicit_reward, pair_outcomes, pbsd_loss, pbsd_micro_batch_loss,
+                  score_sequences, sequence_logprob)
+
+
+def neg_log_sigmoid(m: float) -> float:
+    return math.log1p(math.exp(-m))
+
+
+# ---------------------------------------------------------------------------------------------- the math
+def test_sequence_logprob_sum_mean_and_padding():
+    logp = torch.tensor([[-1.0, -2.0, float("-inf")], [-0.5, float("nan"), 7.0]])  # padding holds junk
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert torch.equal(sequence_logprob(logp, mask), torch.tensor([-3.0, -0.5]))
+    assert torch.equal(sequence_logprob(logp, mask, "mean"), torch.tensor([-1.5, -0.5]))
+    assert torch.equal(sequence_logprob(torch.zeros(1, 2), torch.zeros(1, 2)), torch.zeros(1))  # empty response
+    with pytest.raises(ValueError, match="length_norm"):
+        sequence_logprob(logp, mask, "max")
+    with pytest.raises(ValueError, match="same shape"):
+        sequence_logprob(logp, mask[:, :2])
+
+
+def test_implicit_reward_and_outcomes():
+    base = torch.tensor([-4.0, -1.0], requires_grad=True)
+    r = implicit_reward(torch.tensor([-3.0, -2.0]), base, beta=0.5)
+    assert torch.allclose(r, torch.tensor([0.5, -0.5])) and not r.requires_grad  # base side detached
+    assert pair_outcomes(torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 0.0])).tolist() == \
+        [1.0, -1.0, 0.0, 0.0]
+    assert decisive_pairs([1, 0, 1, 0], [0, 1, 1, 0]) == 2
+    with pytest.raises(ValueError, match="positive"):
+        implicit_reward(torch.zeros(1), torch.zeros(1), beta=0.0)
+    with pytest.raises(ValueError, match="same length"):
+        pair_outcomes(torch.zeros(2), torch.zeros(3))
+    with pytest.raises(ValueError, match="finite"):
+        pair_outcomes(torch.tensor([float("nan")]), torch.zeros(1))
+
+
+def example():
+    """Three pairs: the student sample wins, the teacher sample wins, a tie (both right)."""
+    p_S = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5], [-1.0, 0.0, 0.0]])  # (3, 3) log π_θ(y_S,t|x)
+    b_S = torch.tensor([[-2.0, -2.5, 0.0], [-1.0, -1.0, -1.0], [-3.0, 0.0, 0.0]])  # (3, 3) log π_base(y_S,t|x,c)
+    m_S = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    p_T = torch.tensor([[-3.0, -1.0], [-4.0, -2.0], [-1.0, -1.0]])  # (3, 2) log π_θ(y_T,t|x)
+    b_T = torch.tensor([[-1.0, -1.0], [-0.5, -0.5], [-2.0, -2.0]])  # (3, 2) log π_base(y_T,t|x,c)
+    m_T = torch.tensor([[1, 1], [1, 1], [1, 1]])
+    return p_S, b_S, m_S, p_T, b_T, m_T, torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 1.0])
+
+
+def test_loss_against_hand_computation():
+    beta = 0.1
+    loss, m = pbsd_loss(*example(), beta=beta)
+    # pair 0: r(y_S) = 0.1·(−3 − (−4.5)) = 0.15, r(y_T) = 0.1·(−4 − (−2)) = −0.2; student wins: margin 0.35
+    # pair 1: r(y_S) = 0.1·(−1.5 − (−3)) = 0.15, r(y_T) = 0.1·(−6 − (−1)) = −0.5; teacher wins: margin −0.65
+    # pair 2: tie, dropped
+    expected = (neg_log_sigmoid(0.35) + neg_log_sigmoid(-0.65)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert m["pair_acc"] == 0.5 and m["margin_mean"] == pytest.approx((0.35 - 0.65) / 2)
+    assert m["tie_frac"] == pytest.approx(1 / 3) and m["student_win_frac"] == pytest.approx(1 / 3)
+    # pair 2: r(y_S) = 0.1·(−1 − (−3)) = 0.2, r(y_T) = 0.1·(−2 − (−4)) = 0.2
+    assert m["implicit_reward_student"] == pytest.approx((0.15 + 0.15 + 0.2) / 3)
+    assert m["implicit_reward_teacher"] == pytest.approx((-0.2 - 0.5 + 0.2) / 3)
+    assert (m["n_pairs"], m["n_decisive"]) == (3.0, 2.0)
+
+
+def test_length_normalized_option_against_hand_computation():
+    loss, _ = pbsd_loss(*example(), beta=1.0, length_norm="mean")
+    # pair 0: r(y_S) = −1.5 − (−2.25) = 0.75, r(y_T) = −2 − (−1) = −1; margin 1.75
+    # pair 1: r(y_S) = −0.5 − (−1) = 0.5, r(y_T) = −3 − (−0.5) = −2.5; teacher wins: margin −3
+    assert loss.item() == pytest.approx((neg_log_sigmoid(1.75) + neg_log_sigmoid(-3.0)) / 2, rel=1e-6)
+
+
+def test_gradient_raises_the_winner_relative_to_the_loser():
+    """One SGD step on free per-token logits: the winner's sequence log-prob goes up, the loser's down, in both
+    directions (student wins, teacher wins); the tie's logits do not move."""
+    g = torch.Generator().manual_seed(0)
+    B, T_S, T_T, V = 3, 4, 5, 7
+    z_S = torch.randn(B, T_S, V, generator=g).requires_grad_()  # (B, T_S, V)  policy logits on y_S
+    z_T = torch.randn(B, T_T, V, generator=g).requires_grad_()  # (B, T_T, V)  policy logits on y_T
+    y_S, y_T = torch.randint(V, (B, T_S), generator=g), torch.randint(V, (B, T_T), generator=g)
+    b_S, b_T = -torch.rand(B, T_S, generator=g) * 3, -torch.rand(B, T_T, generator=g) * 3
+    m_S, m_T = torch.ones(B, T_S), torch.ones(B, T_T)
+    rewards_S, rewards_T = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+
+    def seq_logps():
+        lp_S = torch.log_softmax(z_S, -1).gather(-1, y_S[..., None]).squeeze(-1)  # (B, T_S)
+        lp_T = torch.log_softmax(z_T, -1).gather(-1, y_T[..., None]).squeeze(-1)  # (B, T_T)
+        return lp_S, lp_T
+
+    lp_S, lp_T = seq_logps()
+    loss, _ = pbsd_loss(lp_S, b_S, m_S, lp_T, b_T, m_T, rewards_S, rewards_T, beta=0.1)
+    loss.backward()
+    assert z_S.grad[2].abs().max() == 0 and z_T.grad[2].abs().max() == 0  # tie: no gradient
+    before = [t.sum(-1).detach() for t in seq_logps()]
+    with torch.no_grad():
+        z_S -= 1.0 * z_S.grad
+        z_T -= 1.0 * z_T.grad
+    after = [t.sum(-1).detach() for t in seq_logps()]
+    d_S, d_T = after[0] - before[0], after[1] - before[1]  # (B,), (B,)
+    assert d_S[0] > 0 and d_T[0] < 0  # pair 0: the student sample won
+    assert d_T[1] > 0 and d_S[1] < 0  # pair 1: the teacher sample won
+    assert d_S[2] == 0 and d_T[2] == 0
+
+
+def test_ties_are_dropped_and_counted():
+    p_S, b_S, m_S, p_T, b_T, m_T, r_S, r_T = example()
+    p_S, p_T = p_S.clone().requires_grad_(), p_T.clone().requires_grad_()
+    loss, m = pbsd_loss(p_S, b_S, m_S, p_T, b_T, m_T, r_S, r_T)
+    # the same as the call on the two decisive pairs alone
+    alone, _ = pbsd_loss(p_S[:2], b_S[:2], m_S[:2], p_T[:2], b_T[:2], m_T[:2], r_S[:2], r_T[:2])
+    assert loss.item() == pytest.approx(alone.item(), rel=1e-6)
+    loss.backward()
+    assert p_S.grad[2].abs().max() == 0 and p_T.grad[2].abs().max() == 0
+    # both wrong is a tie too; when every pair ties the loss is 0 but still attached to the graph (a backward
+    # pass on every rank), with zero gradients
+    p_S.grad = None
+    loss, m = pbsd_loss(p_S, b_S, m_S, p_T, b_T, m_T, torch.zeros(3), torch.zeros(3))
+    assert loss.item() == 0.0 and loss.requires_grad and m["tie_frac"] == 1.0 and m["pair_acc"] == 0.0
+    loss.backward()
+    assert p_S.grad.abs().max() == 0
+
+
+def test_normalizer_makes_micro_batches_equal_one_batch():
+    args = example()
+    full, _ = pbsd_loss(*args)
+    n = decisive_pairs(args[6], args[7])
+    parts = [pbsd_loss(*[a[i:j] for a in args], normalizer=n)[0] for i, j in ((0, 1), (1, 3))]
+    assert sum(p.item() for p in parts) == pytest.approx(full.item(), rel=1e-6)
+
+
+def test_shape_errors():
+    p_S, b_S, m_S, p_T, b_T, m_T, r_S, r_T = example()
+    with pytest.raises(ValueError, match="must match per sample"):
+        pbsd_loss(p_S, b_S[:, :2], m_S, p_T, b_T, m_T, r_S, r_T)
+    with pytest.raises(ValueError, match="one of each per pair"):
+        pbsd_loss(p_S, b_S, m_S, p_T[:2], b_T[:2], m_T[:2], r_S, r_T)
+
+
+# ---------------------------------------------------------------------------------------------- with a model
+VOCAB = 61
+
+
+@pytest.fixture
+def models():
+    """(LoRA model with a nonzero B, the same base model without LoRA), both fp32, eval mode."""
+    base = tiny_llama(VOCAB, seed=1)
+    model = lora.add_lora(copy.deepcopy(base), r=4, alpha=8)
+    torch.manual_seed(2)
+    for m in lora.lora_layers(model).values():
+        nn.init.normal_(m.lora_B.weight, std=0.2)
+    return model.eval(), base.eval()
+
+
+def direct_seq_logp(model, prompt: list[int], y: list[int]) -> torch.Tensor:
+    """log π(y | prompt) from one unpadded forward of prompt + y."""
+    logits = model(torch.tensor([prompt + y])).logits[0]  # (L, V)
+    logp = torch.log_softmax(logits[len(prompt) - 1:len(prompt) - 1 + len(y)].float(), -1)  # (|y|, V)
+    return logp.gather(-1, torch.tensor(y)[:, None]).sum()
+
+
+def pairs_data():
+    g = torch.Generator().manual_seed(3)
+
+    def ids(n):
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    student_prompts = [ids(5), ids(8), ids(6)]  # x
+    teacher_prompts = [p + ids(k) for p, k in zip(student_prompts, (4, 7, 3))]  # x + c
+    student_ids, teacher_ids = [ids(6), ids(3), ids(4)], [ids(4), ids(7), ids(5)]  # y_S, y_T
+    return student_prompts, teacher_prompts, student_ids, teacher_ids, [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+
+
+def test_teacher_side_is_the_base_model_and_the_policy_side_is_not(models):
+    model, base = models
+    x, xc, y_S, y_T, _, _ = pairs_data()
+    with torch.no_grad(), lora.adapters_disabled(model):
+        teacher_logp, mask = score_sequences(model, xc, y_T, pad_id=0)  # (B, T)
+    policy_logp, _ = score_sequences(model, x, y_T, pad_id=0)
+    for b in range(len(x)):
+        with torch.no_grad():
+            expected_base = direct_seq_logp(base, xc[b], y_T[b])
+            expected_policy = direct_seq_logp(model, x[b], y_T[b])
+        assert sequence_logprob(teacher_logp, mask)[b].item() == pytest.approx(expected_base.item(), abs=1e-4)
+        assert sequence_logprob(policy_logp, mask)[b].item() == pytest.approx(expected_policy.item(), abs=1e-4)
+        with torch.no_grad():
+            assert abs(direct_seq_logp(base, x[b], y_T[b]) - expected_policy) > 1e-2  # LoRA changes the policy
+    assert not any(m.disabled for m in lora.lora_layers(model).values())  # the adapter is back on
+
+
+def test_micro_batch_loss_against_direct_computation(models):
+    model, base = models
+    x, xc, y_S, y_T, rewards_S, rewards_T = pairs_data()
+    beta = 0.5
+    loss, metrics = pbsd_micro_batch_loss(model, x, xc, y_S, y_T, rewards_S, rewards_T, pad_id=0, beta=beta,
+                                          normalizer=4, chunk_size=5)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    # direct: policy = the LoRA model under x, base = the model without LoRA under x + c, one sequence at a time
+    terms = []
+    for b in range(len(x)):
+        with torch.no_grad():
+            base_S, base_T = direct_seq_logp(base, xc[b], y_S[b]), direct_seq_logp(base, xc[b], y_T[b])
+        r_S = beta * (direct_seq_logp(model, x[b], y_S[b]) - base_S)
+        r_T = beta * (direct_seq_logp(model, x[b], y_T[b]) - base_T)
+        s = (rewards_S[b] > rewards_T[b]) - (rewards_S[b] < rewards_T[b])
+        if s != 0:
+            terms.append(-torch.nn.functional.logsigmoid(s * (r_S - r_T)))
+    expected = torch.stack(terms).sum() / 4
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().max() > 0 for g in grads.values())
+    assert (metrics["n_pairs"], metrics["n_decisive"], metrics["tie_frac"]) == (3.0, 2.0, pytest.approx(1 / 3))
+    with pytest.raises(ValueError, match="different lengths"):
+        pbsd_micro_batch_loss(model, x, xc[:2], y_S, y_T, rewards_S, rewards_T, pad_id=0)
