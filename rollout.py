@@ -21,6 +21,7 @@ Departures from the paper's setup:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -30,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+import lora
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -138,14 +141,16 @@ class TransformersEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def generate(self, prompts: list[str], seeds: list[int], n: int = 1, temperature: float = 1.0,
-                 max_new_tokens: int = 256) -> list[list[Completion]]:
+                 max_new_tokens: int = 256, adapter: bool = True) -> list[list[Completion]]:
+        """n completions per prompt; adapter=False samples from the base policy (LoRA disabled)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         jobs = [(self.tokenizer(p, add_special_tokens=False).input_ids, sample_seed(s, j))
                 for p, s in zip(prompts, seeds) for j in range(n)]
         out: list[Completion] = []
-        for start in range(0, len(jobs), self.batch_size):
-            out += self._generate_batch(jobs[start:start + self.batch_size], temperature, max_new_tokens)
+        with contextlib.nullcontext() if adapter else lora.adapters_disabled(self.model):
+            for start in range(0, len(jobs), self.batch_size):
+                out += self._generate_batch(jobs[start:start + self.batch_size], temperature, max_new_tokens)
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     @torch.no_grad()
@@ -224,7 +229,8 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list[str], seeds: list[int], n: int = 1, temperature: float = 1.0,
-                 max_new_tokens: int = 256) -> list[list[Completion]]:
+                 max_new_tokens: int = 256, adapter: bool = True) -> list[list[Completion]]:
+        """n completions per prompt; adapter=False samples from the base policy (no LoRA request)."""
         from vllm import SamplingParams, TokensPrompt
 
         requests, params = [], []
@@ -234,7 +240,8 @@ class VLLMEngine:
                 requests.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(SamplingParams(temperature=temperature, max_tokens=max_new_tokens,
                                              seed=sample_seed(s, j) % (2**31), skip_special_tokens=True))
-        outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, lora_request=self.lora_request if adapter else None,
+                                    use_tqdm=False)
         flat = [Completion(list(o.outputs[0].token_ids), o.outputs[0].text,
                            "stop" if o.outputs[0].finish_reason == "stop" else "length") for o in outputs]
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]

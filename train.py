@@ -58,10 +58,12 @@ import data
 import evaluate
 import grpo
 import lora
+import pbsd
 import rollout
 import sd_loss
 
-FEEDBACKS = ("stepalign", "refsol", "grpo")
+FEEDBACKS = ("stepalign", "refsol", "verdict", "grpo")
+PAPER_FEEDBACKS = ("stepalign", "refsol", "grpo")  # what --feedback all runs
 
 
 def opt(default, help: str, choices=None):
@@ -71,8 +73,12 @@ def opt(default, help: str, choices=None):
 @dataclass
 class Config:
     preset: str = opt("paper", "a named set of defaults (PRESETS); explicit options override it", ("paper", "demo"))
-    feedback: str = opt("stepalign", "the teacher's context c (grpo: no teacher); 'all' runs each in turn",
-                        FEEDBACKS + ("all",))
+    feedback: str = opt("stepalign", "the teacher's context c (grpo: no teacher); 'all' runs the paper's three "
+                        "in turn", FEEDBACKS + ("all",))
+    objective: str = opt("sd", "loss with a teacher context: sd = Eq. 3 (sd_loss.py); pbsd = preference pairs of "
+                         "a teacher and a student sample (pbsd.py)", ("sd", "pbsd"))
+    pbsd_beta: float = opt(0.1, "PBSD: β of the implicit reward β·log(π_θ/π_base)")
+    pbsd_length_norm: str = opt("sum", "PBSD: sequence log-prob as a sum or a mean over tokens", ("sum", "mean"))
     model: str = opt("Qwen/Qwen3-1.7B", "solver (and self-teacher) weights: hub id, local path, or "
                      "'smollm2-135m-instruct' (the packaged demo model)")
     data: str = opt("data/omr_hard.jsonl", "problems: a manifest written by `python data.py filter` "
@@ -160,6 +166,11 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return Config(**vars(parser.parse_args(argv)))
 
 
+def run_name(cfg: Config) -> str:
+    """The row of the results table: the feedback form, prefixed by the objective when it is not Eq. 3."""
+    return cfg.feedback if cfg.objective == "sd" else f"{cfg.objective}-{cfg.feedback}"
+
+
 def group_size(cfg: Config) -> int:
     return cfg.grpo_group_size if cfg.feedback == "grpo" else cfg.sd_samples
 
@@ -199,6 +210,8 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 def check_inputs(cfg: Config) -> None:
     """Fail before any model is loaded or GPU time is spent."""
+    if cfg.objective == "pbsd" and cfg.feedback in ("grpo", "all"):
+        raise SystemExit("--objective pbsd needs a teacher context: --feedback stepalign, refsol or verdict")
     if cfg.data != "arithmetic" and not Path(cfg.data).is_file():
         raise SystemExit(f"--data {cfg.data}: no such file (write one with `python data.py filter ...` "
                          "or use --data arithmetic)")
@@ -265,12 +278,10 @@ class Item:
     completion: rollout.Completion
     reward: float = 0.0
     advantage: float = 0.0
-    teacher_ids: list[int] | None = None
+    teacher_ids: list[int] | None = None  # x + c, the self-teacher's prompt
+    teacher_sample: rollout.Completion | None = None  # PBSD: y_T ~ π_base(·|x, c)
+    teacher_reward: float = 0.0
     skipped: bool = False
-
-
-def render_ids(tokenizer, messages, thinking: bool) -> list[int]:
-    return tokenizer(critic.render(tokenizer, messages, thinking), add_special_tokens=False).input_ids
 
 
 def collect_rollouts(cfg, engine, tokenizer, checker, problems, step, timer) -> list[Item]:
@@ -288,35 +299,65 @@ def collect_rollouts(cfg, engine, tokenizer, checker, problems, step, timer) -> 
     return items
 
 
-def attach_feedback(cfg, critic_backend, tokenizer, items: list[Item], timer) -> dict[str, float]:
-    """Step 3–4: the teacher's context c for each rollout, then its token ids x + c (y is appended later)."""
+def feedback_contexts(cfg, critic_backend, items: list[Item], timer, stats: dict) -> list[str | None]:
+    """Step 3: the context c of each rollout (None when the critic failed for it)."""
+    if cfg.feedback == "stepalign":
+        with timer("critic"):
+            critiques = critic_backend.critique([(it.problem, it.completion.text) for it in items])
+        stats["critic_failed"] = float(sum(c.error is not None for c in critiques))
+        stats["critic_schema_ok"] = float(sum(c.schema_ok for c in critiques if c.error is None))
+        return [None if c.error is not None else c.text for c in critiques]
+    if cfg.feedback == "refsol":
+        return [it.problem.reference_solution for it in items]
+    if cfg.feedback == "verdict":  # the verifier's verdict on this very attempt, nothing more
+        return [critic.verdict_text(it.completion.text, correct=it.reward > 0) for it in items]
+    raise ValueError(f"feedback {cfg.feedback!r} has no teacher context")
+
+
+def attach_feedback(cfg, critic_backend, engine, tokenizer, checker, items: list[Item], step: int,
+                    timer) -> dict[str, float]:
+    """Steps 3–4: GRPO's group advantages, or the teacher's prompt x + c for each rollout (y is appended later);
+    for PBSD also the teacher's own sample y_T ~ π_base(·|x, c) and its reward."""
     if cfg.feedback == "grpo":
         A = grpo.group_advantages(torch.tensor([it.reward for it in items]), group_size(cfg))
         for it, a in zip(items, A.tolist()):
             it.advantage = a
         return {}
-    stats = {"critic_schema_ok": 0.0, "critic_failed": 0.0}
-    if cfg.feedback == "stepalign":
-        with timer("critic"):
-            critiques = critic_backend.critique([(it.problem, it.completion.text) for it in items])
-        for it, c in zip(items, critiques):
-            if c.error is not None:
-                it.skipped = True
-                stats["critic_failed"] += 1
-                continue
-            stats["critic_schema_ok"] += float(c.schema_ok)
-            it.teacher_ids = render_ids(tokenizer, critic.teacher_messages(it.problem, "stepalign", c.text),
-                                        cfg.teacher_thinking)
-    else:  # refsol
-        for it in items:
-            it.teacher_ids = render_ids(tokenizer, critic.teacher_messages(it.problem, "refsol",
-                                                                           it.problem.reference_solution),
-                                        cfg.teacher_thinking)
+    stats: dict[str, float] = {}
+    # PBSD scores y_T after the STUDENT prompt, so y_T must be in the student's format (pbsd.py docstring)
+    thinking = cfg.teacher_thinking if cfg.objective == "sd" else cfg.student_thinking
+    teacher_prompts = []
+    for it, c in zip(items, feedback_contexts(cfg, critic_backend, items, timer, stats)):
+        it.skipped = c is None
+        prompt = "" if c is None else critic.render(tokenizer, critic.teacher_messages(it.problem, cfg.feedback, c),
+                                                    thinking)
+        it.teacher_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else None
+        teacher_prompts.append(prompt)
+    if cfg.objective == "pbsd":
+        kept = [(it, prompt) for it, prompt in zip(items, teacher_prompts) if not it.skipped]
+        seeds = [rollout.sample_seed(cfg.seed, "teacher", step, it.problem.id, i) for i, (it, _) in enumerate(kept)]
+        with timer("teacher_sample"):
+            outs = engine.generate([prompt for _, prompt in kept], seeds, n=1, temperature=cfg.temperature,
+                                   max_new_tokens=cfg.max_new_tokens, adapter=False) if kept else []
+        for (it, _), [sample] in zip(kept, outs):
+            it.teacher_sample = sample
+            it.teacher_reward = float(checker.grade(sample.text, it.problem.answer))
     return stats
 
 
 def micro_batch_loss(cfg, model, items: list[Item], pad_id: int, normalizer: float, timer):
-    """Step 5 for one micro-batch: the loss (already divided by the step's global token count) and metrics."""
+    """Step 5 for one micro-batch: the loss (already divided by the step's global normalizer) and metrics."""
+    if cfg.objective == "pbsd":
+        kept = [it for it in items if not it.skipped]
+        with timer("student"):
+            loss, m = pbsd.pbsd_micro_batch_loss(
+                model, [it.prompt_ids for it in kept], [it.teacher_ids for it in kept],
+                [it.completion.token_ids for it in kept], [it.teacher_sample.token_ids for it in kept],
+                [it.reward for it in kept], [it.teacher_reward for it in kept], pad_id, beta=cfg.pbsd_beta,
+                length_norm=cfg.pbsd_length_norm, normalizer=normalizer, chunk_size=cfg.loss_chunk)
+        for count in ("n_pairs", "n_decisive"):  # counts, not means: the step record has its own
+            m.pop(count, None)
+        return loss, m
     W = model.get_output_embeddings().weight  # (V, D)
     ys = [it.completion.token_ids for it in items]
     student = rollout.score_positions([it.prompt_ids for it in items], ys, pad_id)
@@ -371,7 +412,7 @@ def evaluate_policy(cfg, engine, tokenizer, checker, test, step, d: Dist) -> dic
     if not d.master:
         return None
     samples = [s for part in gathered for s in part]
-    return {"step": step, "feedback": cfg.feedback,
+    return {"step": step, "feedback": run_name(cfg),
             **evaluate.evaluate_samples(samples, k=cfg.eval_samples, checker=checker)}
 
 
@@ -517,7 +558,7 @@ class Run:
         lora.unmerge(self.model)
         if result is not None:
             self.log.write("eval.jsonl", result)
-            print(f"[{self.cfg.feedback}] eval step {step}: " + "  ".join(
+            print(f"[{run_name(self.cfg)}] eval step {step}: " + "  ".join(
                 f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)), flush=True)
 
     def save(self, step: int) -> None:
@@ -529,20 +570,29 @@ class Run:
         lora.merge(self.model)
         items = collect_rollouts(self.cfg, self.engine, self.tokenizer, self.checker, problems, step, timer)
         lora.unmerge(self.model)
-        return items, attach_feedback(self.cfg, self.critic, self.tokenizer, items, timer)
+        return items, attach_feedback(self.cfg, self.critic, self.engine, self.tokenizer, self.checker, items,
+                                      step, timer)
 
     def optimize(self, items: list[Item], timer: Timer) -> tuple[dict, float]:
         """Steps 5–6: loss and backward per micro-batch, one gradient all-reduce, one AdamW step.
 
-        Returns the token-weighted metric sums and the gradient norm (NaN when the step was skipped)."""
+        Returns the weighted metric sums (weights in "_weight") and the gradient norm (NaN if skipped)."""
         cfg, d = self.cfg, self.d
         # the loss is divided by the number of valid rollout tokens (or sequences) of the whole step, all ranks
         n_valid = torch.tensor([float(sum(len(it.completion.token_ids) for it in items if not it.skipped))],
                                device=d.device)
         n_seq = torch.tensor([float(sum(not it.skipped for it in items))], device=d.device)
         all_reduce_sum(n_valid, d), all_reduce_sum(n_seq, d)
-        sequence_level = cfg.feedback == "grpo" and cfg.grpo_aggregation == "sequence"
-        normalizer = (n_seq if sequence_level else n_valid).item()
+        n_decisive = torch.tensor([float(pbsd.decisive_pairs([it.reward for it in items if not it.skipped],
+                                                             [it.teacher_reward for it in items if not it.skipped]))
+                                   if cfg.objective == "pbsd" else 0.0], device=d.device)
+        all_reduce_sum(n_decisive, d)
+        if cfg.objective == "pbsd":
+            normalizer = n_decisive.item()  # pairs with a preference (pbsd.py, departure 1)
+        elif cfg.feedback == "grpo" and cfg.grpo_aggregation == "sequence":
+            normalizer = n_seq.item()
+        else:
+            normalizer = n_valid.item()
         sums: dict[str, float] = {}
         bad = 0.0
         self.model.train()
@@ -556,9 +606,12 @@ class Run:
                 continue
             with timer("student"):
                 loss.backward()
-            w = float(sum(len(it.completion.token_ids) for it in mb if not it.skipped))
+            # metrics are micro-batch means: weight them by tokens (SD, GRPO) or by pairs (PBSD)
+            kept = [it for it in mb if not it.skipped]
+            w = float(len(kept) if cfg.objective == "pbsd" else sum(len(it.completion.token_ids) for it in kept))
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            for k, v in m.items():  # token-weighted sums of the micro-batch means
+            sums["_weight"] = sums.get("_weight", 0.0) + w
+            for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v * w
         # one all-reduce of the LoRA gradients and the "bad" flag: the sync of the last micro-step
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -665,19 +718,26 @@ def step_record(cfg, step, items, sums, stats, counters, timer, seconds, grad_no
     """The step's JSONL line, every value summed over ranks then normalized."""
     n_items = len(items)
     n_tokens = sum(len(it.completion.token_ids) for it in items)
-    n_valid = sum(len(it.completion.token_ids) for it in items if not it.skipped)
-    keys = sorted(k for k in sums if k != "loss")
-    local = [sums.get("loss", 0.0), n_items, n_tokens, n_valid, sum(it.reward for it in items),
-             sum(it.skipped for it in items), stats.get("critic_schema_ok", 0.0)] + [sums[k] for k in keys]
+    keys = {k for k in sums if k not in ("loss", "_weight")}
+    if d.world > 1:  # a rank whose micro-batches were all skipped has no metrics: agree on the names first
+        every = [None] * d.world
+        dist.all_gather_object(every, keys)
+        keys = set().union(*every)
+    keys = sorted(keys)
+    local = [sums.get("loss", 0.0), n_items, n_tokens, sums.get("_weight", 0.0), sum(it.reward for it in items),
+             sum(it.skipped for it in items), stats.get("critic_schema_ok", 0.0),
+             sum(it.teacher_reward for it in items)] + [sums.get(k, 0.0) for k in keys]
     t = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=d.device), d).tolist()
-    loss, n_items, n_tokens, n_valid, reward, skipped, schema_ok = t[:7]
+    loss, n_items, n_tokens, weight, reward, skipped, schema_ok, teacher_reward = t[:8]
     record = {"step": step, "loss": loss, "reward": reward / n_items, "response_length": n_tokens / n_items,
               "skipped_critic_step": skipped, "grad_norm": grad_norm, **counters,
               "tokens_per_s": n_tokens / max(seconds, 1e-9), "seconds": seconds,
               **{f"time_{k}": v for k, v in timer.seconds.items()}}
     if cfg.feedback == "stepalign":
         record["critic_schema_ok"] = schema_ok / max(n_items - skipped, 1)
-    record |= {k: v / max(n_valid, 1) for k, v in zip(keys, t[7:])}
+    if cfg.objective == "pbsd":
+        record["teacher_reward"] = teacher_reward / max(n_items - skipped, 1)
+    record |= {k: v / max(weight, 1e-9) for k, v in zip(keys, t[8:])}
     return record
 
 
@@ -685,12 +745,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     check_inputs(cfg)
     d = setup_distributed()
-    forms = FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
+    forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
     run_dirs = []
     with evaluate.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
         for feedback in forms:
-            run_cfg = dataclasses.replace(cfg, feedback=feedback,
-                                          out_dir=cfg.out_dir.format(preset=cfg.preset, feedback=feedback))
+            run_cfg = dataclasses.replace(cfg, feedback=feedback)
+            run_cfg.out_dir = cfg.out_dir.format(preset=cfg.preset, feedback=run_name(run_cfg))
             if d.master:
                 print("config: " + json.dumps(dataclasses.asdict(run_cfg)), flush=True)
             run_dirs.append(train(run_cfg, d, checker))

@@ -156,3 +156,19 @@ def test_stop_at_boxed_ends_the_sample_at_the_closing_brace(tiny_smol):
     ends = [engine._is_end(ids[:i]) for i in range(1, len(ids) + 1)]
     assert ends[-1] and not any(ends[:-1])
     assert not TransformersEngine(model, tok)._is_end(ids)  # off by default
+
+
+def test_generate_without_adapter_samples_the_base_policy(smol_tokenizer):
+    import lora
+    tok = smol_tokenizer
+    base = tiny_llama(len(tok), seed=4)
+    with_lora = lora.add_lora(tiny_llama(len(tok), seed=4), r=4, alpha=8)
+    for layer in lora.lora_layers(with_lora).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=1.0)  # a policy far from the base
+    prompt = [chat_prompt(tok, "What is 3 + 4?")]
+    kw = dict(seeds=[7], n=2, temperature=1.0, max_new_tokens=8)
+    ref = TransformersEngine(base, tok).generate(prompt, **kw)
+    off = TransformersEngine(with_lora, tok).generate(prompt, adapter=False, **kw)
+    on = TransformersEngine(with_lora, tok).generate(prompt, **kw)
+    assert [c.token_ids for c in off[0]] == [c.token_ids for c in ref[0]]
+    assert [c.token_ids for c in on[0]] != [c.token_ids for c in ref[0]]

@@ -219,3 +219,36 @@ def test_non_finite_loss_skips_the_step_without_touching_weights(tiny_model_dir,
     log = read_jsonl(out / "log.jsonl")
     assert [r["skipped_nonfinite"] for r in log] == [1, 2]
     assert all(v.abs().max() == 0 for k, v in adapter(out, 2).items() if "lora_B" in k)  # B is still zero
+
+
+def test_verdict_feedback_and_pbsd_objective_run(tiny_model_dir, tmp_path):
+    train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "verdict", "--max-steps", "1"))
+    [record] = read_jsonl(tmp_path / "verdict" / "log.jsonl")
+    assert "divergence" in record and record["skipped_critic"] == 0
+    train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "refsol", "--objective", "pbsd",
+                         "--max-steps", "1"))
+    [record] = read_jsonl(tmp_path / "pbsd-refsol" / "log.jsonl")
+    assert {"tie_frac", "teacher_reward", "time_teacher_sample"} <= set(record)
+    assert read_jsonl(tmp_path / "pbsd-refsol" / "eval.jsonl")[0]["feedback"] == "pbsd-refsol"
+    with pytest.raises(SystemExit, match="needs a teacher context"):
+        train.check_inputs(train.parse_config(["--objective", "pbsd", "--feedback", "grpo", "--data", "arithmetic"]))
+
+
+def test_teacher_context_per_feedback_form(tiny_model_dir, smol_tokenizer):
+    """Each form puts its own c in the teacher prompt: the critique, the reference solution, or the verdict."""
+    from data import arithmetic_problems
+    from rollout import Completion
+    problem = arithmetic_problems(1, seed=0, n_ops=2)[0]
+    wrong = "Step 1: " + problem.steps[0].rsplit("=", 1)[0] + "= 1000\n\\boxed{1000}"
+    for feedback, expected in (("stepalign", "Incorrect"), ("refsol", problem.reference_solution),
+                               ("verdict", "1000. This answer is incorrect")):
+        cfg = train.parse_config(tiny_args(tiny_model_dir, "/tmp/unused", "--feedback", feedback))
+        item = train.Item(problem, [1], Completion([5], wrong, "stop"), reward=0.0)
+        backend = train.make_critic(cfg) if feedback == "stepalign" else None
+        stats = train.attach_feedback(cfg, backend, None, smol_tokenizer, None, [item], 0, train.Timer())
+        teacher_prompt = smol_tokenizer.decode(item.teacher_ids)
+        assert expected in teacher_prompt and problem.problem in teacher_prompt
+        if feedback == "stepalign":
+            assert stats["critic_schema_ok"] == 1.0
+        if feedback != "refsol":
+            assert problem.reference_solution not in teacher_prompt
