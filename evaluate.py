@@ -26,8 +26,18 @@ with the metrics as fractions in [0, 1] (the table prints percentages), and
 for each feedback form the best value of each metric and the step where it was reached, and one PNG per
 metric over steps with one line per feedback form.
 
-Mechanism figure (pure pieces; A_t comes from sd_loss.token_advantage): `localization_scores`,
-`advantage_by_position` + `plot_advantage_by_position`, `render_advantage_html`.
+Mechanism figure (the paper's per-token advantage analysis): `mechanism(model, tokenizer, problems, ...)` samples
+rollouts from the student prompt, critiques them (default: critic.ExactArithmeticCritic), keeps the erroneous ones
+whose wrong claim the critic located (Critique.wrong_span, characters, mapped to the rollout's own token ids by
+`token_char_spans` + `error_marks_from_spans`), and scores the SAME ids y under the student prompt and under each
+teacher context with rollout.score_positions / final_hidden / token_logprobs_from_hidden, giving per context
+A_t = log π(y_t | x, c, y<t) − log π(y_t | x, y<t) (sd_loss.token_advantage). Contexts are a mapping
+name -> (problem, response, critique) -> teacher messages (MECHANISM_CONTEXTS: stepalign, refsol); a new feedback
+form is one more entry. The pure pieces: `localization_scores`, `advantage_by_position` +
+`plot_advantage_by_position`, `render_advantage_html`. On the demo model:
+    python evaluate.py mechanism --out docs/mechanism [--n-problems 20] [--seed 0]
+writes DIR/advantage.html, DIR/advantage_by_position.png, DIR/localization.json and prints the localization table
+(a results directory literally named "mechanism" must be passed as ./mechanism).
 
 Run the tests:  python -m pytest tests/test_evaluate.py -q
 
@@ -42,7 +52,13 @@ Departures from the paper (which does not specify these details):
 5. Table: best value per metric, ties going to the earliest step. "Length" has no better direction; the
    table reports it at the step of the best Avg@k.
 6. The localization scores (top-1, negative-mass share, AUROC) are our quantification of the paper's
-   qualitative per-token figure.
+   qualitative per-token figure. The table also prints their chance level (A_t blind to the error).
+7. Mechanism figure: the model is scored as it is, as both self-teacher and student, i.e. at initialization
+   (π_θ = π_base); the paper's figure is not tied to a training step. "The erroneous step" is the line of the
+   critic's pivotal step that holds the wrong claim (the demo model often numbers its lines "1.", "2." without
+   "Step i:" markers, which makes the whole response one step); the earlier correct steps are the step text
+   before that line. Rollouts whose critique locates no wrong claim (correct ones, and errors without an
+   equation to pin) are counted and left out.
 """
 from __future__ import annotations
 
@@ -60,7 +76,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -672,12 +688,15 @@ _CSS = """
 body { font-family: sans-serif; margin: 1.5em; }
 .grid { display: grid; gap: 1em; }
 .ctx { border: 1px solid #ccc; padding: 0.5em; }
+.ctx h3 { margin: 0 0 0.3em; font-size: 1em; }
+section h2 { margin: 1em 0 0.2em; font-size: 1.15em; }
 .tokens { font-family: monospace; white-space: pre-wrap; line-height: 1.8; }
 .tok { border-radius: 2px; }
 .step { border-bottom: 2px solid #555; }
 .claim { outline: 2px solid #000; }
 .marker { color: #b00; font-weight: bold; font-size: 0.8em; }
 .ws { color: #888; }
+.caption { color: #444; margin: 0.2em 0 0.5em; }
 table.scores td, table.scores th { padding: 0.2em 0.6em; border-bottom: 1px solid #ddd; }
 """
 
@@ -705,7 +724,7 @@ def _color(a: float, scale: float) -> str:
 def render_advantage_html(tokens: Sequence[Sequence[str]], advantages: Mapping[str, Sequence[Sequence[float]]],
                           marks: Sequence[ErrorMarks | None], title: str = "Per-token advantage A_t",
                           scores: Mapping[str, Mapping[str, float]] | None = None,
-                          scale: float | None = None) -> str:
+                          scale: float | None = None, captions: Sequence[str] | None = None) -> str:
     """A standalone HTML page: each rollout shown once per context, side by side, tokens coloured by A_t.
 
     tokens[i]: the decoded tokens of rollout i; advantages[context][i]: its A_t under that context
@@ -713,11 +732,14 @@ def render_advantage_html(tokens: Sequence[Sequence[str]], advantages: Mapping[s
     underlined, the wrong claim boxed, and a ▶ marks where the step starts. Hovering a token shows t and A_t.
     One colour scale for the whole page (default: the 98th percentile of |A_t|), so contexts compare.
     scores: optional context -> {score name: value}, shown as a table on top.
+    captions: optional one line of text per rollout (e.g. the problem and the wrong claim), shown under its title.
     """
     if not advantages:
         raise ValueError("render_advantage_html needs at least one context")
     if len(marks) != len(tokens):
         raise ValueError(f"{len(tokens)} rollouts but {len(marks)} marks")
+    if captions is not None and len(captions) != len(tokens):
+        raise ValueError(f"{len(tokens)} rollouts but {len(captions)} captions")
     for ctx, per in advantages.items():
         if len(per) != len(tokens):
             raise ValueError(f"context {ctx!r}: {len(per)} rollouts of A_t but {len(tokens)} rollouts of tokens")
@@ -744,7 +766,8 @@ def render_advantage_html(tokens: Sequence[Sequence[str]], advantages: Mapping[s
         parts.append("</table>")
     for i, toks in enumerate(tokens):
         mk = marks[i]
-        parts.append(f'<section><h2>Rollout {i}</h2><div class="grid" '
+        caption = f'<p class="caption">{esc(captions[i])}</p>' if captions is not None else ""
+        parts.append(f'<section><h2>Rollout {i}</h2>{caption}<div class="grid" '
                      f'style="grid-template-columns: repeat({len(advantages)}, 1fr)">')
         for ctx, per in advantages.items():
             A = np.asarray(per[i], dtype=np.float64)  # (T,)
@@ -766,8 +789,290 @@ def render_advantage_html(tokens: Sequence[Sequence[str]], advantages: Mapping[s
     return "\n".join(parts)
 
 
+# ---------------------------------------------------------------------------------------------- the driver
+# A context builder: (problem, the rollout's text, its critique) -> the self-teacher's chat messages.
+# A new feedback form is one more entry in the mapping passed to `mechanism`, e.g.
+#     {**MECHANISM_CONTEXTS, "verdict": lambda p, y, c: critic.teacher_messages(p, "verdict", verdict_of(c))}
+ContextFn = Callable[[object, str, object], list]
+
+
+def stepalign_context(problem, response: str, critique) -> list[dict]:
+    """StepAlignFB: the critic's step-aligned critique of this very rollout."""
+    import critic
+    return critic.teacher_messages(problem, "stepalign", critique.text)
+
+
+def refsol_context(problem, response: str, critique) -> list[dict]:
+    """RefSol: the problem's reference solution (the same for every rollout of the problem)."""
+    import critic
+    if problem.reference_solution is None:
+        raise ValueError(f"problem {problem.id}: the refsol context needs a reference solution")
+    return critic.teacher_messages(problem, "refsol", problem.reference_solution)
+
+
+MECHANISM_CONTEXTS: dict[str, ContextFn] = {"stepalign": stepalign_context, "refsol": refsol_context}
+
+
+def token_char_spans(tokenizer, token_ids: Sequence[int], text: str) -> list[tuple[int, int]]:
+    """[start, end) character span in `text` of each token of y, where text = decode(y, skip_special_tokens=True).
+
+    By decoding prefixes: token t ends where decode(y[:t+1]) ends, so the ids are used as they are (never
+    re-tokenized from the text). Special tokens (e.g. the end of turn) get an empty span. A prefix that ends in
+    an unfinished multi-byte character decodes to U+FFFD; that character is given to the token completing it.
+    """
+    spans, prev = [], 0
+    for t in range(1, len(token_ids) + 1):
+        prefix = tokenizer.decode(list(token_ids[:t]), skip_special_tokens=True)
+        if not text.startswith(prefix):
+            prefix = prefix.rstrip("\ufffd")  # an unfinished multi-byte character: not emitted yet
+        if not text.startswith(prefix) or len(prefix) < prev:
+            raise ValueError(f"token {t - 1} (id {token_ids[t - 1]}): decode(y[:{t}]) = {prefix[-40:]!r}... is not "
+                             f"a prefix of the rollout text extending the previous one; text starts {text[:60]!r}")
+        spans.append((prev, len(prefix)))
+        prev = len(prefix)
+    if prev != len(text):
+        raise ValueError(f"the tokens decode to {prev} characters but the rollout text has {len(text)}")
+    return spans
+
+
+def _overlapping(spans: Sequence[tuple[int, int]], start: int, end: int) -> np.ndarray:
+    """(T,) bool: tokens whose non-empty character span meets [start, end)."""
+    return np.array([s < e and s < end and e > start for s, e in spans], dtype=bool)
+
+
+def error_marks_from_spans(token_spans: Sequence[tuple[int, int]], text: str,
+                           wrong_span: tuple[int, int]) -> ErrorMarks:
+    """ErrorMarks of one rollout from its tokens' character spans and the critic's wrong-claim span.
+
+    The erroneous step is the line (within its "Step i:" step, data.step_spans) that holds the wrong claim;
+    the earlier correct steps are the step text before that line (earlier steps, and earlier lines of the
+    same step: the critic found no wrong claim before this one). A response without step markers is one step.
+    """
+    from data import step_spans
+
+    ws, we = wrong_span
+    if not 0 <= ws < we <= len(text):
+        raise ValueError(f"wrong span {wrong_span} outside the rollout text of {len(text)} characters")
+    line_start = text.rfind("\n", 0, ws) + 1
+    line_end = text.find("\n", ws)
+    line_end = len(text) if line_end == -1 else line_end
+    steps = step_spans(text)
+    step = next(((s, e) for s, e in steps if s <= ws and we <= e), None)
+    if step is not None:  # the line, cut to its step (a step may start mid-line after a preamble)
+        line_start, line_end = max(line_start, step[0]), min(line_end, step[1])
+    claim = _overlapping(token_spans, ws, we)  # (T,)
+    in_step = np.flatnonzero(_overlapping(token_spans, line_start, max(line_end, we)))
+    if not claim.any() or len(in_step) == 0:
+        raise ValueError(f"no token covers the wrong span {wrong_span} ({text[ws:we]!r})")
+    error_start, error_end = int(in_step[0]), int(in_step[-1]) + 1
+    earlier = np.zeros(len(token_spans), dtype=bool)  # (T,)
+    for s, e in steps:
+        if s < line_start:
+            earlier |= _overlapping(token_spans, s, min(e, line_start))
+    earlier[error_start:] = False
+    return ErrorMarks(error_start, error_end, claim, earlier)
+
+
+def score_rollouts(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                   pad_id: int, batch_size: int = 8, chunk_size: int = 256) -> list[np.ndarray]:
+    """log π(y_t | prompt, y<t) of every rollout token, one (T_i,) float array per rollout, no gradient."""
+    import torch
+
+    import rollout
+
+    W = model.get_output_embeddings().weight  # (V, D)
+    out, was_training = [], model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in range(0, len(prompt_ids), batch_size):
+                ys = completion_ids[b:b + batch_size]
+                batch = rollout.score_positions(prompt_ids[b:b + batch_size], ys, pad_id)
+                h = rollout.final_hidden(model, batch)  # (B, T, D)
+                logp = rollout.token_logprobs_from_hidden(h, W, batch.tokens, chunk_size)  # (B, T)
+                out += [logp[i, :len(y)].float().cpu().numpy() for i, y in enumerate(ys)]
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass
+class MechanismResult:
+    """The erroneous rollouts whose wrong claim was located, and A_t of each under every context."""
+    problems: list  # (R,) data.Problem of each kept rollout
+    completions: list  # (R,) rollout.Completion
+    critiques: list  # (R,) critic.Critique
+    marks: list[ErrorMarks]  # (R,)
+    advantages: dict[str, list[np.ndarray]]  # context -> (R,) arrays of A_t, each (T_i,)
+    counts: dict[str, int]  # rollouts sampled / by critique case / kept / skipped and why
+
+
+def mechanism(model, tokenizer, problems: Sequence, n_rollouts: int = 4, *, temperature: float = 0.5,
+              max_new_tokens: int = 48, seed: int = 0, stop_at_boxed: bool = True,
+              contexts: Mapping[str, ContextFn] = MECHANISM_CONTEXTS, critic_backend=None,
+              completions: Sequence[Sequence] | None = None, student_thinking: bool = False,
+              teacher_thinking: bool = True, batch_size: int = 8) -> MechanismResult:
+    """A_t of the base policy's own erroneous rollouts under each teacher context (the paper's per-token figure).
+
+    1. Sample `n_rollouts` per problem from the student prompt (or take `completions`, one list per problem).
+    2. Critique each with `critic_backend` (default: the exact arithmetic critic); keep the rollouts whose
+       critique locates a wrong claim (Critique.wrong_span) and mark it on the tokens (ErrorMarks).
+    3. Score the SAME token ids y under the student prompt and under each context's teacher prompt.
+       The model is the base policy: it is both the self-teacher π_base and the student π_θ at
+       initialization, so A_t = log π(y_t | x, c, y<t) − log π(y_t | x, y<t) with one set of weights.
+    """
+    import torch
+
+    import critic
+    import rollout
+    import sd_loss
+
+    if completions is None:
+        engine = rollout.TransformersEngine(model, tokenizer, batch_size=32, stop_at_boxed=stop_at_boxed)
+        prompts = [critic.render(tokenizer, critic.student_messages(p), student_thinking) for p in problems]
+        seeds = [rollout.sample_seed(seed, "mechanism", p.id) for p in problems]
+        completions = engine.generate(prompts, seeds, n=n_rollouts, temperature=temperature,
+                                      max_new_tokens=max_new_tokens)
+    if len(completions) != len(problems):
+        raise ValueError(f"{len(problems)} problems but completions for {len(completions)}")
+    critic_backend = critic.ExactArithmeticCritic() if critic_backend is None else critic_backend
+    pairs = [(p, c) for p, comps in zip(problems, completions) for c in comps]
+    critiques = critic_backend.critique([(p, c.text) for p, c in pairs])
+    counts = Counter(sampled=len(pairs))
+    kept: list[tuple] = []
+    for (p, c), q in zip(pairs, critiques):
+        counts[f"case_{q.case}"] += 1
+        if q.error is not None:
+            counts["skipped_critic_failed"] += 1
+        elif q.wrong_span is None:
+            counts["no_wrong_claim"] += 1  # correct, or an error the critic could not pin to a span
+        else:
+            spans = token_char_spans(tokenizer, c.token_ids, c.text)
+            kept.append((p, c, q, error_marks_from_spans(spans, c.text, q.wrong_span)))
+    counts["kept"] = len(kept)
+    if not kept:
+        return MechanismResult([], [], [], [], {name: [] for name in contexts}, dict(counts))
+
+    ys = [c.token_ids for _, c, _, _ in kept]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def ids(messages: list[dict], thinking: bool) -> list[int]:
+        return tokenizer(critic.render(tokenizer, messages, thinking), add_special_tokens=False).input_ids
+
+    student = score_rollouts(model, [ids(critic.student_messages(p), student_thinking) for p, *_ in kept],
+                             ys, pad_id, batch_size)  # log π(y_t | x, y<t)
+    advantages = {}
+    for name, build in contexts.items():
+        teacher = score_rollouts(model, [ids(build(p, c.text, q), teacher_thinking) for p, c, q, _ in kept],
+                                 ys, pad_id, batch_size)  # log π(y_t | x, c, y<t)
+        # Eq. A_t = log π_base(y_t | x, c, y<t) − log π_θ(y_t | x, y<t)
+        advantages[name] = [sd_loss.token_advantage(torch.from_numpy(s), torch.from_numpy(t)).numpy()
+                            for s, t in zip(student, teacher)]
+    return MechanismResult([k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept],
+                           [k[3] for k in kept], advantages, dict(counts))
+
+
+def chance_scores(marks: Sequence[ErrorMarks]) -> dict[str, float]:
+    """What the scores would be for A_t that ignores the error: top-1 of a uniformly random token among
+    [0, error_end), and the claim's share of the rollout's tokens (the share of a uniform negative mass)."""
+    return {"top1": float(np.mean([m.wrong_claim[:m.error_end].sum() / m.error_end for m in marks])),
+            "neg_mass_share": float(np.mean([m.wrong_claim.mean() for m in marks])), "auroc": 0.5}
+
+
+def localization_table(scores: Mapping[str, Mapping], chance: Mapping[str, float]) -> str:
+    """The markdown table of the localization scores per context, with the chance level as the last row."""
+    lines = ["| context | rollouts | top-1 | neg-mass share | AUROC (rollouts) | pooled AUROC |",
+             "|---|---|---|---|---|---|"]
+    for name, s in scores.items():
+        lines.append(f"| {DISPLAY.get(name, name)} | {s['n_rollouts']} | {s['top1']:.3f} | "
+                     f"{s['neg_mass_share']:.3f} | {s['auroc']:.3f} ({s['n_auroc']}) | {s['auroc_pooled']:.3f} |")
+    lines.append(f"| chance | | {chance['top1']:.3f} | {chance['neg_mass_share']:.3f} | 0.500 | 0.500 |")
+    return "\n".join(lines) + "\n"
+
+
+def mechanism_main(argv: Sequence[str] | None = None) -> dict:
+    """`python evaluate.py mechanism --out DIR`: the per-token figure on the demo model, written to DIR."""
+    ap = argparse.ArgumentParser(prog="evaluate.py mechanism",
+                                 description="A_t of the demo model's erroneous rollouts under each feedback form.")
+    ap.add_argument("--out", required=True, help="directory for advantage.html, advantage_by_position.png, "
+                                                 "localization.json")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model path or the demo model's name")
+    ap.add_argument("--n-problems", type=int, default=20, help="arithmetic problems to sample from")
+    ap.add_argument("--n-rollouts", type=int, default=4, help="rollouts per problem")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampling")
+    ap.add_argument("--temperature", type=float, default=0.5, help="sampling temperature (the demo preset's)")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="rollout length limit (the demo preset's)")
+    ap.add_argument("--n-ops", type=int, default=1, help="operations per arithmetic problem (the demo preset's)")
+    args = ap.parse_args(argv)
+
+    import data
+    import rollout
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = rollout.load_model(args.model)
+    problems = data.arithmetic_problems(args.n_problems, seed=args.seed, n_ops=args.n_ops, max_operand=20,
+                                        ops="+-", worked_example=True)
+    res = mechanism(model, tokenizer, problems, args.n_rollouts, temperature=args.temperature,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if not res.marks:
+        raise SystemExit(f"no erroneous rollout with a located wrong claim among {res.counts}; "
+                         "use more --n-problems")
+    table, record = write_mechanism_report(res, tokenizer, out, model_name=args.model, config=vars(args))
+    print(f"{len(res.marks)} erroneous rollouts with a located wrong claim (of {res.counts['sampled']} sampled; "
+          f"counts {res.counts})\n")
+    print(table)
+    print(f"wrote {out / 'advantage.html'}, {out / 'advantage_by_position.png'}, {out / 'localization.json'}")
+    return record
+
+
+def write_mechanism_report(res: MechanismResult, tokenizer, out: str | Path, model_name: str = "the model",
+                           config: Mapping | None = None) -> tuple[str, dict]:
+    """DIR/advantage.html, DIR/advantage_by_position.png, DIR/localization.json; returns (markdown table, record)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = {name: localization_scores(A, res.marks) for name, A in res.advantages.items()}
+    chance = chance_scores(res.marks)
+    table = localization_table(scores, chance)
+    labels = {name: DISPLAY.get(name, name) for name in res.advantages}
+    profiles = {labels[n]: advantage_by_position(A, res.marks, lo=-16, hi=16) for n, A in res.advantages.items()}
+    plot_advantage_by_position(profiles, out / "advantage_by_position.png",
+                               title=f"Mean A_t around the first wrong claim ({len(res.marks)} rollouts)")
+    tokens = [[tokenizer.decode([i]) for i in c.token_ids] for c in res.completions]
+    summary = {labels[n]: {k: s[k] for k in ("top1", "neg_mass_share", "auroc", "auroc_pooled", "n_rollouts")}
+               for n, s in scores.items()}
+    captions = [f"{p.id}: {p.problem.rsplit(chr(10), 1)[-1]} (answer {p.answer}); critique case {q.case}, "
+                f"wrong claim {q.wrong_claim!r} -> {q.corrected_claim!r}"
+                for p, q in zip(res.problems, res.critiques)]
+    page = render_advantage_html(tokens, {labels[n]: A for n, A in res.advantages.items()}, res.marks,
+                                 title=f"Per-token advantage A_t of {model_name}'s erroneous rollouts",
+                                 scores=summary, captions=captions)
+    (out / "advantage.html").write_text(page)
+    record = {"config": dict(config or {}), "counts": res.counts, "chance": chance, "scores": scores,
+              "rollouts": [{"problem_id": p.id, "text": c.text, "case": q.case, "wrong_claim": q.wrong_claim,
+                            "corrected_claim": q.corrected_claim,
+                            "advantages": {n: A[i].round(5).tolist() for n, A in res.advantages.items()}}
+                           for i, (p, c, q) in enumerate(zip(res.problems, res.completions, res.critiques))]}
+    (out / "localization.json").write_text(json.dumps(_json_safe(record), indent=1, allow_nan=False) + "\n")
+    return table, record
+
+
+def _json_safe(x):
+    """NaN (an undefined score) becomes null, so that the file is strict JSON."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 # ============================================================================================ command line
-def main(argv: Sequence[str] | None = None) -> str:
+def main(argv: Sequence[str] | None = None) -> str | dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mechanism"]:  # python evaluate.py mechanism --out DIR
+        return mechanism_main(argv[1:])
     ap = argparse.ArgumentParser(description="The paper-style results table from the evaluations a run logged.")
     ap.add_argument("runs", nargs="+", help="run directories (each with eval.jsonl) or parents of run directories")
     ap.add_argument("--out", default=None, help="where to write results.md and the PNGs (default: the first path)")

@@ -1,5 +1,6 @@
 """Grading, Pass/Maj/Avg@k against enumeration and hand counts, the grading time limit, the results table,
-and the pieces of the per-token advantage figure (localization scores, AUROC, position profile, HTML)."""
+the pieces of the per-token advantage figure (localization scores, AUROC, position profile, HTML), and its
+driver (token/character span mapping, A_t against a direct forward pass on a tiny model)."""
 import itertools
 import json
 import sys
@@ -10,9 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from evaluate import (AnswerChecker, ErrorMarks, advantage_by_position, auroc, best_by_metric, evaluate_checkpoint,
-                      evaluate_samples, extract_answer, fast_equivalent, grade, load_evals, localization_scores,
-                      main, majority_vote, pass_at_k, plot_advantage_by_position, render_advantage_html)
+from evaluate import (MECHANISM_CONTEXTS, AnswerChecker, ErrorMarks, advantage_by_position, auroc, best_by_metric,
+                      error_marks_from_spans, evaluate_checkpoint, evaluate_samples, extract_answer, fast_equivalent,
+                      grade, load_evals, localization_scores, main, majority_vote, mechanism, pass_at_k,
+                      plot_advantage_by_position, render_advantage_html, token_char_spans, write_mechanism_report)
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +296,120 @@ def test_html_escapes_tokens_marks_the_error_and_shows_contexts_side_by_side():
     assert 'title="t=0  A_t=-1.0000' in page
     with pytest.raises(ValueError, match="context 'RefSol', rollout 0"):
         render_advantage_html(tokens, {"RefSol": [np.zeros(T - 1)]}, [mk])
+
+
+# ------------------------------------------------------------------------------------------------ figure driver
+def _problem():
+    from data import Problem
+    return Problem(id="p42", problem="Start with 17. Add 25, then multiply the result by 3. What is the final number?",
+                   answer="126", reference_solution="(17 + 25) × 3: adding 25 gives 42; 3 times that is 126. "
+                   "Hence \\boxed{126}.", steps=("17 + 25 = 42", "42 * 3 = 126"))
+
+
+def _completion(tokenizer, text, end_of_turn=True):
+    from rollout import Completion
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids += [tokenizer.convert_tokens_to_ids("<|im_end|>")] if end_of_turn else []
+    return Completion(ids, tokenizer.decode(ids, skip_special_tokens=True), "stop")
+
+
+def _joined(tokenizer, ids, mask):
+    return "".join(tokenizer.decode([i]) for i, m in zip(ids, mask) if m)
+
+
+def test_token_char_spans_cover_the_text_and_marks_point_at_the_wrong_result(smol_tokenizer):
+    from critic import ExactArithmeticCritic
+    tok = smol_tokenizer
+    c = _completion(tok, "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136\n\\boxed{136}")
+    spans = token_char_spans(tok, c.token_ids, c.text)
+    assert "".join(c.text[s:e] for s, e in spans) == c.text and spans[-1][0] == spans[-1][1]  # <|im_end|>: empty
+    assert all(c.text[s:e] == tok.decode([i]) for i, (s, e) in zip(c.token_ids[:-1], spans))
+    q = ExactArithmeticCritic().critique_one(_problem(), c.text)
+    assert q.wrong_claim == "136" and c.text[slice(*q.wrong_span)] == "136"
+    mk = error_marks_from_spans(spans, c.text, q.wrong_span)
+    ids = c.token_ids
+    assert _joined(tok, ids, mk.wrong_claim) == "136"
+    assert mk.wrong_claim.sum() == 3  # SmolLM2 writes one token per digit
+    assert "".join(tok.decode([i]) for i in ids[mk.error_start:mk.error_end]) == "Step 2: 42 * 3 = 136"
+    assert _joined(tok, ids, mk.earlier_correct) == "Step 1: 17 + 25 = 42"
+    # no "Step i:" markers: the erroneous step is the line of the wrong claim, earlier lines are correct steps
+    c2 = _completion(tok, "1. 17 + 25 = 42\n2. 42 * 3 = 136\n\\boxed{136}", end_of_turn=False)
+    q2 = ExactArithmeticCritic().critique_one(_problem(), c2.text)
+    mk2 = error_marks_from_spans(token_char_spans(tok, c2.token_ids, c2.text), c2.text, q2.wrong_span)
+    assert _joined(tok, c2.token_ids, mk2.wrong_claim) == "136"
+    assert "".join(tok.decode([i]) for i in c2.token_ids[mk2.error_start:mk2.error_end]) == "2. 42 * 3 = 136"
+    assert _joined(tok, c2.token_ids, mk2.earlier_correct) == "1. 17 + 25 = 42\n"
+
+
+def test_token_char_spans_give_a_split_multibyte_character_to_the_token_that_completes_it(smol_tokenizer):
+    tok = smol_tokenizer
+    # 🙂 is F0 9F 99 82 in UTF-8; byte-level BPE writes those bytes as the symbols ð Ł Ļ Ĥ: one token per byte
+    byte_ids = tok.convert_tokens_to_ids(["ð", "Ł", "Ļ", "Ĥ"])
+    head = tok("Step 1: 6 × 7 = 43 ", add_special_tokens=False).input_ids
+    ids = head + byte_ids + tok(" ok", add_special_tokens=False).input_ids
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert text == "Step 1: 6 × 7 = 43 🙂 ok"
+    spans = token_char_spans(tok, ids, text)
+    assert "".join(text[s:e] for s, e in spans) == text
+    emoji = text.index("🙂")
+    assert [spans[len(head) + k] for k in range(4)] == [(emoji, emoji)] * 3 + [(emoji, emoji + 1)]
+    with pytest.raises(ValueError, match="not a prefix"):
+        token_char_spans(tok, ids, "something else entirely")
+
+
+def _direct_logprobs(model, prompt_ids, y):
+    """log π(y_t | prompt, y<t) from the full logits of one unpadded sequence (independent of rollout.py)."""
+    import torch
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + y])).logits[0]  # (L, V)
+    logp = torch.log_softmax(logits[len(prompt_ids) - 1:-1].double(), -1)  # (T, V)  row t predicts y_t
+    return logp[torch.arange(len(y)), torch.tensor(y)].numpy()  # (T,)
+
+
+def test_mechanism_driver_matches_direct_forward_passes(tiny_smol, tmp_path):
+    import critic
+    model, tok = tiny_smol
+    p = _problem()
+    wrong_late = _completion(tok, "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136\n\\boxed{136}")
+    right = _completion(tok, "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\n\\boxed{126}")
+    wrong_early = _completion(tok, "Step 1: 17 + 25 = 41\n\\boxed{41}", end_of_turn=False)  # shorter: padding
+    seen = []
+
+    def verdict(problem, response, critique):  # a third feedback form plugs in as one more entry
+        seen.append(response)
+        return [{"role": "user", "content": f"{problem.problem}\nVerdict: the answer is wrong."}]
+
+    contexts = {**MECHANISM_CONTEXTS, "verdict": verdict}
+    res = mechanism(model, tok, [p], contexts=contexts, completions=[[wrong_late, right, wrong_early]],
+                    batch_size=2)
+    assert res.counts["sampled"] == 3 and res.counts["kept"] == 2 and res.counts["case_A"] == 1
+    assert res.completions == [wrong_late, wrong_early] and seen == [wrong_late.text, wrong_early.text]
+    assert [_joined(tok, c.token_ids, m.wrong_claim) for c, m in zip(res.completions, res.marks)] == ["136", "41"]
+    student = tok(critic.render(tok, critic.student_messages(p), False), add_special_tokens=False).input_ids
+    for name in contexts:
+        assert len(res.advantages[name]) == 2
+        for c, q, A in zip(res.completions, res.critiques, res.advantages[name]):
+            assert A.shape == (len(c.token_ids),)
+            teacher = tok(critic.render(tok, contexts[name](p, c.text, q), True), add_special_tokens=False).input_ids
+            direct = _direct_logprobs(model, teacher, c.token_ids) - _direct_logprobs(model, student, c.token_ids)
+            np.testing.assert_allclose(A, direct, atol=1e-4)
+    # the stepalign teacher saw this rollout's critique, the refsol teacher the reference solution
+    assert critic.teacher_messages(p, "stepalign", res.critiques[0].text) == \
+        MECHANISM_CONTEXTS["stepalign"](p, wrong_late.text, res.critiques[0])
+    assert "42 * 3 = 126" in res.critiques[0].text
+
+    table, record = write_mechanism_report(res, tok, tmp_path, model_name="tiny")
+    assert "| StepAlignFB | 2 |" in table and "| Verdict | 2 |" in table and "| chance |" in table
+    assert json.loads((tmp_path / "localization.json").read_text())["counts"]["kept"] == 2
+    assert (tmp_path / "advantage_by_position.png").stat().st_size > 1000
+    page = (tmp_path / "advantage.html").read_text()
+    assert page.count('class="tok step claim"') == 3 * (3 + 2)  # 3 contexts × (3 + 2 wrong-result tokens)
+    assert page.count('<p class="caption">p42: Start with 17.') == 2
+
+
+def test_command_line_dispatches_on_its_first_argument(monkeypatch):
+    import evaluate
+    calls = []
+    monkeypatch.setattr(evaluate, "mechanism_main", lambda argv: calls.append(argv) or {"ok": True})
+    assert evaluate.main(["mechanism", "--out", "somewhere"]) == {"ok": True}
+    assert calls == [["--out", "somewhere"]]
