@@ -57,8 +57,11 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str =
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape")
-    logp_s = torch.log_softmax(student_logits.float(), dim=-1)  # (B, T, V)
-    logp_t = torch.log_softmax(teacher_logits.float(), dim=-1)  # (B, T, V)
+    # A −inf logit (a masked vocabulary entry) has log-prob −inf; clamping it to the most negative finite fp32
+    # keeps its probability exactly 0 and every gradient finite (0·(−inf) is NaN in the backward pass).
+    floor = torch.finfo(torch.float32).min
+    logp_s = torch.log_softmax(student_logits.float(), dim=-1).clamp(min=floor)  # (B, T, V)
+    logp_t = torch.log_softmax(teacher_logits.float(), dim=-1).clamp(min=floor)  # (B, T, V)
     if kind == "forward":
         return _kl(logp_t, logp_s)  # (B, T)  KL(teacher‖student)
     if kind == "reverse":
