@@ -26,8 +26,10 @@
 - Backends, each with `.critique(batch: list[(Problem, response)]) -> list[Critique]`:
   `ServerCritic` (an OpenAI-compatible /v1/chat/completions server, e.g. `vllm serve Qwen/QwQ-32B
   --enable-prefix-caching`; stdlib only), `LocalCritic` (a transformers model, greedy, batched) and
-  `ExactArithmeticCritic` (always right on `data.arithmetic_problems`, same schema). A backend failure for
-  one item gives a Critique with `error` set; it never raises into the training loop and never hangs.
+  `ExactArithmeticCritic` (always right on `data.arithmetic_problems`, same schema). A ServerCritic failure for
+  one item (down, timeout, HTTP error, malformed answer) gives a Critique with `error` set: it never raises into
+  the training loop and never hangs. LocalCritic and ExactArithmeticCritic run in-process: an exception there
+  (out of memory, a problem without exact steps) is a configuration error and is raised.
 
 Run the tests:  python -m pytest tests/test_critic.py -q
 
@@ -557,9 +559,9 @@ class _RequestFailed(Exception):
 class ServerCritic:
     """Critic behind an OpenAI-compatible chat-completions server (stdlib only: urllib + a thread pool).
 
-    Greedy (temperature 0). The API key is read from the environment variable `api_key_env` at each request
-    (never stored on the object, printed, logged, or put into an error message); when the variable is unset
-    no Authorization header is sent (a local vLLM without --api-key needs none).
+    Greedy by default (temperature 0, the paper's critic). The API key is read from the environment variable
+    `api_key_env` at each request (never stored on the object, printed, logged, or put into an error message);
+    when the variable is unset no Authorization header is sent (a local vLLM without --api-key needs none).
     Each request: at most `timeout_s` seconds per attempt, `max_retries` retries with exponential backoff
     (`backoff_s * 2**attempt`) on connection errors, timeouts, HTTP 5xx/408/429 and malformed answers.
     A batch never waits longer than its worst case of all attempts; an item that fails comes back as a
@@ -567,11 +569,13 @@ class ServerCritic:
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_tokens: int = 16384,
-                 timeout_s: float = 1200.0, max_retries: int = 3, backoff_s: float = 2.0, max_workers: int = 32):
+                 timeout_s: float = 1200.0, max_retries: int = 3, backoff_s: float = 2.0, max_workers: int = 32,
+                 temperature: float = 0.0):
         base = base_url.rstrip("/")
         self.url = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
         self.model, self.api_key_env, self.max_tokens = model, api_key_env, max_tokens
         self.timeout_s, self.max_retries, self.backoff_s, self.max_workers = timeout_s, max_retries, backoff_s, max_workers
+        self.temperature = temperature  # 0: greedy, the paper's critic; the difficulty filter may sample
 
     def __repr__(self) -> str:
         return (f"ServerCritic(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
@@ -622,7 +626,7 @@ class ServerCritic:
         return None, error
 
     def _post(self, messages: list[dict], key: str | None) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0,
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
                            "max_tokens": self.max_tokens}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if key:

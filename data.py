@@ -29,8 +29,8 @@ Run the tests:  python -m pytest tests/test_data.py -q
 Departures from the paper:
 1. The paper does not say at which temperature Avg@16 was measured; the filter samples at the training
    temperature 1.1 by default (`--temperature`).
-2. "Solved by the critic" is one greedy critic answer graded against the expected answer (`--critic-n`
-   raises the number of critic samples; a problem then counts as solved if any sample is right).
+2. "Solved by the critic" is one greedy critic answer graded against the expected answer (`--critic-n` N > 1
+   samples N critic answers at temperature 1.0 instead; a problem then counts as solved if any is right).
 3. Duplicates of a problem keep the first row's answer and reference solution; the paper does not say which
    of the several generated solutions of a problem it used as the RefSol reference.
 4. The arithmetic tasks are ours (CPU-sized experiments); they are not in the paper.
@@ -266,20 +266,22 @@ def iter_rows(path: str | Path, skip_bad: bool = False, stats: LoadStats | None 
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{path}: unknown file type {path.suffix!r}; expected .parquet or .jsonl")
     try:
-        handle = path.open("r", encoding="utf-8")
+        handle = path.open("rb")  # decoded line by line below, so that bad UTF-8 is reported with its row
     except OSError as e:
         raise DataError(f"{path}: cannot open: {e}") from e
     with handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8")  # UnicodeDecodeError is a ValueError
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError(f"a JSON {type(row).__name__}, not an object")
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 if not skip_bad:
-                    raise DataError(f"{path}: row {lineno}: not a JSON object ({e})") from e
+                    what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "not a JSON object"
+                    raise DataError(f"{path}: row {lineno}: {what} ({e})") from e
                 if stats is not None:
                     stats.skipped_bad += 1
                     stats.rows += 1
@@ -298,9 +300,18 @@ def _parquet_rows(path: Path, columns: tuple[str, ...]) -> Iterator[dict]:
         except Exception as e:  # pyarrow raises several types for unreadable files
             raise DataError(f"{path}: cannot read parquet: {e}") from e
         present = [c for c in columns if c in handle.schema_arrow.names]
-        for batch in handle.iter_batches(batch_size=4096, columns=present):
-            yield from batch.to_pylist()
-        return
+        done = 0
+        batches = handle.iter_batches(batch_size=4096, columns=present)
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as e:  # a corrupt page in the middle of the file; pyarrow raises several types
+                raise DataError(f"{path}: cannot read parquet after row {done}: {e}") from e
+            if batch is None:
+                return
+            rows = batch.to_pylist()
+            done += len(rows)
+            yield from rows
     try:
         import pandas as pd
     except ImportError:
@@ -517,7 +528,8 @@ def _filter_command(argv: list[str]) -> None:
                                   args.temperature, args.max_new_tokens, grade, args.batch_size)
     del model
     if args.critic_url is not None:
-        server = ServerCritic(args.critic_url, args.critic_model, max_tokens=args.critic_max_tokens)
+        server = ServerCritic(args.critic_url, args.critic_model, max_tokens=args.critic_max_tokens,
+                              temperature=0.0 if args.critic_n == 1 else 1.0)
         texts = server.complete([student_messages(p) for p in problems for _ in range(args.critic_n)])
         graded = [text is not None and grade(strip_think(text), gold)
                   for (text, _), gold in zip(texts, [a for a in answers for _ in range(args.critic_n)])]
@@ -534,7 +546,10 @@ def _filter_command(argv: list[str]) -> None:
     print(f"solver: {sum(c < args.threshold for c in solver_counts)} of {len(problems)} problems below "
           f"{args.threshold}/{args.n} correct; critic solved {sum(critic_ok)} of {len(problems)}", flush=True)
     kept = select_hard(problems, solver_counts, critic_ok, n=args.n, threshold=args.threshold)
-    train, test = split_train_test(kept, min(args.n_test, len(kept)), args.seed)
+    if len(kept) <= args.n_test:
+        raise SystemExit(f"only {len(kept)} problems passed the filter, not more than --n-test {args.n_test}: "
+                         "nothing would be left to train on (use more candidates or a smaller --n-test)")
+    train, test = split_train_test(kept, args.n_test, args.seed)
     write_manifest(args.out, train, test)
     print(f"{len(problems)} candidates → {len(kept)} hard and critic-solved → {len(train)} train / {len(test)} test; "
           f"manifest written to {args.out}", flush=True)

@@ -192,21 +192,73 @@ def test_unreadable_files(tmp_path):
         load_openmathreasoning(tmp_path / "empty")
 
 
-def test_parquet(tmp_path, monkeypatch):
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     rows = [omr_row("p1"), omr_row("p1"), omr_row("p2", answer="3")]
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        # without pyarrow or pandas the error says what to install
-        monkeypatch.setitem(sys.modules, "pandas", None)
-        (tmp_path / "x.parquet").write_bytes(b"PAR1")
-        with pytest.raises(DataError, match=r"x.parquet: reading parquet needs pyarrow or pandas \(pip install pyarrow\)"):
-            load_openmathreasoning(tmp_path / "x.parquet")
-        return
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
     problems, stats = load_openmathreasoning(tmp_path / "x.parquet")
     assert [p.problem for p in problems] == ["p1", "p2"] and stats.duplicates == 1
+    # a wrong column name in parquet: the same error as in JSONL, naming the file, the row and the field
+    renamed = [{("answer" if k == "expected_answer" else k): v for k, v in r.items()} for r in rows]
+    pq.write_table(pa.Table.from_pylist(renamed), tmp_path / "y.parquet")
+    with pytest.raises(DataError, match=r"y.parquet: row 1: field 'expected_answer' is missing"):
+        load_openmathreasoning(tmp_path / "y.parquet")
+    # not a parquet file at all
+    (tmp_path / "z.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="z.parquet: cannot read parquet"):
+        load_openmathreasoning(tmp_path / "z.parquet")
+
+
+def test_parquet_without_pyarrow_or_pandas_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"x.parquet: reading parquet needs pyarrow or pandas \(pip install pyarrow\)"):
+        load_openmathreasoning(tmp_path / "x.parquet")
+
+
+def test_invalid_utf8_names_the_row_or_is_skipped_and_counted(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(json.dumps(omr_row("p1")).encode() + b"\n" + b'{"problem": "\xff\xfe"}\n'
+                     + json.dumps(omr_row("p2")).encode() + b"\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: row 2: not UTF-8 text"):
+        load_openmathreasoning(path)
+    problems, stats = load_openmathreasoning(path, skip_bad=True)
+    assert [p.problem for p in problems] == ["p1", "p2"] and stats.skipped_bad == 1
+
+
+def test_filter_command_selects_splits_and_writes_the_manifest(tmp_path, monkeypatch, tiny_smol, capsys):
+    """`python data.py filter`: solver counts and critic results -> kept problems -> seeded split -> manifest.
+    The models are a tiny random one (the wiring is under test here; sampling is tested in test_rollout.py)."""
+    import data
+    import rollout
+
+    rows = [omr_row(f"problem {i}", answer=str(i)) for i in range(5)]
+    write_jsonl(tmp_path / "omr.jsonl", rows)
+    monkeypatch.setattr(rollout, "load_model", lambda name, **kw: tiny_smol)
+    solver_counts, critic_counts = [0, 16, 4, 5, 1], [1, 1, 1, 1, 0]  # kept: problems 0 and 2 (1 has 16/16,
+    calls = []                                                          # 3 has 5/16 = not < 5, 4 unsolved)
+
+    def fake_count_correct(engine, prompts, answers, seeds, n, temperature, max_new_tokens, grade, batch_size):
+        calls.append((n, temperature))
+        return solver_counts if len(calls) == 1 else critic_counts
+
+    monkeypatch.setattr(data, "count_correct", fake_count_correct)
+    args = ["filter", "--data", str(tmp_path / "omr.jsonl"), "--solver", "tiny", "--critic", "tiny",
+            "--n-test", "1", "--out", str(tmp_path / "manifest.jsonl")]
+    data.main(args)
+    assert calls == [(16, 1.1), (1, 0.0)]  # solver: 16 samples at the training temperature; critic: greedy
+    manifest = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["problem"] for r in manifest) == ["problem 0", "problem 2"]
+    assert sorted(r["split"] for r in manifest) == ["test", "train"]
+    assert {r["problem"]: r["solver_pass_rate"] for r in manifest} == {"problem 0": 0.0, "problem 2": 0.25}
+    assert len(load_manifest(tmp_path / "manifest.jsonl", "train")) == 1
+    # fewer survivors than the test set needs: a clear error, not an empty training split
+    calls.clear()
+    with pytest.raises(SystemExit, match="only 2 problems passed the filter"):
+        data.main(args[:-4] + ["--n-test", "2", "--out", str(tmp_path / "m2.jsonl")])
 
 
 def test_hub_loader_uses_datasets_lazily(monkeypatch):
