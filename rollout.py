@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,12 @@ def smollm2_path() -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process (a torchrun rank) finished the same conversion first
+        shutil.rmtree(tmp)
+        if not (out / "model.safetensors").exists():
+            raise
     return out
 
 
@@ -206,17 +212,24 @@ class VLLMEngine:
 
     Each `set_adapter(directory)` registers the new adapter under a FRESH name and id (reusing a name with
     new weights has produced stale prefix-cache hits) and resets the prefix cache.
+    Under torchrun (`torchrun_rank=True`) each rank runs its own engine in its own process on its own GPU, beside
+    training, with vLLM's "external_launcher" executor (one worker, no engine subprocess), tensor parallel 1: the
+    ranks sample different prompts (data parallel). Written against vLLM's documented torchrun usage; this path
+    has not been run in this project's CI (no GPU there).
     """
 
     def __init__(self, model_path: str, max_lora_rank: int = 64, gpu_memory_utilization: float = 0.5,
-                 dtype: str = "bfloat16", seed: int = 0):
+                 dtype: str = "bfloat16", seed: int = 0, torchrun_rank: bool = False):
         if importlib.util.find_spec("vllm") is None:
             raise ImportError("the vLLM engine needs vllm: pip install -r requirements-gpu.txt "
                               "(GPU machines only; use --engine transformers on CPU)")
         from vllm import LLM
 
+        launcher = {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1} \
+            if torchrun_rank else {}
         self.llm = LLM(model=model_path, enable_lora=True, max_lora_rank=max_lora_rank, dtype=dtype,
-                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                       **launcher)
         self.tokenizer = self.llm.get_tokenizer()
         self.lora_request = None
         self._adapter_version = 0

@@ -1,7 +1,7 @@
 """The training loop: on-policy self-distillation with critic feedback, or GRPO, through one code path.
 
     torchrun --nproc_per_node 4 train.py --feedback stepalign     # the paper's setup (4×H100, vLLM, a critic server)
-    python train.py --preset demo                                 # SmolLM2-135M on a CPU, all three forms, minutes
+    python train.py --preset demo                                 # SmolLM2-135M on a CPU: the paper's three forms
     torchrun --nproc_per_node 2 train.py --preset demo            # the same demo with DDP over 2 CPU processes (gloo)
     python train.py --help                                        # every option, generated from Config
 
@@ -11,16 +11,19 @@ One optimizer step, in order:
   2. rollouts: G samples per problem from the student prompt x (G = 1 for SD, 8 for GRPO), on-policy,
      seeded by (seed, step, problem, sample).
   3. feedback c: stepalign → the critic's critique of each rollout; refsol → the problem's reference solution;
-     grpo → the binary reward (answer correct) and the group advantages.
+     verdict → the verifier's verdict on the rollout's own answer; grpo → the binary reward (answer correct) and
+     the group advantages. With --objective pbsd, also one teacher sample y_T ~ π_base(·|x, c) per rollout.
   4. teacher inputs: the teacher prompt (x + c) followed by the SAME token ids y.
   5. loss: SD — Eq. 3 from final hidden states, teacher = adapter disabled, no gradient (sd_loss.py);
-     GRPO — the clipped surrogate (grpo.py). Divided by the number of valid tokens of the whole step
-     (all micro-batches, all ranks), so accumulation and DDP give the same step as one big batch.
+     GRPO — the clipped surrogate (grpo.py); PBSD — the DPO-style loss on (y_S, y_T) pairs (pbsd.py).
+     Divided by the number of valid tokens (PBSD: decisive pairs) of the whole step (all micro-batches, all
+     ranks), so accumulation and DDP give the same step as one big batch. A step with none is skipped.
   6. backward per micro-batch; LoRA gradients all-reduced (sum) once per step; AdamW step.
   7. the new adapter goes to the generation engine (transformers: the same module, merged for sampling;
      vLLM: saved in PEFT layout and loaded under a fresh name and id, prefix cache reset).
 Every `eval_every` steps: n = 12 samples per held-out problem → Pass/Maj/Avg@12 and length in eval.jsonl,
-and a checkpoint (adapter, optimizer, RNG, data position), written atomically.
+and a checkpoint (adapter, optimizer, RNG, data position), written atomically. Step 0 (the base policy, the
+same for every form) is evaluated once per invocation and logged in each run.
 
 Departures from the paper:
 1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.
@@ -31,7 +34,14 @@ Departures from the paper:
 4. The demo preset replaces Qwen3-1.7B by SmolLM2-135M-Instruct, OpenMathReasoning by arithmetic chains, the
    QwQ-32B critic by the exact arithmetic critic, and shrinks every size (see PRESETS["demo"]).
 5. A rollout whose critique failed (timeout, server error) is skipped: its tokens are masked out of the loss
-   and counted in `skipped_critic`; a step whose loss or gradient is not finite is skipped and counted.
+   and counted in `skipped_critic`; a step whose loss or gradient is not finite is skipped and counted
+   (`skipped_nonfinite`), and so is a step with nothing to learn from (`skipped_empty`).
+6. DDP without DistributedDataParallel: the LoRA gradients are summed by ONE explicit all-reduce per step after
+   the last micro-batch (every rank reaches it every step), not by backward hooks. So a rank may skip the
+   backward pass of a micro-batch with no valid rollout, or with a non-finite loss (then every rank drops the
+   step), without desynchronizing the ranks.
+7. PBSD renders the teacher prompt with the STUDENT's thinking mode, not `teacher_thinking`: the teacher's
+   samples y_T are scored after the student prompt, so they must be in the student's format (pbsd.py).
 """
 from __future__ import annotations
 
@@ -124,7 +134,7 @@ class Config:
     dtype: str = opt("bfloat16", "model dtype (LoRA weights stay fp32)", ("bfloat16", "float32"))
     epochs: int = opt(7, "passes over the training problems")
     max_steps: int = opt(0, "stop after this many steps (0 = epochs decide)")
-    eval_every: int = opt(10, "evaluate and checkpoint every N steps (and at step 0 and the end)")
+    eval_every: int = opt(10, "evaluate and checkpoint every N steps and at the end (step 0: evaluated only)")
     eval_samples: int = opt(12, "samples per held-out problem (the k of Pass/Maj/Avg@k)")
     eval_temperature: float = opt(1.1, "evaluation sampling temperature (departure 2)")
     eval_problems: int = opt(0, "evaluate on the first N held-out problems (0 = all)")
@@ -137,8 +147,9 @@ class Config:
 
 PRESETS: dict[str, dict] = {
     "paper": {},
-    # SmolLM2-135M solves ~16% of one-operation problems with a worked example at temperature 0.5 (0% without)
-    "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=48, arith_test=16,
+    # SmolLM2-135M: Avg@4 23% at step 0 on these one-operation problems with a worked example, temperature 0.5
+    # (README, the demo's table); sizes chosen so that the three forms train and evaluate in ~15 min on 2 cores
+    "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=40, arith_test=16,
                  arith_ops=1, arith_max_operand=20, arith_operators="+-", arith_example=True, critic="exact",
                  engine="transformers", stop_at_boxed=True, lora_r=16, lora_alpha=32.0, temperature=0.5, max_new_tokens=48, lr=2e-4,
                  prompts_per_step=8, micro_batch=8, loss_chunk=256, grad_checkpointing=False, dtype="float32",
@@ -220,6 +231,9 @@ def check_inputs(cfg: Config) -> None:
         raise SystemExit(f"--model {cfg.model}: no such directory")
     if cfg.engine == "vllm" and not torch.cuda.is_available():
         raise SystemExit("--engine vllm needs a GPU; on a CPU use --engine transformers (or --preset demo)")
+    if (cfg.feedback == "stepalign" and cfg.critic == "local" and cfg.critic_model.startswith((".", "/", "~"))
+            and not Path(cfg.critic_model).expanduser().exists()):
+        raise SystemExit(f"--critic-model {cfg.critic_model}: no such directory")
     if cfg.feedback == "stepalign" and cfg.critic == "exact" and cfg.data != "arithmetic":
         raise SystemExit("--critic exact only knows arithmetic problems: use --critic server or --critic local")
 
@@ -282,20 +296,25 @@ class Item:
     teacher_sample: rollout.Completion | None = None  # PBSD: y_T ~ π_base(·|x, c)
     teacher_reward: float = 0.0
     skipped: bool = False
+    draw: int = 0  # index of the problem in the step's global problem list (all ranks)
+    sample: int = 0  # index of this rollout among the G samples of its problem
 
 
-def collect_rollouts(cfg, engine, tokenizer, checker, problems, step, timer) -> list[Item]:
-    """Step 2: G on-policy samples per problem, with their rewards."""
+def collect_rollouts(cfg, engine, tokenizer, checker, draws: list[tuple[int, data.Problem]], step,
+                     timer) -> list[Item]:
+    """Step 2: G on-policy samples per problem, with their rewards. `draws` are (index in the step's global
+    problem list, problem): the seed derives from (run seed, step, index, problem, sample), so a rollout does
+    not depend on which rank draws it, and a problem drawn twice in one step gets two different rollouts."""
     G = group_size(cfg)
-    prompts = [critic.render(tokenizer, critic.student_messages(p), cfg.student_thinking) for p in problems]
-    seeds = [rollout.sample_seed(cfg.seed, "train", step, p.id) for p in problems]
+    prompts = [critic.render(tokenizer, critic.student_messages(p), cfg.student_thinking) for _, p in draws]
+    seeds = [rollout.sample_seed(cfg.seed, "train", step, i, p.id) for i, p in draws]
     with timer("rollout"):
         outs = engine.generate(prompts, seeds, n=G, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     items = []
-    for p, prompt, samples in zip(problems, prompts, outs):
+    for (i, p), prompt, samples in zip(draws, prompts, outs):
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        for c in samples:
-            items.append(Item(p, ids, c, reward=float(checker.grade(c.text, p.answer))))
+        for j, c in enumerate(samples):
+            items.append(Item(p, ids, c, reward=float(checker.grade(c.text, p.answer)), draw=i, sample=j))
     return items
 
 
@@ -335,7 +354,7 @@ def attach_feedback(cfg, critic_backend, engine, tokenizer, checker, items: list
         teacher_prompts.append(prompt)
     if cfg.objective == "pbsd":
         kept = [(it, prompt) for it, prompt in zip(items, teacher_prompts) if not it.skipped]
-        seeds = [rollout.sample_seed(cfg.seed, "teacher", step, it.problem.id, i) for i, (it, _) in enumerate(kept)]
+        seeds = [rollout.sample_seed(cfg.seed, "teacher", step, it.draw, it.problem.id, it.sample) for it, _ in kept]
         with timer("teacher_sample"):
             outs = engine.generate([prompt for _, prompt in kept], seeds, n=1, temperature=cfg.temperature,
                                    max_new_tokens=cfg.max_new_tokens, adapter=False) if kept else []
@@ -370,8 +389,10 @@ def micro_batch_loss(cfg, model, items: list[Item], pad_id: int, normalizer: flo
             A = torch.tensor([it.advantage for it in items], device=logp.device)  # (B,)
             return grpo.grpo_loss(logp, logp.detach(), A, mask.to(logp.device), clip_eps=cfg.grpo_clip,
                                   aggregation=cfg.grpo_aggregation, normalizer=normalizer)
+    # skipped rows (no context) are scored after the student prompt only to keep the batch rectangular; mask = 0
     teacher = rollout.score_positions([it.teacher_ids or it.prompt_ids for it in items], ys, pad_id)
-    assert torch.equal(teacher.tokens, student.tokens)  # both views score the same y
+    if not torch.equal(teacher.tokens, student.tokens):
+        raise RuntimeError("student and teacher sequences do not carry the same rollout tokens y")
     with timer("teacher"), torch.no_grad(), lora.adapters_disabled(model):
         h_t = rollout.final_hidden(model, teacher)  # (B, T, D)  π_base(·|x, c, y<t)
     with timer("student"):
@@ -454,11 +475,20 @@ def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist) -
         dist.barrier()
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the JSONL lines of steps <= `step` (a run killed between two checkpoints logged steps past it)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
 def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
     lora.load_adapter(model, str(path))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     rng_file = path / f"rng_rank{d.rank}.pt"
-    if rng_file.exists():
+    if not rng_file.exists():  # saved with fewer ranks; only dropout draws from these (sampling has its own seeds)
+        print(f"rank {d.rank}: {path} has no {rng_file.name}; keeping this rank's fresh RNG states", flush=True)
+    else:
         state = torch.load(rng_file, weights_only=False)
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
@@ -547,15 +577,47 @@ class Run:
     def push_adapter(self, step: int) -> None:
         """Step 7: the generation engine samples from the current policy. The transformers engine shares the
         module (the loop merges it for sampling); vLLM gets the adapter under a fresh name and id."""
-        if self.cfg.engine == "vllm":
-            adapter_dir = self.out_dir / "adapters" / f"rank{self.d.rank}_step{step}"
+        if self.cfg.engine != "vllm":
+            return
+        # the ranks hold identical LoRA weights: rank 0 writes one copy, every rank's engine loads it
+        root = self.out_dir / "adapters"
+        adapter_dir = root / f"step_{step:06d}"
+        if self.d.master:
             lora.save_adapter(self.model, str(adapter_dir), base_model_name_or_path=self.cfg.model)
-            self.engine.set_adapter(str(adapter_dir))
+        if self.d.world > 1:
+            dist.barrier()
+        self.engine.set_adapter(str(adapter_dir))
+        if self.d.world > 1:
+            dist.barrier()
+        if self.d.master:  # older adapters were loaded by the engines already and are never used again
+            for old in root.glob("step_*"):
+                if old != adapter_dir:
+                    shutil.rmtree(old)
 
-    def evaluate(self, step: int) -> None:
-        lora.merge(self.model)  # the merged weights are the same policy, and faster to sample from
-        result = evaluate_policy(self.cfg, self.engine, self.tokenizer, self.checker, self.test_set, step, self.d)
-        lora.unmerge(self.model)
+    @contextlib.contextmanager
+    def sampling(self):
+        """The transformers engine samples from this very module: merged, the same policy runs faster.
+        vLLM holds its own copy of the weights (and gets the adapter in push_adapter): nothing to do."""
+        if self.cfg.engine != "transformers":
+            yield
+            return
+        lora.merge(self.model)
+        try:
+            yield
+        finally:
+            lora.unmerge(self.model)
+
+    def evaluate(self, step: int, base_eval: dict | None = None) -> None:
+        """Evaluate the policy of `step` and log it. At step 0 the policy is the base model (B = 0) for every
+        feedback form, so `base_eval`, a dict shared by the runs of one invocation, computes it only once."""
+        if step == 0 and base_eval is not None and "result" in base_eval:
+            result = None if base_eval["result"] is None else {**base_eval["result"], "feedback": run_name(self.cfg)}
+        else:
+            with self.sampling():
+                result = evaluate_policy(self.cfg, self.engine, self.tokenizer, self.checker, self.test_set, step,
+                                         self.d)
+            if step == 0 and base_eval is not None:
+                base_eval["result"] = result
         if result is not None:
             self.log.write("eval.jsonl", result)
             print(f"[{run_name(self.cfg)}] eval step {step}: " + "  ".join(
@@ -566,10 +628,10 @@ class Run:
 
     def rollouts_and_feedback(self, step: int, timer: Timer) -> tuple[list[Item], dict]:
         """Steps 1–4."""
-        problems = step_problems(self.train_set, self.cfg, step)[self.d.rank::self.d.world]
-        lora.merge(self.model)
-        items = collect_rollouts(self.cfg, self.engine, self.tokenizer, self.checker, problems, step, timer)
-        lora.unmerge(self.model)
+        drawn = step_problems(self.train_set, self.cfg, step)
+        draws = [(i, drawn[i]) for i in range(self.d.rank, len(drawn), self.d.world)]
+        with self.sampling():
+            items = collect_rollouts(self.cfg, self.engine, self.tokenizer, self.checker, draws, step, timer)
         return items, attach_feedback(self.cfg, self.critic, self.engine, self.tokenizer, self.checker, items,
                                       step, timer)
 
@@ -608,7 +670,8 @@ class Run:
                 loss.backward()
             # metrics are micro-batch means: weight them by tokens (SD, GRPO) or by pairs (PBSD)
             kept = [it for it in mb if not it.skipped]
-            w = float(len(kept) if cfg.objective == "pbsd" else sum(len(it.completion.token_ids) for it in kept))
+            w = float(pbsd.decisive_pairs([it.reward for it in kept], [it.teacher_reward for it in kept])
+                      if cfg.objective == "pbsd" else sum(len(it.completion.token_ids) for it in kept))
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
             sums["_weight"] = sums.get("_weight", 0.0) + w
             for k, v in m.items():
@@ -618,7 +681,11 @@ class Run:
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([bad], device=d.device)])
         all_reduce_sum(flat, d)
         grad_norm = float("nan")
-        if flat[-1].item() == 0 and torch.isfinite(flat).all():
+        if normalizer == 0:
+            # nothing to learn from on any rank (every rollout skipped, or PBSD pairs all ties): no AdamW step,
+            # since its momentum would still move the weights
+            self.counters["skipped_empty"] = self.counters.get("skipped_empty", 0) + 1
+        elif flat[-1].item() == 0 and torch.isfinite(flat).all():
             offset = 0
             for p in self.params:
                 p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
@@ -636,6 +703,7 @@ def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Ru
     if cfg.prompts_per_step % d.world:
         raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} must divide by the world size {d.world}")
     train_set, test_set = load_problems(cfg)
+    critic_backend = make_critic(cfg) if cfg.feedback == "stepalign" else None  # before any GPU time is spent
     torch.manual_seed(cfg.seed)  # the same LoRA initialization on every rank...
     model, tokenizer = build_model(cfg, d)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -647,20 +715,25 @@ def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Ru
     np.random.seed(cfg.seed + d.rank)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine = (rollout.VLLMEngine(rollout.resolve_model_path(cfg.model), max_lora_rank=cfg.lora_r,
-                                 gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed)
+                                 gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed,
+                                 torchrun_rank=d.world > 1)
               if cfg.engine == "vllm" else rollout.TransformersEngine(model, tokenizer, batch_size=64,
                                                                    stop_at_boxed=cfg.stop_at_boxed))
-    critic_backend = make_critic(cfg) if cfg.feedback == "stepalign" else None
     run = Run(cfg, d, checker, model, tokenizer, engine, critic_backend, optimizer, params, train_set, test_set,
-              Logger(cfg, d), {"skipped_critic": 0, "skipped_nonfinite": 0})
+              Logger(cfg, d), {"skipped_critic": 0, "skipped_nonfinite": 0, "skipped_empty": 0})
     if d.master:
         run.out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume and checkpoint_dirs(run.out_dir):
         latest = checkpoint_dirs(run.out_dir)[-1]
-        step, run.counters = load_checkpoint(latest, model, optimizer, d)
+        step, counters = load_checkpoint(latest, model, optimizer, d)
+        run.counters |= counters
         if d.master:
+            for name in ("log.jsonl", "eval.jsonl"):  # lines written after the checkpoint are written again
+                truncate_log(run.out_dir / name, step)
             print(f"resumed from {latest} (step {step})", flush=True)
         return run, step
+    if cfg.resume and d.master:
+        print(f"--resume: no checkpoint in {run.out_dir / 'checkpoints'}; starting at step 0", flush=True)
     if d.master:
         for name in ("log.jsonl", "eval.jsonl"):
             (run.out_dir / name).unlink(missing_ok=True)
@@ -668,13 +741,14 @@ def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Ru
     return run, 0
 
 
-def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> Path:
-    """One run of one feedback form, steps 1–7 of the module docstring in a loop. Returns its output directory."""
+def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker, base_eval: dict | None = None) -> Path:
+    """One run of one feedback form, steps 1–7 of the module docstring in a loop. Returns its output directory.
+    base_eval: shared by the runs of one invocation, so that the base policy (step 0) is evaluated once."""
     run, start = start_run(cfg, d, checker)
     steps = total_steps(cfg, len(run.train_set))
     run.push_adapter(start)
     if start == 0:
-        run.evaluate(0)
+        run.evaluate(0, base_eval)
     bar = None
     if d.master and cfg.progress:
         from tqdm import tqdm
@@ -687,7 +761,8 @@ def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> Path:
                 run.save(step)
                 return _stopped(run.out_dir, step, d)
             sums, grad_norm = run.optimize(items, timer)
-            run.counters["skipped_critic"] += int(stats.get("critic_failed", 0))
+            failed = torch.tensor([stats.get("critic_failed", 0.0)], device=d.device)
+            run.counters["skipped_critic"] += int(all_reduce_sum(failed, d).item())  # all ranks' failures
             done = step + 1
             run.push_adapter(done)
             record = step_record(cfg, done, items, sums, stats, run.counters, timer, time.perf_counter() - t0,
@@ -696,12 +771,13 @@ def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> Path:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.2f}")
+            stopping = stop.agreed(d)  # read once: the save below and the exit must agree
             if done % cfg.eval_every == 0 or done == steps:
                 run.evaluate(done)
                 run.save(done)
-            elif stop.agreed(d):
+            elif stopping:
                 run.save(done)
-            if stop.agreed(d):
+            if stopping:
                 return _stopped(run.out_dir, done, d)
     if bar is not None:
         bar.close()
@@ -746,14 +822,14 @@ def main(argv: list[str] | None = None) -> None:
     check_inputs(cfg)
     d = setup_distributed()
     forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
-    run_dirs = []
+    run_dirs, base_eval = [], {}
     with evaluate.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
         for feedback in forms:
             run_cfg = dataclasses.replace(cfg, feedback=feedback)
             run_cfg.out_dir = cfg.out_dir.format(preset=cfg.preset, feedback=run_name(run_cfg))
             if d.master:
                 print("config: " + json.dumps(dataclasses.asdict(run_cfg)), flush=True)
-            run_dirs.append(train(run_cfg, d, checker))
+            run_dirs.append(train(run_cfg, d, checker, base_eval))
     if d.master:
         table = evaluate.results_table(evaluate.load_evals(run_dirs))
         print(table)

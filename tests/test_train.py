@@ -126,6 +126,8 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.main(tiny_args(tiny_model_dir, straight, "--max-steps", "4"))
     train.main(tiny_args(tiny_model_dir, resumed, "--max-steps", "2"))
+    with (resumed / "log.jsonl").open("a") as f:  # a crash after logging step 3, before its checkpoint
+        f.write(json.dumps({"step": 3, "loss": 0.0}) + "\n")
     train.main(tiny_args(tiny_model_dir, resumed, "--max-steps", "4", "--resume"))
     a, b = adapter(straight, 4), adapter(resumed, 4)
     for k in a:
@@ -252,3 +254,59 @@ def test_teacher_context_per_feedback_form(tiny_model_dir, smol_tokenizer):
             assert stats["critic_schema_ok"] == 1.0
         if feedback != "refsol":
             assert problem.reference_solution not in teacher_prompt
+
+
+def test_a_step_with_nothing_to_learn_leaves_the_weights_alone(tiny_model_dir, tmp_path):
+    """Every rollout skipped (e.g. the critic down): no AdamW step, whose momentum would still move the weights."""
+    cfg = train.parse_config(tiny_args(tiny_model_dir, tmp_path / "run", "--feedback", "refsol"))
+    with train.evaluate.AnswerChecker() as checker:
+        run, _ = train.start_run(cfg, train.Dist(), checker)
+        items, _ = run.rollouts_and_feedback(0, train.Timer())
+        run.optimize(items, train.Timer())  # a real step: AdamW now has momentum
+        before = [p.detach().clone() for p in run.params]
+        assert any(b.abs().max() > 0 for b in before[1::2])  # (lora_B moved)
+        for it in items:
+            it.skipped = True
+        _, grad_norm = run.optimize(items, train.Timer())
+    assert all(torch.equal(b, p) for b, p in zip(before, run.params))
+    assert run.counters["skipped_empty"] == 1 and grad_norm != grad_norm  # NaN: no step taken
+
+
+def test_feedback_all_evaluates_the_base_policy_once(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+    real = train.evaluate_policy
+
+    def counting(cfg, engine, tokenizer, checker, test, step, d):
+        calls.append((cfg.feedback, step))
+        return real(cfg, engine, tokenizer, checker, test, step, d)
+
+    monkeypatch.setattr(train, "evaluate_policy", counting)
+    train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "all", "--max-steps", "1",
+                         "--eval-every", "1"))
+    assert calls == [("stepalign", 0), ("stepalign", 1), ("refsol", 1), ("grpo", 1)]
+    step0 = [read_jsonl(tmp_path / f / "eval.jsonl")[0] for f in ("stepalign", "refsol", "grpo")]
+    assert [e["feedback"] for e in step0] == ["stepalign", "refsol", "grpo"]
+    assert all({k: v for k, v in e.items() if k != "feedback"} == {k: v for k, v in step0[0].items()
+                                                                    if k != "feedback"} for e in step0)
+
+
+def test_a_problem_drawn_twice_in_one_step_gets_two_rollouts(smol_tokenizer):
+    from data import arithmetic_problems
+    from rollout import Completion
+
+    class Engine:
+        def generate(self, prompts, seeds, n, **kw):
+            self.seeds = seeds
+            return [[Completion([5], "x", "stop")] * n for _ in prompts]
+
+    class Checker:
+        def grade(self, text, gold):
+            return False
+
+    cfg = train.parse_config(["--feedback", "grpo", "--grpo-group-size", "2"])
+    problem = arithmetic_problems(1, seed=0)[0]
+    engine = Engine()
+    items = train.collect_rollouts(cfg, engine, smol_tokenizer, Checker(), [(0, problem), (5, problem)], 7,
+                                   train.Timer())
+    assert len(set(engine.seeds)) == 2  # (the engine derives one seed per sample from each)
+    assert [(it.draw, it.sample) for it in items] == [(0, 0), (0, 1), (5, 0), (5, 1)]
