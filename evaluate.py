@@ -32,8 +32,8 @@ whose wrong claim the critic located (Critique.wrong_span, characters, mapped to
 `token_char_spans` + `error_marks_from_spans`), and scores the SAME ids y under the student prompt and under each
 teacher context with rollout.score_positions / final_hidden / token_logprobs_from_hidden, giving per context
 A_t = log π(y_t | x, c, y<t) − log π(y_t | x, y<t) (sd_loss.token_advantage). Contexts are a mapping
-name -> (problem, response, critique) -> teacher messages (MECHANISM_CONTEXTS: stepalign, refsol); a new feedback
-form is one more entry. The pure pieces: `localization_scores`, `advantage_by_position` +
+name -> (problem, response, critique) -> teacher messages (MECHANISM_CONTEXTS: stepalign, refsol, verdict); a new
+feedback form is one more entry. The pure pieces: `localization_scores`, `advantage_by_position` +
 `plot_advantage_by_position`, `render_advantage_html`. On the demo model:
     python evaluate.py mechanism --out docs/mechanism [--n-problems 20] [--seed 0]
 writes DIR/advantage.html, DIR/advantage_by_position.png, DIR/localization.json and prints the localization table
@@ -392,7 +392,8 @@ def evaluate_checkpoint(engine, tokenizer, problems, n: int, temperature: float,
 
 # ============================================================================================ results table
 METRICS = ("pass@k", "maj@k", "avg@k")
-DISPLAY = {"grpo": "GRPO", "refsol": "RefSol", "stepalign": "StepAlignFB", "verdict": "Verdict"}
+DISPLAY = {"grpo": "GRPO", "refsol": "RefSol", "stepalign": "StepAlignFB", "verdict": "Verdict",
+           "pbsd-refsol": "PBSD (RefSol)", "pbsd-stepalign": "PBSD (StepAlignFB)", "pbsd-verdict": "PBSD (Verdict)"}
 
 
 @dataclass
@@ -791,8 +792,7 @@ def render_advantage_html(tokens: Sequence[Sequence[str]], advantages: Mapping[s
 
 # ---------------------------------------------------------------------------------------------- the driver
 # A context builder: (problem, the rollout's text, its critique) -> the self-teacher's chat messages.
-# A new feedback form is one more entry in the mapping passed to `mechanism`, e.g.
-#     {**MECHANISM_CONTEXTS, "verdict": lambda p, y, c: critic.teacher_messages(p, "verdict", verdict_of(c))}
+# A new feedback form is one more entry in the mapping passed to `mechanism`.
 ContextFn = Callable[[object, str, object], list]
 
 
@@ -810,7 +810,15 @@ def refsol_context(problem, response: str, critique) -> list[dict]:
     return critic.teacher_messages(problem, "refsol", problem.reference_solution)
 
 
-MECHANISM_CONTEXTS: dict[str, ContextFn] = {"stepalign": stepalign_context, "refsol": refsol_context}
+def verdict_context(problem, response: str, critique) -> list[dict]:
+    """Verdict: the verifier's grade of this rollout's own final answer (as in training), no solution or critique."""
+    import critic
+    return critic.teacher_messages(problem, "verdict",
+                                   critic.verdict_text(response, correct=grade(response, problem.answer)))
+
+
+MECHANISM_CONTEXTS: dict[str, ContextFn] = {"stepalign": stepalign_context, "refsol": refsol_context,
+                                            "verdict": verdict_context}
 
 
 def token_char_spans(tokenizer, token_ids: Sequence[int], text: str) -> list[tuple[int, int]]:

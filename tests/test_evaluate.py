@@ -375,11 +375,11 @@ def test_mechanism_driver_matches_direct_forward_passes(tiny_smol, tmp_path):
     wrong_early = _completion(tok, "Step 1: 17 + 25 = 41\n\\boxed{41}", end_of_turn=False)  # shorter: padding
     seen = []
 
-    def verdict(problem, response, critique):  # a third feedback form plugs in as one more entry
+    def echo(problem, response, critique):  # a new feedback form plugs in as one more entry
         seen.append(response)
-        return [{"role": "user", "content": f"{problem.problem}\nVerdict: the answer is wrong."}]
+        return [{"role": "user", "content": f"{problem.problem}\nAn earlier attempt:\n{response}"}]
 
-    contexts = {**MECHANISM_CONTEXTS, "verdict": verdict}
+    contexts = {**MECHANISM_CONTEXTS, "echo": echo}
     res = mechanism(model, tok, [p], contexts=contexts, completions=[[wrong_late, right, wrong_early]],
                     batch_size=2)
     assert res.counts["sampled"] == 3 and res.counts["kept"] == 2 and res.counts["case_A"] == 1
@@ -397,13 +397,17 @@ def test_mechanism_driver_matches_direct_forward_passes(tiny_smol, tmp_path):
     assert critic.teacher_messages(p, "stepalign", res.critiques[0].text) == \
         MECHANISM_CONTEXTS["stepalign"](p, wrong_late.text, res.critiques[0])
     assert "42 * 3 = 126" in res.critiques[0].text
+    # the verdict teacher saw the grade of this very rollout: its answer and "incorrect", never the gold answer
+    verdict_prompt = MECHANISM_CONTEXTS["verdict"](p, wrong_late.text, res.critiques[0])[0]["content"]
+    assert "final answer was 136. This answer is incorrect." in verdict_prompt and "126" not in verdict_prompt
 
     table, record = write_mechanism_report(res, tok, tmp_path, model_name="tiny")
-    assert "| StepAlignFB | 2 |" in table and "| Verdict | 2 |" in table and "| chance |" in table
+    assert "| StepAlignFB | 2 |" in table and "| Verdict | 2 |" in table and "| echo | 2 |" in table
+    assert "| chance |" in table
     assert json.loads((tmp_path / "localization.json").read_text())["counts"]["kept"] == 2
     assert (tmp_path / "advantage_by_position.png").stat().st_size > 1000
     page = (tmp_path / "advantage.html").read_text()
-    assert page.count('class="tok step claim"') == 3 * (3 + 2)  # 3 contexts × (3 + 2 wrong-result tokens)
+    assert page.count('class="tok step claim"') == 4 * (3 + 2)  # 4 contexts × (3 + 2 wrong-result tokens)
     assert page.count('<p class="caption">p42: Start with 17.') == 2
 
 
