@@ -1,0 +1,120 @@
+"""Throughput, peak memory and MFU of one SD training micro-step at the paper's sizes, on a GPU.
+
+Qwen3-1.7B is built from its config with random weights (no download), in bf16, with LoRA r=64 on all seven
+projections; one micro-step is: teacher forward (adapter disabled, no grad) on x + c + y, student forward and
+backward on x + y, the chunked Eq. 3 loss from final hidden states, as train.py does it.
+
+    python bench/bench_sd_step.py                      # GPU: T = 2048 rollout tokens, batch 1..4
+    python bench/bench_sd_step.py --tiny --device cpu  # a smoke run of the same code on a CPU
+
+MFU = model FLOPs / (seconds × peak dense bf16 FLOP/s of an H100/H200 SXM, 989 TFLOP/s), with model FLOPs =
+2·P·N_teacher (teacher forward) + 2·P·N_student (student forward) + 2·P·N_student (student backward: with frozen
+base weights only activation gradients are computed; LoRA's own FLOPs are < 1 % and not counted), i.e. the
+issue's ≈ 6 × P × tokens. P = all parameters (the tied embedding counted once, as the lm_head), N = tokens.
+tokens/s counts the rollout tokens y scored by both models (teacher + student) per second.
+The ratio column compares each batch size's tokens/s with batch 1 measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lora  # noqa: E402
+import rollout  # noqa: E402
+from sd_loss import chunked_self_distillation_loss  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def build(tiny: bool, device, dtype):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    if tiny:
+        cfg = Qwen3Config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+    else:  # Qwen3-1.7B (DESIGN.md)
+        cfg = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                          num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                          max_position_embeddings=40960, rope_theta=1e6)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(cfg).to(dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    lora.add_lora(model, r=64, alpha=128)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model, n_params
+
+
+def micro_step(model, B, prompt, context, T, chunk, device):
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    student = rollout.score_positions([torch.randint(0, V, (prompt,), generator=g).tolist()] * B,
+                                      [torch.randint(0, V, (T,), generator=g).tolist()] * B, pad_id=0)
+    teacher = rollout.score_positions([torch.randint(0, V, (prompt + context,), generator=g).tolist()] * B,
+                                      student.tokens.tolist(), pad_id=0)
+    W = model.get_output_embeddings().weight
+    with torch.no_grad(), lora.adapters_disabled(model):
+        h_t = rollout.final_hidden(model, teacher)
+    h_s = rollout.final_hidden(model, student)
+    loss, _ = chunked_self_distillation_loss(h_s, h_t, W, student.tokens.to(device), student.mask.to(device),
+                                             chunk_size=chunk)
+    loss.backward()
+    return B * (prompt + T), B * (prompt + context + T), B * T
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--T", type=int, default=2048, help="rollout tokens")
+    ap.add_argument("--prompt", type=int, default=256, help="student prompt tokens")
+    ap.add_argument("--context", type=int, default=1024, help="extra teacher tokens (the critique c)")
+    ap.add_argument("--batches", default="1,2,4")
+    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --tiny --device cpu for a smoke run")
+    if a.tiny:
+        a.T, a.prompt, a.context, a.chunk = 64, 16, 32, 32
+    model, n_params = build(a.tiny, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    print(f"{gpu}: {n_params / 1e9:.2f}B parameters, T={a.T}, prompt={a.prompt}, context={a.context}, "
+          f"chunk={a.chunk}")
+    print("| batch | rollout tokens/s | seconds/micro-step | peak memory | MFU | tokens/s ratio vs batch 1 |")
+    print("|---|---|---|---|---|---|")
+    base = None
+    for B in [int(b) for b in a.batches.split(",")]:
+        try:
+            micro_step(model, B, a.prompt, a.context, a.T, a.chunk, device)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(a.repeats):
+                t0 = time.perf_counter()
+                n_s, n_t, n_y = micro_step(model, B, a.prompt, a.context, a.T, a.chunk, device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                model.zero_grad(set_to_none=True)
+        except torch.OutOfMemoryError:
+            print(f"| {B} | out of memory | | | | |")
+            break
+        sec = min(times)
+        tps = n_y / sec
+        base = base or tps
+        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
+        flops = 2 * n_params * n_t + 4 * n_params * n_s
+        mfu = f"{flops / sec / peak:.1%}" if peak else "n/a"
+        print(f"| {B} | {tps:,.0f} | {sec:.2f} | {mem} | {mfu} | {tps / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
