@@ -49,6 +49,11 @@ Departures and choices (the published description leaves these open; each is tes
 5. Rewards are the verifier's (final answer correct, 0/1); any real-valued reward works, the winner being the
    strictly higher one.
 6. The loss is the plain sigmoid DPO loss: no label smoothing, no reference-free variant, no SFT term.
+7. Scoring convention (see "Who scores what"): the policy scores BOTH samples after the student prompt x and the
+   base model scores both after x + c, as the objective's π(·|x) and π_base(·|x, c) require. So r_θ is not 0
+   at initialization: r_θ(y) = β·[log π_base(y|x) − log π_base(y|x, c)], which favours the teacher's own sample
+   (likelier under x + c), and the first loss is not log 2. The training loop renders the teacher prompt with
+   the student's thinking mode for PBSD (train.py, departure 7), so that y_T is in the student's format.
 
 Model-facing part (bottom of the file, separated from the math): `pbsd_micro_batch_loss(model, ...)` computes the
 four sequence log-probs with the right prompts (the two base-model passes under `lora.adapters_disabled(model)`
@@ -69,6 +74,8 @@ import lora
 import rollout
 
 LENGTH_NORMS = ("sum", "mean")
+# metrics of pbsd_loss that are means over the DECISIVE pairs (the others are means over all pairs)
+DECISIVE_PAIR_METRICS = ("pair_acc", "margin_mean")
 
 
 # ---------------------------------------------------------------------------------------------- the math

@@ -148,11 +148,12 @@ class Config:
 PRESETS: dict[str, dict] = {
     "paper": {},
     # SmolLM2-135M: Avg@4 23% at step 0 on these one-operation problems with a worked example, temperature 0.5
-    # (README, the demo's table); sizes chosen so that the three forms train and evaluate in ~15 min on 2 cores
-    "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=40, arith_test=16,
+    # (README, the demo's table); sizes chosen so that the three forms train and evaluate in < 15 min on 2 cores
+    "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=30, arith_test=16,
                  arith_ops=1, arith_max_operand=20, arith_operators="+-", arith_example=True, critic="exact",
-                 engine="transformers", stop_at_boxed=True, lora_r=16, lora_alpha=32.0, temperature=0.5, max_new_tokens=48, lr=2e-4,
-                 prompts_per_step=8, micro_batch=8, loss_chunk=256, grad_checkpointing=False, dtype="float32",
+                 engine="transformers", stop_at_boxed=True, lora_r=16, lora_alpha=32.0, temperature=0.5,
+                 max_new_tokens=48, lr=2e-4,
+                 prompts_per_step=6, micro_batch=6, loss_chunk=256, grad_checkpointing=False, dtype="float32",
                  grpo_group_size=4, epochs=1, eval_every=3, eval_samples=4, eval_temperature=0.5),
 }
 
@@ -638,7 +639,8 @@ class Run:
     def optimize(self, items: list[Item], timer: Timer) -> tuple[dict, float]:
         """Steps 5–6: loss and backward per micro-batch, one gradient all-reduce, one AdamW step.
 
-        Returns the weighted metric sums (weights in "_weight") and the gradient norm (NaN if skipped)."""
+        Returns the weighted metric sums (the weight of metric k in "k/weight") and the gradient norm (NaN if
+        skipped)."""
         cfg, d = self.cfg, self.d
         # the loss is divided by the number of valid rollout tokens (or sequences) of the whole step, all ranks
         n_valid = torch.tensor([float(sum(len(it.completion.token_ids) for it in items if not it.skipped))],
@@ -668,14 +670,18 @@ class Run:
                 continue
             with timer("student"):
                 loss.backward()
-            # metrics are micro-batch means: weight them by tokens (SD, GRPO) or by pairs (PBSD)
+            # metrics are micro-batch means: weight each by what it averages over (tokens for SD and GRPO;
+            # for PBSD pairs, or decisive pairs), so that the step's value is the mean over the whole step
             kept = [it for it in mb if not it.skipped]
-            w = float(pbsd.decisive_pairs([it.reward for it in kept], [it.teacher_reward for it in kept])
-                      if cfg.objective == "pbsd" else sum(len(it.completion.token_ids) for it in kept))
+            if cfg.objective == "pbsd":
+                n_decisive = pbsd.decisive_pairs([it.reward for it in kept], [it.teacher_reward for it in kept])
+                weight = {k: float(n_decisive if k in pbsd.DECISIVE_PAIR_METRICS else len(kept)) for k in m}
+            else:
+                weight = dict.fromkeys(m, float(sum(len(it.completion.token_ids) for it in kept)))
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            sums["_weight"] = sums.get("_weight", 0.0) + w
             for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v * w
+                sums[k] = sums.get(k, 0.0) + v * weight[k]
+                sums[f"{k}/weight"] = sums.get(f"{k}/weight", 0.0) + weight[k]
         # one all-reduce of the LoRA gradients and the "bad" flag: the sync of the last micro-step
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([bad], device=d.device)])
@@ -794,17 +800,19 @@ def step_record(cfg, step, items, sums, stats, counters, timer, seconds, grad_no
     """The step's JSONL line, every value summed over ranks then normalized."""
     n_items = len(items)
     n_tokens = sum(len(it.completion.token_ids) for it in items)
-    keys = {k for k in sums if k not in ("loss", "_weight")}
+    keys = {k for k in sums if k != "loss" and not k.endswith("/weight")}
     if d.world > 1:  # a rank whose micro-batches were all skipped has no metrics: agree on the names first
         every = [None] * d.world
         dist.all_gather_object(every, keys)
         keys = set().union(*every)
     keys = sorted(keys)
-    local = [sums.get("loss", 0.0), n_items, n_tokens, sums.get("_weight", 0.0), sum(it.reward for it in items),
+    local = [sums.get("loss", 0.0), n_items, n_tokens, sum(it.reward for it in items),
              sum(it.skipped for it in items), stats.get("critic_schema_ok", 0.0),
-             sum(it.teacher_reward for it in items)] + [sums.get(k, 0.0) for k in keys]
+             sum(it.teacher_reward for it in items)] + [sums.get(k, 0.0) for k in keys] \
+        + [sums.get(f"{k}/weight", 0.0) for k in keys]
     t = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=d.device), d).tolist()
-    loss, n_items, n_tokens, weight, reward, skipped, schema_ok, teacher_reward = t[:8]
+    loss, n_items, n_tokens, reward, skipped, schema_ok, teacher_reward = t[:7]
+    values, weights = t[7:7 + len(keys)], t[7 + len(keys):]
     record = {"step": step, "loss": loss, "reward": reward / n_items, "response_length": n_tokens / n_items,
               "skipped_critic_step": skipped, "grad_norm": grad_norm, **counters,
               "tokens_per_s": n_tokens / max(seconds, 1e-9), "seconds": seconds,
@@ -813,7 +821,7 @@ def step_record(cfg, step, items, sums, stats, counters, timer, seconds, grad_no
         record["critic_schema_ok"] = schema_ok / max(n_items - skipped, 1)
     if cfg.objective == "pbsd":
         record["teacher_reward"] = teacher_reward / max(n_items - skipped, 1)
-    record |= {k: v / max(weight, 1e-9) for k, v in zip(keys, t[8:])}
+    record |= {k: v / max(w, 1e-9) for k, v, w in zip(keys, values, weights)}
     return record
 
 

@@ -231,6 +231,8 @@ def test_verdict_feedback_and_pbsd_objective_run(tiny_model_dir, tmp_path):
                          "--max-steps", "1"))
     [record] = read_jsonl(tmp_path / "pbsd-refsol" / "log.jsonl")
     assert {"tie_frac", "teacher_reward", "time_teacher_sample"} <= set(record)
+    # the random model never answers: every pair is a tie (both wrong), so no preference and no AdamW step
+    assert record["tie_frac"] == 1.0 and record["teacher_reward"] == 0.0 and record["skipped_empty"] == 1
     assert read_jsonl(tmp_path / "pbsd-refsol" / "eval.jsonl")[0]["feedback"] == "pbsd-refsol"
     with pytest.raises(SystemExit, match="needs a teacher context"):
         train.check_inputs(train.parse_config(["--objective", "pbsd", "--feedback", "grpo", "--data", "arithmetic"]))
