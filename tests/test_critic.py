@@ -178,7 +178,8 @@ def test_prompts_and_render():
     response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136"
     prompt = critic_messages(PROBLEM, response)[0]["content"]
     assert response in prompt and "(2 numbered steps)" in prompt and PROBLEM.reference_solution in prompt
-    assert "Reference answer: 122" in prompt and "VERBATIM" not in prompt
+    assert "Reference answer: 122" in prompt
+    assert "character for character" in prompt  # the faithful-scribe rule: correct steps copied verbatim
 
 
 def test_verdict_text_states_the_answer_and_the_verdict_only():

@@ -17,10 +17,10 @@ def test_group_advantages_population_std():
 
 
 def test_group_advantages_eps_and_zero_variance():
-    r = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
-    for eps in (0.0, 1e-4):
+    r = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    for eps in (0.0, 1e-4):  # groups 2 and 3 have zero variance: 0, not 0/0, even with eps = 0
         A = group_advantages(r, group_size=4, eps=eps)
-        assert torch.isfinite(A).all()
+        assert torch.isfinite(A).all() and torch.equal(A[4:], torch.zeros(8))
     A = group_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0]), group_size=2, eps=1e-4)
     assert torch.equal(A[2:], torch.zeros(4))  # all-equal groups: exactly 0
     torch.testing.assert_close(A[:2], torch.zeros(2))  # also all equal
