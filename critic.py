@@ -446,9 +446,12 @@ def _fix_step(text: str, chain: list, progress: int, style: _Style):
     """Correct a wrong step: replace only the wrong claims, keep everything else the student wrote.
 
     Repeatedly takes the first invalid equation: when it computes a step of the chain (right operands)
-    only its result is replaced; otherwise the whole equation is replaced by the chain's next step. Later
-    mentions of the wrong number in the same step take the corrected value. Returns (text, progress, first
-    wrong claim (start, end, claimed, corrected) with offsets in the original text, or None)."""
+    only its result is replaced; otherwise the whole equation is replaced by the chain's next step, or, once
+    the chain is complete, removed with the rest of the step (an extra computation past the answer has no
+    right version). Later mentions of the wrong number in the same step take the corrected value. Returns
+    (text, progress, first wrong claim (start, end, claimed, corrected) with offsets in the original text, or
+    None); a removed equation is claimed "lhs = rhs" and corrected to "" (nothing), and a step left with only
+    its marker is returned as ""."""
     first = None
     for _ in range(4 * len(chain) + 4):
         bad = None
@@ -468,9 +471,11 @@ def _fix_step(text: str, chain: list, progress: int, style: _Style):
         elif progress < len(chain):  # not a step of the computation: the chain's next step instead
             a, op, b, new_value = chain[progress]
             span, replacement = (eq.start, eq.end), style.equation(a, op, b, new_value)
-        else:  # past the end of the chain: keep the operation, fix its result
-            new_value = int(eq.value)
-            span, replacement = (eq.rhs_start, eq.end), str(new_value)
+        else:  # past the end of the chain: the extra computation and the rest of the step are removed
+            if first is None:
+                first = (eq.start, eq.end, text[eq.start:eq.end], "")
+            kept = text[:eq.start]
+            return (kept.rstrip(" \t\n,;:") if _MARKER_PARTS.sub("", kept).strip() else ""), progress, first
         if first is None:
             first = (span[0], span[1], str(eq.claimed), str(new_value))  # offsets in the original step text
         text = text[:span[0]] + replacement + _replace_number(text[span[1]:], eq.claimed, new_value)
@@ -524,7 +529,7 @@ class ExactArithmeticCritic:
                 wrong_claim, wrong_span, corrected_claim = boxed[0], (boxed[1], boxed[2]), problem.answer
         else:
             fixed, progress, first = _fix_step(steps[pivot - 1], chain, progress_after[pivot - 1], style)
-            lines = steps[:pivot - 1] + [fixed]
+            lines = steps[:pivot - 1] + ([fixed] if fixed else [])  # "": the step was only an extra computation
             if first is not None:
                 offset = spans[pivot - 1][0]
                 wrong_span = (offset + first[0], offset + first[1])

@@ -23,8 +23,8 @@ Results table: the training loop appends one JSON object per evaluation to RUN_D
 with the metrics as fractions in [0, 1] (the table prints percentages), and
     python evaluate.py RUN_DIR [RUN_DIR ...] [--out DIR]
 (each RUN_DIR a run, or a parent directory whose subdirectories are runs) prints and writes DIR/results.md,
-for each feedback form the best value of each metric and the step where it was reached, and one PNG per
-metric over steps with one line per feedback form.
+for each feedback form the best value of each metric and the step where it was reached, then Avg@k at every
+evaluated step (`steps_table`), and one PNG per metric over steps with one line per feedback form.
 
 Mechanism figure (the paper's per-token advantage analysis): `mechanism(model, tokenizer, problems, ...)` samples
 rollouts from the student prompt, critiques them (default: critic.ExactArithmeticCritic), keeps the erroneous ones
@@ -494,6 +494,20 @@ def results_table(records: Sequence[EvalRecord]) -> str:
         lines.append("")
         lines.append("k per run: " + ", ".join(f"{label}: {next(r.k for r in records if r.run == run)}"
                                                for run, label in _labels(records).items()))
+    return "\n".join(lines) + "\n"
+
+
+def steps_table(records: Sequence[EvalRecord], metric: str = "avg@k") -> str:
+    """One metric (%) at every evaluated step, a row per run: what the best-per-metric table hides (e.g. a run
+    whose best is its step 0 never improved on the base policy). A step a run did not evaluate is "–"."""
+    labels = _labels(records)
+    steps = sorted({r.step for r in records})
+    name = metric.replace("@k", f"@{records[0].k}") if len({r.k for r in records}) == 1 else metric
+    lines = [f"| {name.capitalize()} by step | " + " | ".join(str(s) for s in steps) + " |",
+             "|---|" + "---|" * len(steps)]
+    for run, label in labels.items():
+        at = {r.step: r.values[metric] for r in records if r.run == run}
+        lines.append(f"| {label} | " + " | ".join(f"{100 * at[s]:.2f}" if s in at else "–" for s in steps) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -1087,7 +1101,7 @@ def main(argv: Sequence[str] | None = None) -> str | dict:
     args = ap.parse_args(argv)
     records = load_evals(args.runs)
     out = Path(args.out or args.runs[0])
-    table = results_table(records)
+    table = results_table(records) + "\n" + steps_table(records)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table)
     pngs = plot_metrics(records, out)

@@ -84,6 +84,22 @@ def test_case_d_all_steps_right_but_stopped_early():
     assert corrected_steps(c) == [*split_steps(response), "Step 3: 126 - 4 = 122"]
 
 
+def test_an_extra_step_past_the_answer_is_removed_not_corrected():
+    # the student finished the computation, then kept going: that step has no right version, so the corrected
+    # solution drops it (the wrong claim is the whole extra equation) and ends with the answer
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 4 = 122\nStep 4: 122 + 1 = 123"
+    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
+    assert (c.case, c.pivot_step, c.step_ok) == ("C", 4, [True, True, True, False])
+    assert (c.wrong_claim, c.corrected_claim) == ("122 + 1 = 123", "")
+    assert response[slice(*c.wrong_span)] == "122 + 1 = 123"
+    assert corrected_steps(c) == split_steps(response)[:3] and c.text.endswith("\\boxed{122}")
+    # the extra computation inside a step that also holds a right one: only the extra part goes
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126 and 126 - 4 = 122, so 122 * 2 = 244\n\\boxed{244}"
+    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
+    assert (c.case, c.pivot_step, c.wrong_claim) == ("D", 2, "122 * 2 = 244")
+    assert corrected_steps(c) == ["Step 1: 17 + 25 = 42", "Step 2: 42 * 3 = 126 and 126 - 4 = 122, so"]
+
+
 def test_exact_critic_reads_thousands_separators():
     p = Problem("t", "Start with 500. Multiply by 10, then subtract 10.", "4990",
                 steps=("500 * 10 = 5000", "5000 - 10 = 4990"))

@@ -189,6 +189,9 @@ def test_results_table_best_per_metric_and_step(tmp_path):
     table = main([str(tmp_path / "runs"), "--out", str(out)])
     assert "| StepAlignFB | 90.00 (10) | 60.00 (20) | 30.00 (10) | 1000 (10) |" in table
     assert "Pass@12" in table
+    # the per-step table: every evaluated step, "–" where a run has none
+    assert "| Avg@12 by step | 0 | 10 | 20 | 30 |" in table
+    assert "| GRPO | 10.00 | 15.00 | – | – |" in table and "| StepAlignFB | 10.00 | 30.00 | 30.00 | 20.00 |" in table
     assert (out / "results.md").read_text() == table
     for name in ["pass_at_k", "maj_at_k", "avg_at_k", "length"]:
         assert (out / f"{name}.png").stat().st_size > 1000
