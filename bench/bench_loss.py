@@ -5,8 +5,9 @@ path (full (B, T, V) logits for student and teacher, then sd_loss.self_distillat
     python bench/bench_loss.py --T 2048 --device cuda   # the paper's rollout length on a GPU
 
 Memory: on CUDA the peak of torch.cuda.max_memory_allocated during forward + backward above what the inputs
-already hold; on CPU the bytes autograd saves for backward (counted with saved-tensor hooks), the term that
-grows with T × V (transient per-chunk logits are not counted there). Ratios are chunked / plain.
+already hold; on CPU the bytes autograd saves for backward (saved-tensor hooks), each storage counted once and
+the inputs' own storages (h, W: held by the caller anyway) not at all. That is the term that grows with T × V;
+transient per-chunk logits are not counted on CPU. Ratios are chunked / plain.
 """
 from __future__ import annotations
 
@@ -51,13 +52,20 @@ def measure(fn, args, chunk, device):
         fn(*args, chunk).backward()
         torch.cuda.synchronize()
         return time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
-    saved = []
+    held = {t.untyped_storage().data_ptr() for t in args if torch.is_tensor(t)}  # the inputs' storages
+    saved = {}  # storage -> bytes: a tensor saved by several ops (W by every chunk) is held once
+
+    def pack(x):
+        ptr = x.untyped_storage().data_ptr()
+        if ptr not in held:
+            saved[ptr] = x.untyped_storage().nbytes()
+        return x
+
     t0 = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel() * x.element_size()) or x,
-                                                  lambda x: x):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         loss = fn(*args, chunk)
     loss.backward()
-    return time.perf_counter() - t0, sum(saved)
+    return time.perf_counter() - t0, sum(saved.values())
 
 
 def main():
@@ -79,7 +87,7 @@ def main():
         runs = [measure(fn, args, a.chunk, device) for _ in range(a.repeats)]
         rows[name] = (min(r[0] for r in runs), max(r[1] for r in runs))
     print(f"B={a.B} T={a.T} D={a.D} V={a.V} chunk={a.chunk} device={a.device} dtype={a.dtype}")
-    print("| path | seconds (fwd+bwd) | peak extra memory | time ratio | memory ratio |")
+    print("| path | seconds (fwd+bwd) | extra memory | time ratio | memory ratio |")
     print("|---|---|---|---|---|")
     for name, (sec, mem) in rows.items():
         print(f"| {name} | {sec:.3f} | {mem / 2**20:.0f} MiB | {sec / rows['plain'][0]:.2f} | "
