@@ -493,7 +493,7 @@ def _filter_command(argv: list[str]) -> None:
     ap.add_argument("--critic-url", default=None, help="OpenAI-compatible server of the critic instead")
     ap.add_argument("--critic-model", default="Qwen/QwQ-32B", help="model name sent to --critic-url")
     ap.add_argument("--critic-n", type=int, default=1,
-                    help="critic samples, solved if any is correct; 1 = greedy, more are sampled at T=1 (local critic)")
+                    help="critic samples, solved if any is correct; 1 = greedy, more are sampled at T=1")
     ap.add_argument("--critic-max-tokens", type=int, default=16384, help="critic answer length limit")
     ap.add_argument("--n", type=int, default=16, help="solver samples per problem (Avg@n)")
     ap.add_argument("--threshold", type=int, default=5, help="keep problems with fewer correct samples than this")

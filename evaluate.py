@@ -482,10 +482,16 @@ def best_by_metric(records: Sequence[EvalRecord]) -> dict[str, dict[str, tuple[f
     return table
 
 
+def _k_label(records: Sequence[EvalRecord]) -> str:
+    """The k of the column headers: the runs' common k, or "k" when runs differ."""
+    ks = {r.k for r in records}
+    return str(ks.pop()) if len(ks) == 1 else "k"
+
+
 def results_table(records: Sequence[EvalRecord]) -> str:
     """The paper-style markdown table: best value (%) per metric and, in brackets, the step it was reached."""
     ks = sorted({r.k for r in records})
-    kk = str(ks[0]) if len(ks) == 1 else "k"
+    kk = _k_label(records)
     lines = [f"| Feedback | Pass@{kk} | Maj@{kk} | Avg@{kk} | Length |", "|---|---|---|---|---|"]
     for label, row in best_by_metric(records).items():
         cells = [f"{100 * v:.2f} ({s})" for v, s in (row[m] for m in METRICS)]
@@ -502,7 +508,7 @@ def steps_table(records: Sequence[EvalRecord], metric: str = "avg@k") -> str:
     whose best is its step 0 never improved on the base policy). A step a run did not evaluate is "–"."""
     labels = _labels(records)
     steps = sorted({r.step for r in records})
-    name = metric.replace("@k", f"@{records[0].k}") if len({r.k for r in records}) == 1 else metric
+    name = metric.replace("@k", f"@{_k_label(records)}")
     lines = [f"| {name.capitalize()} by step | " + " | ".join(str(s) for s in steps) + " |",
              "|---|" + "---|" * len(steps)]
     for run, label in labels.items():

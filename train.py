@@ -690,7 +690,7 @@ class Run:
         if normalizer == 0:
             # nothing to learn from on any rank (every rollout skipped, or PBSD pairs all ties): no AdamW step,
             # since its momentum would still move the weights
-            self.counters["skipped_empty"] = self.counters.get("skipped_empty", 0) + 1
+            self.counters["skipped_empty"] += 1
         elif flat[-1].item() == 0 and torch.isfinite(flat).all():
             offset = 0
             for p in self.params:
