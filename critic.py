@@ -20,15 +20,21 @@
       Step 3: 126 - 4 = 122         <- continuation in the student's style
       \\boxed{122}
 
-  `parse_critique(raw, n_steps)` strips `<think>` traces and validates it (one summary line per student step,
-  a case, a pivotal step that is the first Incorrect line); text that does not validate is kept as
-  unstructured feedback with `schema_ok=False`, counted by `critique_metrics` as `critic_schema_ok`.
+  `parse_critique(raw, n_steps, think_in_prompt)` strips `<think>` traces and validates it (one summary line per
+  student step, a case, a pivotal step that is the first Incorrect line); text that does not validate is kept
+  with `schema_ok=False`, counted by `critique_metrics` as `critic_schema_ok`. Whether such a critique still
+  reaches the teacher is train.py's `--critic-unstructured` (skip by default).
+- Think traces, both template styles: the tag in the output ("<think>…</think>answer", Qwen3) and the tag in
+  the prompt (QwQ-32B's template ends the prompt with "<think>\n", so the output is "…</think>answer").
+  A critique cut by the token limit (finish_reason "length") is a failure with error_kind "length" in every
+  backend, whichever the style: with the tag in the prompt it has no tag at all and would otherwise pass as
+  text. `MAX_TOKENS` is the one default budget.
 - Backends, each with `.critique(batch: list[(Problem, response)]) -> list[Critique]`:
   `ServerCritic` (an OpenAI-compatible /v1/chat/completions server, e.g. `vllm serve Qwen/QwQ-32B
   --enable-prefix-caching`; stdlib only), `LocalCritic` (a transformers model, greedy, batched) and
   `ExactArithmeticCritic` (always right on `data.arithmetic_problems`, same schema). A ServerCritic failure for
-  one item (down, timeout, HTTP error, malformed answer) gives a Critique with `error` set: it never raises into
-  the training loop and never hangs. LocalCritic and ExactArithmeticCritic run in-process: an exception there
+  one item (down, timeout, HTTP error, malformed answer, cut by the length limit) gives a Critique with `error`
+  set: it never raises into the training loop and never hangs. LocalCritic and ExactArithmeticCritic run in-process: an exception there
   (out of memory, a problem without exact steps) is a configuration error and is raised.
 
 Run the tests:  python -m pytest tests/test_critic.py -q
@@ -42,8 +48,10 @@ Departures from the paper:
    the problem's exact chain. In case C (no final answer) it copies the correct steps verbatim rather
    than compressing them, and it drops a trailing step that was cut off before completing an equation,
    then completes the solution from there.
-4. An unterminated `<think>` trace (the critic ran out of tokens while thinking) leaves an empty critique:
-   everything after an unclosed `<think>` is trace. It fails validation and is counted, never guessed at.
+4. A critic that runs out of tokens (finish_reason "length") gives no critique: the item is a failure
+   (error_kind "length"), counted, never guessed at. The paper gives no budget; ours is MAX_TOKENS (16,384).
+   An answer that ended normally but never closed its trace (`think_in_prompt`, or an unclosed "<think>")
+   leaves an empty critique, which fails validation.
 5. The "verdict" form (issue 6, the outcome-in-context baseline) is ours. Its text states the attempt's final
    answer (the last \\boxed{}, as the grader reads it) and "correct" or "incorrect"; the gold answer is not
    an input of `verdict_text`, so a wrong attempt's verdict cannot reveal it. An attempt without a final answer
@@ -66,6 +74,12 @@ from fractions import Fraction
 
 from data import STEP_FORMAT, Problem, split_steps, step_spans, strip_think
 
+# The critic's generation budget, its <think> trace included: one default for ServerCritic, LocalCritic,
+# train.py and the difficulty filter. The paper does not give one; QwQ-32B's traces on hard problems often
+# run past 8k tokens, and 16k plus a ~3k-token prompt stays inside its native 32k context. An answer cut by
+# this limit is a failure (error_kind "length"), never a critique.
+MAX_TOKENS = 16384
+
 
 @dataclass
 class Critique:
@@ -75,6 +89,7 @@ class Critique:
     step_ok: list[bool] | None = None  # one verdict per student step
     schema_ok: bool = False
     error: str | None = None  # the backend failed for this item (text is then empty)
+    error_kind: str | None = None  # short class of `error`, e.g. "length" (the answer hit the token limit)
     schema_error: str | None = None  # why the schema did not validate
     # where the wrong claim is in the student's response (ExactArithmeticCritic only; for figures)
     wrong_claim: str | None = None  # e.g. "136"
@@ -199,9 +214,11 @@ def format_critique(case: str, pivot_step: int | None, step_ok: list[bool], reas
     return "\n".join(lines)
 
 
-def parse_critique(raw: str, n_steps: int) -> Critique:
-    """Strip think traces and validate the schema against a student solution of `n_steps` steps."""
-    text = strip_think(raw)
+def parse_critique(raw: str, n_steps: int, think_in_prompt: bool = False) -> Critique:
+    """Strip think traces and validate the schema against a student solution of `n_steps` steps.
+
+    think_in_prompt: the critic's prompt ended with an open <think> tag (data.strip_think's `opened`)."""
+    text = strip_think(raw, opened=think_in_prompt)
 
     def unstructured(why: str) -> Critique:
         return Critique(text=text, schema_ok=False, schema_error=why)
@@ -556,9 +573,9 @@ class ExactArithmeticCritic:
 
 # ---------------------------------------------------------------------------------------------- server critic
 class _RequestFailed(Exception):
-    def __init__(self, message: str, retryable: bool):
+    def __init__(self, message: str, retryable: bool, kind: str | None = None):
         super().__init__(message)
-        self.retryable = retryable
+        self.retryable, self.kind = retryable, kind
 
 
 class ServerCritic:
@@ -571,16 +588,22 @@ class ServerCritic:
     (`backoff_s * 2**attempt`) on connection errors, timeouts, HTTP 5xx/408/429 and malformed answers.
     A batch never waits longer than its worst case of all attempts; an item that fails comes back as a
     Critique with `error` set.
+
+    An answer is used only when its finish_reason is "stop": one cut by `max_tokens` ("length") is a failure
+    with error_kind "length" and is not retried (greedy decoding would cut it again); any other finish_reason
+    is a malformed answer. think_in_prompt: the server's chat template ends the prompt with an open <think>
+    tag (QwQ-32B's does), so an answer without </think> is all trace (data.strip_think).
     """
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_tokens: int = 16384,
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_tokens: int = MAX_TOKENS,
                  timeout_s: float = 1200.0, max_retries: int = 3, backoff_s: float = 2.0, max_workers: int = 32,
-                 temperature: float = 0.0):
+                 temperature: float = 0.0, think_in_prompt: bool = False):
         base = base_url.rstrip("/")
         self.url = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
         self.model, self.api_key_env, self.max_tokens = model, api_key_env, max_tokens
         self.timeout_s, self.max_retries, self.backoff_s, self.max_workers = timeout_s, max_retries, backoff_s, max_workers
         self.temperature = temperature  # 0: greedy, the paper's critic; the difficulty filter may sample
+        self.think_in_prompt = think_in_prompt
 
     def __repr__(self) -> str:
         return (f"ServerCritic(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
@@ -589,15 +612,16 @@ class ServerCritic:
     def critique(self, batch: list[tuple[Problem, str]]) -> list[Critique]:
         answers = self.complete([critic_messages(problem, response) for problem, response in batch])
         out = []
-        for (text, error), (_, response) in zip(answers, batch):
+        for (text, error, kind), (_, response) in zip(answers, batch):
             if error is not None:
-                out.append(Critique(text="", error=error, schema_error="no critique (backend error)"))
+                out.append(Critique(text="", error=error, error_kind=kind, schema_error="no critique (backend error)"))
             else:
-                out.append(parse_critique(text, len(split_steps(response))))
+                out.append(parse_critique(text, len(split_steps(response)), self.think_in_prompt))
         return out
 
-    def complete(self, messages_batch: list[list[dict]]) -> list[tuple[str | None, str | None]]:
-        """(text, None) or (None, error) per conversation, in order; never raises for a failed request."""
+    def complete(self, messages_batch: list[list[dict]]) -> list[tuple[str | None, str | None, str | None]]:
+        """(text, None, None) or (None, error, error_kind) per conversation, in order; never raises for a failed
+        request. The text is the raw answer (think trace included); error_kind "length": cut by max_tokens."""
         if not messages_batch:
             return []
         worst_case = (self.max_retries + 1) * 2 * self.timeout_s + self.backoff_s * (2 ** (self.max_retries + 1)) + 5
@@ -609,26 +633,26 @@ class ServerCritic:
             for f in futures:
                 if not f.done():
                     f.cancel()
-                    results.append((None, f"no answer within {worst_case:.0f} s"))
+                    results.append((None, f"no answer within {worst_case:.0f} s", None))
                 else:
                     results.append(f.result())  # _complete_one returns errors, it does not raise
             return results
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _complete_one(self, messages: list[dict]) -> tuple[str | None, str | None]:
+    def _complete_one(self, messages: list[dict]) -> tuple[str | None, str | None, str | None]:
         key = os.environ.get(self.api_key_env) or None
-        error = "no attempt made"
+        error, kind = "no attempt made", None
         for attempt in range(self.max_retries + 1):
             if attempt > 0:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                return self._post(messages, key), None
+                return self._post(messages, key), None, None
             except _RequestFailed as e:
-                error = _redact(f"{e} (attempt {attempt + 1} of {self.max_retries + 1})", key)
+                error, kind = _redact(f"{e} (attempt {attempt + 1} of {self.max_retries + 1})", key), e.kind
                 if not e.retryable:
                     break
-        return None, error
+        return None, error, kind
 
     def _post(self, messages: list[dict], key: str | None) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
@@ -655,10 +679,18 @@ class ServerCritic:
             raise _RequestFailed(f"request to {self.url} failed: {type(reason).__name__}: {reason}", True) from None
         try:
             answer = json.loads(raw)
-            text = answer["choices"][0]["message"]["content"]
+            choice = answer["choices"][0]
+            finish_reason = choice.get("finish_reason")
+            # read before the content: a reasoning server may send no content at all for an answer cut short
+            if finish_reason == "length":
+                raise _RequestFailed(f"the answer from {self.url} was cut at max_tokens={self.max_tokens} "
+                                     "(finish_reason 'length'); a truncated critique is not used", False, "length")
+            text = choice["message"]["content"]
             if not isinstance(text, str):
                 raise TypeError(f"content is {type(text).__name__}")
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+            if finish_reason != "stop":
+                raise ValueError(f"finish_reason is {finish_reason!r}, expected 'stop'")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise _RequestFailed(f"malformed answer from {self.url}: {type(e).__name__}: {e}; "
                                  f"body starts {raw[:120]!r}", True) from None
         return text
@@ -673,9 +705,11 @@ class LocalCritic:
     """A critic run locally through transformers: greedy, batched with left padding.
 
     `model` is a hub id or local path (loaded with AutoModelForCausalLM), or a (model, tokenizer) pair.
+    An answer that reaches `max_new_tokens` without an end-of-turn token is a failure with error_kind "length",
+    as in ServerCritic. Whether the prompt opened a <think> block is read from the rendered prompt itself.
     """
 
-    def __init__(self, model, max_new_tokens: int = 4096, batch_size: int = 8, thinking: bool = True,
+    def __init__(self, model, max_new_tokens: int = MAX_TOKENS, batch_size: int = 8, thinking: bool = True,
                  dtype=None, device: str = "cpu"):
         if isinstance(model, (tuple, list)):
             self.model, self.tokenizer = model
@@ -696,10 +730,17 @@ class LocalCritic:
 
     def critique(self, batch: list[tuple[Problem, str]]) -> list[Critique]:
         prompts = [render(self.tokenizer, critic_messages(p, r), self.thinking) for p, r in batch]
-        texts = self.generate(prompts)
-        return [parse_critique(text, len(split_steps(r))) for text, (_, r) in zip(texts, batch)]
+        out = []
+        for prompt, (text, finish_reason), (_, r) in zip(prompts, self.generate(prompts), batch):
+            if finish_reason == "length":
+                out.append(Critique(text="", error=f"the critique was cut at max_new_tokens={self.max_new_tokens}",
+                                    error_kind="length", schema_error="no critique (cut by the length limit)"))
+            else:
+                out.append(parse_critique(text, len(split_steps(r)), think_in_prompt=prompt_opens_think(prompt)))
+        return out
 
-    def generate(self, prompts: list[str]) -> list[str]:
+    def generate(self, prompts: list[str]) -> list[tuple[str, str]]:
+        """(text, finish_reason) per prompt, greedy; finish_reason "stop" (an end token) or "length"."""
         import torch
 
         out = []
@@ -718,6 +759,12 @@ class LocalCritic:
                                                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
                                                 temperature=None, top_p=None, top_k=None)  # (B, L + T_new)
             for row in generated[:, L:].tolist():
-                cut = next((k for k, t in enumerate(row) if t in self.stop_ids), len(row))
-                out.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
+                cut = next((k for k, t in enumerate(row) if t in self.stop_ids), None)
+                finish_reason = "length" if cut is None else "stop"
+                out.append((self.tokenizer.decode(row[:cut], skip_special_tokens=True), finish_reason))
         return out
+
+
+def prompt_opens_think(prompt: str) -> bool:
+    """True when a rendered prompt ends with an open <think> tag (QwQ-32B's template ends with "<think>\n")."""
+    return prompt.rstrip().endswith("<think>")

@@ -235,9 +235,17 @@ class LoadStats:
                 f"{self.answer_conflicts} duplicates with a different expected_answer (first kept)")
 
 
-def strip_think(text: str) -> str:
+def strip_think(text: str, opened: bool = False) -> str:
     """Remove <think>…</think> traces: closed pairs; everything before an unmatched </think> (its opening tag
-    was in the prompt); everything after an unclosed <think> (the trace was cut off)."""
+    was in the prompt); everything after an unclosed <think> (the trace was cut off).
+
+    opened: the prompt itself ended with an open <think> tag (QwQ-32B's chat template does), so the text starts
+    inside the trace: a text without any </think> is then all trace and gives "". With opened=False such a text
+    is taken as an answer (a model that did not think). Both template styles give the same answer once the
+    trace is closed; they differ only on a trace that never closed.
+    """
+    if opened:
+        text = "<think>" + text
     text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
     if "</think>" in text:
         text = text[text.rfind("</think>") + len("</think>"):]

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from critic import (Critique, ExactArithmeticCritic, LocalCritic, ServerCritic, critic_messages, critique_metrics,
-                    format_critique, parse_critique, render, student_messages, teacher_messages, verdict_text)
+                    format_critique, parse_critique, prompt_opens_think, render, student_messages, teacher_messages,
+                    verdict_text)
 from data import STEP_FORMAT, Problem, arithmetic_problems, split_steps
 
 PROBLEM = Problem("t1", "Start with 17. Add 25, then multiply the result by 3, then subtract 4. "
@@ -271,9 +272,10 @@ def serve():
         server.server_close()
 
 
-def chat_answer(text):
+def chat_answer(text, finish_reason="stop"):
     return {"id": "c1", "object": "chat.completion", "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason}]}
 
 
 @pytest.fixture(scope="module")
@@ -305,18 +307,21 @@ def test_server_critic_against_a_real_model_server(serve, smollm2):
         with lock, torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=body["max_tokens"], pad_token_id=tok.pad_token_id)  # (1, L + T)
-        return 200, chat_answer(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        new = out[0, ids.shape[1]:].tolist()
+        finish = "stop" if set(new) & {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} else "length"
+        return 200, chat_answer(tok.decode(new, skip_special_tokens=True), finish)  # as vLLM reports it
 
     server, url = serve(respond)
     batch = [(PROBLEM, "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136"), (PROBLEM, "Step 1: 17 + 25 = 43")]
     critic = ServerCritic(url + "/v1", "smollm2", max_tokens=8, timeout_s=60, max_retries=0)
     got = critic.critique(batch)
-    assert [c.error for c in got] == [None, None] and all(c.text for c in got)
     assert all(path == "/v1/chat/completions" for path, _, _ in server.requests)
-    # the same critiques as the local backend on the same model (greedy both ways)
+    # 8 tokens cut the model's critique short: a counted failure in both backends, never a critique
+    assert [c.error_kind for c in got] == ["length", "length"] and [c.text for c in got] == ["", ""]
+    assert len(server.requests) == 2  # not retried: greedy decoding would be cut again
     local = LocalCritic((model, tok), max_new_tokens=8, batch_size=1).critique(batch)
-    assert [c.text for c in got] == [c.text for c in local]
-    assert critique_metrics(got)["critic_error"] == 0.0
+    assert [c.error_kind for c in local] == ["length", "length"] and all("max_new_tokens=8" in c.error for c in local)
+    assert critique_metrics(got)["critic_error"] == critique_metrics(local)["critic_error"] == 1.0
 
 
 def test_local_critic_batched_equals_one_by_one(smollm2):
@@ -325,7 +330,8 @@ def test_local_critic_batched_equals_one_by_one(smollm2):
                for q in ("What is 2 + 2?", "Name three colors, then count to five, slowly please.")]
     batched = LocalCritic(smollm2, max_new_tokens=10, batch_size=2).generate(prompts)
     single = LocalCritic(smollm2, max_new_tokens=10, batch_size=1).generate(prompts)
-    assert batched == single and all(batched)
+    assert batched == single and all(text for text, _ in batched)
+    assert {reason for _, reason in batched} <= {"stop", "length"}
 
 
 def free_port():
@@ -424,6 +430,55 @@ def test_api_key_is_sent_but_never_leaked(serve, monkeypatch, capsys, caplog):
     for text in (captured.out, captured.err, caplog.text, repr(critic), repr(got), str(vars(critic)),
                  *[c.error for c in got]):
         assert secret not in text
+
+
+def test_truncated_critiques_fail_in_both_think_styles(serve):
+    """QwQ-32B's template opens <think> in the prompt; Qwen3's thinking mode writes it in the output. A complete
+    answer gives the same critique either way; one cut by max_tokens is a counted failure either way, even when
+    it has no tag at all, and even when a reasoning server sends no content for it."""
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136"
+    good = ExactArithmeticCritic().critique_one(PROBLEM, response).text
+    draft = "Let me check step 1. 17 + 25 = 42, fine. Draft:\n" + good  # a trace that drafts the schema
+    answers = {  # marker in the student's response -> (content, finish_reason)
+        "OUTPUT-TAG": (f"<think>\n{draft}\n</think>\n\n{good}", "stop"),
+        "PROMPT-TAG": (f"{draft}\n</think>\n\n{good}", "stop"),
+        "OUTPUT-TAG-CUT": (f"<think>\n{draft}", "length"),
+        "PROMPT-TAG-CUT": (draft, "length"),  # no tag at all: once taken whole as the critique
+        "NO-CONTENT-CUT": (None, "length"),
+        "ENDED-IN-TRACE": (draft, "stop"),
+        "FILTERED": (good, "content_filter"),
+    }
+
+    def respond(body, headers):
+        marker = next(m for m in sorted(answers, key=len, reverse=True) if m in body["messages"][0]["content"])
+        content, finish = answers[marker]
+        return 200, chat_answer(content, finish)
+
+    server, url = serve(respond)
+    batch = [(PROBLEM, f"{response}\n{marker}") for marker in answers]
+    for think_in_prompt in (False, True):
+        critic = ServerCritic(url, "m", timeout_s=5, max_retries=1, backoff_s=0.01, think_in_prompt=think_in_prompt)
+        got = dict(zip(answers, critic.critique(batch)))
+        for marker in ("OUTPUT-TAG", "PROMPT-TAG"):
+            assert got[marker].error is None and got[marker].schema_ok and got[marker].text == good
+        for marker in ("OUTPUT-TAG-CUT", "PROMPT-TAG-CUT", "NO-CONTENT-CUT"):
+            c = got[marker]
+            assert (c.text, c.schema_ok, c.error_kind) == ("", False, "length") and "finish_reason 'length'" in c.error
+        assert "malformed" in got["FILTERED"].error and "content_filter" in got["FILTERED"].error
+        # an answer that ended inside its trace: all trace when the prompt opened it, else taken as text
+        ended = got["ENDED-IN-TRACE"]
+        assert ended.error is None and ended.text == ("" if think_in_prompt else draft.strip())
+    assert critique_metrics(list(got.values()))["critic_error"] == 4 / 7
+    # cut answers are not retried (the same greedy answer would be cut again); the filtered one is, once
+    counts = {m: sum(f"{response}\n{m}" in r[2]["messages"][0]["content"] for r in server.requests) for m in answers}
+    assert counts["PROMPT-TAG-CUT"] == 2 and counts["FILTERED"] == 4  # 1 and 2 attempts, for both critics
+
+
+def test_prompt_opens_think_reads_the_template_style(smol_tokenizer):
+    qwq_style = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    qwen3_thinking_off = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert prompt_opens_think(qwq_style) and not prompt_opens_think(qwen3_thinking_off)
+    assert not prompt_opens_think(render(smol_tokenizer, [{"role": "user", "content": "q <think>"}], thinking=True))
 
 
 def test_no_api_key_sends_no_authorization(serve, monkeypatch):

@@ -51,6 +51,11 @@ def test_strip_think_closed_orphan_close_and_unterminated():
     assert strip_think("answer <think>cut off while thinking") == "answer"
     assert strip_think("<think>never closed") == ""
     assert strip_think("a<think>x</think>b<think>y</think>c") == "abc"
+    # the prompt opened the trace (QwQ-32B's template): without </think> the whole text is trace
+    assert strip_think("trace cut off, no tag at all", opened=True) == ""
+    assert strip_think("an answer from a model that did not think") == "an answer from a model that did not think"
+    assert strip_think("trace</think>\nanswer", opened=True) == strip_think("trace</think>\nanswer") == "answer"
+    assert strip_think("<think>trace</think>answer", opened=True) == "answer"  # the tag in the output as well
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic
