@@ -33,15 +33,23 @@ Departures from the paper:
    clipped surrogate is kept so that several epochs per batch are one option away.
 4. The demo preset replaces Qwen3-1.7B by SmolLM2-135M-Instruct, OpenMathReasoning by arithmetic chains, the
    QwQ-32B critic by the exact arithmetic critic, and shrinks every size (see PRESETS["demo"]).
-5. A rollout whose critique failed (timeout, server error) is skipped: its tokens are masked out of the loss
-   and counted in `skipped_critic`; a step whose loss or gradient is not finite is skipped and counted
-   (`skipped_nonfinite`), and so is a step with nothing to learn from (`skipped_empty`).
+5. A rollout whose critique failed (timeout, server error, cut by --critic-max-tokens) is skipped: its tokens
+   are masked out of the loss and counted in `skipped_critic`. So is one whose critique fails the schema or is
+   empty (`--critic-unstructured skip`, counted per step in `skipped_unstructured_step`): the paper's teacher
+   sees only structured corrective feedback (`keep` gives the text to the teacher instead). A step whose loss
+   or gradient is not finite is skipped and counted (`skipped_nonfinite`), and so is a step with nothing to
+   learn from (`skipped_empty`).
 6. DDP without DistributedDataParallel: the LoRA gradients are summed by ONE explicit all-reduce per step after
    the last micro-batch (every rank reaches it every step), not by backward hooks. So a rank may skip the
    backward pass of a micro-batch with no valid rollout, or with a non-finite loss (then every rank drops the
    step), without desynchronizing the ranks.
 7. PBSD renders the teacher prompt with the STUDENT's thinking mode, not `teacher_thinking`: the teacher's
    samples y_T are scored after the student prompt, so they must be in the student's format (pbsd.py).
+8. Choices the paper leaves open: (a) both objectives draw 32 prompts per step; GRPO samples G = 8 rollouts per
+   prompt (256 per step) and SD one (32): the paper's "1/8 the prompts per step" is read as SD using 1/8 of
+   GRPO's rollouts, not as GRPO drawing 8x the prompts. (b) AdamW weight decay 0.0 (`--weight-decay`).
+   (c) Step 0, the base policy, is eligible as the best checkpoint of a metric (evaluate.py's table), so a
+   run that never beats the base policy reports its step 0. (d) The critic's budget, critic.MAX_TOKENS.
 """
 from __future__ import annotations
 
@@ -71,6 +79,7 @@ import lora
 import pbsd
 import rollout
 import sd_loss
+from critic import MAX_TOKENS as CRITIC_MAX_TOKENS  # a name of its own: in Config, `critic` is a field
 
 FEEDBACKS = ("stepalign", "refsol", "verdict", "grpo")
 PAPER_FEEDBACKS = ("stepalign", "refsol", "grpo")  # what --feedback all runs
@@ -107,7 +116,14 @@ class Config:
     critic_timeout: float = opt(900.0, "seconds per critic request before it counts as failed")
     critic_concurrency: int = opt(32, "concurrent critic requests")
     critic_retries: int = opt(3, "retries per critic request (exponential backoff) before the rollout is skipped")
-    critic_max_tokens: int = opt(8192, "critic generation budget (its <think> trace included)")
+    critic_max_tokens: int = opt(CRITIC_MAX_TOKENS, "critic generation budget, its <think> trace included; an answer "
+                                 "cut by it is a failed critique (critic.MAX_TOKENS)")
+    critic_think_in_prompt: bool = opt(True, "server critic: its chat template ends the prompt with an open <think> "
+                                       "tag (QwQ-32B's does), so an answer without </think> is all trace")
+    critic_unstructured: str = opt("skip", "a critique that fails the schema or is empty: skip = its rollout is "
+                                   "skipped and counted (the paper's teacher sees only structured critiques); keep "
+                                   "= its text goes to the teacher as unstructured feedback (an empty one is still "
+                                   "skipped)", ("skip", "keep"))
     engine: str = opt("vllm", "rollout engine", ("vllm", "transformers"))
     stop_at_boxed: bool = opt(False, "transformers engine: end a sample after its first complete \\boxed{}")
     vllm_gpu_memory: float = opt(0.35, "fraction of GPU memory vLLM may take (it shares the GPU with training)")
@@ -264,7 +280,8 @@ def make_critic(cfg: Config):
     if cfg.critic == "server":
         return critic.ServerCritic(cfg.critic_url, cfg.critic_model, api_key_env=cfg.critic_api_key_env,
                                    max_tokens=cfg.critic_max_tokens, timeout_s=cfg.critic_timeout,
-                                   max_workers=cfg.critic_concurrency, max_retries=cfg.critic_retries)
+                                   max_workers=cfg.critic_concurrency, max_retries=cfg.critic_retries,
+                                   think_in_prompt=cfg.critic_think_in_prompt)
     return critic.LocalCritic(cfg.critic_model, max_new_tokens=cfg.critic_max_tokens)
 
 
@@ -319,14 +336,31 @@ def collect_rollouts(cfg, engine, tokenizer, checker, draws: list[tuple[int, dat
     return items
 
 
+def critique_context(c: critic.Critique, policy: str) -> str | None:
+    """The teacher's context c from one critique, or None (its rollout is skipped): a failed critique (backend
+    error, cut by the length limit) always; one that failed the schema under policy "skip"; an empty one under
+    "keep" (there is nothing to give the teacher)."""
+    if policy not in ("skip", "keep"):
+        raise ValueError(f"critic_unstructured={policy!r}; expected 'skip' or 'keep'")
+    if c.error is not None:
+        return None
+    if c.schema_ok:
+        return c.text
+    return c.text if policy == "keep" and c.text.strip() else None
+
+
 def feedback_contexts(cfg, critic_backend, items: list[Item], timer, stats: dict) -> list[str | None]:
-    """Step 3: the context c of each rollout (None when the critic failed for it)."""
+    """Step 3: the context c of each rollout (None when the rollout is skipped: see `critique_context`)."""
     if cfg.feedback == "stepalign":
         with timer("critic"):
             critiques = critic_backend.critique([(it.problem, it.completion.text) for it in items])
+        contexts = [critique_context(c, cfg.critic_unstructured) for c in critiques]
+        unstructured = [(c, ctx) for c, ctx in zip(critiques, contexts) if c.error is None and not c.schema_ok]
         stats["critic_failed"] = float(sum(c.error is not None for c in critiques))
         stats["critic_schema_ok"] = float(sum(c.schema_ok for c in critiques if c.error is None))
-        return [None if c.error is not None else c.text for c in critiques]
+        stats["skipped_unstructured"] = float(sum(ctx is None for _, ctx in unstructured))
+        stats["kept_unstructured"] = float(sum(ctx is not None for _, ctx in unstructured))
+        return contexts
     if cfg.feedback == "refsol":
         return [it.problem.reference_solution for it in items]
     if cfg.feedback == "verdict":  # the verifier's verdict on this very attempt, nothing more
@@ -808,17 +842,19 @@ def step_record(cfg, step, items, sums, stats, counters, timer, seconds, grad_no
     keys = sorted(keys)
     local = [sums.get("loss", 0.0), n_items, n_tokens, sum(it.reward for it in items),
              sum(it.skipped for it in items), stats.get("critic_schema_ok", 0.0),
-             sum(it.teacher_reward for it in items)] + [sums.get(k, 0.0) for k in keys] \
-        + [sums.get(f"{k}/weight", 0.0) for k in keys]
+             sum(it.teacher_reward for it in items), stats.get("critic_failed", 0.0),
+             stats.get("skipped_unstructured", 0.0), stats.get("kept_unstructured", 0.0)] \
+        + [sums.get(k, 0.0) for k in keys] + [sums.get(f"{k}/weight", 0.0) for k in keys]
     t = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=d.device), d).tolist()
-    loss, n_items, n_tokens, reward, skipped, schema_ok, teacher_reward = t[:7]
-    values, weights = t[7:7 + len(keys)], t[7 + len(keys):]
+    loss, n_items, n_tokens, reward, skipped, schema_ok, teacher_reward, failed, skipped_unstr, kept_unstr = t[:10]
+    values, weights = t[10:10 + len(keys)], t[10 + len(keys):]
     record = {"step": step, "loss": loss, "reward": reward / n_items, "response_length": n_tokens / n_items,
               "skipped_critic_step": skipped, "grad_norm": grad_norm, **counters,
               "tokens_per_s": n_tokens / max(seconds, 1e-9), "seconds": seconds,
               **{f"time_{k}": v for k, v in timer.seconds.items()}}
-    if cfg.feedback == "stepalign":
-        record["critic_schema_ok"] = schema_ok / max(n_items - skipped, 1)
+    if cfg.feedback == "stepalign":  # among the critiques the backend returned; the counts are this step's
+        record["critic_schema_ok"] = schema_ok / max(n_items - failed, 1)
+        record["skipped_unstructured_step"], record["kept_unstructured_step"] = skipped_unstr, kept_unstr
     if cfg.objective == "pbsd":
         record["teacher_reward"] = teacher_reward / max(n_items - skipped, 1)
     record |= {k: v / max(w, 1e-9) for k, v, w in zip(keys, values, weights)}

@@ -12,8 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lora
 import train
 from conftest import tiny_llama
+from test_critic import chat_answer, serve  # noqa: F401 (serve is a fixture: a chat-completions server on loopback)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,6 +112,7 @@ def test_two_steps_log_everything(tiny_model_dir, tmp_path, feedback):
         assert "time_teacher" in log[0] and "divergence" in log[0] and "adv_neg_frac" in log[0]
     if feedback == "stepalign":
         assert log[0]["critic_schema_ok"] == 1.0 and "time_critic" in log[0]
+        assert log[0]["skipped_unstructured_step"] == log[0]["kept_unstructured_step"] == 0
     evals = read_jsonl(out / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2] and all(e["feedback"] == feedback for e in evals)
     assert {"pass@k", "maj@k", "avg@k", "length"} <= set(evals[0])
@@ -206,6 +209,51 @@ def test_critic_server_down_skips_rollouts_not_the_run(tiny_model_dir, tmp_path)
     [record] = read_jsonl(out / "log.jsonl")
     assert record["skipped_critic"] == 4 and record["skipped_critic_step"] == 4
     assert record["loss"] == 0.0  # nothing left to learn from, and no crash
+
+
+def test_unstructured_critiques_are_skipped_and_logged_per_step(tiny_model_dir, tmp_path, serve):
+    """The paper's default: a critique that fails the schema never reaches the teacher; the step counts it."""
+    server, url = serve(lambda body, headers: (200, chat_answer("ok</think>\n\nLooks fine to me.")))
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, out, "--max-steps", "1", "--critic", "server", "--critic-url", url,
+                         "--critic-retries", "0", "--critic-timeout", "5", "--eval-every", "5"))
+    [record] = read_jsonl(out / "log.jsonl")
+    assert len(server.requests) == 4 and record["skipped_critic"] == 0  # the server answered every request
+    assert record["skipped_unstructured_step"] == record["skipped_critic_step"] == 4
+    assert record["kept_unstructured_step"] == 0 and record["critic_schema_ok"] == 0.0
+    assert record["loss"] == 0.0 and record["skipped_empty"] == 1  # nothing reached the teacher
+
+
+def test_unstructured_policy_skip_or_keep(tiny_model_dir, smol_tokenizer, serve):
+    """skip (default): only schema-valid critiques reach the teacher. keep: an unstructured critique does too,
+    an empty one does not. A failed critique (here: cut by the length limit) is skipped under both."""
+    from data import arithmetic_problems
+    from rollout import Completion
+    problem = arithmetic_problems(1, seed=0, n_ops=2)[0]
+    wrong = "Step 1: " + problem.steps[0].rsplit("=", 1)[0] + "= 1000\n\\boxed{1000}"
+    valid = train.critic.ExactArithmeticCritic().critique_one(problem, wrong).text
+    # QwQ-style answers (the template opened <think> in the prompt, the paper's default --critic-think-in-prompt)
+    answers = {"VALID": (f"Step 1 is wrong.\n</think>\n\n{valid}", "stop"),
+               "FREE-TEXT": ("Hmm.\n</think>\n\nRecheck the first sum.", "stop"),
+               "EMPTY": ("Hmm.\n</think>\n\n", "stop"), "CUT": ("Let me think about step", "length")}
+
+    def respond(body, headers):
+        marker = next(m for m in answers if m in body["messages"][0]["content"])
+        return 200, chat_answer(*answers[marker])
+
+    server, url = serve(respond)
+    for policy, skipped, kept in (("skip", [False, True, True, True], 0), ("keep", [False, False, True, True], 1)):
+        cfg = train.parse_config(tiny_args(tiny_model_dir, "/tmp/unused", "--critic", "server", "--critic-url", url,
+                                           "--critic-retries", "0", "--critic-unstructured", policy))
+        items = [train.Item(problem, [1], Completion([5], f"{wrong}\n{m}", "stop")) for m in answers]
+        stats = train.attach_feedback(cfg, train.make_critic(cfg), None, smol_tokenizer, None, items, 0,
+                                      train.Timer())
+        assert [it.skipped for it in items] == skipped
+        assert (stats["critic_failed"], stats["critic_schema_ok"]) == (1.0, 1.0)
+        assert (stats["kept_unstructured"], stats["skipped_unstructured"]) == (kept, 2 - kept)
+        assert "Incorrect" in smol_tokenizer.decode(items[0].teacher_ids)
+        if policy == "keep":
+            assert "Recheck the first sum." in smol_tokenizer.decode(items[1].teacher_ids)
 
 
 def test_non_finite_loss_skips_the_step_without_touching_weights(tiny_model_dir, tmp_path, monkeypatch):
