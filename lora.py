@@ -11,7 +11,7 @@ with the adapter disabled (`adapters_disabled`), so one copy of the weights serv
 Public API:
     add_lora(model, r=64, alpha=128, targets=(...), dropout=0.0, dtype=torch.float32) -> model
     adapters_disabled(model)     context manager: inside it the model computes exactly the base model
-    merge(model) / unmerge(model)  explicit, idempotent; never tied to train()/eval()
+    merge(model, dtype=None) / unmerge(model)  explicit, idempotent; never tied to train()/eval()
     lora_state_dict(model)       {PEFT key: tensor}
     save_adapter(model, directory, base_model_name_or_path=None)
     load_adapter(model, directory) -> model   (adds LoRA from the saved config if the model has none)
@@ -44,6 +44,12 @@ Departures from the paper (and from PEFT):
    load_adapter rejects configs that use them, naming the field and file.
 6. A is initialized Kaiming-uniform with a=√5 (U(−1/√in, 1/√in), nn.Linear's default), as in the authors'
    loralib code and PEFT; the paper's text says Gaussian. Either way B = 0, so ΔW = 0 at init.
+7. `merge(model, dtype=torch.float32)` on a bf16 (or fp16) base does not write W + ΔW into the bf16 weight: that
+   rounding erases every entry of ΔW below half an ulp of W (at lr 5e-6, ΔW ~ 6e-5 after 60 steps against a
+   half-ulp of ~6e-5 at |w| ≈ 0.02), so the merged model would be close to the base model. It keeps W + ΔW as a
+   separate fp32 copy (non-persistent; W untouched) and each layer computes in fp32 and rounds its output once,
+   like a bf16 matmul with fp32 accumulation. Cost: an fp32 copy of the targeted weights while merged. With
+   dtype=None (or the base's own dtype) W is updated in place, as PEFT does.
 """
 from __future__ import annotations
 
@@ -85,8 +91,10 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
-        # The original W while merged (departure 2); non-persistent, so it never enters the state_dict.
+        # The original W while merged in place (departure 2); non-persistent, so it never enters the state_dict.
         self.register_buffer("weight_unmerged", None, persistent=False)
+        # W + ΔW in a wider dtype than W while merged with merge(dtype=...) (departure 7); W is then untouched.
+        self.register_buffer("weight_merged", None, persistent=False)
 
     def delta_weight(self) -> Tensor:
         """ΔW = (α/r)·B A in fp32, (out, in)."""
@@ -94,11 +102,15 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            if self.disabled:
-                return F.linear(x, self.weight_unmerged, self.bias)  # the exact base weight saved by merge
+            if self.disabled:  # the exact base weight: saved by an in-place merge, or untouched (departure 7)
+                return F.linear(x, self.weight if self.weight_unmerged is None else self.weight_unmerged, self.bias)
             if torch.is_grad_enabled() and self.lora_A.weight.requires_grad:
                 raise RuntimeError("forward with gradients on a merged LoRA model: A and B would get no gradient; "
                                    "call lora.unmerge(model) before training (or run under torch.no_grad())")
+            if self.weight_merged is not None:  # W + ΔW in fp32: computed there, the output rounded once
+                wide = self.weight_merged.dtype
+                bias = None if self.bias is None else self.bias.to(wide)
+                return F.linear(x.to(wide), self.weight_merged, bias).to(x.dtype)  # (..., out)
             return F.linear(x, self.weight, self.bias)  # weight = W + ΔW
         y = F.linear(x, self.weight, self.bias)  # (..., out)
         if self.disabled:
@@ -108,19 +120,26 @@ class LoRALinear(nn.Module):
         return (y + self.scaling * self.lora_B(self.lora_A(h))).to(y.dtype)  # (..., out)
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, dtype: torch.dtype | None = None) -> None:
+        """W ← W + ΔW in place (dtype None or W's dtype), or W + ΔW kept apart in `dtype` (departure 7)."""
         if self.merged:
             return
-        self.weight_unmerged = self.weight.detach().clone()
-        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))  # W ← W + ΔW
+        if dtype is None or dtype == self.weight.dtype:
+            self.weight_unmerged = self.weight.detach().clone()
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))  # W ← W + ΔW
+        else:
+            self.weight_merged = self.weight.to(dtype) + self.delta_weight().to(dtype)  # (out, in)  W + ΔW
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.weight.copy_(self.weight_unmerged)  # exact restore (departure 2)
-        self.weight_unmerged = None
+        if self.weight_merged is not None:  # W was never touched
+            self.weight_merged = None
+        else:
+            self.weight.copy_(self.weight_unmerged)  # exact restore (departure 2)
+            self.weight_unmerged = None
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -179,10 +198,13 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             m.disabled = previous[name]
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """W ← W + (α/r)·B A in every LoRA layer (the original W is kept to unmerge exactly). Idempotent."""
+def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """W ← W + (α/r)·B A in every LoRA layer (the original W is kept to unmerge exactly). Idempotent.
+
+    dtype: hold the merged weight in this dtype when it differs from W's: `torch.float32` keeps a small ΔW exact on
+    a bf16 base (departure 7); None merges in place in W's dtype."""
     for m in _require_lora(model, "merge").values():
-        m.merge()
+        m.merge(dtype)
     return model
 
 

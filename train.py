@@ -631,12 +631,14 @@ class Run:
 
     @contextlib.contextmanager
     def sampling(self):
-        """The transformers engine samples from this very module: merged, the same policy runs faster.
-        vLLM holds its own copy of the weights (and gets the adapter in push_adapter): nothing to do."""
+        """The transformers engine samples from this very module: merged, the same policy runs faster. The merge
+        is in fp32 (lora.py, departure 7): merged into bf16 weights, a small ΔW would round away and the rollouts
+        and evaluations would come from roughly the base policy. vLLM holds its own copy of the weights (and gets
+        the adapter in push_adapter): nothing to do."""
         if self.cfg.engine != "transformers":
             yield
             return
-        lora.merge(self.model)
+        lora.merge(self.model, dtype=torch.float32)
         try:
             yield
         finally:

@@ -253,6 +253,36 @@ def test_bf16_base_with_fp32_adapter():
     assert torch.equal(logits(model, x), out)  # exact restore even in bf16
 
 
+def test_fp32_merge_of_a_bf16_base_keeps_a_small_delta():
+    """merge(dtype=fp32) on bf16 weights: the layer computes x·(W + ΔW)ᵀ in fp32 and rounds once, W is untouched,
+    and a ΔW far below half a bf16 ulp of W still changes the output, where an in-place bf16 merge drops it."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(64, 32).to(torch.bfloat16), r=4, alpha=8, dropout=0.0, dtype=torch.float32)
+    nn.init.normal_(layer.lora_B.weight, std=1e-5)  # ΔW ~ 1e-5 against |W| ~ 0.07: half an ulp is ~1.5e-4
+    w_before = layer.weight.detach().clone()
+    x = torch.randn(8, 64).to(torch.bfloat16)  # (B, in)
+    W, dW = layer.weight.float(), layer.delta_weight()  # (out, in)
+    expected = (x.float() @ (W + dW).T + layer.bias.float()).to(torch.bfloat16)  # (B, out)  one rounding
+    with torch.no_grad():
+        base = torch.nn.functional.linear(x, layer.weight, layer.bias)  # (B, out)  W alone
+        layer.merge(torch.float32)
+        layer.merge(torch.float32)  # idempotent
+        assert layer.weight_merged.dtype == torch.float32 and torch.equal(layer.weight, w_before)
+        assert torch.equal(layer(x), expected) and not torch.equal(layer(x), base)
+        layer.disabled = True
+        assert torch.equal(layer(x), base)  # the base output, exactly
+        layer.disabled = False
+        layer.unmerge()
+        assert layer.weight_merged is None and torch.equal(layer.weight, w_before) and not layer.merged
+        layer.merge()  # in place, in bf16: this ΔW rounds away except on the few smallest weights
+        assert (layer.weight == w_before).float().mean() > 0.95
+        layer.unmerge()
+    layer.merge(torch.float32)
+    with pytest.raises(RuntimeError, match="merged LoRA model"):
+        layer(x)  # gradients enabled on a merged layer: refused as before
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A.weight", "lora_B.weight"}
+
+
 def test_llama():
     base = tiny_llama()
     model = lora.add_lora(copy.deepcopy(base), r=4, alpha=8)

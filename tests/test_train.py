@@ -1,5 +1,6 @@
 """The loop on a tiny random model: config, data order, DDP (2 torchrun ranks = 1 process), exact resume,
 SIGTERM, atomic checkpoints, and faults (critic down, non-finite loss, missing paths)."""
+import contextlib
 import json
 import os
 import signal
@@ -360,3 +361,60 @@ def test_a_problem_drawn_twice_in_one_step_gets_two_rollouts(smol_tokenizer):
                                    train.Timer())
     assert len(set(engine.seeds)) == 2  # (the engine derives one seed per sample from each)
     assert [(it.draw, it.sample) for it in items] == [(0, 0), (0, 1), (5, 0), (5, 1)]
+
+
+def test_bf16_sampling_keeps_a_small_adapter():
+    """Run.sampling() with a bf16 model: a small adapter (ΔW below half a bf16 ulp of W on most entries, as after
+    a few steps at the paper's lr) moves the sampling log-probs as much as the fp32 computation says. Merged into
+    the bf16 weights instead, a third of that change is lost (the defect this guards against)."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m32 = lora.add_lora(LlamaForCausalLM(config).eval(), r=8, alpha=16)
+    ids = torch.randint(0, 256, (2, 48))  # (B, L)
+    params = [p for p in m32.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    for _ in range(10):  # a small, trained (so coherent) adapter
+        m32(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    for layer in lora.lora_layers(m16).values():  # as train.build_model: a bf16 base, an fp32 adapter
+        layer.lora_A.float(), layer.lora_B.float()
+    erased = [((layer.weight.float() + layer.delta_weight()).bfloat16() == layer.weight) for layer in
+              lora.lora_layers(m16).values()]
+    assert sum(e.sum().item() for e in erased) / sum(e.numel() for e in erased) > 0.5  # the adapter is small
+
+    def logp(model):  # (B, L - 1)  log π(y_t) of the tokens, as the sampling forward computes them
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()  # (B, L, V)
+        return torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+    def change(model, context):  # the adapter's effect: log π_θ − log π_base, under the given weights context
+        with context():
+            with_adapter = logp(model)
+            with lora.adapters_disabled(model):
+                return with_adapter - logp(model)
+
+    def shrink(d):  # the share of the fp32 change that survives: 1 when none is lost
+        return ((d * d32).sum() / (d32 * d32).sum()).item()
+
+    @contextlib.contextmanager
+    def merged_into_bf16():  # what sampling did before: W ← W + ΔW in the bf16 weights
+        lora.merge(m16)
+        try:
+            yield
+        finally:
+            lora.unmerge(m16)
+
+    d32 = change(m32, contextlib.nullcontext)
+    cfg = train.parse_config(["--engine", "transformers", "--data", "arithmetic"])
+    for model, low, high in ((m32, 0.999, 1.001), (m16, 0.9, 1.1)):  # fp32: merged in place; bf16: an fp32 copy
+        run = train.Run(cfg, train.Dist(), None, model, None, None, None, None, [], [], [], None, {})
+        assert low < shrink(change(model, run.sampling)) < high
+        assert not any(layer.merged for layer in lora.lora_layers(model).values())  # unmerged on exit
+    assert shrink(change(m16, merged_into_bf16)) < 0.8
