@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 import lora
 
 SMOLLM2 = "smollm2-135m-instruct"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # the --dtype choices of train.py and the filter
 
 
 @dataclass
@@ -148,13 +149,15 @@ class TransformersEngine:
 
     def generate(self, prompts: list[str], seeds: list[int], n: int = 1, temperature: float = 1.0,
                  max_new_tokens: int = 256, adapter: bool = True) -> list[list[Completion]]:
-        """n completions per prompt; adapter=False samples from the base policy (LoRA disabled)."""
+        """n completions per prompt; adapter=False samples from the base policy (LoRA disabled; a model without
+        LoRA layers is the base policy already)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         jobs = [(self.tokenizer(p, add_special_tokens=False).input_ids, sample_seed(s, j))
                 for p, s in zip(prompts, seeds) for j in range(n)]
         out: list[Completion] = []
-        with contextlib.nullcontext() if adapter else lora.adapters_disabled(self.model):
+        base_already = not adapter and not lora.lora_layers(self.model)
+        with contextlib.nullcontext() if adapter or base_already else lora.adapters_disabled(self.model):
             for start in range(0, len(jobs), self.batch_size):
                 out += self._generate_batch(jobs[start:start + self.batch_size], temperature, max_new_tokens)
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
@@ -258,6 +261,26 @@ class VLLMEngine:
         flat = [Completion(list(o.outputs[0].token_ids), o.outputs[0].text,
                            "stop" if o.outputs[0].finish_reason == "stop" else "length") for o in outputs]
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def make_engine(kind: str, model_name: str, model=None, tokenizer=None, *, dtype: str = "bfloat16", seed: int = 0,
+                max_lora_rank: int = 64, gpu_memory_utilization: float = 0.35, world_size: int = 1,
+                stop_at_boxed: bool = False, batch_size: int = 64):
+    """The generation engine from the options train.py and the difficulty filter share (--engine, --dtype, ...).
+
+    "transformers": samples from `model`, already loaded (in its dtype, on its device) with `tokenizer`.
+    "vllm": loads its own copy of `model_name` in `dtype` on the platform of the installed vLLM build (CUDA, or
+    vLLM's CPU build); a LoRA adapter reaches it through `set_adapter`, none is needed for the base policy.
+    """
+    if kind == "vllm":
+        return VLLMEngine(resolve_model_path(model_name), max_lora_rank=max_lora_rank,
+                          gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed,
+                          torchrun_rank=world_size > 1)
+    if kind == "transformers":
+        if model is None or tokenizer is None:
+            raise ValueError("make_engine('transformers', ...): pass the loaded model and its tokenizer")
+        return TransformersEngine(model, tokenizer, batch_size=batch_size, stop_at_boxed=stop_at_boxed)
+    raise ValueError(f"unknown engine {kind!r}; expected 'vllm' or 'transformers'")
 
 
 # ---------------------------------------------------------------------------------------------- scoring

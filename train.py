@@ -147,7 +147,7 @@ class Config:
     micro_batch: int = opt(4, "rollouts per forward/backward pass on one rank")
     loss_chunk: int = opt(1024, "positions per chunk of the memory-bounded loss")
     grad_checkpointing: bool = opt(True, "activation checkpointing in the model")
-    dtype: str = opt("bfloat16", "model dtype (LoRA weights stay fp32)", ("bfloat16", "float32"))
+    dtype: str = opt("bfloat16", "model dtype (LoRA weights stay fp32)", tuple(rollout.DTYPES))
     epochs: int = opt(7, "passes over the training problems")
     max_steps: int = opt(0, "stop after this many steps (0 = epochs decide)")
     eval_every: int = opt(10, "evaluate and checkpoint every N steps and at the end (step 0: evaluated only)")
@@ -579,8 +579,7 @@ class Logger:
 
 
 def build_model(cfg: Config, d: Dist):
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-    model, tokenizer = rollout.load_model(cfg.model, dtype=dtype, device=d.device)
+    model, tokenizer = rollout.load_model(cfg.model, dtype=rollout.DTYPES[cfg.dtype], device=d.device)
     lora.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets.split(",")))
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -756,11 +755,9 @@ def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Ru
     random.seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    engine = (rollout.VLLMEngine(rollout.resolve_model_path(cfg.model), max_lora_rank=cfg.lora_r,
-                                 gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed,
-                                 torchrun_rank=d.world > 1)
-              if cfg.engine == "vllm" else rollout.TransformersEngine(model, tokenizer, batch_size=64,
-                                                                   stop_at_boxed=cfg.stop_at_boxed))
+    engine = rollout.make_engine(cfg.engine, cfg.model, model, tokenizer, dtype=cfg.dtype, seed=cfg.seed,
+                                 max_lora_rank=cfg.lora_r, gpu_memory_utilization=cfg.vllm_gpu_memory,
+                                 world_size=d.world, stop_at_boxed=cfg.stop_at_boxed)
     run = Run(cfg, d, checker, model, tokenizer, engine, critic_backend, optimizer, params, train_set, test_set,
               Logger(cfg, d), {"skipped_critic": 0, "skipped_nonfinite": 0, "skipped_empty": 0})
     if d.master:

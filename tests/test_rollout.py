@@ -88,6 +88,16 @@ def test_vllm_engine_clear_error_without_vllm():
         VLLMEngine("some/model")
 
 
+def test_make_engine_checks_its_arguments(tiny_smol):
+    import rollout
+    engine = rollout.make_engine("transformers", "unused", *tiny_smol, stop_at_boxed=True, batch_size=5)
+    assert isinstance(engine, TransformersEngine) and engine.stop_at_boxed and engine.batch_size == 5
+    with pytest.raises(ValueError, match="pass the loaded model"):
+        rollout.make_engine("transformers", "some/model")
+    with pytest.raises(ValueError, match="unknown engine 'hf'"):
+        rollout.make_engine("hf", "some/model")
+
+
 def test_score_positions_layout():
     batch = score_positions([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
     assert isinstance(batch, ScoreBatch)
