@@ -49,8 +49,8 @@ Departures from the paper (which does not specify these details):
    sample order wins. Unanswered samples do not vote; with no answered sample Maj@k is 0 for the problem.
    Answers are grouped by math-verify equivalence against each group's first answer.
 4. Pass@k uses all n samples (unbiased for any k <= n); Avg@k uses all n; Maj@k uses the first k samples.
-5. Table: best value per metric, ties going to the earliest step. "Length" has no better direction; the
-   table reports it at the step of the best Avg@k.
+5. Table: best value per metric over every evaluated step, step 0 (the base policy) included, ties going to
+   the earliest step. "Length" has no better direction; the table reports it at the step of the best Avg@k.
 6. The localization scores (top-1, negative-mass share, AUROC) are our quantification of the paper's
    qualitative per-token figure. The table also prints their chance level (A_t blind to the error).
 7. Mechanism figure: the model is scored as it is, as both self-teacher and student, i.e. at initialization
