@@ -75,9 +75,10 @@ from fractions import Fraction
 from data import STEP_FORMAT, Problem, split_steps, step_spans, strip_think
 
 # The critic's generation budget, its <think> trace included: one default for ServerCritic, LocalCritic,
-# train.py and the difficulty filter. The paper does not give one; QwQ-32B's traces on hard problems often
-# run past 8k tokens, and 16k plus a ~3k-token prompt stays inside its native 32k context. An answer cut by
-# this limit is a failure (error_kind "length"), never a critique.
+# train.py and the difficulty filter. The paper does not give one. A reasoning critic's trace counts against
+# it, so it is generous; with the critic prompt (problem, reference solution, a rollout of up to 2,048 tokens)
+# it still fits a 32k-token context. An answer cut by this limit is a failure (error_kind "length"), never a
+# critique.
 MAX_TOKENS = 16384
 
 
