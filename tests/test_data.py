@@ -329,3 +329,24 @@ def test_count_correct_with_a_fake_engine():
     counts = count_correct(engine, ["a", "b", "c"], ["0", "1", "9"], seeds=[0, 1, 2], n=8, temperature=1.0,
                            max_new_tokens=5, grade=lambda text, gold: text == f"\\boxed{{{gold}}}", batch_size=2)
     assert counts == [2, 2, 0] and engine.calls == [2, 1]
+
+
+def test_manifest_row_with_an_unknown_split_is_an_error_naming_the_row(tmp_path):
+    rows = [{"id": "a", "problem": "1+1?", "answer": "2", "split": "train"},
+            {"id": "b", "problem": "2+2?", "answer": "4", "split": "trian"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"m.jsonl: row 2: field 'split' is 'trian'; expected 'train' or 'test'"):
+        load_manifest(tmp_path / "m.jsonl", "train")
+
+
+def test_filter_command_reports_a_bad_row_in_one_line(tmp_path, capsys):
+    from data import main
+    (tmp_path / "omr.jsonl").write_text(json.dumps({"problem": "1+1?", "problem_type": "has_answer_extracted",
+                                                    "generated_solution": "2"}) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["filter", "--data", str(tmp_path / "omr.jsonl"), "--solver", "unused", "--critic", "unused",
+              "--out", str(tmp_path / "out.jsonl")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python data.py filter: error: {tmp_path / 'omr.jsonl'}: row 1: field 'expected_answer'")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out.jsonl").exists()

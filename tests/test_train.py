@@ -496,3 +496,53 @@ def test_a_problem_drawn_twice_in_one_step_gets_two_rollouts(smol_tokenizer):
                                    train.Timer())
     assert len(set(engine.seeds)) == 2  # (the engine derives one seed per sample from each)
     assert [(it.draw, it.sample) for it in items] == [(0, 0), (0, 1), (5, 0), (5, 1)]
+
+
+def test_resume_drops_a_log_line_cut_by_a_kill(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    train.truncate_log(log, 3)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_save_then_resume_is_exact(tiny_model_dir, tmp_path):
+    """A real training process killed with SIGKILL while its checkpoint directory .tmp_step_N is being written:
+    the checkpoints left are complete, the resume removes the partial one, and the final adapter and logs equal
+    those of a run never interrupted (bit for bit: same process setup, one thread)."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+
+    def args(out, *extra):
+        return tiny_args(tiny_model_dir, out, "--max-steps", "6", "--eval-every", "1", *extra)
+
+    r = run_cli(args(straight))
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    checkpoints, partial = killed / "checkpoints", []
+    for attempt in range(4):  # a kill can land just after the rename; then the next save is the target
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(killed, *["--resume"] * (attempt > 0))],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None:
+            seen = list(checkpoints.glob(".tmp_step_*")) if checkpoints.is_dir() else []
+            if seen:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                partial = [p for p in seen if p.exists()]
+                break
+        if partial:
+            break
+    assert partial, "no kill landed inside a checkpoint save"
+    for done in train.checkpoint_dirs(killed):  # every checkpoint left is complete
+        assert {"adapter_model.safetensors", "optimizer.pt", "state.json", "config.json", "rng_rank0.pt"} <= {
+            p.name for p in done.iterdir()}
+    r = run_cli(args(killed, "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"removed {partial[0]}: a checkpoint whose save was interrupted" in r.stdout
+    assert not list(checkpoints.glob(".tmp_*"))
+    a, b = adapter(straight, 6), adapter(killed, 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a, log_b = read_jsonl(straight / "log.jsonl"), read_jsonl(killed / "log.jsonl")
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5, 6]
+    assert [(r["loss"], r["reward"]) for r in log_a] == [(r["loss"], r["reward"]) for r in log_b]
+    assert read_jsonl(straight / "eval.jsonl")[-1] == read_jsonl(killed / "eval.jsonl")[-1]
