@@ -24,6 +24,9 @@ One optimizer step, in order:
 Every `eval_every` steps: n = 12 samples per held-out problem → Pass/Maj/Avg@12 and length in eval.jsonl,
 and a checkpoint (adapter, optimizer, RNG, data position), written atomically. Step 0 (the base policy, the
 same for every form) is evaluated once per invocation and logged in each run.
+Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes:
+2 bad input, 3 too many failed critiques over the last steps (checkpoint written, fix and --resume), 4 no
+step of a run changed the weights, 143 SIGTERM (checkpoint written).
 
 Departures from the paper:
 1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.
@@ -1011,6 +1014,14 @@ def step_record(cfg, step, items, sums, stats, counters, timer, seconds, grad_no
     return record
 
 
+# options that a resumed run may change: where the critic is and how it is waited for, when to stop and to
+# checkpoint, what is displayed, and memory knobs that leave the step's math as it is (up to float rounding)
+RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps", "epochs", "eval_every", "critic_url",
+                     "critic_api_key_env", "critic_timeout", "critic_concurrency", "critic_retries",
+                     "critic_fail_window", "critic_fail_max", "vllm_gpu_memory", "micro_batch", "loss_chunk",
+                     "grad_checkpointing"}
+
+
 def form_config(cfg: Config, feedback: str) -> Config:
     """The config of one run of the invocation: one feedback form, its own output directory."""
     run_cfg = dataclasses.replace(cfg, feedback=feedback)
@@ -1031,6 +1042,14 @@ def preflight(cfg: Config, world: int) -> None:
         if earlier and not cfg.resume:  # a fresh run there would mix its checkpoints with the earlier run's
             raise ConfigError(f"--out-dir {run_cfg.out_dir}: holds checkpoints of an earlier run (latest "
                               f"{earlier[-1].name}): continue it with --resume, or choose another --out-dir")
+        if earlier and cfg.resume:  # an exact restart needs the options that shape the training
+            saved = json.loads((earlier[-1] / "config.json").read_text())
+            changed = [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_MAY_CHANGE
+                       and f.name in saved and saved[f.name] != getattr(run_cfg, f.name)]
+            if changed:
+                raise ConfigError("\n".join(
+                    f"--{name.replace('_', '-')} {getattr(run_cfg, name)}: {earlier[-1]} was written with "
+                    f"{saved[name]}; --resume continues a run only with the options it started with" for name in changed))
     if "stepalign" in forms and cfg.critic == "server":
         make_critic(cfg).check(timeout_s=min(cfg.critic_timeout, 30.0))
 
