@@ -30,7 +30,8 @@
   one item (down, timeout, HTTP error, malformed answer) gives a Critique with `error` (a message) and
   `error_kind` (a short reason to count by) set: it never raises into the training loop and never hangs.
   `ServerCritic.check()` is the preflight before a run: the model list, then a one-token completion, with a
-  short timeout; it raises `CriticUnavailable` with one line naming the URL and what failed (never the key). LocalCritic and ExactArithmeticCritic run in-process: an exception there
+  short timeout; it raises `CriticUnavailable` with one line naming the URL and what failed (never the key).
+  LocalCritic and ExactArithmeticCritic run in-process: an exception there
   (out of memory, a problem without exact steps) is a configuration error and is raised.
 
 Run the tests:  python -m pytest tests/test_critic.py -q
@@ -611,7 +612,8 @@ class ServerCritic:
         out = []
         for (text, error, kind), (_, response) in zip(answers, batch):
             if error is not None:
-                out.append(Critique(text="", error=error, error_kind=kind, schema_error="no critique (backend error)"))
+                out.append(Critique(text="", error=error, error_kind=kind,
+                                    schema_error="no critique (backend error)"))
             else:
                 out.append(parse_critique(text, len(split_steps(response))))
         return out
@@ -718,8 +720,8 @@ class ServerCritic:
                 elif not isinstance(answer["choices"][0]["message"]["content"], str):
                     raise TypeError("the completion's content is not a string")
             except (ValueError, KeyError, IndexError, TypeError) as e:
-                raise CriticUnavailable(_redact(f"critic server {url}: not an OpenAI-compatible answer "
-                                                f"({type(e).__name__}: {e}); body starts {raw[:80]!r}", key)) from None
+                what = f"not an OpenAI-compatible answer ({type(e).__name__}: {e}); body starts {raw[:80]!r}"
+                raise CriticUnavailable(_redact(f"critic server {url}: {what}", key)) from None
             if body is None and self.model not in served:
                 raise CriticUnavailable(f"critic server {url}: serves {served[:5]}, not {self.model!r} "
                                         "(--critic-model)")

@@ -111,7 +111,8 @@ class Config:
     critic_model: str = opt("Qwen/QwQ-32B", "critic model name (server) or path (local)")
     critic_api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the critic server's API key")
     critic_timeout: float = opt(900.0, "seconds per critic request before it counts as failed")
-    critic_fail_window: int = opt(5, "steps over which failed critiques are counted (fewer at the start of a run)")
+    critic_fail_window: int = opt(5, "steps over which failed critiques are counted (fewer at the start and "
+                                  "after --resume)")
     critic_fail_max: float = opt(0.5, "stop (checkpoint, exit 3) when at least this share of the critiques of the "
                                  "last --critic-fail-window steps failed")
     critic_concurrency: int = opt(32, "concurrent critic requests")
@@ -180,7 +181,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     pre.add_argument("--preset", default="paper", choices=list(PRESETS))
     preset = pre.parse_known_args(argv)[0].preset
     defaults = {**{f.name: f.default for f in dataclasses.fields(Config)}, **PRESETS[preset], "preset": preset}
-    parser = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         kw = dict(default=defaults[f.name], help=f.metadata["help"])
         if f.type == "bool":
@@ -313,7 +315,8 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
     if cfg.data != "arithmetic" and not Path(cfg.data).is_file():
         bad.append(f"--data {cfg.data}: no such file (write one with `python data.py filter ...` "
                    "or use --data arithmetic)")
-    for name, used in (("model", True), ("critic_model", cfg.feedback in ("stepalign", "all") and cfg.critic == "local")):
+    local_critic = cfg.feedback in ("stepalign", "all") and cfg.critic == "local"
+    for name, used in (("model", True), ("critic_model", local_critic)):
         path = getattr(cfg, name)
         looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).parent.exists()
         if used and looks_local and not Path(path).expanduser().is_dir():
@@ -820,7 +823,8 @@ class Run:
 def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Run, int]:
     """Load data and model, build the engine and critic, and resume if asked. Returns (run, first step)."""
     if cfg.prompts_per_step % d.world:
-        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step}: must divide by the number of ranks ({d.world})")
+        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step}: must divide by the number of ranks "
+                          f"({d.world})")
     train_set, test_set = load_problems(cfg)
     critic_backend = make_critic(cfg) if cfg.feedback == "stepalign" else None  # before any GPU time is spent
     torch.manual_seed(cfg.seed)  # the same LoRA initialization on every rank...
@@ -965,7 +969,8 @@ def failure_kinds(failures: dict[str, float]) -> str:
 
 def critic_fix(cfg: Config, failures: dict[str, float]) -> str:
     """What to change, from the most frequent reason among the critic_failed_<kind> counts."""
-    kinds = Counter({k.removeprefix("critic_failed_"): v for k, v in failures.items() if k.startswith("critic_failed_")})
+    kinds = Counter({k.removeprefix("critic_failed_"): v for k, v in failures.items()
+                     if k.startswith("critic_failed_")})
     kind = kinds.most_common(1)[0][0] if kinds else "other"
     if kind in ("refused", "connection"):
         return f"the critic server at {cfg.critic_url} does not answer: restart it (or correct --critic-url)"
@@ -1049,7 +1054,8 @@ def preflight(cfg: Config, world: int) -> None:
             if changed:
                 raise ConfigError("\n".join(
                     f"--{name.replace('_', '-')} {getattr(run_cfg, name)}: {earlier[-1]} was written with "
-                    f"{saved[name]}; --resume continues a run only with the options it started with" for name in changed))
+                    f"{saved[name]}; --resume continues a run only with the options it started with"
+                    for name in changed))
     if "stepalign" in forms and cfg.critic == "server":
         make_critic(cfg).check(timeout_s=min(cfg.critic_timeout, 30.0))
 

@@ -372,8 +372,8 @@ def test_a_critic_that_dies_mid_run_warns_then_stops_with_a_checkpoint(tiny_mode
         err = capsys.readouterr().err
         assert stop.value.code == train.EXIT_CRITIC_DOWN, err
         warnings = [line for line in err.splitlines() if "the critic failed on" in line]
-        assert warnings == [f"[stepalign] step {s}: the critic failed on 4 of 4 rollouts (refused 4); they are skipped"
-                            for s in (3, 5)]
+        assert warnings == [f"[stepalign] step {s}: the critic failed on 4 of 4 rollouts (refused 4); they are "
+                            "skipped" for s in (3, 5)]
         assert (f"stopped at step 5: 8 of 16 critiques failed over the last 4 steps (refused 8), at least "
                 f"--critic-fail-max 0.5. Fix: the critic server at {server.url} does not answer") in err
         assert "continue with the same command and --resume" in err
@@ -526,8 +526,9 @@ def test_kill_9_during_a_checkpoint_save_then_resume_is_exact(tiny_model_dir, tm
     env["OMP_NUM_THREADS"] = "1"
     checkpoints, partial = killed / "checkpoints", []
     for attempt in range(4):  # a kill can land just after the rename; then the next save is the target
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(killed, *["--resume"] * (attempt > 0))],
-                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        resume = ["--resume"] * (attempt > 0)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(killed, *resume)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while proc.poll() is None:
             seen = list(checkpoints.glob(".tmp_step_*")) if checkpoints.is_dir() else []
             if seen:
