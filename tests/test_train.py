@@ -1,5 +1,6 @@
 """The loop on a tiny random model: config, data order, DDP (2 torchrun ranks = 1 process), exact resume,
-SIGTERM, atomic checkpoints, and faults (critic down, non-finite loss, missing paths)."""
+SIGTERM, atomic checkpoints (kill -9 during a save), and faults: every bad option refused at start by name, the
+critic server down at start and dying mid-run, a non-finite loss, a run that learns nothing."""
 import json
 import os
 import signal
