@@ -34,7 +34,10 @@
   --enable-prefix-caching`; stdlib only), `LocalCritic` (a transformers model, greedy, batched) and
   `ExactArithmeticCritic` (always right on `data.arithmetic_problems`, same schema). A ServerCritic failure for
   one item (down, timeout, HTTP error, malformed answer, cut by the length limit) gives a Critique with `error`
-  set: it never raises into the training loop and never hangs. LocalCritic and ExactArithmeticCritic run in-process: an exception there
+  (a message) and `error_kind` (a short reason to count by) set: it never raises into the training loop and
+  never hangs. `ServerCritic.check()` is the preflight before a run: the model list, then a one-token
+  completion, with a short timeout; it raises `CriticUnavailable` with one line naming the URL and what failed
+  (never the key). LocalCritic and ExactArithmeticCritic run in-process: an exception there
   (out of memory, a problem without exact steps) is a configuration error and is raised.
 
 Run the tests:  python -m pytest tests/test_critic.py -q
@@ -89,8 +92,9 @@ class Critique:
     pivot_step: int | None = None  # 1-based index of the first wrong student step
     step_ok: list[bool] | None = None  # one verdict per student step
     schema_ok: bool = False
-    error: str | None = None  # the backend failed for this item (text is then empty)
-    error_kind: str | None = None  # short class of `error`, e.g. "length" (the answer hit the token limit)
+    error: str | None = None  # the backend failed for this item (text is then empty); a message for people
+    # why, for counting: "refused", "timeout", "connection", "http_<status>", "malformed", "length"
+    error_kind: str | None = None
     schema_error: str | None = None  # why the schema did not validate
     # where the wrong claim is in the student's response (ExactArithmeticCritic only; for figures)
     wrong_claim: str | None = None  # e.g. "136"
@@ -574,9 +578,25 @@ class ExactArithmeticCritic:
 
 # ---------------------------------------------------------------------------------------------- server critic
 class _RequestFailed(Exception):
-    def __init__(self, message: str, retryable: bool, kind: str | None = None):
+    def __init__(self, message: str, retryable: bool, kind: str):
         super().__init__(message)
         self.retryable, self.kind = retryable, kind
+
+
+class CriticUnavailable(Exception):
+    """The critic server failed its preflight (`ServerCritic.check`); the message is one line, without the key."""
+
+
+def _network_failure(e: Exception, url: str) -> _RequestFailed:
+    """An exception of urllib / http.client / the socket layer as a retryable failure with its kind."""
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    if isinstance(reason, ConnectionRefusedError):
+        kind = "refused"
+    elif isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError
+        kind = "timeout"
+    else:
+        kind = "connection"  # reset, closed without an answer, unreachable host, DNS
+    return _RequestFailed(f"request to {url} failed: {type(reason).__name__}: {reason}", True, kind)
 
 
 class ServerCritic:
@@ -615,7 +635,8 @@ class ServerCritic:
         out = []
         for (text, error, kind), (_, response) in zip(answers, batch):
             if error is not None:
-                out.append(Critique(text="", error=error, error_kind=kind, schema_error="no critique (backend error)"))
+                out.append(Critique(text="", error=error, error_kind=kind,
+                                    schema_error="no critique (backend error)"))
             else:
                 out.append(parse_critique(text, len(split_steps(response)), self.think_in_prompt))
         return out
@@ -634,7 +655,7 @@ class ServerCritic:
             for f in futures:
                 if not f.done():
                     f.cancel()
-                    results.append((None, f"no answer within {worst_case:.0f} s", None))
+                    results.append((None, f"no answer within {worst_case:.0f} s", "timeout"))
                 else:
                     results.append(f.result())  # _complete_one returns errors, it does not raise
             return results
@@ -669,15 +690,15 @@ class ServerCritic:
                 while chunk := response.read(65536):
                     chunks.append(chunk)
                     if time.monotonic() > deadline:
-                        raise _RequestFailed(f"timed out after {self.timeout_s} s while reading the answer", True)
+                        raise _RequestFailed(f"timed out after {self.timeout_s} s while reading the answer", True,
+                                             "timeout")
                 raw = b"".join(chunks)
         except urllib.error.HTTPError as e:
             detail = e.read(300).decode("utf-8", "replace") if e.fp is not None else ""
             raise _RequestFailed(f"HTTP {e.code} from {self.url}: {detail}",
-                                 retryable=e.code >= 500 or e.code in (408, 429)) from None
+                                 retryable=e.code >= 500 or e.code in (408, 429), kind=f"http_{e.code}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timeout
-            reason = e.reason if isinstance(e, urllib.error.URLError) else e
-            raise _RequestFailed(f"request to {self.url} failed: {type(reason).__name__}: {reason}", True) from None
+            raise _network_failure(e, self.url) from None
         try:
             answer = json.loads(raw)
             choice = answer["choices"][0]
@@ -693,8 +714,48 @@ class ServerCritic:
                 raise ValueError(f"finish_reason is {finish_reason!r}, expected 'stop'")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise _RequestFailed(f"malformed answer from {self.url}: {type(e).__name__}: {e}; "
-                                 f"body starts {raw[:120]!r}", True) from None
+                                 f"body starts {raw[:120]!r}", True, "malformed") from None
         return text
+
+    def check(self, timeout_s: float = 10.0) -> None:
+        """Preflight, before a run spends anything: the server lists `self.model`, and answers a one-token
+        completion. Raises CriticUnavailable with one line naming the URL and what failed (never the key)."""
+        key = os.environ.get(self.api_key_env) or None
+        models_url = self.url.rsplit("/chat/completions", 1)[0] + "/models"
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        probe = json.dumps({"model": self.model, "messages": [{"role": "user", "content": "Say OK."}],
+                            "temperature": 0.0, "max_tokens": 1}).encode("utf-8")
+        for url, body in ((models_url, None), (self.url, probe)):
+            headers = {"Content-Type": "application/json", **auth} if body else auth
+            request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body else "GET")
+            try:
+                with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                    raw = response.read(1 << 20)
+            except urllib.error.HTTPError as e:
+                detail = e.read(200).decode("utf-8", "replace").strip() if e.fp is not None else ""
+                if e.code in (401, 403):
+                    what = (f"HTTP {e.code} (unauthorized): the key in ${self.api_key_env} was refused" if key
+                            else f"HTTP {e.code} (unauthorized): it needs an API key in ${self.api_key_env}")
+                else:
+                    what = f"HTTP {e.code}: {detail[:200]}"
+                raise CriticUnavailable(_redact(f"critic server {url}: {what}", key)) from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                failure = _network_failure(e, url)
+                what = {"refused": "connection refused: is the server running at --critic-url?",
+                        "timeout": f"no answer within {timeout_s} s"}.get(failure.kind, str(failure))
+                raise CriticUnavailable(_redact(f"critic server {url}: {what}", key)) from None
+            try:
+                answer = json.loads(raw)
+                if body is None:
+                    served = [m["id"] for m in answer["data"]]
+                elif not isinstance(answer["choices"][0]["message"]["content"], str):
+                    raise TypeError("the completion's content is not a string")
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                what = f"not an OpenAI-compatible answer ({type(e).__name__}: {e}); body starts {raw[:80]!r}"
+                raise CriticUnavailable(_redact(f"critic server {url}: {what}", key)) from None
+            if body is None and self.model not in served:
+                raise CriticUnavailable(f"critic server {url}: serves {served[:5]}, not {self.model!r} "
+                                        "(--critic-model)")
 
 
 def _redact(message: str, key: str | None) -> str:

@@ -472,13 +472,19 @@ def write_manifest(path: str | Path, train: list[dict], test: list[dict], settin
                 f.write(json.dumps({**row, "split": split, **extra}, ensure_ascii=False) + "\n")
 
 
+SPLITS = ("train", "test")
+
+
 def load_manifest(path: str | Path, split: str | None = None) -> list[Problem]:
-    """Problems of a manifest written by `python data.py filter` (optionally one split: 'train' or 'test')."""
+    """Problems of a manifest written by `python data.py filter` (optionally one split: 'train' or 'test').
+    A row whose split is neither is an error naming the row: it would otherwise drop out of both splits."""
     problems = []
     for rowno, row in iter_rows(path):
         for field in ("id", "problem", "answer", "split"):
             if not isinstance(row.get(field), str) or not row[field]:
                 raise DataError(f"{path}: row {rowno}: field {field!r} is missing or empty")
+        if row["split"] not in SPLITS:
+            raise DataError(f"{path}: row {rowno}: field 'split' is {row['split']!r}; expected 'train' or 'test'")
         if split is None or row["split"] == split:
             problems.append(Problem(row["id"], row["problem"], row["answer"], row.get("reference_solution"),
                                     None, row.get("source", "")))
@@ -614,7 +620,11 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] != "filter":
         print("usage: python data.py filter --help", file=sys.stderr)
         raise SystemExit(2)
-    _filter_command(argv[1:])
+    try:
+        _filter_command(argv[1:])
+    except DataError as e:  # a bad input file or row: one line naming file, row and field, not a traceback
+        print(f"python data.py filter: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

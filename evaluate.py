@@ -85,22 +85,20 @@ _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _INTEGER = re.compile(r"[+-]?\d{1,100}")
 
 
-def _braced(text: str, start: int) -> str | None:
-    """Content of the brace group opening at text[start] == '{', nested braces and \\{ \\} handled; None if unclosed."""
-    depth, i = 0, start
+def _brace_pairs(text: str) -> dict[int, int]:
+    """Position of each '{' -> position of its matching '}', in one pass (escaped \\{ \\} \\\\ are skipped)."""
+    pairs, open_at, i = {}, [], 0
     while i < len(text):
         ch = text[i]
         if ch == "\\":  # an escaped character (\{, \}, \\) never opens or closes a group
             i += 2
             continue
         if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:i]
+            open_at.append(i)
+        elif ch == "}" and open_at:
+            pairs[open_at.pop()] = i
         i += 1
-    return None
+    return pairs
 
 
 def extract_answer(response: str) -> str | None:
@@ -108,12 +106,18 @@ def extract_answer(response: str) -> str | None:
 
     Accepted: `\\boxed{...}`, `\\boxed {...}`, `\\fbox{...}`, with nested braces and escaped braces (\\{ \\}).
     Not accepted: `\\boxed 5` (no braces). An unclosed box (a truncated response) and an empty box are skipped,
-    so the last complete, non-empty box wins; None when there is none.
+    so the last complete, non-empty box wins; None when there is none. Linear in len(response): the braces are
+    matched once for the whole text, not once per box (with many unclosed boxes that was quadratic).
     """
-    for m in reversed(list(_BOX_OPEN.finditer(response))):
-        content = _braced(response, m.end() - 1)
-        if content is not None and content.strip():
-            return content.strip()
+    opens = [m.end() - 1 for m in _BOX_OPEN.finditer(response)]  # the '{' of each box
+    if not opens:
+        return None
+    pairs = _brace_pairs(response)
+    for start in reversed(opens):
+        end = pairs.get(start)
+        # a box that strips to nothing holds only whitespace, so such boxes are disjoint: O(len) in total
+        if end is not None and response[start + 1:end].strip():
+            return response[start + 1:end].strip()
     return None
 
 

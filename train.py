@@ -24,6 +24,9 @@ One optimizer step, in order:
 Every `eval_every` steps: n = 12 samples per held-out problem → Pass/Maj/Avg@12 and length in eval.jsonl,
 and a checkpoint (adapter, optimizer, RNG, data position), written atomically. Step 0 (the base policy, the
 same for every form) is evaluated once per invocation and logged in each run.
+Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes:
+2 bad input, 3 too many failed critiques over the last steps (checkpoint written, fix and --resume), 4 no
+step of a run changed the weights, 143 SIGTERM (checkpoint written).
 
 Departures from the paper:
 1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.
@@ -60,10 +63,13 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import time
+import urllib.parse
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +120,10 @@ class Config:
     critic_model: str = opt("Qwen/QwQ-32B", "critic model name (server) or path (local)")
     critic_api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the critic server's API key")
     critic_timeout: float = opt(900.0, "seconds per critic request before it counts as failed")
+    critic_fail_window: int = opt(5, "steps over which failed critiques are counted (fewer at the start and "
+                                  "after --resume)")
+    critic_fail_max: float = opt(0.5, "stop (checkpoint, exit 3) when at least this share of the critiques of the "
+                                 "last --critic-fail-window steps failed")
     critic_concurrency: int = opt(32, "concurrent critic requests")
     critic_retries: int = opt(3, "retries per critic request (exponential backoff) before the rollout is skipped")
     critic_max_tokens: int = opt(CRITIC_MAX_TOKENS, "critic generation budget, its <think> trace included; an answer "
@@ -174,14 +184,21 @@ PRESETS: dict[str, dict] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"train.py: error: {message} (python train.py --help lists every option)\n")
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     """Command line generated from Config's fields; a preset's values become the defaults."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineParser(add_help=False)
     pre.add_argument("--preset", default="paper", choices=list(PRESETS))
     preset = pre.parse_known_args(argv)[0].preset
     defaults = {**{f.name: f.default for f in dataclasses.fields(Config)}, **PRESETS[preset], "preset": preset}
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         kw = dict(default=defaults[f.name], help=f.metadata["help"])
         if f.type == "bool":
@@ -236,23 +253,104 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
-def check_inputs(cfg: Config) -> None:
-    """Fail before any model is loaded or GPU time is spent."""
+class ConfigError(ValueError):
+    """Bad options or inputs, found before anything is loaded: one line per problem, naming the option."""
+
+
+EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_SIGTERM = 2, 3, 4, 143
+
+
+def config_problems(cfg: Config, world: int = 1) -> list[str]:
+    """Every option's allowed range and the choices that depend on each other (`choices` are argparse's).
+    One line per problem: the option, its value, what is allowed. Reads no file but the paths' existence."""
+    bad = []
+
+    def need(ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            bad.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: {allowed}")
+
+    for f in dataclasses.fields(Config):  # nan and inf pass a comparison with a bound, so they are refused first
+        if f.type == "float" and not math.isfinite(getattr(cfg, f.name)):
+            need(False, f.name, "must be a finite number")
+    finite = {f.name for f in dataclasses.fields(Config) if f.type != "float" or math.isfinite(getattr(cfg, f.name))}
+    ranges = [  # (option, allowed?, what is allowed)
+        ("pbsd_beta", cfg.pbsd_beta > 0, "must be > 0"),
+        ("arith_train", cfg.arith_train >= 1, "must be >= 1"),
+        ("arith_test", cfg.arith_test >= 1, "must be >= 1"),
+        ("arith_ops", cfg.arith_ops >= 1, "must be >= 1"),
+        ("arith_max_operand", cfg.arith_max_operand >= 2, "must be >= 2"),
+        ("arith_operators", bool(cfg.arith_operators) and set(cfg.arith_operators) <= set("+-*"),
+         "must be one or more of the characters + - *"),
+        ("critic_timeout", cfg.critic_timeout > 0, "must be > 0 seconds"),
+        ("critic_fail_window", cfg.critic_fail_window >= 1, "must be >= 1 step"),
+        ("critic_fail_max", 0 < cfg.critic_fail_max <= 1, "must be a share in (0, 1]"),
+        ("critic_concurrency", cfg.critic_concurrency >= 1, "must be >= 1"),
+        ("critic_retries", cfg.critic_retries >= 0, "must be >= 0"),
+        ("critic_max_tokens", cfg.critic_max_tokens >= 1, "must be >= 1"),
+        ("vllm_gpu_memory", 0 < cfg.vllm_gpu_memory <= 1, "must be a fraction in (0, 1]"),
+        ("lora_r", cfg.lora_r >= 1, "must be >= 1"),
+        ("lora_alpha", cfg.lora_alpha > 0, "must be > 0"),
+        ("lora_targets", all(t.strip() for t in cfg.lora_targets.split(",")),
+         "must be comma-separated module names, none empty"),
+        ("sd_samples", cfg.sd_samples >= 1, "must be >= 1"),
+        ("grpo_group_size", cfg.grpo_group_size >= 2, "must be >= 2 (a group of one has no advantage)"),
+        ("grpo_clip", cfg.grpo_clip > 0, "must be > 0"),
+        ("temperature", cfg.temperature > 0, "must be > 0 (rollouts are samples of the policy)"),
+        ("max_new_tokens", cfg.max_new_tokens >= 1, "must be >= 1"),
+        ("lr", cfg.lr > 0, "must be > 0"),
+        ("weight_decay", cfg.weight_decay >= 0, "must be >= 0"),
+        ("max_grad_norm", cfg.max_grad_norm > 0, "must be > 0"),
+        ("prompts_per_step", cfg.prompts_per_step >= 1, "must be >= 1"),
+        ("micro_batch", cfg.micro_batch >= 1, "must be >= 1 (any size: the loss is normalized over the step)"),
+        ("loss_chunk", cfg.loss_chunk >= 1, "must be >= 1"),
+        ("epochs", cfg.epochs >= 1, "must be >= 1"),
+        ("max_steps", cfg.max_steps >= 0, "must be >= 0 (0: --epochs decide)"),
+        ("eval_every", cfg.eval_every >= 1, "must be >= 1"),
+        ("eval_samples", cfg.eval_samples >= 1, "must be >= 1 (it is both n and the k of Pass/Maj/Avg@k)"),
+        ("eval_temperature", cfg.eval_temperature >= 0, "must be >= 0 (0: greedy)"),
+        ("eval_problems", cfg.eval_problems >= 0, "must be >= 0 (0: all)"),
+        ("seed", cfg.seed >= 0, "must be >= 0"),
+        ("critic_api_key_env", re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.critic_api_key_env) is not None,
+         "must be the name of an environment variable"),
+    ]
+    for name, ok, allowed in ranges:
+        if name in finite:
+            need(ok, name, allowed)
+    if cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world:
+        need(False, "prompts_per_step", f"must divide by the number of ranks ({world})")
+    url = urllib.parse.urlsplit(cfg.critic_url)
+    need(url.scheme in ("http", "https") and bool(url.hostname), "critic_url", "must be http(s)://HOST[:PORT]/v1")
+    try:
+        out = cfg.out_dir.format(preset=cfg.preset, feedback=cfg.feedback)
+        need(not Path(out).is_file(), "out_dir", "is a file; it must be a directory")
+    except (KeyError, IndexError, ValueError) as e:
+        need(False, "out_dir", f"may hold only {{preset}} and {{feedback}} ({type(e).__name__}: {e})")
     if cfg.objective == "pbsd" and cfg.feedback in ("grpo", "all"):
-        raise SystemExit("--objective pbsd needs a teacher context: --feedback stepalign, refsol or verdict")
+        bad.append(f"--objective pbsd with --feedback {cfg.feedback}: pbsd needs a teacher context: "
+                   "--feedback stepalign, refsol or verdict")
     if cfg.data != "arithmetic" and not Path(cfg.data).is_file():
-        raise SystemExit(f"--data {cfg.data}: no such file (write one with `python data.py filter ...` "
-                         "or use --data arithmetic)")
-    looks_local = cfg.model.startswith((".", "/", "~")) or os.sep in cfg.model and Path(cfg.model).parent.exists()
-    if looks_local and not Path(cfg.model).expanduser().exists():
-        raise SystemExit(f"--model {cfg.model}: no such directory")
+        bad.append(f"--data {cfg.data}: no such file (write one with `python data.py filter ...` "
+                   "or use --data arithmetic)")
+    local_critic = cfg.feedback in ("stepalign", "all") and cfg.critic == "local"
+    for name, used in (("model", True), ("critic_model", local_critic)):
+        path = getattr(cfg, name)
+        looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).parent.exists()
+        if used and looks_local and not Path(path).expanduser().is_dir():
+            need(False, name, "no such directory")
+        elif used and looks_local and not (Path(path).expanduser() / "config.json").is_file():
+            need(False, name, "the directory has no config.json (not a saved model)")
+    if cfg.feedback in ("stepalign", "all") and cfg.critic == "exact" and cfg.data != "arithmetic":
+        bad.append("--critic exact only knows arithmetic problems: use --critic server or --critic local")
+    return bad
+
+
+def check_inputs(cfg: Config, world: int = 1) -> None:
+    """Fail before any model is loaded or GPU time is spent: ConfigError with one line per problem."""
+    bad = config_problems(cfg, world)
+    if bad:
+        raise ConfigError("\n".join(bad))
     if cfg.engine == "vllm" and not torch.cuda.is_available():
         raise SystemExit("--engine vllm needs a GPU; on a CPU use --engine transformers (or --preset demo)")
-    if (cfg.feedback == "stepalign" and cfg.critic == "local" and cfg.critic_model.startswith((".", "/", "~"))
-            and not Path(cfg.critic_model).expanduser().exists()):
-        raise SystemExit(f"--critic-model {cfg.critic_model}: no such directory")
-    if cfg.feedback == "stepalign" and cfg.critic == "exact" and cfg.data != "arithmetic":
-        raise SystemExit("--critic exact only knows arithmetic problems: use --critic server or --critic local")
 
 
 def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
@@ -266,11 +364,24 @@ def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
         test = [p for p in test if p.problem not in seen]
     else:
         train, test = data.load_manifest(cfg.data, "train"), data.load_manifest(cfg.data, "test")
+        for split, problems in (("train", train), ("test", test)):
+            if not problems:
+                raise data.DataError(f"{cfg.data}: no row with split {split!r}: a run needs at least one training "
+                                     "and one held-out problem")
+    if not test:  # (arithmetic) every held-out problem was also drawn for training
+        raise ConfigError(f"--arith-test {cfg.arith_test}: every held-out problem is also a training problem; "
+                          "raise --arith-max-operand or --arith-ops")
     if cfg.feedback == "refsol":
         missing = [p.id for p in train if not p.reference_solution]
         if missing:
-            raise SystemExit(f"--feedback refsol: {len(missing)} training problems of {cfg.data} have no "
-                             f"reference solution (first: {missing[0]})")
+            raise ConfigError(f"--feedback refsol: {len(missing)} training problems of {cfg.data} have no "
+                              f"reference solution (first: {missing[0]})")
+    if cfg.eval_problems > len(test):
+        raise ConfigError(f"--eval-problems {cfg.eval_problems}: must be at most the {len(test)} held-out problems "
+                          f"of --data {cfg.data} (0: all)")
+    if total_steps(cfg, len(train)) < 1:
+        raise ConfigError(f"--epochs {cfg.epochs} x {len(train)} training problems // --prompts-per-step "
+                          f"{cfg.prompts_per_step} is 0 steps: lower --prompts-per-step or raise --epochs")
     return train, (test[:cfg.eval_problems] if cfg.eval_problems else test)
 
 
@@ -357,6 +468,8 @@ def feedback_contexts(cfg, critic_backend, items: list[Item], timer, stats: dict
         contexts = [critique_context(c, cfg.critic_unstructured) for c in critiques]
         unstructured = [(c, ctx) for c, ctx in zip(critiques, contexts) if c.error is None and not c.schema_ok]
         stats["critic_failed"] = float(sum(c.error is not None for c in critiques))
+        for kind, count in Counter(c.error_kind or "other" for c in critiques if c.error is not None).items():
+            stats[f"critic_failed_{kind}"] = float(count)  # why: refused, timeout, http_<status>, malformed, length
         stats["critic_schema_ok"] = float(sum(c.schema_ok for c in critiques if c.error is None))
         stats["skipped_unstructured"] = float(sum(ctx is None for _, ctx in unstructured))
         stats["kept_unstructured"] = float(sum(ctx is not None for _, ctx in unstructured))
@@ -511,9 +624,12 @@ def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist) -
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Keep the JSONL lines of steps <= `step` (a run killed between two checkpoints logged steps past it)."""
+    """Keep the JSONL lines of steps <= `step` (a run killed between two checkpoints logged steps past it).
+    A last line without its newline is a write cut by a kill: it is dropped."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        text = path.read_text()
+        complete = text[:text.rfind("\n") + 1]
+        lines = [line for line in complete.splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in lines))
 
 
@@ -742,7 +858,8 @@ class Run:
 def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Run, int]:
     """Load data and model, build the engine and critic, and resume if asked. Returns (run, first step)."""
     if cfg.prompts_per_step % d.world:
-        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} must divide by the world size {d.world}")
+        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step}: must divide by the number of ranks "
+                          f"({d.world})")
     train_set, test_set = load_problems(cfg)
     critic_backend = make_critic(cfg) if cfg.feedback == "stepalign" else None  # before any GPU time is spent
     torch.manual_seed(cfg.seed)  # the same LoRA initialization on every rank...
@@ -762,6 +879,11 @@ def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Ru
               Logger(cfg, d), {"skipped_critic": 0, "skipped_nonfinite": 0, "skipped_empty": 0})
     if d.master:
         run.out_dir.mkdir(parents=True, exist_ok=True)
+        for stray in sorted((run.out_dir / "checkpoints").glob(".tmp_step_*")):  # a save cut by a kill
+            shutil.rmtree(stray)
+            print(f"removed {stray}: a checkpoint whose save was interrupted", flush=True)
+    if d.world > 1:
+        dist.barrier()  # (no rank reads the checkpoints before the strays are gone)
     if cfg.resume and checkpoint_dirs(run.out_dir):
         latest = checkpoint_dirs(run.out_dir)[-1]
         step, counters = load_checkpoint(latest, model, optimizer, d)
@@ -780,9 +902,13 @@ def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Ru
     return run, 0
 
 
-def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker, base_eval: dict | None = None) -> Path:
-    """One run of one feedback form, steps 1–7 of the module docstring in a loop. Returns its output directory.
-    base_eval: shared by the runs of one invocation, so that the base policy (step 0) is evaluated once."""
+def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker, base_eval: dict | None = None
+          ) -> tuple[Path, dict, int]:
+    """One run of one feedback form, steps 1–7 of the module docstring in a loop. Returns its output directory,
+    its counters and its number of steps. base_eval: shared by the runs of one invocation, so that the base
+    policy (step 0) is evaluated once. A step with failed critiques prints a warning; when at least
+    `critic_fail_max` of the critiques of the last `critic_fail_window` steps failed, the run checkpoints and
+    exits with EXIT_CRITIC_DOWN."""
     run, start = start_run(cfg, d, checker)
     steps = total_steps(cfg, len(run.train_set))
     run.push_adapter(start)
@@ -792,6 +918,7 @@ def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker, base_eval: dict
     if d.master and cfg.progress:
         from tqdm import tqdm
         bar = tqdm(total=steps, initial=start, desc=cfg.feedback, unit="step", dynamic_ncols=True)
+    window = deque(maxlen=cfg.critic_fail_window)  # failed critiques of the last steps (all ranks)
     with StopFlag() as stop:
         for step in range(start, steps):
             timer, t0 = Timer(), time.perf_counter()
@@ -800,33 +927,100 @@ def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker, base_eval: dict
                 run.save(step)
                 return _stopped(run.out_dir, step, d)
             sums, grad_norm = run.optimize(items, timer)
-            failed = torch.tensor([stats.get("critic_failed", 0.0)], device=d.device)
-            run.counters["skipped_critic"] += int(all_reduce_sum(failed, d).item())  # all ranks' failures
+            failures = sum_over_ranks({k: v for k, v in stats.items() if k.startswith("critic_failed")}, d)
+            run.counters["skipped_critic"] += int(failures.get("critic_failed", 0))  # all ranks' failures
             done = step + 1
             run.push_adapter(done)
             record = step_record(cfg, done, items, sums, stats, run.counters, timer, time.perf_counter() - t0,
-                                 grad_norm, d)
+                                 grad_norm, d) | failures
             run.log.write("log.jsonl", record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.2f}")
+            critic_down = None
+            if cfg.feedback == "stepalign":
+                n = cfg.prompts_per_step * group_size(cfg)  # one critique per rollout
+                window.append(failures)
+                if failures.get("critic_failed") and d.master:
+                    warn(f"[{run_name(cfg)}] step {done}: the critic failed on {failures['critic_failed']:.0f} of "
+                         f"{n} rollouts ({failure_kinds(failures)}); they are skipped", bar)
+                recent = sum((Counter(f) for f in window), Counter())
+                if recent["critic_failed"] >= cfg.critic_fail_max * n * len(window) and done < steps:
+                    critic_down = (f"{recent['critic_failed']:.0f} of {n * len(window)} critiques failed over the "
+                                   f"last {len(window)} steps ({failure_kinds(recent)})")
             stopping = stop.agreed(d)  # read once: the save below and the exit must agree
             if done % cfg.eval_every == 0 or done == steps:
                 run.evaluate(done)
                 run.save(done)
-            elif stopping:
+            elif stopping or critic_down:
                 run.save(done)
             if stopping:
                 return _stopped(run.out_dir, done, d)
+            if critic_down:
+                if d.master:
+                    warn(f"train.py: error: [{run_name(cfg)}] stopped at step {done}: {critic_down}, at least "
+                         f"--critic-fail-max {cfg.critic_fail_max}. Fix: {critic_fix(cfg, recent)}. A checkpoint "
+                         f"of step {done} is in {run.out_dir}: continue with the same command and --resume.", bar)
+                raise SystemExit(EXIT_CRITIC_DOWN)
     if bar is not None:
         bar.close()
-    return run.out_dir
+    return run.out_dir, run.counters, steps
 
 
 def _stopped(out_dir: Path, step: int, d: Dist):
     if d.master:
         print(f"SIGTERM: checkpoint written at step {step} in {out_dir}; continue with --resume", flush=True)
-    raise SystemExit(143)
+    raise SystemExit(EXIT_SIGTERM)
+
+
+def warn(message: str, bar=None) -> None:
+    """A line on stderr, through the progress bar when there is one (so that the bar does not overwrite it)."""
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def sum_over_ranks(counts: dict[str, float], d: Dist) -> dict[str, float]:
+    """Counts summed over ranks; each rank may hold different keys (e.g. critic_failed_timeout on one only)."""
+    if d.world == 1:
+        return dict(counts)
+    every = [None] * d.world
+    dist.all_gather_object(every, counts)
+    total: dict[str, float] = {}
+    for rank_counts in every:
+        for k, v in rank_counts.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def failure_kinds(failures: dict[str, float]) -> str:
+    """'refused 3, timeout 1' from the critic_failed_<kind> counts."""
+    kinds = {k.removeprefix("critic_failed_"): v for k, v in failures.items() if k.startswith("critic_failed_")}
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+def critic_fix(cfg: Config, failures: dict[str, float]) -> str:
+    """What to change, from the most frequent reason among the critic_failed_<kind> counts."""
+    kinds = Counter({k.removeprefix("critic_failed_"): v for k, v in failures.items()
+                     if k.startswith("critic_failed_")})
+    kind = kinds.most_common(1)[0][0] if kinds else "other"
+    if kind in ("refused", "connection"):
+        return f"the critic server at {cfg.critic_url} does not answer: restart it (or correct --critic-url)"
+    if kind == "timeout":
+        return (f"critiques take longer than --critic-timeout {cfg.critic_timeout} s: raise it, lower "
+                f"--critic-concurrency {cfg.critic_concurrency}, or give the server more capacity")
+    if kind in ("http_401", "http_403"):
+        return f"the server refuses the API key in ${cfg.critic_api_key_env}"
+    if kind.startswith("http_4"):
+        return f"the server rejects the requests ({kind}): check --critic-model {cfg.critic_model} and its log"
+    if kind.startswith("http_"):
+        return f"the server fails ({kind}): see its log (out of memory? a context shorter than the prompts?)"
+    if kind == "malformed":
+        return f"the answers of {cfg.critic_url} are not OpenAI chat completions: check --critic-url"
+    if kind == "length":
+        return f"critiques are cut by --critic-max-tokens {cfg.critic_max_tokens}: raise it"
+    return "see the warnings above"
 
 
 def step_record(cfg, step, items, sums, stats, counters, timer, seconds, grad_norm, d: Dist) -> dict:
@@ -860,24 +1054,81 @@ def step_record(cfg, step, items, sums, stats, counters, timer, seconds, grad_no
     return record
 
 
+# options that a resumed run may change: where the critic is and how it is waited for, when to stop and to
+# checkpoint, what is displayed, and memory knobs that leave the step's math as it is (up to float rounding)
+RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps", "epochs", "eval_every", "critic_url",
+                     "critic_api_key_env", "critic_timeout", "critic_concurrency", "critic_retries",
+                     "critic_fail_window", "critic_fail_max", "vllm_gpu_memory", "micro_batch", "loss_chunk",
+                     "grad_checkpointing"}
+
+
+def form_config(cfg: Config, feedback: str) -> Config:
+    """The config of one run of the invocation: one feedback form, its own output directory."""
+    run_cfg = dataclasses.replace(cfg, feedback=feedback)
+    run_cfg.out_dir = cfg.out_dir.format(preset=cfg.preset, feedback=run_name(run_cfg))
+    return run_cfg
+
+
+def preflight(cfg: Config, world: int) -> None:
+    """Everything checkable before a model loads: the options, the data of each run (at least one training and
+    one held-out problem, at least one step), its output directory, and the critic server (its model list, then
+    a one-token completion). Raises ConfigError, data.DataError or critic.CriticUnavailable."""
+    check_inputs(cfg, world)
+    forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
+    for feedback in forms:
+        run_cfg = form_config(cfg, feedback)
+        load_problems(run_cfg)
+        earlier = checkpoint_dirs(Path(run_cfg.out_dir))
+        if earlier and not cfg.resume:  # a fresh run there would mix its checkpoints with the earlier run's
+            raise ConfigError(f"--out-dir {run_cfg.out_dir}: holds checkpoints of an earlier run (latest "
+                              f"{earlier[-1].name}): continue it with --resume, or choose another --out-dir")
+        if earlier and cfg.resume:  # an exact restart needs the options that shape the training
+            saved = json.loads((earlier[-1] / "config.json").read_text())
+            changed = [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_MAY_CHANGE
+                       and f.name in saved and saved[f.name] != getattr(run_cfg, f.name)]
+            if changed:
+                raise ConfigError("\n".join(
+                    f"--{name.replace('_', '-')} {getattr(run_cfg, name)}: {earlier[-1]} was written with "
+                    f"{saved[name]}; --resume continues a run only with the options it started with"
+                    for name in changed))
+    if "stepalign" in forms and cfg.critic == "server":
+        make_critic(cfg).check(timeout_s=min(cfg.critic_timeout, 30.0))
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
-    check_inputs(cfg)
+    try:
+        preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except (ConfigError, data.DataError, critic.CriticUnavailable) as e:  # one line each, no traceback
+        if os.environ.get("RANK", "0") == "0":
+            for line in str(e).splitlines():
+                print(f"train.py: error: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT) from None
     d = setup_distributed()
     forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
-    run_dirs, base_eval = [], {}
+    run_dirs, base_eval, idle = [], {}, []
     with evaluate.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
         for feedback in forms:
-            run_cfg = dataclasses.replace(cfg, feedback=feedback)
-            run_cfg.out_dir = cfg.out_dir.format(preset=cfg.preset, feedback=run_name(run_cfg))
+            run_cfg = form_config(cfg, feedback)
             if d.master:
                 print("config: " + json.dumps(dataclasses.asdict(run_cfg)), flush=True)
-            run_dirs.append(train(run_cfg, d, checker, base_eval))
+            out_dir, counters, steps = train(run_cfg, d, checker, base_eval)
+            run_dirs.append(out_dir)
+            if counters["skipped_empty"] + counters["skipped_nonfinite"] >= steps:  # no AdamW step at all
+                idle.append(f"run {run_name(run_cfg)} took no optimizer step in its {steps} steps (skipped_empty "
+                            f"{counters['skipped_empty']}: nothing to learn from; skipped_nonfinite "
+                            f"{counters['skipped_nonfinite']}; rollouts skipped for the critic "
+                            f"{counters['skipped_critic']}): its evaluations are of the base policy; see "
+                            f"{out_dir / 'log.jsonl'}")
     if d.master:
         table = evaluate.results_table(evaluate.load_evals(run_dirs))
         print(table)
+        for line in idle:
+            print(f"train.py: error: {line}", file=sys.stderr, flush=True)
     if d.world > 1:
         dist.destroy_process_group()
+    if idle:
+        raise SystemExit(EXIT_NOTHING_LEARNED)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import critic as critic_module
 from critic import (Critique, ExactArithmeticCritic, LocalCritic, ServerCritic, critic_messages, critique_metrics,
                     format_critique, parse_critique, prompt_opens_think, render, student_messages, teacher_messages,
                     verdict_text)
@@ -258,8 +259,8 @@ class Handler(BaseHTTPRequestHandler):
 def serve():
     servers = []
 
-    def start(respond):
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    def start(respond, handler=Handler):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         server.daemon_threads = True
         server.respond, server.requests = respond, []
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -346,6 +347,7 @@ def test_server_down_gives_error_critiques():
     got = critic.critique([(PROBLEM, "Step 1: 17 + 25 = 42")] * 3)
     assert time.monotonic() - t0 < 5
     assert all(c.error and "refused" in c.error.lower() and "attempt 3 of 3" in c.error for c in got)
+    assert [c.error_kind for c in got] == ["refused"] * 3
     assert all(not c.schema_ok and c.text == "" for c in got)
 
 
@@ -363,6 +365,7 @@ def test_slow_server_times_out_without_hanging(serve):
         got = critic.critique([(PROBLEM, "Step 1: x")] * 2)
         assert time.monotonic() - t0 < 5
         assert all(c.error and "timed out" in c.error and "attempt 2 of 2" in c.error for c in got)
+        assert [c.error_kind for c in got] == ["timeout"] * 2
         assert len(server.requests) == 4
     finally:
         release.set()
@@ -372,7 +375,7 @@ def test_server_500_is_retried_then_counted(serve):
     server, url = serve(lambda body, headers: (500, {"error": "boom"}))
     critic = ServerCritic(url, "m", timeout_s=5, max_retries=2, backoff_s=0.01)
     [c] = critic.critique([(PROBLEM, "Step 1: x")])
-    assert "HTTP 500" in c.error and "boom" in c.error and len(server.requests) == 3
+    assert "HTTP 500" in c.error and "boom" in c.error and len(server.requests) == 3 and c.error_kind == "http_500"
     assert critique_metrics([c]) == {"critic_schema_ok": 0.0, "critic_error": 1.0, "critic_case_A": 0.0,
                                      "critic_case_B": 0.0, "critic_case_C": 0.0, "critic_case_D": 0.0}
 
@@ -380,7 +383,7 @@ def test_server_500_is_retried_then_counted(serve):
 def test_server_400_is_not_retried(serve):
     server, url = serve(lambda body, headers: (400, {"error": "bad request"}))
     [c] = ServerCritic(url, "m", timeout_s=5, max_retries=3, backoff_s=0.01).critique([(PROBLEM, "x")])
-    assert "HTTP 400" in c.error and len(server.requests) == 1
+    assert "HTTP 400" in c.error and len(server.requests) == 1 and c.error_kind == "http_400"
 
 
 @pytest.mark.parametrize("payload", [b"{this is not json", {"choices": []}, {"choices": [{"message": {}}]},
@@ -388,7 +391,7 @@ def test_server_400_is_not_retried(serve):
 def test_malformed_answer_gives_error(serve, payload):
     server, url = serve(lambda body, headers: (200, payload))
     [c] = ServerCritic(url, "m", timeout_s=5, max_retries=1, backoff_s=0.01).critique([(PROBLEM, "x")])
-    assert "malformed answer" in c.error and len(server.requests) == 2
+    assert "malformed answer" in c.error and len(server.requests) == 2 and c.error_kind == "malformed"
 
 
 def test_one_failing_item_does_not_affect_the_others(serve):
@@ -485,5 +488,72 @@ def test_no_api_key_sends_no_authorization(serve, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     server, url = serve(lambda body, headers: (200, chat_answer("free text")))
     [c] = ServerCritic(url, "m").critique([(PROBLEM, "x")])
-    assert c.error is None and c.text == "free text" and not c.schema_ok
+    assert c.error is None and c.error_kind is None and c.text == "free text" and not c.schema_ok
     assert "Authorization" not in server.requests[0][1]
+
+
+# ---------------------------------------------------------------------------------------------- preflight
+class ModelsHandler(Handler):
+    """Handler plus GET (the model list); `respond(None, headers)` answers it."""
+
+    def do_GET(self):  # noqa: N802 (http.server API)
+        self.server.requests.append((self.path, dict(self.headers), None))
+        status, payload = self.server.respond(None, self.headers)
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (the slow case)
+            pass
+
+
+MODELS = {"object": "list", "data": [{"id": "critic", "object": "model"}]}
+
+
+def test_preflight_asks_for_the_model_list_then_one_token(serve):
+    server, url = serve(lambda body, headers: (200, MODELS if body is None else chat_answer("OK")), ModelsHandler)
+    ServerCritic(url + "/v1", "critic").check(timeout_s=5)
+    (get_path, _, _), (post_path, _, body) = server.requests
+    assert (get_path, post_path) == ("/v1/models", "/v1/chat/completions")
+    assert body["model"] == "critic" and body["max_tokens"] == 1
+
+
+@pytest.mark.parametrize("case", ["refused", "wrong model", "unauthorized", "not openai", "broken completion",
+                                  "slow"])
+def test_preflight_names_the_url_and_what_failed(serve, monkeypatch, case):
+    secret = "sk-preflight-secret-0123"
+    monkeypatch.setenv("SDCF_TEST_CRITIC_KEY", secret)
+    release = threading.Event()
+
+    def respond(body, headers):
+        if case == "unauthorized":
+            return 401, {"error": f"bad key {headers.get('Authorization')}"}  # echoes the key: must be redacted
+        if case == "not openai":
+            return 404, {"detail": "Not Found"}
+        if case == "slow":
+            release.wait(20)
+        if body is None:
+            return 200, ({"data": [{"id": "other-model"}]} if case == "wrong model" else MODELS)
+        return 200, ({"choices": []} if case == "broken completion" else chat_answer("OK"))
+
+    if case == "refused":
+        url = f"http://127.0.0.1:{free_port()}"
+    else:
+        _, url = serve(respond, ModelsHandler)
+    critic = ServerCritic(url + "/v1", "critic", api_key_env="SDCF_TEST_CRITIC_KEY")
+    try:
+        with pytest.raises(critic_module.CriticUnavailable) as failure:
+            critic.check(timeout_s=0.5)
+    finally:
+        release.set()
+    message = str(failure.value)
+    assert message.startswith(f"critic server {url}/v1/") and "\n" not in message and secret not in message
+    expected = {"refused": "connection refused: is the server running at --critic-url?",
+                "wrong model": "serves ['other-model'], not 'critic' (--critic-model)",
+                "unauthorized": "HTTP 401 (unauthorized): the key in $SDCF_TEST_CRITIC_KEY was refused",
+                "not openai": "HTTP 404", "broken completion": "not an OpenAI-compatible answer",
+                "slow": "no answer within 0.5 s"}[case]
+    assert expected in message, message

@@ -402,3 +402,22 @@ def test_count_correct_samples_the_base_model_and_can_require_a_finished_answer(
     finished = [sum(c.finish_reason == "stop" for c in samples) for samples in outs]
     assert count_correct(engine, prompts, ["4", "4"], seeds, **kw, require_stop=True) == finished
     assert finished != [3, 3]  # three tokens of a random model: most samples are cut
+def test_manifest_row_with_an_unknown_split_is_an_error_naming_the_row(tmp_path):
+    rows = [{"id": "a", "problem": "1+1?", "answer": "2", "split": "train"},
+            {"id": "b", "problem": "2+2?", "answer": "4", "split": "trian"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"m.jsonl: row 2: field 'split' is 'trian'; expected 'train' or 'test'"):
+        load_manifest(tmp_path / "m.jsonl", "train")
+
+
+def test_filter_command_reports_a_bad_row_in_one_line(tmp_path, capsys):
+    from data import main
+    (tmp_path / "omr.jsonl").write_text(json.dumps({"problem": "1+1?", "problem_type": "has_answer_extracted",
+                                                    "generated_solution": "2"}) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["filter", "--data", str(tmp_path / "omr.jsonl"), "--solver", "unused", "--critic", "unused",
+              "--out", str(tmp_path / "out.jsonl")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python data.py filter: error: {tmp_path / 'omr.jsonl'}: row 1: field 'expected_answer'")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out.jsonl").exists()

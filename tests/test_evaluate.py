@@ -55,6 +55,58 @@ def test_extract_answer():
     assert extract_answer("the answer is 4") is None
 
 
+def _extract_answer_by_rescanning(response):
+    """The former extract_answer, kept as the reference: each box scanned to its end, last box first."""
+    import re
+
+    def braced(text, start):
+        depth, i = 0, start
+        while i < len(text):
+            if text[i] == "\\":
+                i += 2
+                continue
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[start + 1:i]
+            i += 1
+        return None
+
+    for m in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*\{", response))):
+        content = braced(response, m.end() - 1)
+        if content is not None and content.strip():
+            return content.strip()
+    return None
+
+
+def test_extract_answer_equals_the_rescanning_reader_on_random_texts():
+    rng = np.random.default_rng(0)
+    pieces = ["\\boxed{", "\\fbox{", "\\boxed {", "{", "}", "\\{", "\\}", "\\\\", "\\", " ", "7", "x", "\n"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces, size=rng.integers(0, 14)))
+        assert extract_answer(text) == _extract_answer_by_rescanning(text), repr(text)
+
+
+class CountingStr(str):
+    """A str that counts how often it is indexed or sliced (the reader's work, independent of the clock)."""
+    reads = 0
+
+    def __getitem__(self, key):
+        CountingStr.reads += 1
+        return str.__getitem__(self, key)
+
+
+@pytest.mark.parametrize("unit", ["\\boxed{", "\\boxed{{", "\\boxed{\\{", "{\\boxed{}"])
+def test_extract_answer_is_linear_on_pathological_input(unit, checker):
+    """100,000 characters of unclosed boxes: the rescanning reader reads ~len²/(2·len(unit)) characters
+    (~7e8 for the first unit, minutes in Python); this one reads each character at most once or twice."""
+    text = (unit * (100_000 // len(unit) + 1))[:100_000]
+    CountingStr.reads = 0
+    assert extract_answer(CountingStr(text)) is None
+    assert len(text) // 2 <= CountingStr.reads <= 2 * len(text)  # (it does count: every character is read)
+    assert extract_answer(text + "\\boxed{12}") == "12"
+    assert checker.grade(text, "12") is False and checker.grade(text + "\\boxed{12}", "12") is True
+
+
 def test_fast_path_decides_integers_without_a_worker():
     assert fast_equivalent("42", " 42 ") is True
     assert fast_equivalent("42", "042") is True

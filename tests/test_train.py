@@ -1,5 +1,7 @@
 """The loop on a tiny random model: config, data order, DDP (2 torchrun ranks = 1 process), exact resume,
-SIGTERM, atomic checkpoints, and faults (critic down, non-finite loss, missing paths)."""
+SIGTERM, atomic checkpoints (kill -9 during a save), and faults: every bad option refused at start by name, the
+critic server down at start and dying mid-run, a non-finite loss, a run that learns nothing; critiques that fail
+the schema skipped and counted; a small adapter kept by bf16 sampling."""
 import contextlib
 import json
 import os
@@ -90,13 +92,106 @@ def test_data_order_is_a_seeded_stream_of_epoch_permutations():
 
 
 def test_missing_paths_fail_at_start(tmp_path):
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(train.ConfigError, match="no such file"):
         train.check_inputs(train.parse_config(["--data", str(tmp_path / "nope.jsonl")]))
-    with pytest.raises(SystemExit, match="no such directory"):
+    with pytest.raises(train.ConfigError, match="--model .*no_model: no such directory"):
         train.check_inputs(train.parse_config(["--data", "arithmetic", "--engine", "transformers",
                                                "--model", str(tmp_path / "no_model")]))
-    result = run_cli(["--data", str(tmp_path / "nope.jsonl")])
-    assert result.returncode != 0 and "no such file" in result.stderr
+
+
+def expect_refusal(capsys, args) -> str:
+    """train.main refuses `args` at start: exit code 2, one 'train.py: error:' line per problem. Returns stderr."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert err and all(line.startswith("train.py: error: ") for line in err.splitlines()), err
+    return err
+
+
+# option -> a bad value (or the arguments that make it bad); bools have no bad value, choices are argparse's
+BAD_VALUES = {
+    "pbsd_beta": "0", "arith_train": "0", "arith_test": "0", "arith_ops": "0", "arith_max_operand": "1",
+    "arith_operators": "+/", "critic_url": "localhost:8000/v1", "critic_api_key_env": "MY-KEY",
+    "critic_timeout": "0", "critic_fail_window": "0", "critic_fail_max": "1.5", "critic_concurrency": "0",
+    "critic_retries": "-1", "critic_max_tokens": "0", "vllm_gpu_memory": "1.2", "lora_r": "0",
+    "lora_alpha": "-2", "lora_targets": "q_proj,,v_proj", "sd_samples": "0", "grpo_group_size": "1",
+    "grpo_clip": "0", "temperature": "-1", "max_new_tokens": "0", "lr": "-1", "weight_decay": "-0.1",
+    "max_grad_norm": "0", "prompts_per_step": "0", "micro_batch": "0", "loss_chunk": "0", "epochs": "0",
+    "max_steps": "-1", "eval_every": "0", "eval_samples": "0", "eval_temperature": "-0.5", "eval_problems": "-1",
+    "seed": "-1", "out_dir": "runs/{model}", "model": "/nonexistent/model", "data": "/nonexistent/data.jsonl",
+    "critic_model": ("/nonexistent/critic", "--critic", "local"),
+}
+
+
+def test_every_option_with_a_bad_value_is_refused_by_name(tiny_model_dir, tmp_path, capsys):
+    """Walk every option of Config: a bad value stops main before anything loads, with one line naming the
+    option and the value (exit 2). An accepted bad value would start training here instead."""
+    base = tiny_args(tiny_model_dir, tmp_path / "run", "--max-steps", "1")
+    fields = train.dataclasses.fields(train.Config)
+    walked = set()
+    for f in fields:
+        option = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            continue  # --x / --no-x: every value is valid
+        if f.metadata["choices"]:
+            value, extra = "nope", ()
+        else:
+            bad = BAD_VALUES[f.name]
+            value, *extra = bad if isinstance(bad, tuple) else (bad,)
+        err = expect_refusal(capsys, [*base, *extra, option, value])
+        assert option in err and value in err, (option, err)
+        walked.add(f.name)
+    assert walked == {f.name for f in fields if f.type != "bool"}
+    for value in ("nan", "inf"):  # non-finite floats pass a comparison with a bound
+        assert "--lr " + value in expect_refusal(capsys, [*base, "--lr", value])
+    assert "argument --lr: invalid float value: 'abc'" in expect_refusal(capsys, [*base, "--lr", "abc"])
+
+
+def test_options_that_depend_on_each_other(tiny_model_dir, tmp_path, capsys):
+    cfg = train.parse_config(tiny_args(tiny_model_dir, tmp_path / "run", "--prompts-per-step", "4"))
+    assert train.config_problems(cfg, world=2) == []
+    assert train.config_problems(cfg, world=3) == ["--prompts-per-step 4: must divide by the number of ranks (3)"]
+    base = tiny_args(tiny_model_dir, tmp_path / "run")
+    err = expect_refusal(capsys, [*base, "--objective", "pbsd", "--feedback", "grpo", "--lr", "-1"])
+    assert "--objective pbsd with --feedback grpo" in err and "--lr -1.0" in err  # every problem, one line each
+    assert "--epochs 1 x 8 training problems // --prompts-per-step 9 is 0 steps" in expect_refusal(
+        capsys, [*base, "--epochs", "1", "--prompts-per-step", "9"])
+    assert "--eval-problems 3: must be at most the 2 held-out problems" in expect_refusal(
+        capsys, [*base, "--eval-problems", "3"])
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "problem": "1+1?", "answer": "2", "split": "train"}) + "\n")
+    assert f"{manifest}: no row with split 'test'" in expect_refusal(capsys, [*base, "--data", str(manifest),
+                                                                             "--feedback", "refsol"])
+    assert "--critic exact only knows arithmetic" in expect_refusal(capsys, [*base, "--data", str(manifest)])
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    """The real command line: exit code 2 and one line on stderr, for a bad value and for a bad manifest row."""
+    result = run_cli(["--preset", "demo", "--temperature", "-1"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "train.py: error: --temperature -1.0: must be > 0 (rollouts are samples of the policy)"]
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "a", "problem": "1+1?", "answer": "2", "split": "train"}, {"id": "b", "problem": "2+2?",
+                                                                             "split": "test"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_cli(["--preset", "demo", "--data", str(manifest), "--feedback", "refsol"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"train.py: error: {manifest}: row 2: field 'answer' is missing or empty"]
+
+
+def test_a_fresh_run_refuses_an_out_dir_with_checkpoints(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_000004").mkdir(parents=True)
+    err = expect_refusal(capsys, tiny_args(tiny_model_dir, out))
+    assert "holds checkpoints of an earlier run (latest step_000004): continue it with --resume" in err
+    saved = train.dataclasses.asdict(train.parse_config(tiny_args(tiny_model_dir, out, "--lr", "0.5")))
+    (out / "checkpoints" / "step_000004" / "config.json").write_text(json.dumps(saved))
+    err = expect_refusal(capsys, tiny_args(tiny_model_dir, out, "--resume", "--micro-batch", "1"))
+    assert err.splitlines() == [f"train.py: error: --lr 0.01: {out / 'checkpoints' / 'step_000004'} was written "
+                                "with 0.5; --resume continues a run only with the options it started with"]
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -203,23 +298,120 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint(tiny_model_dir, tmp_p
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_critic_server_down_skips_rollouts_not_the_run(tiny_model_dir, tmp_path):
+def test_a_dead_critic_server_stops_the_run_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    train.main(tiny_args(tiny_model_dir, out, "--max-steps", "1", "--critic", "server", "--critic-url",
-                         "http://127.0.0.1:9/v1", "--critic-retries", "0", "--critic-timeout", "2"))
-    [record] = read_jsonl(out / "log.jsonl")
-    assert record["skipped_critic"] == 4 and record["skipped_critic_step"] == 4
-    assert record["loss"] == 0.0  # nothing left to learn from, and no crash
+    err = expect_refusal(capsys, tiny_args(tiny_model_dir, out, "--max-steps", "1", "--critic", "server",
+                                           "--critic-url", "http://127.0.0.1:9/v1"))
+    assert err == "train.py: error: critic server http://127.0.0.1:9/v1/models: connection refused: is the server " \
+                  "running at --critic-url?\n"
+    assert not out.exists()  # nothing was started
 
 
-def test_unstructured_critiques_are_skipped_and_logged_per_step(tiny_model_dir, tmp_path, serve):
+class CriticServer:
+    """A real OpenAI-compatible critic on 127.0.0.1 that can be stopped (connections refused) and restarted on
+    the same port. Its critiques are free text (the schema is not under test here)."""
+
+    def __init__(self, content: str = "Step 1 is wrong."):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                self.answer({"object": "list", "data": [{"id": "critic", "object": "model"}]})
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.answer({"choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": content}}]})
+
+            def answer(self, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.handler, self.server_class, self.server, self.port = Handler, ThreadingHTTPServer, None, 0
+        self.start()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self):
+        import threading
+        self.server = self.server_class(("127.0.0.1", self.port), self.handler)  # (allow_reuse_address is set)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self):
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+@pytest.mark.slow
+def test_a_critic_that_dies_mid_run_warns_then_stops_with_a_checkpoint(tiny_model_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Steps 1-2 answered; the server dies for step 3 (warning, the run goes on: 4 of 12 critiques failed),
+    comes back for step 4, dies again for step 5: 8 of the last 16 critiques failed, at --critic-fail-max 0.5,
+    so the run checkpoints step 5 and exits 3. With the server back, --resume finishes the run."""
+    server = CriticServer()
+    out = tmp_path / "run"
+    real_write = train.Logger.write
+
+    def write_then_act(self, name, record):  # the loop's own step boundary: kill or revive the real server
+        real_write(self, name, record)
+        if name == "log.jsonl" and record["step"] in (2, 4):
+            server.stop()
+        elif name == "log.jsonl" and record["step"] == 3:
+            server.start()
+
+    monkeypatch.setattr(train.Logger, "write", write_then_act)
+    args = tiny_args(tiny_model_dir, out, "--max-steps", "6", "--eval-every", "100", "--critic", "server",
+                     "--critic-url", server.url, "--critic-model", "critic", "--critic-retries", "0",
+                     "--critic-fail-window", "4", "--critic-fail-max", "0.5",
+                     "--critic-unstructured", "keep", "--no-critic-think-in-prompt")  # free text reaches the teacher
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train.main(args)
+        err = capsys.readouterr().err
+        assert stop.value.code == train.EXIT_CRITIC_DOWN, err
+        warnings = [line for line in err.splitlines() if "the critic failed on" in line]
+        assert warnings == [f"[stepalign] step {s}: the critic failed on 4 of 4 rollouts (refused 4); they are "
+                            "skipped" for s in (3, 5)]
+        assert (f"stopped at step 5: 8 of 16 critiques failed over the last 4 steps (refused 8), at least "
+                f"--critic-fail-max 0.5. Fix: the critic server at {server.url} does not answer") in err
+        assert "continue with the same command and --resume" in err
+        assert [p.name for p in train.checkpoint_dirs(out)] == ["step_000005"]
+        log = read_jsonl(out / "log.jsonl")
+        assert [r["critic_failed"] for r in log] == [0, 0, 4, 0, 4]
+        assert [r.get("critic_failed_refused", 0) for r in log] == [0, 0, 4, 0, 4]
+        assert log[-1]["skipped_critic"] == 8
+        server.start()
+        monkeypatch.undo()
+        train.main([*args, "--resume"])
+        assert [r["step"] for r in read_jsonl(out / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+        assert read_jsonl(out / "log.jsonl")[-1]["critic_failed"] == 0
+    finally:
+        server.stop()
+
+
+def test_unstructured_critiques_are_skipped_and_logged_per_step(tiny_model_dir, tmp_path):
     """The paper's default: a critique that fails the schema never reaches the teacher; the step counts it."""
-    server, url = serve(lambda body, headers: (200, chat_answer("ok</think>\n\nLooks fine to me.")))
+    server = CriticServer("ok</think>\n\nLooks fine to me.")  # QwQ-style: the trace's <think> was in the prompt
     out = tmp_path / "run"
-    train.main(tiny_args(tiny_model_dir, out, "--max-steps", "1", "--critic", "server", "--critic-url", url,
-                         "--critic-retries", "0", "--critic-timeout", "5", "--eval-every", "5"))
+    try:
+        with pytest.raises(SystemExit) as stop:  # no step changed the weights
+            train.main(tiny_args(tiny_model_dir, out, "--max-steps", "1", "--critic", "server", "--critic-url",
+                                 server.url, "--critic-model", "critic", "--critic-retries", "0", "--eval-every", "5"))
+    finally:
+        server.stop()
+    assert stop.value.code == train.EXIT_NOTHING_LEARNED
     [record] = read_jsonl(out / "log.jsonl")
-    assert len(server.requests) == 4 and record["skipped_critic"] == 0  # the server answered every request
+    assert record["critic_failed"] == 0 and record["skipped_critic"] == 0  # the server answered every request
     assert record["skipped_unstructured_step"] == record["skipped_critic_step"] == 4
     assert record["kept_unstructured_step"] == 0 and record["critic_schema_ok"] == 0.0
     assert record["loss"] == 0.0 and record["skipped_empty"] == 1  # nothing reached the teacher
@@ -266,24 +458,30 @@ def test_non_finite_loss_skips_the_step_without_touching_weights(tiny_model_dir,
         return loss * float("nan"), metrics
 
     monkeypatch.setattr(train.sd_loss, "chunked_self_distillation_loss", nan_loss)
-    train.main(tiny_args(tiny_model_dir, out, "--max-steps", "2", "--feedback", "refsol"))
+    with pytest.raises(SystemExit) as stop:  # a run whose every step was skipped learned nothing: not a success
+        train.main(tiny_args(tiny_model_dir, out, "--max-steps", "2", "--feedback", "refsol"))
+    assert stop.value.code == train.EXIT_NOTHING_LEARNED
     log = read_jsonl(out / "log.jsonl")
     assert [r["skipped_nonfinite"] for r in log] == [1, 2]
     assert all(v.abs().max() == 0 for k, v in adapter(out, 2).items() if "lora_B" in k)  # B is still zero
 
 
-def test_verdict_feedback_and_pbsd_objective_run(tiny_model_dir, tmp_path):
+def test_verdict_feedback_and_pbsd_objective_run(tiny_model_dir, tmp_path, capsys):
     train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "verdict", "--max-steps", "1"))
     [record] = read_jsonl(tmp_path / "verdict" / "log.jsonl")
     assert "divergence" in record and record["skipped_critic"] == 0
-    train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "refsol", "--objective", "pbsd",
-                         "--max-steps", "1"))
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "refsol", "--objective", "pbsd",
+                             "--max-steps", "1"))
+    assert stop.value.code == train.EXIT_NOTHING_LEARNED  # every pair a tie: no step, and the exit code says so
+    assert "train.py: error: run pbsd-refsol took no optimizer step in its 1 steps (skipped_empty 1" in \
+        capsys.readouterr().err
     [record] = read_jsonl(tmp_path / "pbsd-refsol" / "log.jsonl")
     assert {"tie_frac", "teacher_reward", "time_teacher_sample"} <= set(record)
     # the random model never answers: every pair is a tie (both wrong), so no preference and no AdamW step
     assert record["tie_frac"] == 1.0 and record["teacher_reward"] == 0.0 and record["skipped_empty"] == 1
     assert read_jsonl(tmp_path / "pbsd-refsol" / "eval.jsonl")[0]["feedback"] == "pbsd-refsol"
-    with pytest.raises(SystemExit, match="needs a teacher context"):
+    with pytest.raises(train.ConfigError, match="needs a teacher context"):
         train.check_inputs(train.parse_config(["--objective", "pbsd", "--feedback", "grpo", "--data", "arithmetic"]))
 
 
@@ -418,3 +616,55 @@ def test_bf16_sampling_keeps_a_small_adapter():
         assert low < shrink(change(model, run.sampling)) < high
         assert not any(layer.merged for layer in lora.lora_layers(model).values())  # unmerged on exit
     assert shrink(change(m16, merged_into_bf16)) < 0.8
+
+
+def test_resume_drops_a_log_line_cut_by_a_kill(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    train.truncate_log(log, 3)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_save_then_resume_is_exact(tiny_model_dir, tmp_path):
+    """A real training process killed with SIGKILL while its checkpoint directory .tmp_step_N is being written:
+    the checkpoints left are complete, the resume removes the partial one, and the final adapter and logs equal
+    those of a run never interrupted (bit for bit: same process setup, one thread)."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+
+    def args(out, *extra):
+        return tiny_args(tiny_model_dir, out, "--max-steps", "6", "--eval-every", "1", *extra)
+
+    r = run_cli(args(straight))
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    checkpoints, partial = killed / "checkpoints", []
+    for attempt in range(4):  # a kill can land just after the rename; then the next save is the target
+        resume = ["--resume"] * (attempt > 0)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(killed, *resume)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None:
+            seen = list(checkpoints.glob(".tmp_step_*")) if checkpoints.is_dir() else []
+            if seen and train.checkpoint_dirs(killed):  # a save after the first: the resume has one to go on from
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                partial = [p for p in seen if p.exists()]
+                break
+        if partial:
+            break
+    assert partial, "no kill landed inside a checkpoint save"
+    assert train.checkpoint_dirs(killed)[-1].name < partial[0].name.removeprefix(".tmp_")
+    for done in train.checkpoint_dirs(killed):  # every checkpoint left is complete
+        assert {"adapter_model.safetensors", "optimizer.pt", "state.json", "config.json", "rng_rank0.pt"} <= {
+            p.name for p in done.iterdir()}
+    r = run_cli(args(killed, "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"removed {partial[0]}: a checkpoint whose save was interrupted" in r.stdout
+    assert not list(checkpoints.glob(".tmp_*"))
+    a, b = adapter(straight, 6), adapter(killed, 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a, log_b = read_jsonl(straight / "log.jsonl"), read_jsonl(killed / "log.jsonl")
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5, 6]
+    assert [(r["loss"], r["reward"]) for r in log_a] == [(r["loss"], r["reward"]) for r in log_b]
+    assert read_jsonl(straight / "eval.jsonl")[-1] == read_jsonl(killed / "eval.jsonl")[-1]
