@@ -253,7 +253,8 @@ def test_filter_command_selects_splits_and_writes_the_manifest(tmp_path, monkeyp
 
     monkeypatch.setattr(data, "count_correct", fake_count_correct)
     args = ["filter", "--data", str(tmp_path / "omr.jsonl"), "--solver", "tiny", "--critic", "tiny",
-            "--engine", "transformers", "--dtype", "float32", "--n-test", "1", "--out", str(tmp_path / "manifest.jsonl")]
+            "--engine", "transformers", "--dtype", "float32", "--n-test", "1",
+            "--out", str(tmp_path / "manifest.jsonl")]
     data.main(args)
     # solver: 16 samples at the training temperature; critic: greedy, an answer cut by the length limit is wrong
     assert calls == [(16, 1.1, False), (1, 0.0, True)]
@@ -370,7 +371,8 @@ def test_filter_builds_the_engine_of_train_py_from_its_options(tmp_path, monkeyp
     real_make_engine = rollout.make_engine
     monkeypatch.setattr(rollout, "make_engine", spy)
     args = ["filter", "--data", str(tmp_path / "omr.jsonl"), "--solver", str(model_dir), "--n", "2", "--threshold",
-            "1", "--max-new-tokens", "2", "--critic-max-tokens", "2", "--n-test", "0", "--out", str(tmp_path / "m.jsonl")]
+            "1", "--max-new-tokens", "2", "--critic-max-tokens", "2", "--n-test", "0",
+            "--out", str(tmp_path / "m.jsonl")]
     local_critic = ["--critic", str(model_dir)]
     with pytest.raises(SystemExit, match="only 0 problems passed"):  # a random model solves nothing
         data.main(args + local_critic + ["--engine", "transformers", "--dtype", "bfloat16", "--device", "cpu"])
