@@ -61,6 +61,12 @@ Departures from the paper:
    is said to have none and to count as incorrect. Its prompt has stepalign's layout (problem, one framing
    sentence, the delimited context, the same closing instruction, STEP_FORMAT); only c and the nouns naming it
    differ.
+6. The "turns" teacher layout (`--teacher-layout turns`) is ours, for small self-teachers: the paper puts c in
+   one user turn with the problem. "turns" continues the student's own chat: its prompt, the attempt y as the
+   assistant's turn, then "Feedback: c" and a request for the corrected solution in the same format. On the
+   135M demo model the paper's layout makes the teacher write prose and stop answering in the format, so its
+   samples are right less often than the student's; "turns" keeps the format (docs/demo/teacher_gap.md).
+   RefSol under "turns" also sees the attempt, which the OPSD teacher does not.
 """
 from __future__ import annotations
 
@@ -107,8 +113,28 @@ def student_messages(problem: Problem) -> list[dict]:
     return [{"role": "user", "content": f"{problem.problem}\n\n{STEP_FORMAT}"}]
 
 
-def teacher_messages(problem: Problem, feedback: str, context_text: str) -> list[dict]:
-    """The self-teacher's prompt: the problem plus the feedback c of the given form."""
+TEACHER_LAYOUTS = ("paper", "turns")
+
+
+def teacher_messages(problem: Problem, feedback: str, context_text: str, layout: str = "paper",
+                     attempt: str | None = None) -> list[dict]:
+    """The self-teacher's prompt: the problem plus the feedback c of the given form.
+
+    layout "paper": one user turn, the problem, then c framed for its form, then the step format.
+    layout "turns": the student's own conversation continued: the student prompt, the attempt y as the
+    assistant's turn, then c in a user turn asking for the corrected solution in the same format. The framing
+    is the same for every form, so c stays the one thing that varies (departure 6)."""
+    if layout == "turns":
+        if attempt is None:
+            raise ValueError("teacher layout 'turns' needs the attempt y")
+        if feedback not in ("stepalign", "refsol", "verdict"):
+            raise ValueError(f"unknown feedback form {feedback!r}; expected 'stepalign', 'refsol' or 'verdict'")
+        return student_messages(problem) + [
+            {"role": "assistant", "content": attempt},
+            {"role": "user", "content": f"Feedback:\n{context_text}\n\nWrite the corrected solution in the same "
+                                        "format."}]
+    if layout != "paper":
+        raise ValueError(f"unknown teacher layout {layout!r}; expected one of {TEACHER_LAYOUTS}")
     if feedback == "stepalign":
         content = (f"{problem.problem}\n\n"
                    "An expert reviewed an earlier attempt at this problem. The review below judges each step "

@@ -89,6 +89,7 @@ from critic import MAX_TOKENS as CRITIC_MAX_TOKENS  # a name of its own: in Conf
 
 FEEDBACKS = ("stepalign", "refsol", "verdict", "grpo")
 PAPER_FEEDBACKS = ("stepalign", "refsol", "grpo")  # what --feedback all runs
+TEACHER_LAYOUTS = critic.TEACHER_LAYOUTS  # (Config has a field named `critic`)
 
 
 def opt(default, help: str, choices=None):
@@ -139,6 +140,9 @@ class Config:
     vllm_gpu_memory: float = opt(0.35, "fraction of GPU memory vLLM may take (it shares the GPU with training)")
     student_thinking: bool = opt(False, "thinking mode of the student's chat template (Qwen3 enable_thinking)")
     teacher_thinking: bool = opt(True, "thinking mode of the teacher's chat template")
+    teacher_layout: str = opt("paper", "where c sits in the teacher's prompt: paper = one user turn (problem, c, "
+                              "format); turns = the student's chat continued (prompt, attempt y, then c)",
+                              TEACHER_LAYOUTS)
     lora_r: int = opt(64, "LoRA rank r")
     lora_alpha: float = opt(128.0, "LoRA α (scale α/r)")
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "comma-separated modules")
@@ -496,8 +500,9 @@ def attach_feedback(cfg, critic_backend, engine, tokenizer, checker, items: list
     teacher_prompts = []
     for it, c in zip(items, feedback_contexts(cfg, critic_backend, items, timer, stats)):
         it.skipped = c is None
-        prompt = "" if c is None else critic.render(tokenizer, critic.teacher_messages(it.problem, cfg.feedback, c),
-                                                    thinking)
+        prompt = "" if c is None else critic.render(
+            tokenizer, critic.teacher_messages(it.problem, cfg.feedback, c, cfg.teacher_layout, it.completion.text),
+            thinking)
         it.teacher_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else None
         teacher_prompts.append(prompt)
     if cfg.objective == "pbsd":

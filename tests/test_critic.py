@@ -235,6 +235,25 @@ def test_verdict_prompt_differs_from_the_others_only_in_c():
     assert teacher_messages(PROBLEM, "verdict", "X")[0]["content"].replace("X", c) == content
 
 
+def test_turns_layout_continues_the_students_chat_and_varies_only_c():
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136\nStep 3: 136 - 4 = 132\n\\boxed{132}"
+    contexts = {"stepalign": ExactArithmeticCritic().critique_one(PROBLEM, response).text,
+                "refsol": PROBLEM.reference_solution, "verdict": verdict_text(response, correct=False)}
+    for form, c in contexts.items():
+        m = teacher_messages(PROBLEM, form, c, layout="turns", attempt=response)
+        assert m[:1] == student_messages(PROBLEM)  # the student's own prompt, unchanged
+        assert m[1] == {"role": "assistant", "content": response}  # its attempt y
+        assert m[2]["role"] == "user" and c in m[2]["content"] and len(m) == 3
+        # the same framing for every form: c is the only difference
+        assert m[2]["content"].replace(c, "C") == "Feedback:\nC\n\nWrite the corrected solution in the same format."
+    with pytest.raises(ValueError, match="needs the attempt"):
+        teacher_messages(PROBLEM, "stepalign", "c", layout="turns")
+    with pytest.raises(ValueError, match="unknown teacher layout"):
+        teacher_messages(PROBLEM, "stepalign", "c", layout="sideways", attempt=response)
+    with pytest.raises(ValueError, match="unknown feedback"):
+        teacher_messages(PROBLEM, "grpo", "c", layout="turns", attempt=response)
+
+
 # ---------------------------------------------------------------------------------------------- server critic
 class Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server API)

@@ -503,6 +503,13 @@ def test_teacher_context_per_feedback_form(tiny_model_dir, smol_tokenizer):
             assert stats["critic_schema_ok"] == 1.0
         if feedback != "refsol":
             assert problem.reference_solution not in teacher_prompt
+        # --teacher-layout turns: the attempt y is the assistant's turn, followed by c in a user turn
+        cfg = train.parse_config(tiny_args(tiny_model_dir, "/tmp/unused", "--feedback", feedback,
+                                           "--teacher-layout", "turns"))
+        train.attach_feedback(cfg, backend, None, smol_tokenizer, None, [item], 0, train.Timer())
+        turns_prompt = smol_tokenizer.decode(item.teacher_ids)
+        assert turns_prompt.index(wrong) < turns_prompt.index(expected)
+        assert turns_prompt != teacher_prompt
 
 
 def test_a_step_with_nothing_to_learn_leaves_the_weights_alone(tiny_model_dir, tmp_path):
