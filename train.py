@@ -1059,7 +1059,8 @@ def step_diagnostics(cfg, items: list[Item], divergences: list[torch.Tensor], d:
                 "claim_located/weight": float(len(items))}
     sampled = [it for it in items if it.teacher_sample is not None]
     if cfg.objective == "sd" and cfg.teacher_samples:  # (PBSD logs teacher_reward in step_record)
-        out |= {"teacher_reward": sum(it.teacher_reward for it in sampled), "teacher_reward/weight": len(sampled),
+        out |= {"teacher_reward": sum(it.teacher_reward for it in sampled),
+                "teacher_reward/weight": float(len(sampled)),
                 "teacher_answered": float(sum(evaluate.extract_answer(it.teacher_sample.text) is not None
                                               for it in sampled)),
                 "teacher_answered/weight": float(len(sampled))}

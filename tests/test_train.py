@@ -602,3 +602,25 @@ def test_wrong_claim_advantage_on_a_hand_made_rollout(smol_tokenizer):
     assert m["adv_claim"] == pytest.approx(sum(on) / len(on)) and m["n_claim_tokens"] == len(on)
     assert m["adv_off_claim"] == pytest.approx(sum(off) / len(off)) and m["n_off_claim_tokens"] == len(off)
     assert train.wrong_claim_metrics(A, mask, [None, None]) == {}
+
+
+def test_step_diagnostics_are_over_the_whole_step_not_per_micro_batch(tiny_model_dir, tmp_path):
+    """div_top1_share is the share of the top 1% of ALL the step's tokens (not a mean of per-micro-batch shares);
+    the entropies are token-weighted means: one micro-batch of 4 and four of 1 give the same step values."""
+    from sd_loss import top_share
+    values = {}
+    with train.evaluate.AnswerChecker() as checker:
+        for mb in (1, 4):
+            cfg = train.parse_config(tiny_args(tiny_model_dir, tmp_path / f"mb{mb}", "--feedback", "refsol",
+                                               "--micro-batch", str(mb)))
+            run, _ = train.start_run(cfg, train.Dist(), checker)
+            items, _ = run.rollouts_and_feedback(0, train.Timer())
+            per_rollout = [train.micro_batch_loss(cfg, run.model, [it], run.tokenizer.pad_token_id, 1.0,
+                                                  train.Timer())[1]["token_divergence"] for it in items]  # (T_i,)
+            sums, _ = run.optimize(items, train.Timer())
+            values[mb] = {k: sums[k] / sums[f"{k}/weight"] for k in ("div_top1_share", "entropy_student",
+                                                                     "entropy_teacher", "answered")}
+    assert values[1] == pytest.approx(values[4], rel=1e-5)
+    assert values[1]["div_top1_share"] == pytest.approx(top_share(torch.cat(per_rollout)), rel=1e-6)
+    mean_of_shares = sum(top_share(v) for v in per_rollout) / len(per_rollout)
+    assert abs(values[1]["div_top1_share"] - mean_of_shares) > 1e-3  # (the test tells the two apart)
