@@ -104,7 +104,7 @@ class Config:
     pbsd_length_norm: str = opt("sum", "PBSD: sequence log-prob as a sum or a mean over tokens", ("sum", "mean"))
     teacher_samples: bool = opt(False, "SD: also draw one sample y_T ~ π_base(·|x, c) per rollout from the teacher "
                                 "prompt (adapter off) and log its correctness and answered rate (teacher_reward, "
-                                "teacher_answered); changes no weight but costs one more generation pass per step, "
+                                "teacher_answered); changes no weight but costs one more generation pass per step "
                                 "(demo, measured: 20 to 70 percent more time per SD step), so it is off in both presets")
     model: str = opt("Qwen/Qwen3-1.7B", "solver (and self-teacher) weights: hub id, local path, or "
                      "'smollm2-135m-instruct' (the packaged demo model)")
