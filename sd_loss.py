@@ -27,6 +27,9 @@ Departures from the paper:
 2. `reverse` and `jsd` divergences are offered for ablations; `forward` is the paper's and the default.
 3. `chunked_self_distillation_loss` computes the same loss from final hidden states without ever holding
    (B, T, V) logits: a memory device, not a change to the objective (values and gradients match).
+4. Diagnostics (ours, not the paper's): the mean entropy of the student's and the teacher's next-token
+   distributions on the rollout tokens (`token_entropy`), and the share of a step's divergence carried by its
+   top 1% tokens (`top_share`, from the per-token divergences the chunked loss returns).
 """
 from __future__ import annotations
 
@@ -76,6 +79,33 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str =
     raise ValueError(f"unknown divergence kind {kind!r}; expected 'forward', 'reverse' or 'jsd'")
 
 
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of each next-token distribution, fp32, no gradient: (..., V) -> (...)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (..., V)
+        p = logp.exp()  # (..., V)
+        # H(π) = −Σ_v π_v log π_v; a −inf logit has π_v = 0 and contributes 0 (not 0·(−inf) = NaN)
+        return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)  # (...)
+
+
+def top_share(values: Tensor, frac: float = 0.01) -> float:
+    """Share of Σ values carried by the ceil(frac·N) largest of the N values: (N,) -> float.
+
+    For the per-token divergences of a step: how concentrated its training signal is (0.01 of the tokens
+    carrying 0.01 of the divergence is a flat signal; carrying 0.5 of it, a few tokens decide the step).
+    NaN when the values sum to 0 (no divergence to share)."""
+    if values.dim() != 1 or values.numel() == 0:
+        raise ValueError(f"top_share needs a non-empty 1-D tensor, got shape {tuple(values.shape)}")
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"top_share needs 0 < frac <= 1, got {frac}")
+    v = values.detach().double()  # (N,)
+    n_top = math.ceil(frac * v.numel())
+    total = v.sum()
+    if total <= 0:
+        return float("nan")
+    return (v.topk(n_top).values.sum() / total).item()
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """log π(y_t) of the sampled tokens: (B, T, V), (B, T) -> (B, T), fp32."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
@@ -95,6 +125,13 @@ def _masked_sum(x: Tensor, mask: Tensor) -> Tensor:
 def _normalizer(mask: Tensor, normalizer: float | None) -> float | Tensor:
     n = mask.sum() if normalizer is None else normalizer
     return n.clamp(min=1) if isinstance(n, Tensor) else max(float(n), 1.0)
+
+
+def _entropy_metrics(H_s: Tensor, H_t: Tensor, mask: Tensor) -> dict[str, float]:
+    """Mean entropy of the student's and the teacher's next-token distributions over the valid tokens."""
+    n = mask.sum().clamp(min=1)
+    return {"entropy_student": (_masked_sum(H_s, mask) / n).item(),
+            "entropy_teacher": (_masked_sum(H_t, mask) / n).item()}
 
 
 def _advantage_metrics(A: Tensor, mask: Tensor) -> dict[str, float]:
@@ -126,11 +163,13 @@ def self_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mask:
 
     `tokens` (B, T), the sampled y_t, is needed only for the A_t metrics (adv_mean, adv_neg_frac).
     The teacher side is detached: no gradient flows into the self-teacher.
+    Metrics: divergence, entropy_student, entropy_teacher (means over valid tokens), and with tokens the A_t ones.
     """
     mask = mask.float()
     div = token_divergence(student_logits, teacher_logits.detach(), kind, beta)  # (B, T)
     loss = _masked_sum(div, mask) / _normalizer(mask, normalizer)
     metrics = {"divergence": (_masked_sum(div.detach(), mask) / mask.sum().clamp(min=1)).item()}
+    metrics |= _entropy_metrics(token_entropy(student_logits), token_entropy(teacher_logits), mask)
     if tokens is not None:
         with torch.no_grad():
             A = token_advantage(token_logprobs(student_logits, tokens),
@@ -140,8 +179,9 @@ def self_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mask:
 
 
 def _chunk_terms(h_s: Tensor, h_t: Tensor, y: Tensor, weight: Tensor, kind: str,
-                 beta: float) -> tuple[Tensor, Tensor]:
-    """One chunk of N rollout positions: (N, D), (N, D), (N,), (V, D) -> divergence (N,), A_t (N,)."""
+                 beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One chunk of N rollout positions: (N, D), (N, D), (N,), (V, D) -> divergence (N,), A_t (N,), and the
+    entropies of the student's and the teacher's distributions (N,), (N,)."""
     z_s = (h_s @ weight.T).float()  # (N, V)  student logits
     with torch.no_grad():
         z_t = (h_t @ weight.T).float()  # (N, V)  teacher logits: no gradient into the self-teacher
@@ -149,7 +189,7 @@ def _chunk_terms(h_s: Tensor, h_t: Tensor, y: Tensor, weight: Tensor, kind: str,
     with torch.no_grad():
         logp_y_s = token_logprobs(z_s, y)  # (N,)
         logp_y_t = token_logprobs(z_t, y)  # (N,)
-    return div, token_advantage(logp_y_s, logp_y_t)  # (N,), (N,)
+    return div, token_advantage(logp_y_s, logp_y_t), token_entropy(z_s), token_entropy(z_t)  # 4 × (N,)
 
 
 def chunked_self_distillation_loss(student_hidden: Tensor, teacher_hidden: Tensor, lm_head_weight: Tensor,
@@ -165,7 +205,8 @@ def chunked_self_distillation_loss(student_hidden: Tensor, teacher_hidden: Tenso
     Only the valid positions are gathered, then processed in chunks of `chunk_size`. Each chunk runs under
     activation checkpointing: the forward keeps only the chunk's inputs, and the backward recomputes the
     chunk's logits, so the extra memory of the loss is O(chunk_size × V), not O(B × T × V).
-    Returns (loss, metrics); metrics["token_advantage"] is the (B, T) tensor of A_t (0 off the mask).
+    Returns (loss, metrics): floats divergence, adv_mean, adv_neg_frac, entropy_student, entropy_teacher (means
+    over valid tokens), and the (B, T) tensors token_advantage (A_t) and token_divergence (detached), 0 off the mask.
     """
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
@@ -179,21 +220,28 @@ def chunked_self_distillation_loss(student_hidden: Tensor, teacher_hidden: Tenso
     div_sum = student_hidden.new_zeros((), dtype=torch.float32)
     A_flat = torch.zeros(y.shape[0], dtype=torch.float32, device=y.device)  # (N,)
     div_detached = torch.zeros_like(A_flat)  # (N,)
+    H_s, H_t = torch.zeros_like(A_flat), torch.zeros_like(A_flat)  # (N,), (N,)
     for start in range(0, y.shape[0], chunk_size):
         end = min(start + chunk_size, y.shape[0])
-        div, A = checkpoint(_chunk_terms, h_s[start:end], h_t[start:end], y[start:end], lm_head_weight,
-                            kind, beta, use_reentrant=False)  # (n,), (n,)
+        div, A, ent_s, ent_t = checkpoint(_chunk_terms, h_s[start:end], h_t[start:end], y[start:end],
+                                          lm_head_weight, kind, beta, use_reentrant=False)  # 4 × (n,)
         div_sum = div_sum + div.sum()
         A_flat[start:end] = A
+        H_s[start:end], H_t[start:end] = ent_s, ent_t
         div_detached[start:end] = div.detach()
     loss = div_sum / _normalizer(mask.float(), normalizer)
     A_full = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)  # (B, T)
     A_full[valid] = A_flat
+    div_full = torch.zeros_like(A_full)  # (B, T)
+    div_full[valid] = div_detached
     n = max(y.shape[0], 1)
     metrics = {
         "divergence": (div_detached.sum() / n).item(),
         "adv_mean": (A_flat.sum() / n).item(),
         "adv_neg_frac": ((A_flat < 0).float().sum() / n).item(),
+        "entropy_student": (H_s.sum() / n).item(),
+        "entropy_teacher": (H_t.sum() / n).item(),
         "token_advantage": A_full,
+        "token_divergence": div_full,
     }
     return loss, metrics

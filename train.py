@@ -12,7 +12,8 @@ One optimizer step, in order:
      seeded by (seed, step, problem, sample).
   3. feedback c: stepalign → the critic's critique of each rollout; refsol → the problem's reference solution;
      verdict → the verifier's verdict on the rollout's own answer; grpo → the binary reward (answer correct) and
-     the group advantages. With --objective pbsd, also one teacher sample y_T ~ π_base(·|x, c) per rollout.
+     the group advantages. With --objective pbsd (or --teacher-samples, for the log only), also one teacher
+     sample y_T ~ π_base(·|x, c) per rollout, graded.
   4. teacher inputs: the teacher prompt (x + c) followed by the SAME token ids y.
   5. loss: SD — Eq. 3 from final hidden states, teacher = adapter disabled, no gradient (sd_loss.py);
      GRPO — the clipped surrogate (grpo.py); PBSD — the DPO-style loss on (y_S, y_T) pairs (pbsd.py).
@@ -24,6 +25,12 @@ One optimizer step, in order:
 Every `eval_every` steps: n = 12 samples per held-out problem → Pass/Maj/Avg@12 and length in eval.jsonl,
 and a checkpoint (adapter, optimizer, RNG, data position), written atomically. Step 0 (the base policy, the
 same for every form) is evaluated once per invocation and logged in each run.
+Diagnostics in log.jsonl (SD steps): entropy_student / entropy_teacher (mean next-token entropy on the rollout
+tokens), div_top1_share (the share of the step's divergence carried by its top 1% tokens), answered (rollouts
+with a \boxed{} answer; every run), adv_claim / adv_off_claim (mean A_t on the tokens of the first wrong claim
+that the exact arithmetic critic locates, and on the other tokens of those rollouts; arithmetic data) with
+claim_located (the share of rollouts where it locates one), and with --teacher-samples teacher_reward /
+teacher_answered (the self-teacher's samples from the teacher prompt: the teacher's gap, step by step).
 Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes:
 2 bad input, 3 too many failed critiques over the last steps (checkpoint written, fix and --resume), 4 no
 step of a run changed the weights, 143 SIGTERM (checkpoint written).
@@ -105,6 +112,10 @@ class Config:
                          "a teacher and a student sample (pbsd.py)", ("sd", "pbsd"))
     pbsd_beta: float = opt(0.1, "PBSD: β of the implicit reward β·log(π_θ/π_base)")
     pbsd_length_norm: str = opt("sum", "PBSD: sequence log-prob as a sum or a mean over tokens", ("sum", "mean"))
+    teacher_samples: bool = opt(False, "SD: also draw one sample y_T ~ π_base(·|x, c) per rollout from the teacher "
+                                "prompt (adapter off) and log its correctness and answered rate (teacher_reward, "
+                                "teacher_answered); changes no weight but costs one more generation pass per step "
+                                "(demo, measured: 20 to 70 percent more time per SD step), so it is off in both presets")
     model: str = opt("Qwen/Qwen3-1.7B", "solver (and self-teacher) weights: hub id, local path, or "
                      "'smollm2-135m-instruct' (the packaged demo model)")
     data: str = opt("data/omr_hard.jsonl", "problems: a manifest written by `python data.py filter` "
@@ -431,6 +442,7 @@ class Item:
     skipped: bool = False
     draw: int = 0  # index of the problem in the step's global problem list (all ranks)
     sample: int = 0  # index of this rollout among the G samples of its problem
+    wrong_claim: np.ndarray | None = None  # (T,) bool: the tokens of y's first wrong claim (diagnostics)
 
 
 def collect_rollouts(cfg, engine, tokenizer, checker, draws: list[tuple[int, data.Problem]], step,
@@ -505,7 +517,9 @@ def attach_feedback(cfg, critic_backend, engine, tokenizer, checker, items: list
             thinking)
         it.teacher_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else None
         teacher_prompts.append(prompt)
-    if cfg.objective == "pbsd":
+    if cfg.data == "arithmetic":
+        locate_wrong_claims(tokenizer, items)
+    if cfg.objective == "pbsd" or cfg.teacher_samples:
         kept = [(it, prompt) for it, prompt in zip(items, teacher_prompts) if not it.skipped]
         seeds = [rollout.sample_seed(cfg.seed, "teacher", step, it.draw, it.problem.id, it.sample) for it, _ in kept]
         with timer("teacher_sample"):
@@ -515,6 +529,43 @@ def attach_feedback(cfg, critic_backend, engine, tokenizer, checker, items: list
             it.teacher_sample = sample
             it.teacher_reward = float(checker.grade(sample.text, it.problem.answer))
     return stats
+
+
+def locate_wrong_claims(tokenizer, items: list[Item]) -> None:
+    """Diagnostics: Item.wrong_claim, the tokens of each rollout's first wrong claim as the exact arithmetic critic
+    locates it (Critique.wrong_span, characters, mapped to the rollout's own ids as in the mechanism figure); None
+    where it locates none (a correct rollout, or an error without an equation to pin)."""
+    critiques = critic.ExactArithmeticCritic().critique([(it.problem, it.completion.text) for it in items])
+    for it, q in zip(items, critiques):
+        it.wrong_claim = None
+        if q.wrong_span is not None:
+            spans = evaluate.token_char_spans(tokenizer, it.completion.token_ids, it.completion.text)
+            it.wrong_claim = evaluate.error_marks_from_spans(spans, it.completion.text, q.wrong_span).wrong_claim
+
+
+def wrong_claim_metrics(A: torch.Tensor, mask: torch.Tensor, claims: list[np.ndarray | None]) -> dict[str, float]:
+    """Mean A_t on the wrong claims' tokens (adv_claim) and on the other valid tokens of the same rollouts
+    (adv_off_claim), with the token counts they average over (n_claim_tokens, n_off_claim_tokens); rows whose
+    claim is None are left out. A: (B, T) A_t, mask: (B, T), claims: B arrays (T_b,) bool or None. {} if none."""
+    on = torch.zeros(A.shape, dtype=torch.bool)  # (B, T)
+    located = torch.zeros(A.shape, dtype=torch.bool)  # (B, T)
+    for b, claim in enumerate(claims):
+        if claim is not None:
+            on[b, :len(claim)] = torch.from_numpy(claim)
+            located[b] = True
+    valid = mask.bool().cpu()  # (B, T)
+    on, off = on & valid, located & valid & ~on  # (B, T), (B, T)
+    if not on.any():
+        return {}
+    A = A.detach().float().cpu()
+    out = {"adv_claim": A[on].mean().item(), "n_claim_tokens": float(on.sum())}
+    if off.any():
+        out |= {"adv_off_claim": A[off].mean().item(), "n_off_claim_tokens": float(off.sum())}
+    return out
+
+
+# metrics that average over a subset of the tokens: the count each averages over (weights the step's mean)
+TOKEN_SUBSET_COUNTS = {"adv_claim": "n_claim_tokens", "adv_off_claim": "n_off_claim_tokens"}
 
 
 def micro_batch_loss(cfg, model, items: list[Item], pad_id: int, normalizer: float, timer):
@@ -553,7 +604,9 @@ def micro_batch_loss(cfg, model, items: list[Item], pad_id: int, normalizer: flo
         loss, m = sd_loss.chunked_self_distillation_loss(h_s, h_t, W, student.tokens.to(h_s.device),
                                                          mask.to(h_s.device), cfg.divergence,
                                                          chunk_size=cfg.loss_chunk, normalizer=normalizer)
-    m.pop("token_advantage")
+    m |= wrong_claim_metrics(m.pop("token_advantage"), mask, [it.wrong_claim for it in items])
+    div = m.pop("token_divergence")  # (B, T)
+    m["token_divergence"] = div[mask.to(div.device).bool()].cpu()  # (N,) the valid tokens', for div_top1_share
     return loss, m
 
 
@@ -814,6 +867,7 @@ class Run:
         else:
             normalizer = n_valid.item()
         sums: dict[str, float] = {}
+        divergences = []  # (N_mb,) per-token divergences of each micro-batch
         bad = 0.0
         self.model.train()
         for i in range(0, len(items), cfg.micro_batch):
@@ -826,6 +880,9 @@ class Run:
                 continue
             with timer("student"):
                 loss.backward()
+            if "token_divergence" in m:
+                divergences.append(m.pop("token_divergence"))
+            counts = {k: m.pop(n) for k, n in TOKEN_SUBSET_COUNTS.items() if n in m}
             # metrics are micro-batch means: weight each by what it averages over (tokens for SD and GRPO;
             # for PBSD pairs, or decisive pairs), so that the step's value is the mean over the whole step
             kept = [it for it in mb if not it.skipped]
@@ -833,7 +890,7 @@ class Run:
                 n_decisive = pbsd.decisive_pairs([it.reward for it in kept], [it.teacher_reward for it in kept])
                 weight = {k: float(n_decisive if k in pbsd.DECISIVE_PAIR_METRICS else len(kept)) for k in m}
             else:
-                weight = dict.fromkeys(m, float(sum(len(it.completion.token_ids) for it in kept)))
+                weight = dict.fromkeys(m, float(sum(len(it.completion.token_ids) for it in kept))) | counts
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v * weight[k]
@@ -857,7 +914,7 @@ class Run:
         else:
             self.counters["skipped_nonfinite"] += 1  # the weights are untouched
         self.optimizer.zero_grad(set_to_none=True)
-        return sums, grad_norm
+        return sums | step_diagnostics(cfg, items, divergences, d), grad_norm
 
 
 def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Run, int]:
@@ -1028,6 +1085,36 @@ def critic_fix(cfg: Config, failures: dict[str, float]) -> str:
     return "see the warnings above"
 
 
+def step_diagnostics(cfg, items: list[Item], divergences: list[torch.Tensor], d: Dist) -> dict[str, float]:
+    """The step's diagnostics as (sum, k/weight) entries of the metric sums (step_record divides them after the
+    all-reduce): answered, claim_located, teacher_reward and teacher_answered (SD with --teacher-samples), and
+    div_top1_share, computed from every rank's per-token divergences (every rank adds the same value, weight 1)."""
+    out = {"answered": float(sum(evaluate.extract_answer(it.completion.text) is not None for it in items)),
+           "answered/weight": float(len(items))}
+    if cfg.feedback == "grpo":
+        return out
+    if cfg.data == "arithmetic":
+        out |= {"claim_located": float(sum(it.wrong_claim is not None for it in items)),
+                "claim_located/weight": float(len(items))}
+    sampled = [it for it in items if it.teacher_sample is not None]
+    if cfg.objective == "sd" and cfg.teacher_samples:  # (PBSD logs teacher_reward in step_record)
+        out |= {"teacher_reward": sum(it.teacher_reward for it in sampled),
+                "teacher_reward/weight": float(len(sampled)),
+                "teacher_answered": float(sum(evaluate.extract_answer(it.teacher_sample.text) is not None
+                                              for it in sampled)),
+                "teacher_answered/weight": float(len(sampled))}
+    if cfg.objective == "sd":
+        local = torch.cat(divergences) if divergences else torch.zeros(0)  # (N_rank,)
+        every = [local]
+        if d.world > 1:  # every rank takes part in the gather, also one whose micro-batches were all skipped
+            every = [None] * d.world
+            dist.all_gather_object(every, local)
+        step_div = torch.cat(every)  # (N,)
+        if step_div.numel():
+            out |= {"div_top1_share": sd_loss.top_share(step_div, 0.01), "div_top1_share/weight": 1.0}
+    return out
+
+
 def step_record(cfg, step, items, sums, stats, counters, timer, seconds, grad_norm, d: Dist) -> dict:
     """The step's JSONL line, every value summed over ranks then normalized."""
     n_items = len(items)
@@ -1064,7 +1151,7 @@ def step_record(cfg, step, items, sums, stats, counters, timer, seconds, grad_no
 RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps", "epochs", "eval_every", "critic_url",
                      "critic_api_key_env", "critic_timeout", "critic_concurrency", "critic_retries",
                      "critic_fail_window", "critic_fail_max", "vllm_gpu_memory", "micro_batch", "loss_chunk",
-                     "grad_checkpointing"}
+                     "grad_checkpointing", "teacher_samples"}
 
 
 def form_config(cfg: Config, feedback: str) -> Config:

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from sd_loss import (chunked_self_distillation_loss, sampled_token_loss, self_distillation_loss,
-                     token_advantage, token_divergence, token_logprobs)
+from sd_loss import (chunked_self_distillation_loss, sampled_token_loss, self_distillation_loss, top_share,
+                     token_advantage, token_divergence, token_entropy, token_logprobs)
 
 
 def brute_divergence(s_logits, t_logits, kind, beta=0.5):
@@ -194,10 +194,12 @@ def test_chunked_equals_plain_values_and_gradients(kind, chunk_size):
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c_h, g_h, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c_W, g_W, atol=1e-5, rtol=1e-5)
-    for key in ("divergence", "adv_mean", "adv_neg_frac"):
+    for key in ("divergence", "adv_mean", "adv_neg_frac", "entropy_student", "entropy_teacher"):
         assert cm[key] == pytest.approx(pm[key], abs=1e-5)
     A = token_advantage(token_logprobs(h_s @ W.T, y), token_logprobs(h_t @ W.T, y)) * mask
     torch.testing.assert_close(cm["token_advantage"], A, atol=1e-5, rtol=1e-5)
+    div = token_divergence(h_s @ W.T, h_t @ W.T, kind).detach() * mask  # (B, T)
+    torch.testing.assert_close(cm["token_divergence"], div, atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_bf16_inputs_compute_in_fp32():
@@ -225,3 +227,43 @@ def test_chunked_frees_logits_between_chunks():
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
         self_distillation_loss(h_s @ W.T, h_t @ W.T, mask)
     assert max(saved) >= T * V
+
+
+# ---------------------------------------------------------------------------------------------- diagnostics
+def test_entropy_matches_brute_force_and_ignores_masked_vocabulary():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 5, generator=g) * 2
+    logits[0, 1, 2] = float("-inf")  # a masked vocabulary entry: probability 0, contributes 0
+    H = token_entropy(logits)  # (2, 3)
+    for b in range(2):
+        for t in range(3):
+            p = torch.softmax(logits[b, t].double(), -1).tolist()
+            assert H[b, t].item() == pytest.approx(-sum(q * math.log(q) for q in p if q > 0), abs=1e-6)
+    assert token_entropy(torch.zeros(4)).item() == pytest.approx(math.log(4))  # uniform: log V
+    assert token_entropy(torch.tensor([0.0, -1e4, -1e4])).item() == pytest.approx(0.0, abs=1e-6)  # one-hot
+
+
+def test_entropy_metrics_are_means_over_valid_tokens_only():
+    h_s, h_t, W, y, mask = sd_inputs()
+    _, m = self_distillation_loss(h_s @ W.T, h_t @ W.T, mask)
+    H_s, H_t = token_entropy(h_s @ W.T), token_entropy(h_t @ W.T)  # (B, T)
+    valid = mask.bool()
+    assert m["entropy_student"] == pytest.approx(H_s[valid].mean().item(), abs=1e-6)
+    assert m["entropy_teacher"] == pytest.approx(H_t[valid].mean().item(), abs=1e-6)
+    assert m["entropy_student"] != pytest.approx(H_s.mean().item(), abs=1e-4)  # (the masked positions differ)
+
+
+def test_top_share_against_a_direct_sort():
+    g = torch.Generator().manual_seed(5)
+    for n, frac in ((1, 0.01), (99, 0.01), (100, 0.01), (101, 0.01), (250, 0.05), (7, 1.0)):
+        v = torch.rand(n, generator=g) ** 4  # skewed, like per-token divergences
+        k = math.ceil(frac * n)
+        expected = sum(sorted(v.tolist(), reverse=True)[:k]) / sum(v.tolist())
+        assert top_share(v, frac) == pytest.approx(expected, rel=1e-9)
+    assert top_share(torch.tensor([0.0] * 99 + [3.0])) == 1.0  # one token carries everything
+    assert top_share(torch.ones(200)) == pytest.approx(0.01)  # flat: 2 tokens of 200 carry 1%
+    assert math.isnan(top_share(torch.zeros(10)))
+    with pytest.raises(ValueError):
+        top_share(torch.ones(0))
+    with pytest.raises(ValueError):
+        top_share(torch.ones(3), frac=0.0)

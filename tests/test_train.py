@@ -206,6 +206,11 @@ def test_two_steps_log_everything(tiny_model_dir, tmp_path, feedback):
         assert key in log[0]
     if feedback != "grpo":
         assert "time_teacher" in log[0] and "divergence" in log[0] and "adv_neg_frac" in log[0]
+        for r in log:  # the diagnostics of a declining run
+            assert r["entropy_student"] > 0 and r["entropy_teacher"] > 0
+            assert 0.01 <= r["div_top1_share"] <= 1 and 0 <= r["claim_located"] <= 1
+            assert "teacher_reward" not in r  # (--teacher-samples is off)
+    assert all(0 <= r["answered"] <= 1 for r in log)
     if feedback == "stepalign":
         assert log[0]["critic_schema_ok"] == 1.0 and "time_critic" in log[0]
         assert log[0]["skipped_unstructured_step"] == log[0]["kept_unstructured_step"] == 0
@@ -255,6 +260,9 @@ def test_two_ranks_equal_one_process(tiny_model_dir, tmp_path, feedback):
     for r1_, r2_ in zip(l1, l2):  # metrics are all-reduced over ranks
         assert r1_["reward"] == r2_["reward"] and r1_["response_length"] == r2_["response_length"]
         assert r1_["loss"] == pytest.approx(r2_["loss"], rel=1e-3, abs=1e-6)
+        # the top-1% share is over the step's tokens of both ranks, not a mean of the ranks' own shares
+        for key in ("div_top1_share", "entropy_student", "entropy_teacher", "answered"):
+            assert r1_[key] == pytest.approx(r2_[key], rel=1e-3, abs=1e-6)
     assert read_jsonl(one / "eval.jsonl")[-1]["avg@k"] == read_jsonl(two / "eval.jsonl")[-1]["avg@k"]
 
 
@@ -467,9 +475,12 @@ def test_non_finite_loss_skips_the_step_without_touching_weights(tiny_model_dir,
 
 
 def test_verdict_feedback_and_pbsd_objective_run(tiny_model_dir, tmp_path, capsys):
-    train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "verdict", "--max-steps", "1"))
+    train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "verdict", "--max-steps", "1",
+                         "--teacher-samples"))
     [record] = read_jsonl(tmp_path / "verdict" / "log.jsonl")
     assert "divergence" in record and record["skipped_critic"] == 0
+    # SD with --teacher-samples: the teacher's samples are drawn and graded (the random model never answers)
+    assert (record["teacher_reward"], record["teacher_answered"]) == (0.0, 0.0) and "time_teacher_sample" in record
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "refsol", "--objective", "pbsd",
                              "--max-steps", "1"))
@@ -494,7 +505,8 @@ def test_teacher_context_per_feedback_form(tiny_model_dir, smol_tokenizer):
     for feedback, expected in (("stepalign", "Incorrect"), ("refsol", problem.reference_solution),
                                ("verdict", "1000. This answer is incorrect")):
         cfg = train.parse_config(tiny_args(tiny_model_dir, "/tmp/unused", "--feedback", feedback))
-        item = train.Item(problem, [1], Completion([5], wrong, "stop"), reward=0.0)
+        ids = smol_tokenizer(wrong, add_special_tokens=False).input_ids  # (the wrong claim is located on them)
+        item = train.Item(problem, [1], Completion(ids, wrong, "stop"), reward=0.0)
         backend = train.make_critic(cfg) if feedback == "stepalign" else None
         stats = train.attach_feedback(cfg, backend, None, smol_tokenizer, None, [item], 0, train.Timer())
         teacher_prompt = smol_tokenizer.decode(item.teacher_ids)
@@ -675,3 +687,60 @@ def test_kill_9_during_a_checkpoint_save_then_resume_is_exact(tiny_model_dir, tm
     assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5, 6]
     assert [(r["loss"], r["reward"]) for r in log_a] == [(r["loss"], r["reward"]) for r in log_b]
     assert read_jsonl(straight / "eval.jsonl")[-1] == read_jsonl(killed / "eval.jsonl")[-1]
+
+
+def test_wrong_claim_advantage_on_a_hand_made_rollout(smol_tokenizer):
+    """The exact critic's wrong claim, mapped to tokens, and the mean A_t on it and on the rest of the rollout."""
+    from data import arithmetic_problems
+    from rollout import Completion
+    problem = arithmetic_problems(1, seed=0, n_ops=2)[0]
+    lhs, value = problem.steps[0].rsplit("=", 1)  # "25 - 2 ", " 23"
+    wrong_value = str(int(value) + 1)
+    text = f"Step 1: {lhs}= {wrong_value}\n\\boxed{{{wrong_value}}}"
+    ids = smol_tokenizer(text, add_special_tokens=False).input_ids
+    correct_text = f"Step 1: {problem.steps[0]}\n\\boxed{{{problem.answer}}}"
+    correct_ids = smol_tokenizer(correct_text, add_special_tokens=False).input_ids
+    items = [train.Item(problem, [1], Completion(ids, text, "stop")),
+             train.Item(problem, [1], Completion(correct_ids, correct_text, "stop"))]
+    train.locate_wrong_claims(smol_tokenizer, items)
+    assert items[1].wrong_claim is None  # a right answer: no wrong claim to locate
+    claim = items[0].wrong_claim
+    # independently: the tokens whose decoded text overlaps the first occurrence of the wrong value after "="
+    start = text.index("= " + wrong_value) + 2
+    ends = [len(smol_tokenizer.decode(ids[:t + 1])) for t in range(len(ids))]
+    starts = [0] + ends[:-1]
+    expected = [s_ < start + len(wrong_value) and e > start and s_ < e for s_, e in zip(starts, ends)]
+    assert claim.tolist() == expected and claim.any()
+    T = max(len(ids), len(correct_ids))
+    A = torch.arange(2 * T, dtype=torch.float32).view(2, T)  # (2, T)
+    mask = torch.zeros(2, T)
+    mask[0, :len(ids)] = 1
+    mask[1, :len(correct_ids)] = 1
+    m = train.wrong_claim_metrics(A, mask, [it.wrong_claim for it in items])
+    on = [t for t in range(len(ids)) if expected[t]]
+    off = [t for t in range(len(ids)) if not expected[t]]  # (row 1 has no located claim: left out)
+    assert m["adv_claim"] == pytest.approx(sum(on) / len(on)) and m["n_claim_tokens"] == len(on)
+    assert m["adv_off_claim"] == pytest.approx(sum(off) / len(off)) and m["n_off_claim_tokens"] == len(off)
+    assert train.wrong_claim_metrics(A, mask, [None, None]) == {}
+
+
+def test_step_diagnostics_are_over_the_whole_step_not_per_micro_batch(tiny_model_dir, tmp_path):
+    """div_top1_share is the share of the top 1% of ALL the step's tokens (not a mean of per-micro-batch shares);
+    the entropies are token-weighted means: one micro-batch of 4 and four of 1 give the same step values."""
+    from sd_loss import top_share
+    values = {}
+    with train.evaluate.AnswerChecker() as checker:
+        for mb in (1, 4):
+            cfg = train.parse_config(tiny_args(tiny_model_dir, tmp_path / f"mb{mb}", "--feedback", "refsol",
+                                               "--micro-batch", str(mb)))
+            run, _ = train.start_run(cfg, train.Dist(), checker)
+            items, _ = run.rollouts_and_feedback(0, train.Timer())
+            per_rollout = [train.micro_batch_loss(cfg, run.model, [it], run.tokenizer.pad_token_id, 1.0,
+                                                  train.Timer())[1]["token_divergence"] for it in items]  # (T_i,)
+            sums, _ = run.optimize(items, train.Timer())
+            values[mb] = {k: sums[k] / sums[f"{k}/weight"] for k in ("div_top1_share", "entropy_student",
+                                                                     "entropy_teacher", "answered")}
+    assert values[1] == pytest.approx(values[4], rel=1e-5)
+    assert values[1]["div_top1_share"] == pytest.approx(top_share(torch.cat(per_rollout)), rel=1e-6)
+    mean_of_shares = sum(top_share(v) for v in per_rollout) / len(per_rollout)
+    assert abs(values[1]["div_top1_share"] - mean_of_shares) > 1e-3  # (the test tells the two apart)

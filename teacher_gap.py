@@ -1,0 +1,195 @@
+"""The self-teacher's gap: Avg@k of samples from each teacher prompt (x + c, adapter off) beside Avg@k of the student
+prompt x, on the same problems, with c built from the student's own rollouts exactly as train.py builds it.
+
+    python teacher_gap.py --preset demo                          # the demo's held-out problems, k = 4
+    python teacher_gap.py --preset demo --split train --k 8 --json gap.json   # choose settings on these
+    python teacher_gap.py --preset demo --adapter runs/demo/stepalign/checkpoints/step_000005
+
+Every train.py option is accepted and means what it means there (python train.py --help): the model, the data, the
+critic, --temperature (student and teacher are sampled at the training temperature), --max-new-tokens,
+--teacher-thinking, --objective (pbsd renders the teacher prompt in the student's thinking mode), --seed, and any
+option that shapes the teacher prompt. The steps:
+  1. problems: the config's held-out problems (--split test; --eval-problems applies) or its training problems
+     (--split train: SD settings are chosen there, never on the held-out results), the first --n-problems.
+  2. k rollouts per problem from the student prompt: train.collect_rollouts, seeded as training step
+     --sample-step of run --seed (another --sample-step gives fresh samples of the same problems).
+  3. per feedback form: train.attach_feedback with teacher samples on, as in a training step: c from each rollout
+     (stepalign: the critic's critique of it; refsol: the reference solution; verdict: the verdict on its answer),
+     the teacher prompt rendered by the same function, and one sample y_T ~ π_base(·|x, c) per rollout, graded.
+  4. Avg@k (per problem the share of its k samples that are correct, averaged over problems), the answered rate
+     (samples with a \\boxed{} answer), and the gap = teacher Avg@k − student Avg@k in points.
+A rollout whose critique failed has no teacher sample: it is counted (skipped) and left out of that form's means.
+`--adapter DIR` (a checkpoint of train.py) makes the student the trained policy; the teacher stays the base policy.
+
+Departures: none from training; the gap itself is ours (issue 14), the number that says whether SD can help:
+SD moves the student toward the teacher, so a teacher below the student can only pull it down.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import data
+import evaluate
+import lora
+import rollout
+import train
+
+FORMS = ("stepalign", "refsol", "verdict")
+
+
+def avg_at_k(correct: list[list[float]]) -> float:
+    """Mean over problems of the share of a problem's samples that are correct (problems without one left out)."""
+    rows = [np.mean(c) for c in correct if len(c)]
+    return float(np.mean(rows)) if rows else float("nan")
+
+
+def summarize(texts: list[list[str]], rewards: list[list[float]]) -> dict:
+    """Avg@k and answered rate of samples grouped by problem: texts and rewards, one list per problem."""
+    flat = [t for ts in texts for t in ts]
+    return {"avg@k": avg_at_k(rewards), "answered": float(np.mean([evaluate.extract_answer(t) is not None
+                                                                    for t in flat])) if flat else float("nan"),
+            "n_samples": len(flat)}
+
+
+def teacher_gap(cfg: train.Config, engine, tokenizer, checker, critic_backend, problems: list[data.Problem], k: int,
+                forms=FORMS, sample_step: int = 0, merge_model=None) -> dict:
+    """Student Avg@k and, per form, teacher Avg@k from contexts built on the same k rollouts per problem.
+    merge_model: the module the transformers engine samples from, its adapter merged while the student samples
+    (as train.Run.sampling does); None for an engine with its own weights (vLLM).
+
+    Returns {"student": summary, form: summary | {"gap": points, "skipped": n}, "samples": per-rollout records}."""
+    cfg = dataclasses.replace(cfg, sd_samples=k, feedback=forms[0], teacher_samples=True)
+    timer = train.Timer()
+    draws = list(enumerate(problems))
+    with merged(merge_model):  # the student policy
+        rollouts = train.collect_rollouts(cfg, engine, tokenizer, checker, draws, sample_step, timer)
+
+    def by_problem(items: list[train.Item], value) -> list[list]:
+        return [[value(it) for it in items if it.draw == i] for i in range(len(problems))]
+
+    out = {"student": summarize(by_problem(rollouts, lambda it: it.completion.text),
+                                by_problem(rollouts, lambda it: it.reward))}
+    samples = [{"problem_id": it.problem.id, "sample": it.sample, "rollout": it.completion.text, "reward": it.reward,
+                "teacher": {}} for it in rollouts]
+    for form in forms:
+        items = [dataclasses.replace(it) for it in rollouts]  # attach_feedback writes into the items
+        form_cfg = dataclasses.replace(cfg, feedback=form)
+        backend = critic_backend if form == "stepalign" else None
+        train.attach_feedback(form_cfg, backend, engine, tokenizer, checker, items, sample_step, timer)
+        kept = [it for it in items if not it.skipped]
+        summary = summarize(by_problem(kept, lambda it: it.teacher_sample.text),
+                            by_problem(kept, lambda it: it.teacher_reward))
+        summary["gap"] = 100.0 * (summary["avg@k"] - out["student"]["avg@k"])
+        summary["skipped"] = len(items) - len(kept)
+        out[form] = summary
+        for record, it in zip(samples, items):
+            record["teacher"][form] = None if it.skipped else {"text": it.teacher_sample.text,
+                                                               "reward": it.teacher_reward}
+    out["samples"] = samples
+    out["seconds"] = dict(timer.seconds)
+    return out
+
+
+@contextlib.contextmanager
+def merged(model):
+    """The LoRA adapter of `model` merged inside the block (nothing when model is None)."""
+    if model is None:
+        yield
+        return
+    lora.merge(model)
+    try:
+        yield
+    finally:
+        lora.unmerge(model)
+
+
+def gap_table(result: dict, forms=FORMS, k: int | None = None) -> str:
+    """Markdown: one row for the student prompt, one per teacher prompt, Avg@k in percent and the gap in points."""
+    label = f"Avg@{k}" if k else "Avg@k"
+    lines = [f"| prompt | {label} | answered | gap (points) | samples | skipped |", "|---|---|---|---|---|---|"]
+    s = result["student"]
+    lines.append(f"| student (x) | {100 * s['avg@k']:.1f} | {s['answered']:.2f} | | {s['n_samples']} | |")
+    for form in forms:
+        t = result[form]
+        lines.append(f"| {evaluate.DISPLAY.get(form, form)} teacher (x + c) | {100 * t['avg@k']:.1f} | "
+                     f"{t['answered']:.2f} | {t['gap']:+.1f} | {t['n_samples']} | {t['skipped']} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, train.Config]:
+    """This script's options; everything else goes to train.parse_config (every train.py option)."""
+    ap = argparse.ArgumentParser(prog="teacher_gap.py", allow_abbrev=False,
+                                 description="Avg@k of each teacher prompt's samples beside the student prompt's.",
+                                 epilog="Every train.py option is accepted too (python train.py --help).")
+    ap.add_argument("--split", default="test", choices=("test", "train"),
+                    help="the config's held-out problems, or its training problems (choose settings on these)")
+    ap.add_argument("--k", type=int, default=4, help="student rollouts per problem (one teacher sample per rollout)")
+    ap.add_argument("--n-problems", type=int, default=0, help="the first N problems of the split (0 = all)")
+    ap.add_argument("--forms", default=",".join(FORMS), help="comma-separated feedback forms: " + ", ".join(FORMS))
+    ap.add_argument("--sample-step", type=int, default=0, help="the rollouts and teacher samples are seeded as those "
+                    "of this training step (with --seed): another value gives fresh samples of the same problems")
+    ap.add_argument("--adapter", default=None, help="a train.py checkpoint directory: the student is that policy "
+                    "(default: the base policy, as at step 0)")
+    ap.add_argument("--json", default=None, help="also write the result, with every sample, to this JSON file")
+    args, rest = ap.parse_known_args(argv)
+    cfg = train.parse_config(rest)
+    forms = tuple(f.strip() for f in args.forms.split(","))
+    bad = [f for f in forms if f not in FORMS]
+    if bad or not forms:
+        ap.error(f"--forms {args.forms}: each must be one of {', '.join(FORMS)}")
+    if args.k < 1 or args.n_problems < 0:
+        ap.error(f"--k {args.k} must be >= 1 and --n-problems {args.n_problems} >= 0")
+    args.forms = forms
+    return args, cfg
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, cfg = parse_args(sys.argv[1:] if argv is None else list(argv))
+    cfg = dataclasses.replace(cfg, feedback=args.forms[0])
+    try:
+        train.check_inputs(cfg)
+        train_set, test_set = train.load_problems(cfg)
+    except (train.ConfigError, data.DataError) as e:
+        raise SystemExit(f"teacher_gap.py: error: {e}") from None
+    problems = test_set if args.split == "test" else train_set
+    problems = problems[:args.n_problems] if args.n_problems else problems
+    if "refsol" in args.forms and any(not p.reference_solution for p in problems):
+        raise SystemExit("teacher_gap.py: error: --forms refsol: some problems have no reference solution")
+    model, tokenizer = train.build_model(cfg, train.setup_distributed())
+    model.eval()
+    if args.adapter:
+        lora.load_adapter(model, args.adapter)
+    if cfg.engine == "vllm":
+        engine = rollout.VLLMEngine(rollout.resolve_model_path(cfg.model), max_lora_rank=cfg.lora_r,
+                                    gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed)
+        if args.adapter:
+            engine.set_adapter(args.adapter)
+    else:
+        engine = rollout.TransformersEngine(model, tokenizer, batch_size=64, stop_at_boxed=cfg.stop_at_boxed)
+    backend = train.make_critic(cfg) if "stepalign" in args.forms else None
+    with evaluate.AnswerChecker() as checker:
+        result = teacher_gap(cfg, engine, tokenizer, checker, backend, problems, args.k, args.forms,
+                             args.sample_step, merge_model=model if cfg.engine == "transformers" else None)
+    table = gap_table(result, args.forms, args.k)
+    print(f"{len(problems)} {args.split} problems x {args.k} rollouts, temperature {cfg.temperature}, "
+          f"teacher thinking {cfg.teacher_thinking if cfg.objective == 'sd' else cfg.student_thinking}, "
+          f"student {'adapter ' + args.adapter if args.adapter else 'base policy'}\n")
+    print(table)
+    if args.json:
+        record = {"config": dataclasses.asdict(cfg), "split": args.split, "k": args.k, "n_problems": len(problems),
+                  "sample_step": args.sample_step, "adapter": args.adapter, **result}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
