@@ -534,12 +534,17 @@ def attach_feedback(cfg, critic_backend, engine, tokenizer, checker, items: list
 def locate_wrong_claims(tokenizer, items: list[Item]) -> None:
     """Diagnostics: Item.wrong_claim, the tokens of each rollout's first wrong claim as the exact arithmetic critic
     locates it (Critique.wrong_span, characters, mapped to the rollout's own ids as in the mechanism figure); None
-    where it locates none (a correct rollout, or an error without an equation to pin)."""
+    where it locates none (a correct rollout, or an error without an equation to pin), and None where the engine's
+    text is not the decode of its ids (a detokenizer that differs): a diagnostic never stops a run; both lower
+    `claim_located`."""
     critiques = critic.ExactArithmeticCritic().critique([(it.problem, it.completion.text) for it in items])
     for it, q in zip(items, critiques):
         it.wrong_claim = None
         if q.wrong_span is not None:
-            spans = evaluate.token_char_spans(tokenizer, it.completion.token_ids, it.completion.text)
+            try:
+                spans = evaluate.token_char_spans(tokenizer, it.completion.token_ids, it.completion.text)
+            except ValueError:
+                continue
             it.wrong_claim = evaluate.error_marks_from_spans(spans, it.completion.text, q.wrong_span).wrong_claim
 
 
