@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -109,8 +110,10 @@ class Config:
     critic_retries: int = opt(3, "retries per critic request (exponential backoff) before the rollout is skipped")
     critic_max_tokens: int = opt(8192, "critic generation budget (its <think> trace included)")
     engine: str = opt("vllm", "rollout engine", ("vllm", "transformers"))
-    stop_at_boxed: bool = opt(False, "transformers engine: end a sample after its first complete \\boxed{}")
-    vllm_gpu_memory: float = opt(0.35, "fraction of GPU memory vLLM may take (it shares the GPU with training)")
+    stop_at_boxed: bool = opt(False, "end a sample after its first complete \\boxed{} (vLLM: cut there, rollout.py)")
+    vllm_gpu_memory: float = opt(0.35, "vLLM engine: on a GPU, the fraction of GPU memory vLLM may take (it shares the "
+                                 "GPU with training); on a CPU (vLLM's CPU build), the fraction of the machine's "
+                                 "memory vLLM reserves for its KV cache, per rank")
     student_thinking: bool = opt(False, "thinking mode of the student's chat template (Qwen3 enable_thinking)")
     teacher_thinking: bool = opt(True, "thinking mode of the teacher's chat template")
     lora_r: int = opt(64, "LoRA rank r")
@@ -151,7 +154,7 @@ PRESETS: dict[str, dict] = {
     # (README, the demo's table); sizes chosen so that the three forms train and evaluate in < 15 min on 2 cores
     "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=30, arith_test=16,
                  arith_ops=1, arith_max_operand=20, arith_operators="+-", arith_example=True, critic="exact",
-                 engine="transformers", stop_at_boxed=True, lora_r=16, lora_alpha=32.0, temperature=0.5,
+                 engine="transformers", stop_at_boxed=True, vllm_gpu_memory=0.25, lora_r=16, lora_alpha=32.0, temperature=0.5,
                  max_new_tokens=48, lr=2e-4,
                  prompts_per_step=6, micro_batch=6, loss_chunk=256, grad_checkpointing=False, dtype="float32",
                  grpo_group_size=4, epochs=1, eval_every=3, eval_samples=4, eval_temperature=0.5),
@@ -230,8 +233,10 @@ def check_inputs(cfg: Config) -> None:
     looks_local = cfg.model.startswith((".", "/", "~")) or os.sep in cfg.model and Path(cfg.model).parent.exists()
     if looks_local and not Path(cfg.model).expanduser().exists():
         raise SystemExit(f"--model {cfg.model}: no such directory")
-    if cfg.engine == "vllm" and not torch.cuda.is_available():
-        raise SystemExit("--engine vllm needs a GPU; on a CPU use --engine transformers (or --preset demo)")
+    if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise SystemExit(f"--engine vllm: {rollout.VLLM_MISSING}")
+    if cfg.engine == "vllm" and not 0 < cfg.vllm_gpu_memory < 1:
+        raise SystemExit(f"--vllm-gpu-memory {cfg.vllm_gpu_memory}: a fraction in (0, 1)")
     if (cfg.feedback == "stepalign" and cfg.critic == "local" and cfg.critic_model.startswith((".", "/", "~"))
             and not Path(cfg.critic_model).expanduser().exists()):
         raise SystemExit(f"--critic-model {cfg.critic_model}: no such directory")
@@ -704,8 +709,19 @@ class Run:
         return sums, grad_norm
 
 
-def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Run, int]:
-    """Load data and model, build the engine and critic, and resume if asked. Returns (run, first step)."""
+def make_vllm_engine(cfg: Config, d: Dist) -> rollout.VLLMEngine:
+    """One vLLM engine per process, shared by the runs of one invocation (--feedback all): under torchrun each rank
+    holds its own (external_launcher, rollout.py), and vLLM's teardown ends the process group, so it is built
+    once and closed last."""
+    return rollout.VLLMEngine(rollout.resolve_model_path(cfg.model), max_lora_rank=cfg.lora_r,
+                              gpu_memory_utilization=cfg.vllm_gpu_memory, dtype=cfg.dtype, seed=cfg.seed,
+                              world_size=d.world, stop_at_boxed=cfg.stop_at_boxed)
+
+
+def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker,
+              vllm_engine: rollout.VLLMEngine | None = None) -> tuple[Run, int]:
+    """Load data and model, build the engine (or take the vLLM one) and critic, and resume if asked.
+    Returns (run, first step)."""
     if cfg.prompts_per_step % d.world:
         raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} must divide by the world size {d.world}")
     train_set, test_set = load_problems(cfg)
@@ -720,11 +736,10 @@ def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Ru
     random.seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    engine = (rollout.VLLMEngine(rollout.resolve_model_path(cfg.model), max_lora_rank=cfg.lora_r,
-                                 gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed,
-                                 torchrun_rank=d.world > 1)
-              if cfg.engine == "vllm" else rollout.TransformersEngine(model, tokenizer, batch_size=64,
-                                                                   stop_at_boxed=cfg.stop_at_boxed))
+    if cfg.engine == "vllm" and vllm_engine is None:
+        raise ValueError("--engine vllm: start_run takes the process's engine (make_vllm_engine)")
+    engine = (vllm_engine if cfg.engine == "vllm"
+              else rollout.TransformersEngine(model, tokenizer, batch_size=64, stop_at_boxed=cfg.stop_at_boxed))
     run = Run(cfg, d, checker, model, tokenizer, engine, critic_backend, optimizer, params, train_set, test_set,
               Logger(cfg, d), {"skipped_critic": 0, "skipped_nonfinite": 0, "skipped_empty": 0})
     if d.master:
@@ -747,10 +762,12 @@ def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Ru
     return run, 0
 
 
-def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker, base_eval: dict | None = None) -> Path:
+def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker, base_eval: dict | None = None,
+          vllm_engine: rollout.VLLMEngine | None = None) -> Path:
     """One run of one feedback form, steps 1–7 of the module docstring in a loop. Returns its output directory.
-    base_eval: shared by the runs of one invocation, so that the base policy (step 0) is evaluated once."""
-    run, start = start_run(cfg, d, checker)
+    base_eval: shared by the runs of one invocation, so that the base policy (step 0) is evaluated once;
+    vllm_engine: likewise (--engine vllm), it gets this run's adapter before anything is sampled."""
+    run, start = start_run(cfg, d, checker, vllm_engine)
     steps = total_steps(cfg, len(run.train_set))
     run.push_adapter(start)
     if start == 0:
@@ -831,17 +848,22 @@ def main(argv: list[str] | None = None) -> None:
     d = setup_distributed()
     forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
     run_dirs, base_eval = [], {}
-    with evaluate.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
-        for feedback in forms:
-            run_cfg = dataclasses.replace(cfg, feedback=feedback)
-            run_cfg.out_dir = cfg.out_dir.format(preset=cfg.preset, feedback=run_name(run_cfg))
-            if d.master:
-                print("config: " + json.dumps(dataclasses.asdict(run_cfg)), flush=True)
-            run_dirs.append(train(run_cfg, d, checker, base_eval))
-    if d.master:
-        table = evaluate.results_table(evaluate.load_evals(run_dirs))
-        print(table)
-    if d.world > 1:
+    vllm_engine = make_vllm_engine(cfg, d) if cfg.engine == "vllm" else None
+    try:
+        with evaluate.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
+            for feedback in forms:
+                run_cfg = dataclasses.replace(cfg, feedback=feedback)
+                run_cfg.out_dir = cfg.out_dir.format(preset=cfg.preset, feedback=run_name(run_cfg))
+                if d.master:
+                    print("config: " + json.dumps(dataclasses.asdict(run_cfg)), flush=True)
+                run_dirs.append(train(run_cfg, d, checker, base_eval, vllm_engine))
+        if d.master:
+            table = evaluate.results_table(evaluate.load_evals(run_dirs))
+            print(table)
+    finally:
+        if vllm_engine is not None:
+            vllm_engine.close()  # under torchrun this also ends the process group (rollout.VLLMEngine.close)
+    if d.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
 
 
