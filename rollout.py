@@ -234,26 +234,30 @@ class VLLMEngine:
     parallel 1, data parallel = the world size: the ranks sample different prompts. vLLM's data-parallel ranks
     agree at every engine step whether any of them has work left, so every rank calls `generate` the same number
     of times (train.py does). Run on CPU with vLLM's CPU build (tests/test_vllm.py, 2 ranks against 1 process).
-    On CPU, `gpu_memory_utilization` is the share of the machine's memory that vLLM reserves for its KV cache.
+    On CPU, `gpu_memory_utilization` is the share of the machine's memory that vLLM's worker may hold in all
+    (weights, activations; its KV cache gets what is left); under torchrun the worker is the rank's process.
+    `kv_cache_gib` > 0 sets the KV cache's size instead (on CPU the safer choice when several engines share a
+    machine: the fraction counts against the machine's total memory, not against what is free).
     """
 
     def __init__(self, model_path: str, max_lora_rank: int = 64, gpu_memory_utilization: float = 0.5,
                  dtype: str = "bfloat16", seed: int = 0, world_size: int = 1, stop_at_boxed: bool = False,
-                 max_model_len: int | None = None):
+                 kv_cache_gib: float = 0.0):
         if importlib.util.find_spec("vllm") is None:
             raise ImportError(VLLM_MISSING)
         from vllm import LLM
 
         if max_lora_rank > VLLM_LORA_RANKS[-1]:
             raise ValueError(f"LoRA rank {max_lora_rank}: vLLM takes adapters of rank at most {VLLM_LORA_RANKS[-1]}")
-        launcher = {}
+        launcher: dict = {}
+        if kv_cache_gib > 0:  # a fixed KV cache size; vLLM then ignores gpu_memory_utilization for it
+            launcher["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if world_size > 1:  # torchrun started this process; vLLM reads RANK, WORLD_SIZE, MASTER_ADDR/PORT itself
             launcher = {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1,
                         "data_parallel_size": world_size}
         self.llm = LLM(model=model_path, enable_lora=True, dtype=dtype, seed=seed,
                        max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= max_lora_rank),
-                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization,
-                       max_model_len=max_model_len, **launcher)
+                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization, **launcher)
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_at_boxed = stop_at_boxed
         self.lora_request = None

@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 4 train.py --feedback stepalign     # the paper's setup (4×H100, vLLM, a critic server)
     python train.py --preset demo                                 # SmolLM2-135M on a CPU: the paper's three forms
     torchrun --nproc_per_node 2 train.py --preset demo            # the same demo with DDP over 2 CPU processes (gloo)
+    python train.py --preset demo --engine vllm                   # rollouts on vLLM (CPU: VLLM_CPU=1 bash setup.sh)
     python train.py --help                                        # every option, generated from Config
 
 One optimizer step, in order:
@@ -113,7 +114,11 @@ class Config:
     stop_at_boxed: bool = opt(False, "end a sample after its first complete \\boxed{} (vLLM: cut there, rollout.py)")
     vllm_gpu_memory: float = opt(0.35, "vLLM engine: on a GPU, the fraction of GPU memory vLLM may take (it shares the "
                                  "GPU with training); on a CPU (vLLM's CPU build), the fraction of the machine's "
-                                 "memory vLLM reserves for its KV cache, per rank")
+                                 "memory that vLLM's worker may hold in all, weights and activations included (its "
+                                 "KV cache gets the rest), per rank; under torchrun the worker is the rank's process")
+    vllm_kv_cache_gib: float = opt(0.0, "vLLM engine: KV cache size in GiB per rank (0: vLLM sizes it from "
+                                   "--vllm-gpu-memory); on a CPU, a fixed size keeps several engines on one machine "
+                                   "within its memory")
     student_thinking: bool = opt(False, "thinking mode of the student's chat template (Qwen3 enable_thinking)")
     teacher_thinking: bool = opt(True, "thinking mode of the teacher's chat template")
     lora_r: int = opt(64, "LoRA rank r")
@@ -154,8 +159,8 @@ PRESETS: dict[str, dict] = {
     # (README, the demo's table); sizes chosen so that the three forms train and evaluate in < 15 min on 2 cores
     "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=30, arith_test=16,
                  arith_ops=1, arith_max_operand=20, arith_operators="+-", arith_example=True, critic="exact",
-                 engine="transformers", stop_at_boxed=True, vllm_gpu_memory=0.25, lora_r=16, lora_alpha=32.0, temperature=0.5,
-                 max_new_tokens=48, lr=2e-4,
+                 engine="transformers", stop_at_boxed=True, vllm_gpu_memory=0.25, lora_r=16, lora_alpha=32.0,
+                 temperature=0.5, max_new_tokens=48, lr=2e-4,
                  prompts_per_step=6, micro_batch=6, loss_chunk=256, grad_checkpointing=False, dtype="float32",
                  grpo_group_size=4, epochs=1, eval_every=3, eval_samples=4, eval_temperature=0.5),
 }
@@ -237,6 +242,8 @@ def check_inputs(cfg: Config) -> None:
         raise SystemExit(f"--engine vllm: {rollout.VLLM_MISSING}")
     if cfg.engine == "vllm" and not 0 < cfg.vllm_gpu_memory < 1:
         raise SystemExit(f"--vllm-gpu-memory {cfg.vllm_gpu_memory}: a fraction in (0, 1)")
+    if cfg.engine == "vllm" and cfg.vllm_kv_cache_gib < 0:
+        raise SystemExit(f"--vllm-kv-cache-gib {cfg.vllm_kv_cache_gib}: a size in GiB, or 0 to use --vllm-gpu-memory")
     if (cfg.feedback == "stepalign" and cfg.critic == "local" and cfg.critic_model.startswith((".", "/", "~"))
             and not Path(cfg.critic_model).expanduser().exists()):
         raise SystemExit(f"--critic-model {cfg.critic_model}: no such directory")
@@ -715,7 +722,7 @@ def make_vllm_engine(cfg: Config, d: Dist) -> rollout.VLLMEngine:
     once and closed last."""
     return rollout.VLLMEngine(rollout.resolve_model_path(cfg.model), max_lora_rank=cfg.lora_r,
                               gpu_memory_utilization=cfg.vllm_gpu_memory, dtype=cfg.dtype, seed=cfg.seed,
-                              world_size=d.world, stop_at_boxed=cfg.stop_at_boxed)
+                              world_size=d.world, stop_at_boxed=cfg.stop_at_boxed, kv_cache_gib=cfg.vllm_kv_cache_gib)
 
 
 def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker,

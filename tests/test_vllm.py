@@ -30,8 +30,10 @@ if not HAVE_VLLM and os.environ.get("CI") == "true":
 pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="needs vllm (on CPU: VLLM_CPU=1 bash setup.sh)")
 
 # On CPU, vLLM's memory fraction is the share of the machine's memory its worker process may hold in all
-# (weights, activations, KV cache); 0.2 of this machine leaves ~1 GiB of KV cache for SmolLM2-135M.
-MEMORY = 0.2
+# (weights, activations, KV cache); it must exceed what the worker holds before its KV cache (~1.6 GiB here).
+# The KV cache itself is fixed at 1 GiB (~23k tokens of SmolLM2-135M in fp32), so that the engines of these
+# tests and two torchrun ranks fit in the machine's memory together.
+MEMORY, KV_GIB = 0.25, 1.0
 
 
 def demo_prompts(tokenizer, n: int) -> list[str]:
@@ -50,7 +52,7 @@ def tokens(outs) -> list[list[list[int]]]:
     return [[c.token_ids for c in samples] for samples in outs]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def engines(smollm2_dir, tmp_path_factory):
     """(VLLMEngine, TransformersEngine over the same LoRA model, that model, adapter folder): SmolLM2-135M, fp32,
     both stopping after the first complete \\boxed{} as the demo does."""
@@ -59,54 +61,57 @@ def engines(smollm2_dir, tmp_path_factory):
     model, tok = load_model(str(smollm2_dir))
     lora.add_lora(model, r=8, alpha=16)
     vllm_engine = VLLMEngine(str(smollm2_dir), max_lora_rank=8, gpu_memory_utilization=MEMORY, dtype="float32",
-                             stop_at_boxed=True)
+                             stop_at_boxed=True, kv_cache_gib=KV_GIB)
     yield vllm_engine, TransformersEngine(model.eval(), tok, stop_at_boxed=True), model, tmp_path_factory.mktemp("ad")
-    vllm_engine.llm.llm_engine.engine_core.shutdown()
+    vllm_engine.close()
 
 
-@pytest.mark.slow
-def test_greedy_equals_transformers_and_adapter_updates_apply_at_once(engines, smollm2_dir):
-    vllm_engine, hf_engine, model, folder = engines
-    prompts = demo_prompts(hf_engine.tokenizer, 6)
-    seeds = list(range(6))
-    kw = dict(n=1, temperature=0, max_new_tokens=48)
-    outs = []
-    for version, std in ((1, 0.02), (2, 0.05)):
-        random_adapter(model, seed=version, std=std)
-        lora.save_adapter(model, str(folder / f"v{version}"), base_model_name_or_path=str(smollm2_dir))
-        vllm_engine.set_adapter(str(folder / f"v{version}"))
-        # after the first round every prompt is in vLLM's prefix cache, computed under the previous adapter
-        got, want = vllm_engine.generate(prompts, seeds, **kw), hf_engine.generate(prompts, seeds, **kw)
-        assert tokens(got) == tokens(want)
-        assert [c.text for [c] in got] == [c.text for [c] in want]
-        outs.append(got)
-    assert tokens(outs[0]) != tokens(outs[1])  # the update changed the policy: stale cache entries would show
-    # the demo's stop rule: some samples end with the box closed (and no end-of-turn token), cut by VLLMEngine
-    ended = [c for [c] in outs[0] if c.finish_reason == "stop" and c.token_ids[-1] not in hf_engine.stop_ids]
-    assert ended and all(c.text.rstrip().endswith("}") for c in ended)
+class TestEngine:
+    """VLLMEngine against TransformersEngine; one engine for these tests, stopped before the tests below start
+    theirs (class scope)."""
 
+    @pytest.mark.slow
+    def test_greedy_equals_transformers_and_adapter_updates_apply_at_once(self, engines, smollm2_dir):
+        vllm_engine, hf_engine, model, folder = engines
+        prompts = demo_prompts(hf_engine.tokenizer, 6)
+        seeds = list(range(6))
+        kw = dict(n=1, temperature=0, max_new_tokens=48)
+        outs = []
+        for version, std in ((1, 0.02), (2, 0.05)):
+            random_adapter(model, seed=version, std=std)
+            lora.save_adapter(model, str(folder / f"v{version}"), base_model_name_or_path=str(smollm2_dir))
+            vllm_engine.set_adapter(str(folder / f"v{version}"))
+            # after the first round every prompt is in vLLM's prefix cache, computed under the previous adapter
+            got, want = vllm_engine.generate(prompts, seeds, **kw), hf_engine.generate(prompts, seeds, **kw)
+            assert tokens(got) == tokens(want)
+            assert [c.text for [c] in got] == [c.text for [c] in want]
+            outs.append(got)
+        assert tokens(outs[0]) != tokens(outs[1])  # the update changed the policy: stale cache entries would show
+        # the demo's stop rule: some samples end with the box closed (and no end-of-turn token), cut by VLLMEngine
+        ended = [c for [c] in outs[0] if c.finish_reason == "stop" and c.token_ids[-1] not in hf_engine.stop_ids]
+        assert ended and all(c.text.rstrip().endswith("}") for c in ended)
 
-@pytest.mark.slow
-def test_seeds_reproduce_and_adapter_false_samples_the_base_policy(engines):
-    vllm_engine, hf_engine, model, folder = engines
-    if vllm_engine.lora_request is None:  # this test alone: give the engine an adapter first
-        random_adapter(model, seed=1, std=0.02)
-        lora.save_adapter(model, str(folder / "alone"), base_model_name_or_path="smollm2")
-        vllm_engine.set_adapter(str(folder / "alone"))
-    prompts = demo_prompts(hf_engine.tokenizer, 3)
-    kw = dict(n=3, temperature=1.0, max_new_tokens=16)
-    first = tokens(vllm_engine.generate(prompts, [10, 11, 12], **kw))
-    assert tokens(vllm_engine.generate(prompts, [10, 11, 12], **kw)) == first
-    # a prompt sampled alone, in another batch, with its own seed: the same samples
-    assert tokens(vllm_engine.generate(prompts[2:], [12], **kw)) == first[2:]
-    assert len({tuple(y) for y in first[0]}) > 1  # the samples of one prompt have different seeds
-    assert tokens(vllm_engine.generate(prompts, [20, 21, 22], **kw)) != first
-    # adapter=False: the base policy, as the transformers engine with the adapter disabled
-    greedy = dict(n=1, temperature=0, max_new_tokens=32)
-    base = vllm_engine.generate(prompts, [0, 1, 2], adapter=False, **greedy)
-    with lora.adapters_disabled(model):
-        assert tokens(base) == tokens(hf_engine.generate(prompts, [0, 1, 2], **greedy))
-    assert tokens(base) != tokens(vllm_engine.generate(prompts, [0, 1, 2], **greedy))
+    @pytest.mark.slow
+    def test_seeds_reproduce_and_adapter_false_samples_the_base_policy(self, engines):
+        vllm_engine, hf_engine, model, folder = engines
+        if vllm_engine.lora_request is None:  # this test alone: give the engine an adapter first
+            random_adapter(model, seed=1, std=0.02)
+            lora.save_adapter(model, str(folder / "alone"), base_model_name_or_path="smollm2")
+            vllm_engine.set_adapter(str(folder / "alone"))
+        prompts = demo_prompts(hf_engine.tokenizer, 3)
+        kw = dict(n=3, temperature=1.0, max_new_tokens=16)
+        first = tokens(vllm_engine.generate(prompts, [10, 11, 12], **kw))
+        assert tokens(vllm_engine.generate(prompts, [10, 11, 12], **kw)) == first
+        # a prompt sampled alone, in another batch, with its own seed: the same samples
+        assert tokens(vllm_engine.generate(prompts[2:], [12], **kw)) == first[2:]
+        assert len({tuple(y) for y in first[0]}) > 1  # the samples of one prompt have different seeds
+        assert tokens(vllm_engine.generate(prompts, [20, 21, 22], **kw)) != first
+        # adapter=False: the base policy, as the transformers engine with the adapter disabled
+        greedy = dict(n=1, temperature=0, max_new_tokens=32)
+        base = vllm_engine.generate(prompts, [0, 1, 2], adapter=False, **greedy)
+        with lora.adapters_disabled(model):
+            assert tokens(base) == tokens(hf_engine.generate(prompts, [0, 1, 2], **greedy))
+        assert tokens(base) != tokens(vllm_engine.generate(prompts, [0, 1, 2], **greedy))
 
 
 # ---------------------------------------------------------------------------------------------- train.py on vLLM
@@ -125,9 +130,10 @@ def read_jsonl(path):
 
 
 def demo_on_vllm(out_dir, *extra):
-    """The demo preset on the vLLM engine, cut to 2 steps and a 2-problem evaluation (at step 0 and 2)."""
+    """The demo preset on the vLLM engine, cut to 2 steps of 2 problems and a 2-problem evaluation (steps 0, 2)."""
     return ["--preset", "demo", "--engine", "vllm", "--feedback", "stepalign", "--max-steps", "2",
-            "--eval-every", "100", "--eval-problems", "2", "--eval-samples", "2", "--no-progress",
+            "--prompts-per-step", "2", "--micro-batch", "2", "--eval-every", "100", "--eval-problems", "2",
+            "--eval-samples", "2", "--vllm-kv-cache-gib", str(KV_GIB), "--no-progress",
             "--out-dir", str(out_dir), *extra]
 
 
@@ -169,7 +175,8 @@ def critic_server(smollm2_dir, tmp_path_factory):
     # the package's `vllm` command fails at start (it looks up a distribution named vllm), the module does not
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_dir),
            "--served-model-name", "critic", "--host", "127.0.0.1", "--port", str(port),
-           "--gpu-memory-utilization", str(MEMORY), "--max-model-len", "2048"]
+           "--gpu-memory-utilization", str(MEMORY), "--kv-cache-memory-bytes", str(int(KV_GIB * 2**30)),
+           "--max-model-len", "2048"]
     log = log_path.open("w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
