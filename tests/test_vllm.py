@@ -236,24 +236,30 @@ def test_stepalign_against_a_real_vllm_critic_server(critic_server, tmp_path):
 
 
 @pytest.mark.slow
-def test_difficulty_filter_against_a_real_vllm_critic_server(critic_server, smollm2_dir, tmp_path):
+def test_difficulty_filter_against_a_real_vllm_critic_server(critic_server, smol_tokenizer, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from conftest import tiny_llama
+
     url, log_path = critic_server
+    solver = tmp_path / "solver"  # a random model: it solves nothing, so every problem is hard for it
+    tiny_llama(len(smol_tokenizer)).save_pretrained(solver)
+    smol_tokenizer.save_pretrained(solver)
     before = chat_posts(log_path)
     rows = [{"problem": f"What is {a} + {b}? Put the final answer in \\boxed{{}}.", "expected_answer": str(a + b),
              "generated_solution": f"{a} + {b} = {a + b}", "problem_type": "has_answer_extracted",
              "problem_source": "test", "inference_mode": "cot"} for a, b in ((2, 3), (1, 1), (4, 4))]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "omr.parquet")
     manifest = tmp_path / "manifest.jsonl"
-    # every problem counts as hard for the solver (1 sample, threshold 2): the critic's answers decide
+    # every problem is hard for the random solver (0 of 1 sample correct < threshold 1): the critic's answers decide
     r = subprocess.run([sys.executable, str(ROOT / "data.py"), "filter", "--data", str(tmp_path / "omr.parquet"),
-                        "--solver", str(smollm2_dir), "--n", "1", "--threshold", "2", "--max-new-tokens", "16",
+                        "--solver", str(solver), "--n", "1", "--threshold", "1", "--max-new-tokens", "8",
                         "--critic-url", url, "--critic-model", "critic", "--critic-max-tokens", "64",
                         "--n-test", "0", "--out", str(manifest)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert "critic requests failed: 0 of 3" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert "solver: 3 of 3 problems below 1/1 correct" in r.stdout
     assert chat_posts(log_path) - before == 3
     solved = int(r.stdout.split("critic solved ")[1].split(" of ")[0])
     if solved:
