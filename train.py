@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 4 train.py --feedback stepalign     # the paper's setup (4×H100, vLLM, a critic server)
     python train.py --preset demo                                 # SmolLM2-135M on a CPU: the paper's three forms
     torchrun --nproc_per_node 2 train.py --preset demo            # the same demo with DDP over 2 CPU processes (gloo)
+    python train.py --preset demo --engine vllm                   # rollouts on vLLM (CPU: VLLM_CPU=1 bash setup.sh)
     python train.py --help                                        # every option, generated from Config
 
 One optimizer step, in order:
@@ -66,6 +67,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -147,8 +149,14 @@ class Config:
                                    "= its text goes to the teacher as unstructured feedback (an empty one is still "
                                    "skipped)", ("skip", "keep"))
     engine: str = opt("vllm", "rollout engine", ("vllm", "transformers"))
-    stop_at_boxed: bool = opt(False, "transformers engine: end a sample after its first complete \\boxed{}")
-    vllm_gpu_memory: float = opt(0.35, "fraction of GPU memory vLLM may take (it shares the GPU with training)")
+    stop_at_boxed: bool = opt(False, "end a sample after its first complete \\boxed{} (vLLM: cut there, rollout.py)")
+    vllm_gpu_memory: float = opt(0.35, "vLLM engine: on a GPU, the fraction of GPU memory vLLM may take (it shares the "
+                                 "GPU with training); on a CPU (vLLM's CPU build), the fraction of the machine's "
+                                 "memory that vLLM's worker may hold in all, weights and activations included (its "
+                                 "KV cache gets the rest), per rank; under torchrun the worker is the rank's process")
+    vllm_kv_cache_gib: float = opt(0.0, "vLLM engine: KV cache size in GiB per rank (0: vLLM sizes it from "
+                                   "--vllm-gpu-memory); on a CPU, a fixed size keeps several engines on one machine "
+                                   "within its memory")
     student_thinking: bool = opt(False, "thinking mode of the student's chat template (Qwen3 enable_thinking)")
     teacher_thinking: bool = opt(True, "thinking mode of the teacher's chat template")
     teacher_layout: str = opt("paper", "where c sits in the teacher's prompt: paper = one user turn (problem, c, "
@@ -192,8 +200,8 @@ PRESETS: dict[str, dict] = {
     # (README, the demo's table); sizes chosen so that the three forms train and evaluate in < 15 min on 2 cores
     "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=30, arith_test=16,
                  arith_ops=1, arith_max_operand=20, arith_operators="+-", arith_example=True, critic="exact",
-                 engine="transformers", stop_at_boxed=True, lora_r=16, lora_alpha=32.0, temperature=0.5,
-                 max_new_tokens=48, lr=2e-4,
+                 engine="transformers", stop_at_boxed=True, vllm_gpu_memory=0.25, lora_r=16, lora_alpha=32.0,
+                 temperature=0.5, max_new_tokens=48, lr=2e-4,
                  prompts_per_step=6, micro_batch=6, loss_chunk=256, grad_checkpointing=False, dtype="float32",
                  grpo_group_size=4, epochs=1, eval_every=3, eval_samples=4, eval_temperature=0.5),
 }
@@ -356,6 +364,8 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
             need(False, name, "the directory has no config.json (not a saved model)")
     if cfg.feedback in ("stepalign", "all") and cfg.critic == "exact" and cfg.data != "arithmetic":
         bad.append("--critic exact only knows arithmetic problems: use --critic server or --critic local")
+    if cfg.vllm_kv_cache_gib < 0:
+        need(False, "vllm_kv_cache_gib", "must be a size in GiB, or 0 to size the cache by --vllm-gpu-memory")
     return bad
 
 
@@ -364,8 +374,8 @@ def check_inputs(cfg: Config, world: int = 1) -> None:
     bad = config_problems(cfg, world)
     if bad:
         raise ConfigError("\n".join(bad))
-    if cfg.engine == "vllm" and not torch.cuda.is_available():
-        raise SystemExit("--engine vllm needs a GPU; on a CPU use --engine transformers (or --preset demo)")
+    if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"--engine vllm: {rollout.VLLM_MISSING}")
 
 
 def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
@@ -922,8 +932,19 @@ class Run:
         return sums | step_diagnostics(cfg, items, divergences, d), grad_norm
 
 
-def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Run, int]:
-    """Load data and model, build the engine and critic, and resume if asked. Returns (run, first step)."""
+def make_vllm_engine(cfg: Config, d: Dist) -> rollout.VLLMEngine:
+    """One vLLM engine per process, shared by the runs of one invocation (--feedback all): under torchrun each rank
+    holds its own (external_launcher, rollout.py), and vLLM's teardown ends the process group, so it is built
+    once and closed last."""
+    return rollout.make_engine("vllm", cfg.model, dtype=cfg.dtype, seed=cfg.seed, max_lora_rank=cfg.lora_r,
+                               gpu_memory_utilization=cfg.vllm_gpu_memory, kv_cache_gib=cfg.vllm_kv_cache_gib,
+                               world_size=d.world, stop_at_boxed=cfg.stop_at_boxed)
+
+
+def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker,
+              vllm_engine: rollout.VLLMEngine | None = None) -> tuple[Run, int]:
+    """Load data and model, build the engine (or take the vLLM one) and critic, and resume if asked.
+    Returns (run, first step)."""
     if cfg.prompts_per_step % d.world:
         raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step}: must divide by the number of ranks "
                           f"({d.world})")
@@ -939,9 +960,10 @@ def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Ru
     random.seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    engine = rollout.make_engine(cfg.engine, cfg.model, model, tokenizer, dtype=cfg.dtype, seed=cfg.seed,
-                                 max_lora_rank=cfg.lora_r, gpu_memory_utilization=cfg.vllm_gpu_memory,
-                                 world_size=d.world, stop_at_boxed=cfg.stop_at_boxed)
+    if cfg.engine == "vllm" and vllm_engine is None:
+        raise ValueError("--engine vllm: start_run takes the process's engine (make_vllm_engine)")
+    engine = vllm_engine if cfg.engine == "vllm" else rollout.make_engine(
+        "transformers", cfg.model, model, tokenizer, stop_at_boxed=cfg.stop_at_boxed)
     run = Run(cfg, d, checker, model, tokenizer, engine, critic_backend, optimizer, params, train_set, test_set,
               Logger(cfg, d), {"skipped_critic": 0, "skipped_nonfinite": 0, "skipped_empty": 0})
     if d.master:
@@ -969,14 +991,14 @@ def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker) -> tuple[Ru
     return run, 0
 
 
-def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker, base_eval: dict | None = None
-          ) -> tuple[Path, dict, int]:
+def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker, base_eval: dict | None = None,
+          vllm_engine: rollout.VLLMEngine | None = None) -> tuple[Path, dict, int]:
     """One run of one feedback form, steps 1–7 of the module docstring in a loop. Returns its output directory,
     its counters and its number of steps. base_eval: shared by the runs of one invocation, so that the base
-    policy (step 0) is evaluated once. A step with failed critiques prints a warning; when at least
-    `critic_fail_max` of the critiques of the last `critic_fail_window` steps failed, the run checkpoints and
-    exits with EXIT_CRITIC_DOWN."""
-    run, start = start_run(cfg, d, checker)
+    policy (step 0) is evaluated once; vllm_engine: likewise (--engine vllm), it gets this run's adapter before
+    anything is sampled. A step with failed critiques prints a warning; when at least `critic_fail_max` of the
+    critiques of the last `critic_fail_window` steps failed, the run checkpoints and exits with EXIT_CRITIC_DOWN."""
+    run, start = start_run(cfg, d, checker, vllm_engine)
     steps = total_steps(cfg, len(run.train_set))
     run.push_adapter(start)
     if start == 0:
@@ -1155,8 +1177,8 @@ def step_record(cfg, step, items, sums, stats, counters, timer, seconds, grad_no
 # checkpoint, what is displayed, and memory knobs that leave the step's math as it is (up to float rounding)
 RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps", "epochs", "eval_every", "critic_url",
                      "critic_api_key_env", "critic_timeout", "critic_concurrency", "critic_retries",
-                     "critic_fail_window", "critic_fail_max", "vllm_gpu_memory", "micro_batch", "loss_chunk",
-                     "grad_checkpointing", "teacher_samples"}
+                     "critic_fail_window", "critic_fail_max", "vllm_gpu_memory", "vllm_kv_cache_gib", "micro_batch",
+                     "loss_chunk", "grad_checkpointing", "teacher_samples"}
 
 
 def form_config(cfg: Config, feedback: str) -> Config:
@@ -1204,25 +1226,30 @@ def main(argv: list[str] | None = None) -> None:
     d = setup_distributed()
     forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
     run_dirs, base_eval, idle = [], {}, []
-    with evaluate.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
-        for feedback in forms:
-            run_cfg = form_config(cfg, feedback)
-            if d.master:
-                print("config: " + json.dumps(dataclasses.asdict(run_cfg)), flush=True)
-            out_dir, counters, steps = train(run_cfg, d, checker, base_eval)
-            run_dirs.append(out_dir)
-            if counters["skipped_empty"] + counters["skipped_nonfinite"] >= steps:  # no AdamW step at all
-                idle.append(f"run {run_name(run_cfg)} took no optimizer step in its {steps} steps (skipped_empty "
-                            f"{counters['skipped_empty']}: nothing to learn from; skipped_nonfinite "
-                            f"{counters['skipped_nonfinite']}; rollouts skipped for the critic "
-                            f"{counters['skipped_critic']}): its evaluations are of the base policy; see "
-                            f"{out_dir / 'log.jsonl'}")
-    if d.master:
-        table = evaluate.results_table(evaluate.load_evals(run_dirs))
-        print(table)
-        for line in idle:
-            print(f"train.py: error: {line}", file=sys.stderr, flush=True)
-    if d.world > 1:
+    vllm_engine = make_vllm_engine(cfg, d) if cfg.engine == "vllm" else None
+    try:
+        with evaluate.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
+            for feedback in forms:
+                run_cfg = form_config(cfg, feedback)
+                if d.master:
+                    print("config: " + json.dumps(dataclasses.asdict(run_cfg)), flush=True)
+                out_dir, counters, steps = train(run_cfg, d, checker, base_eval, vllm_engine)
+                run_dirs.append(out_dir)
+                if counters["skipped_empty"] + counters["skipped_nonfinite"] >= steps:  # no AdamW step at all
+                    idle.append(f"run {run_name(run_cfg)} took no optimizer step in its {steps} steps (skipped_empty "
+                                f"{counters['skipped_empty']}: nothing to learn from; skipped_nonfinite "
+                                f"{counters['skipped_nonfinite']}; rollouts skipped for the critic "
+                                f"{counters['skipped_critic']}): its evaluations are of the base policy; see "
+                                f"{out_dir / 'log.jsonl'}")
+        if d.master:
+            table = evaluate.results_table(evaluate.load_evals(run_dirs))
+            print(table)
+            for line in idle:
+                print(f"train.py: error: {line}", file=sys.stderr, flush=True)
+    finally:
+        if vllm_engine is not None:
+            vllm_engine.close()  # under torchrun this also ends the process group (rollout.VLLMEngine.close)
+    if d.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
     if idle:
         raise SystemExit(EXIT_NOTHING_LEARNED)

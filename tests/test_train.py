@@ -194,6 +194,19 @@ def test_a_fresh_run_refuses_an_out_dir_with_checkpoints(tiny_model_dir, tmp_pat
                                 "with 0.5; --resume continues a run only with the options it started with"]
 
 
+def test_engine_vllm_without_vllm_or_with_a_bad_memory_fraction_fails_at_start(monkeypatch):
+    """--engine vllm runs on CPU too (tests/test_vllm.py); what it needs is said before any model is loaded."""
+    import importlib.util
+    real = importlib.util.find_spec
+    args = ["--preset", "demo", "--engine", "vllm"]
+    if real("vllm") is not None:
+        with pytest.raises(train.ConfigError, match=r"--vllm-gpu-memory 1.5: must be a fraction in \(0, 1\]"):
+            train.check_inputs(train.parse_config(args + ["--vllm-gpu-memory", "1.5"]))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(train.ConfigError, match=r"--engine vllm: .*requirements-gpu\.txt.*VLLM_CPU=1 bash setup\.sh"):
+        train.check_inputs(train.parse_config(args))
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 @pytest.mark.parametrize("feedback", ["stepalign", "refsol", "grpo"])
 def test_two_steps_log_everything(tiny_model_dir, tmp_path, feedback):

