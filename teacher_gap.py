@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -162,19 +163,24 @@ def main(argv: list[str] | None = None) -> dict:
     problems = problems[:args.n_problems] if args.n_problems else problems
     if "refsol" in args.forms and any(not p.reference_solution for p in problems):
         raise SystemExit("teacher_gap.py: error: --forms refsol: some problems have no reference solution")
-    model, tokenizer = train.build_model(cfg, train.setup_distributed())
+    d = train.setup_distributed()
+    model, tokenizer = train.build_model(cfg, d)
     model.eval()
     if args.adapter:
         lora.load_adapter(model, args.adapter)
-    if cfg.engine == "vllm":
-        engine = rollout.VLLMEngine(rollout.resolve_model_path(cfg.model), max_lora_rank=cfg.lora_r,
-                                    gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed)
-        if args.adapter:
-            engine.set_adapter(args.adapter)
-    else:
-        engine = rollout.TransformersEngine(model, tokenizer, batch_size=64, stop_at_boxed=cfg.stop_at_boxed)
     backend = train.make_critic(cfg) if "stepalign" in args.forms else None
-    with evaluate.AnswerChecker() as checker:
+    with contextlib.ExitStack() as stack:
+        if cfg.engine == "vllm":  # the engine of training, given the student's adapter as at a training step
+            engine = train.make_vllm_engine(cfg, d)
+            stack.callback(engine.close)
+            adapter_dir = args.adapter
+            if not adapter_dir:  # the base policy: the fresh adapter (B = 0), as train.py pushes at step 0
+                adapter_dir = stack.enter_context(tempfile.TemporaryDirectory())
+                lora.save_adapter(model, adapter_dir, base_model_name_or_path=cfg.model)
+            engine.set_adapter(adapter_dir)
+        else:
+            engine = rollout.make_engine("transformers", cfg.model, model, tokenizer, stop_at_boxed=cfg.stop_at_boxed)
+        checker = stack.enter_context(evaluate.AnswerChecker())
         result = teacher_gap(cfg, engine, tokenizer, checker, backend, problems, args.k, args.forms,
                              args.sample_step, merge_model=model if cfg.engine == "transformers" else None)
     table = gap_table(result, args.forms, args.k)
