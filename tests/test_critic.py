@@ -259,7 +259,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server API)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append((self.path, dict(self.headers), body))
-        status, payload = self.server.respond(body, self.headers)
+        self.reply(*self.server.respond(body, self.headers))
+
+    def reply(self, status, payload):
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         try:
             self.send_response(status)
@@ -267,7 +269,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout and slow tests)
             pass
 
     def log_message(self, *args):  # keep test output quiet
@@ -517,16 +519,7 @@ class ModelsHandler(Handler):
 
     def do_GET(self):  # noqa: N802 (http.server API)
         self.server.requests.append((self.path, dict(self.headers), None))
-        status, payload = self.server.respond(None, self.headers)
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (the slow case)
-            pass
+        self.reply(*self.server.respond(None, self.headers))
 
 
 MODELS = {"object": "list", "data": [{"id": "critic", "object": "model"}]}
