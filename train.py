@@ -1083,16 +1083,20 @@ def sum_over_ranks(counts: dict[str, float], d: Dist) -> dict[str, float]:
     return total
 
 
+def failure_counts(failures: dict[str, float]) -> Counter:
+    """{kind: count} from the critic_failed_<kind> entries of a step's (or window's) counts."""
+    return Counter({k.removeprefix("critic_failed_"): v for k, v in failures.items()
+                    if k.startswith("critic_failed_")})
+
+
 def failure_kinds(failures: dict[str, float]) -> str:
     """'refused 3, timeout 1' from the critic_failed_<kind> counts."""
-    kinds = {k.removeprefix("critic_failed_"): v for k, v in failures.items() if k.startswith("critic_failed_")}
-    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return ", ".join(f"{k} {v:.0f}" for k, v in failure_counts(failures).most_common())
 
 
 def critic_fix(cfg: Config, failures: dict[str, float]) -> str:
     """What to change, from the most frequent reason among the critic_failed_<kind> counts."""
-    kinds = Counter({k.removeprefix("critic_failed_"): v for k, v in failures.items()
-                     if k.startswith("critic_failed_")})
+    kinds = failure_counts(failures)
     kind = kinds.most_common(1)[0][0] if kinds else "other"
     if kind in ("refused", "connection"):
         return f"the critic server at {cfg.critic_url} does not answer: restart it (or correct --critic-url)"
