@@ -912,16 +912,14 @@ def score_rollouts(model, prompt_ids: Sequence[Sequence[int]], completion_ids: S
 
     import rollout
 
-    W = model.get_output_embeddings().weight  # (V, D)
     out, was_training = [], model.training
     model.eval()
     try:
         with torch.no_grad():
             for b in range(0, len(prompt_ids), batch_size):
-                ys = completion_ids[b:b + batch_size]
-                batch = rollout.score_positions(prompt_ids[b:b + batch_size], ys, pad_id)
-                h = rollout.final_hidden(model, batch)  # (B, T, D)
-                logp = rollout.token_logprobs_from_hidden(h, W, batch.tokens, chunk_size)  # (B, T)
+                ys = [list(y) for y in completion_ids[b:b + batch_size]]
+                logp, _ = rollout.score_sequences(model, [list(p) for p in prompt_ids[b:b + batch_size]], ys,
+                                                  pad_id, chunk_size)  # (B, T)
                 out += [logp[i, :len(y)].float().cpu().numpy() for i, y in enumerate(ys)]
     finally:
         model.train(was_training)

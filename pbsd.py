@@ -175,19 +175,6 @@ def pbsd_loss(policy_logp_S: Tensor, base_logp_S: Tensor, mask_S: Tensor,
 # ---------------------------------------------------------------------------------------------- with a model
 # Everything below touches a model (through rollout.py and lora.py); the math above does not. It needs a model
 # with LoRA layers (lora.add_lora).
-def score_sequences(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
-                    chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """Per-token log π(y_t | prompt, y<t) of each completion after its prompt: (B, T) log-probs and (B, T) mask.
-
-    Gradients flow if enabled; the caller picks the adapter state (enabled = π_θ, disabled = π_base).
-    """
-    batch = rollout.score_positions(prompt_ids, completion_ids, pad_id)
-    h = rollout.final_hidden(model, batch)  # (B, T, D)
-    W = model.get_output_embeddings().weight  # (V, D)
-    logp = rollout.token_logprobs_from_hidden(h, W, batch.tokens, chunk_size)  # (B, T)
-    return logp, batch.mask.to(logp.device)  # (B, T), (B, T)
-
-
 def pbsd_micro_batch_loss(model, student_prompt_ids: list[list[int]], teacher_prompt_ids: list[list[int]],
                           student_ids: list[list[int]], teacher_ids: list[list[int]],
                           student_rewards: list[float], teacher_rewards: list[float], pad_id: int, *,
@@ -212,10 +199,10 @@ def pbsd_micro_batch_loss(model, student_prompt_ids: list[list[int]], teacher_pr
                          f"teacher samples {len(teacher_ids)}, rewards {len(student_rewards)}/{len(teacher_rewards)}")
     samples = list(student_ids) + list(teacher_ids)  # rows 0..B−1: y_S, rows B..2B−1: y_T
     # log π_θ(y | x): BOTH samples after the student prompt x
-    policy_logp, mask = score_sequences(model, list(student_prompt_ids) * 2, samples, pad_id, chunk_size)  # (2B, T)
+    policy_logp, mask = rollout.score_sequences(model, list(student_prompt_ids) * 2, samples, pad_id, chunk_size)  # (2B, T)
     # log π_base(y | x, c): both samples after the teacher prompt x + c, self-teacher = adapter disabled
     with torch.no_grad(), lora.adapters_disabled(model):
-        base_logp, base_mask = score_sequences(model, list(teacher_prompt_ids) * 2, samples, pad_id,
+        base_logp, base_mask = rollout.score_sequences(model, list(teacher_prompt_ids) * 2, samples, pad_id,
                                                chunk_size)  # (2B, T)
     assert torch.equal(mask, base_mask)  # both views score the same tokens
     device = policy_logp.device

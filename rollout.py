@@ -379,3 +379,16 @@ def token_logprobs_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, c
     parts = [checkpoint(_chunk_logprobs, h[s:s + chunk_size], weight, y[s:s + chunk_size], use_reentrant=False)
              for s in range(0, B * T, chunk_size)]
     return torch.cat(parts).view(B, T)  # (B, T)
+
+
+def score_sequences(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+                    chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Per-token log π(y_t | prompt, y<t) of each completion after its prompt: (B, T) log-probs and (B, T) mask.
+
+    Gradients flow if enabled; the caller picks the adapter state (enabled = π_θ, disabled = π_base).
+    """
+    batch = score_positions(prompt_ids, completion_ids, pad_id)
+    h = final_hidden(model, batch)  # (B, T, D)
+    W = model.get_output_embeddings().weight  # (V, D)
+    logp = token_logprobs_from_hidden(h, W, batch.tokens, chunk_size)  # (B, T)
+    return logp, batch.mask.to(logp.device)  # (B, T), (B, T)

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 import lora
+import rollout
 from conftest import tiny_llama
 from pbsd import (decisive_pairs, implicit_reward, pair_outcomes, pbsd_loss, pbsd_micro_batch_loss,
-                  score_sequences, sequence_logprob)
+                  sequence_logprob)
 
 
 def neg_log_sigmoid(m: float) -> float:
@@ -184,8 +185,8 @@ def test_teacher_side_is_the_base_model_and_the_policy_side_is_not(models):
     model, base = models
     x, xc, y_S, y_T, _, _ = pairs_data()
     with torch.no_grad(), lora.adapters_disabled(model):
-        teacher_logp, mask = score_sequences(model, xc, y_T, pad_id=0)  # (B, T)
-    policy_logp, _ = score_sequences(model, x, y_T, pad_id=0)
+        teacher_logp, mask = rollout.score_sequences(model, xc, y_T, pad_id=0)  # (B, T)
+    policy_logp, _ = rollout.score_sequences(model, x, y_T, pad_id=0)
     for b in range(len(x)):
         with torch.no_grad():
             expected_base = direct_seq_logp(base, xc[b], y_T[b])
