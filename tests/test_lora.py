@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lora
+from conftest import tiny_llama
 
 # PEFT 0.21 calls a transformers method that transformers 5 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -25,13 +26,6 @@ def tiny_qwen3(seed: int = 0) -> nn.Module:
     config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, head_dim=8, intermediate_size=64)
     return transformers.Qwen3ForCausalLM(config).eval()
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def ids(seed: int = 1) -> torch.Tensor:
@@ -285,7 +279,7 @@ def test_fp32_merge_of_a_bf16_base_keeps_a_small_delta():
 
 
 def test_llama():
-    base = tiny_llama()
+    base = tiny_llama(VOCAB)
     model = lora.add_lora(copy.deepcopy(base), r=4, alpha=8)
     assert len(lora.lora_layers(model)) == 2 * 7
     x = ids()
