@@ -31,8 +31,17 @@ Departures from the published GRPO (DeepSeekMath, Shao et al. 2024):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+
+
+class GRPOStats(NamedTuple):
+    """Means over the call's valid tokens, detached 0-dim tensors."""
+    clip_frac: Tensor  # share of tokens whose clipped branch is active (no gradient)
+    ratio_mean: Tensor  # ρ_t
+    adv_mean: Tensor  # A on each token
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
@@ -64,7 +73,7 @@ def sequence_mean(x: Tensor, mask: Tensor, normalizer: float | None = None) -> T
 def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
               clip_eps: float = 0.2, clip_eps_high: float | None = None, aggregation: str = "token", *,
               ref_logprobs: Tensor | None = None, kl_coef: float = 0.0,
-              normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+              normalizer: float | None = None) -> tuple[Tensor, GRPOStats]:
     """Clipped surrogate loss. logprobs, old_logprobs, mask: (B, T); advantages: (B,) or (B, T)."""
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     mask = mask.float()
@@ -93,9 +102,6 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
         # the clipped branch is the active (gradient-free) one
         clipped_active = (clipped < unclipped).float()  # (B, T)
         A_tok = A.expand_as(mask)  # (B, T)
-        metrics = {
-            "clip_frac": ((clipped_active * mask).sum() / n).item(),
-            "ratio_mean": ((ratio * mask).sum() / n).item(),
-            "adv_mean": ((A_tok * mask).sum() / n).item(),
-        }
-    return loss, metrics
+        stats = GRPOStats(clip_frac=(clipped_active * mask).sum() / n, ratio_mean=(ratio * mask).sum() / n,
+                          adv_mean=(A_tok * mask).sum() / n)
+    return loss, stats

@@ -55,30 +55,34 @@ Departures and choices (the published description leaves these open; each is tes
    (likelier under x + c), and the first loss is not log 2. The training loop renders the teacher prompt with
    the student's thinking mode for PBSD (train.py, departure 7), so that y_T is in the student's format.
 
-Model-facing part (bottom of the file, separated from the math): `pbsd_micro_batch_loss(model, ...)` computes the
-four sequence log-probs with the right prompts (the two base-model passes under `lora.adapters_disabled(model)`
-and `torch.no_grad()`) and returns `pbsd_loss(...)`. The teacher SAMPLES themselves are drawn by the training
-loop from π_base(·|x, c) with the adapter disabled, from the same rendered teacher prompt that is passed here as
-`teacher_prompt_ids` (the prompt a sample was drawn from is the prompt it is scored under by the base model).
-Because the policy scores y_T after the STUDENT prompt, y_T should be in the student's format: render the teacher
-prompt with the student's thinking mode for PBSD (with Qwen3's thinking on, y_T would start with a <think> trace
-that the student's prompt, whose empty think block is already closed, never produces).
+The four log-probs come from the model in train.py (`pbsd_micro_batch`): the two base-model passes run with the
+adapter disabled and no gradient. This file imports nothing from the project: it can be copied alone.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-
-import lora
-import rollout
 
 LENGTH_NORMS = ("sum", "mean")
 # metrics of pbsd_loss that are means over the DECISIVE pairs (the others are means over all pairs)
 DECISIVE_PAIR_METRICS = ("pair_acc", "margin_mean")
 
 
-# ---------------------------------------------------------------------------------------------- the math
+class PBSDStats(NamedTuple):
+    """Statistics of one call's pairs, detached 0-dim tensors (fp64: a fp32 sum divided by a count)."""
+    pair_acc: Tensor  # share of the decisive pairs whose margin is > 0 (0 when there are none)
+    margin_mean: Tensor  # mean r_θ(y_w) − r_θ(y_l) over the decisive pairs (0 when there are none)
+    tie_frac: Tensor  # share of the pairs that tie
+    student_win_frac: Tensor  # share of the pairs the student sample wins
+    implicit_reward_student: Tensor  # mean r_θ(y_S) over the pairs
+    implicit_reward_teacher: Tensor  # mean r_θ(y_T) over the pairs
+    n_pairs: Tensor
+    n_decisive: Tensor
+
+
 def sequence_logprob(token_logprobs: Tensor, mask: Tensor, length_norm: str = "sum") -> Tensor:
     """log π(y|·) of each row from its per-token log-probs: (B, T), (B, T) -> (B,), fp32.
 
@@ -126,7 +130,7 @@ def decisive_pairs(student_rewards, teacher_rewards) -> int:
 def pbsd_loss(policy_logp_S: Tensor, base_logp_S: Tensor, mask_S: Tensor,
               policy_logp_T: Tensor, base_logp_T: Tensor, mask_T: Tensor,
               student_rewards: Tensor, teacher_rewards: Tensor, beta: float = 0.1, length_norm: str = "sum",
-              normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+              normalizer: float | None = None) -> tuple[Tensor, PBSDStats]:
     """L = Σ_{decisive pairs} −log σ(r_θ(y_w) − r_θ(y_l)) / normalizer.
 
     policy_logp_S, base_logp_S, mask_S: (B, T_S) per-token log π_θ(y_S,t | x, ·) and log π_base(y_S,t | x, c, ·)
@@ -134,8 +138,7 @@ def pbsd_loss(policy_logp_S: Tensor, base_logp_S: Tensor, mask_S: Tensor,
     policy_logp_T, base_logp_T, mask_T: (B, T_T) the same for the teacher sample y_T (policy under the STUDENT
         prompt x, base under the TEACHER prompt x + c).
     student_rewards, teacher_rewards: (B,) verifier rewards of y_S and y_T; the higher one wins, equal = tie.
-    Metrics (this call's pairs): pair_acc and margin_mean over decisive pairs (0.0 when there are none),
-    tie_frac, student_win_frac, the mean implicit rewards of both samples, and the counts n_pairs, n_decisive.
+    Returns (loss, PBSDStats of this call's pairs).
     """
     if policy_logp_S.shape != base_logp_S.shape or policy_logp_T.shape != base_logp_T.shape:
         raise ValueError(f"policy and base log-probs must match per sample: student {tuple(policy_logp_S.shape)} vs "
@@ -158,55 +161,15 @@ def pbsd_loss(policy_logp_S: Tensor, base_logp_S: Tensor, mask_S: Tensor,
     n = decisive.sum() if normalizer is None else normalizer
     loss = per_pair.sum() / (n.clamp(min=1) if isinstance(n, Tensor) else max(float(n), 1.0))
     with torch.no_grad():
-        B, k = s.shape[0], int(decisive.sum())
-        metrics = {
-            "pair_acc": ((margin > 0) & decisive).float().sum().item() / max(k, 1),
-            "margin_mean": torch.where(decisive, margin, torch.zeros_like(margin)).sum().item() / max(k, 1),
-            "tie_frac": 1.0 - k / max(B, 1),
-            "student_win_frac": (s > 0).float().sum().item() / max(B, 1),
-            "implicit_reward_student": r_S.sum().item() / max(B, 1),
-            "implicit_reward_teacher": r_T.sum().item() / max(B, 1),
-            "n_pairs": float(B),
-            "n_decisive": float(k),
-        }
-    return loss, metrics
-
-
-# ---------------------------------------------------------------------------------------------- with a model
-# Everything below touches a model (through rollout.py and lora.py); the math above does not. It needs a model
-# with LoRA layers (lora.add_lora).
-def pbsd_micro_batch_loss(model, student_prompt_ids: list[list[int]], teacher_prompt_ids: list[list[int]],
-                          student_ids: list[list[int]], teacher_ids: list[list[int]],
-                          student_rewards: list[float], teacher_rewards: list[float], pad_id: int, *,
-                          beta: float = 0.1, length_norm: str = "sum", normalizer: float | None = None,
-                          chunk_size: int = 1024) -> tuple[Tensor, dict[str, float]]:
-    """PBSD loss of one micro-batch of B pairs, from the model.
-
-    Pair b: student_prompt_ids[b] = the rendered student prompt x, teacher_prompt_ids[b] = the rendered teacher
-    prompt x + c (the prompt y_T was sampled from), student_ids[b] = y_S's token ids (sampled from π_θ(·|x)),
-    teacher_ids[b] = y_T's token ids (sampled from π_base(·|x, c), adapter disabled), and the verifier rewards.
-    Both samples are scored twice, in two forward passes of 2B rows each:
-        policy (adapter on, with gradient):            [y_S; y_T] after x
-        base   (adapter disabled, torch.no_grad()):    [y_S; y_T] after x + c
-    normalizer: decisive pairs in the whole optimizer step (`decisive_pairs`, summed over micro-batches, ranks).
-    """
-    B = len(student_ids)
-    lengths = {len(student_prompt_ids), len(teacher_prompt_ids), len(teacher_ids), len(student_rewards),
-               len(teacher_rewards)}
-    if lengths != {B}:
-        raise ValueError(f"pbsd_micro_batch_loss: per-pair lists of different lengths: student prompts "
-                         f"{len(student_prompt_ids)}, teacher prompts {len(teacher_prompt_ids)}, student samples {B}, "
-                         f"teacher samples {len(teacher_ids)}, rewards {len(student_rewards)}/{len(teacher_rewards)}")
-    samples = list(student_ids) + list(teacher_ids)  # rows 0..B−1: y_S, rows B..2B−1: y_T
-    # log π_θ(y | x): BOTH samples after the student prompt x
-    policy_logp, mask = rollout.score_sequences(model, list(student_prompt_ids) * 2, samples, pad_id, chunk_size)  # (2B, T)
-    # log π_base(y | x, c): both samples after the teacher prompt x + c, self-teacher = adapter disabled
-    with torch.no_grad(), lora.adapters_disabled(model):
-        base_logp, base_mask = rollout.score_sequences(model, list(teacher_prompt_ids) * 2, samples, pad_id,
-                                               chunk_size)  # (2B, T)
-    assert torch.equal(mask, base_mask)  # both views score the same tokens
-    device = policy_logp.device
-    return pbsd_loss(policy_logp[:B], base_logp[:B], mask[:B], policy_logp[B:], base_logp[B:], mask[B:],
-                     torch.tensor(student_rewards, dtype=torch.float32, device=device),
-                     torch.tensor(teacher_rewards, dtype=torch.float32, device=device),
-                     beta=beta, length_norm=length_norm, normalizer=normalizer)
+        B, k = s.shape[0], decisive.sum()  # k: () int64
+        stats = PBSDStats(
+            pair_acc=((margin > 0) & decisive).float().sum().double() / k.clamp(min=1),
+            margin_mean=torch.where(decisive, margin, torch.zeros_like(margin)).sum().double() / k.clamp(min=1),
+            tie_frac=1.0 - k.double() / max(B, 1),
+            student_win_frac=(s > 0).float().sum().double() / max(B, 1),
+            implicit_reward_student=r_S.sum().double() / max(B, 1),
+            implicit_reward_teacher=r_T.sum().double() / max(B, 1),
+            n_pairs=torch.tensor(float(B), dtype=torch.float64),
+            n_decisive=k.double(),
+        )
+    return loss, stats

@@ -34,6 +34,7 @@ Departures from the paper:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -127,55 +128,52 @@ def _normalizer(mask: Tensor, normalizer: float | None) -> float | Tensor:
     return n.clamp(min=1) if isinstance(n, Tensor) else max(float(n), 1.0)
 
 
-def _entropy_metrics(H_s: Tensor, H_t: Tensor, mask: Tensor) -> dict[str, float]:
-    """Mean entropy of the student's and the teacher's next-token distributions over the valid tokens."""
-    n = mask.sum().clamp(min=1)
-    return {"entropy_student": (_masked_sum(H_s, mask) / n).item(),
-            "entropy_teacher": (_masked_sum(H_t, mask) / n).item()}
-
-
-def _advantage_metrics(A: Tensor, mask: Tensor) -> dict[str, float]:
-    """Mean A_t and the fraction of valid tokens with A_t < 0 (this call's tokens only)."""
-    n = mask.sum().clamp(min=1)
-    return {
-        "adv_mean": (_masked_sum(A, mask) / n).item(),
-        "adv_neg_frac": (_masked_sum((A < 0).float(), mask) / n).item(),
-    }
+class SDStats(NamedTuple):
+    """Statistics of one Eq. 3 call, detached tensors: means over the call's valid tokens (0-dim, fp32), and the
+    per-token A_t and divergence (B, T), 0 off the mask."""
+    divergence: Tensor
+    adv_mean: Tensor
+    adv_neg_frac: Tensor
+    entropy_student: Tensor
+    entropy_teacher: Tensor
+    token_advantage: Tensor
+    token_divergence: Tensor
 
 
 def sampled_token_loss(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor,
-                       normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+                       normalizer: float | None = None) -> tuple[Tensor, Tensor]:
     """Policy-gradient form of SD: L = Σ_t −A_t · log π_θ(y_t) / normalizer, with A_t detached.
 
     Its gradient is GRPO's gradient with a per-token advantage A_t instead of a per-sequence one.
+    Returns (loss, A_t (B, T)).
     """
     mask = mask.float()
     A = token_advantage(student_logprobs, teacher_logprobs)  # (B, T)
     # −A_t · log π_θ(y_t | x, y<t), summed over rollout tokens
     loss = _masked_sum(-A * student_logprobs.float(), mask) / _normalizer(mask, normalizer)
-    return loss, _advantage_metrics(A, mask)
+    return loss, A
 
 
-def self_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
-                           kind: str = "forward", *, tokens: Tensor | None = None, beta: float = 0.5,
-                           normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+def self_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, mask: Tensor,
+                           kind: str = "forward", *, beta: float = 0.5,
+                           normalizer: float | None = None) -> tuple[Tensor, SDStats]:
     """Eq. 3 on full logits: Σ_t D(π_base(·|x,c,y<t), π_θ(·|x,y<t)) · mask_t / normalizer.
 
-    `tokens` (B, T), the sampled y_t, is needed only for the A_t metrics (adv_mean, adv_neg_frac).
-    The teacher side is detached: no gradient flows into the self-teacher.
-    Metrics: divergence, entropy_student, entropy_teacher (means over valid tokens), and with tokens the A_t ones.
+    logits: (B, T, V); tokens (the sampled y_t, for A_t) and mask: (B, T). The teacher side is detached: no
+    gradient flows into the self-teacher. The reference for `chunked_self_distillation_loss`.
     """
     mask = mask.float()
     div = token_divergence(student_logits, teacher_logits.detach(), kind, beta)  # (B, T)
     loss = _masked_sum(div, mask) / _normalizer(mask, normalizer)
-    metrics = {"divergence": (_masked_sum(div.detach(), mask) / mask.sum().clamp(min=1)).item()}
-    metrics |= _entropy_metrics(token_entropy(student_logits), token_entropy(teacher_logits), mask)
-    if tokens is not None:
-        with torch.no_grad():
-            A = token_advantage(token_logprobs(student_logits, tokens),
-                                token_logprobs(teacher_logits, tokens))  # (B, T)
-        metrics |= _advantage_metrics(A, mask)
-    return loss, metrics
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        A = token_advantage(token_logprobs(student_logits, tokens), token_logprobs(teacher_logits, tokens))  # (B, T)
+        stats = SDStats(divergence=_masked_sum(div, mask) / n, adv_mean=_masked_sum(A, mask) / n,
+                        adv_neg_frac=_masked_sum((A < 0).float(), mask) / n,
+                        entropy_student=_masked_sum(token_entropy(student_logits), mask) / n,
+                        entropy_teacher=_masked_sum(token_entropy(teacher_logits), mask) / n,
+                        token_advantage=A * mask, token_divergence=div * mask)
+    return loss, stats
 
 
 def _chunk_terms(h_s: Tensor, h_t: Tensor, y: Tensor, weight: Tensor, kind: str,
@@ -195,7 +193,7 @@ def _chunk_terms(h_s: Tensor, h_t: Tensor, y: Tensor, weight: Tensor, kind: str,
 def chunked_self_distillation_loss(student_hidden: Tensor, teacher_hidden: Tensor, lm_head_weight: Tensor,
                                    tokens: Tensor, mask: Tensor, kind: str = "forward", *,
                                    chunk_size: int = 1024, beta: float = 0.5,
-                                   normalizer: float | None = None) -> tuple[Tensor, dict]:
+                                   normalizer: float | None = None) -> tuple[Tensor, SDStats]:
     """Eq. 3 from final hidden states, never holding more than (chunk_size, V) logits per model.
 
     student_hidden, teacher_hidden: (B, T, D) final (post-norm) hidden states whose position t predicts y_t.
@@ -205,8 +203,7 @@ def chunked_self_distillation_loss(student_hidden: Tensor, teacher_hidden: Tenso
     Only the valid positions are gathered, then processed in chunks of `chunk_size`. Each chunk runs under
     activation checkpointing: the forward keeps only the chunk's inputs, and the backward recomputes the
     chunk's logits, so the extra memory of the loss is O(chunk_size × V), not O(B × T × V).
-    Returns (loss, metrics): floats divergence, adv_mean, adv_neg_frac, entropy_student, entropy_teacher (means
-    over valid tokens), and the (B, T) tensors token_advantage (A_t) and token_divergence (detached), 0 off the mask.
+    Returns (loss, SDStats).
     """
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
@@ -235,13 +232,6 @@ def chunked_self_distillation_loss(student_hidden: Tensor, teacher_hidden: Tenso
     div_full = torch.zeros_like(A_full)  # (B, T)
     div_full[valid] = div_detached
     n = max(y.shape[0], 1)
-    metrics = {
-        "divergence": (div_detached.sum() / n).item(),
-        "adv_mean": (A_flat.sum() / n).item(),
-        "adv_neg_frac": ((A_flat < 0).float().sum() / n).item(),
-        "entropy_student": (H_s.sum() / n).item(),
-        "entropy_teacher": (H_t.sum() / n).item(),
-        "token_advantage": A_full,
-        "token_divergence": div_full,
-    }
-    return loss, metrics
+    return loss, SDStats(divergence=div_detached.sum() / n, adv_mean=A_flat.sum() / n,
+                         adv_neg_frac=(A_flat < 0).float().sum() / n, entropy_student=H_s.sum() / n,
+                         entropy_teacher=H_t.sum() / n, token_advantage=A_full, token_divergence=div_full)

@@ -13,9 +13,10 @@ option that shapes the teacher prompt. The steps:
      (--split train: SD settings are chosen there, never on the held-out results), the first --n-problems.
   2. k rollouts per problem from the student prompt: train.collect_rollouts, seeded as training step
      --sample-step of run --seed (another --sample-step gives fresh samples of the same problems).
-  3. per feedback form: train.attach_feedback with teacher samples on, as in a training step: c from each rollout
-     (stepalign: the critic's critique of it; refsol: the reference solution; verdict: the verdict on its answer),
-     the teacher prompt rendered by the same function, and one sample y_T ~ π_base(·|x, c) per rollout, graded.
+  3. per feedback form, steps 3-4 of a training step with teacher samples on: c from each rollout
+     (train.feedback_contexts; stepalign: the critic's critique of it; refsol: the reference solution; verdict: the
+     verdict on its answer), the teacher prompt rendered by the same function (train.with_teacher_prompts), and one
+     sample y_T ~ π_base(·|x, c) per rollout, graded (train.with_teacher_samples).
   4. Avg@k (per problem the share of its k samples that are correct, averaged over problems), the answered rate
      (samples with a \\boxed{} answer), and the gap = teacher Avg@k − student Avg@k in points.
 A rollout whose critique failed has no teacher sample: it is counted (skipped) and left out of that form's means.
@@ -41,6 +42,8 @@ import evaluate
 import lora
 import rollout
 import train
+from config import Config, ConfigError, check_inputs, load_problems, make_critic, parse_config
+from runtime import Timer, build_model, make_vllm_engine, setup_distributed
 
 FORMS = ("stepalign", "refsol", "verdict")
 
@@ -59,15 +62,15 @@ def summarize(texts: list[list[str]], rewards: list[list[float]]) -> dict:
             "n_samples": len(flat)}
 
 
-def teacher_gap(cfg: train.Config, engine, tokenizer, checker, critic_backend, problems: list[data.Problem], k: int,
+def teacher_gap(cfg: Config, engine, tokenizer, checker, critic_backend, problems: list[data.Problem], k: int,
                 forms=FORMS, sample_step: int = 0, merge_model=None) -> dict:
     """Student Avg@k and, per form, teacher Avg@k from contexts built on the same k rollouts per problem.
     merge_model: the module the transformers engine samples from, its adapter merged while the student samples
-    (as train.Run.sampling does); None for an engine with its own weights (vLLM).
+    (as runtime.sampling does); None for an engine with its own weights (vLLM).
 
     Returns {"student": summary, form: summary | {"gap": points, "skipped": n}, "samples": per-rollout records}."""
     cfg = dataclasses.replace(cfg, sd_samples=k, feedback=forms[0], teacher_samples=True)
-    timer = train.Timer()
+    timer = Timer()
     draws = list(enumerate(problems))
     with merged(merge_model):  # the student policy
         rollouts = train.collect_rollouts(cfg, engine, tokenizer, checker, draws, sample_step, timer)
@@ -80,10 +83,11 @@ def teacher_gap(cfg: train.Config, engine, tokenizer, checker, critic_backend, p
     samples = [{"problem_id": it.problem.id, "sample": it.sample, "rollout": it.completion.text, "reward": it.reward,
                 "teacher": {}} for it in rollouts]
     for form in forms:
-        items = [dataclasses.replace(it) for it in rollouts]  # attach_feedback writes into the items
         form_cfg = dataclasses.replace(cfg, feedback=form)
         backend = critic_backend if form == "stepalign" else None
-        train.attach_feedback(form_cfg, backend, engine, tokenizer, checker, items, sample_step, timer)
+        contexts, _, _ = train.feedback_contexts(form_cfg, backend, rollouts, timer)
+        items = train.with_teacher_prompts(form_cfg, tokenizer, rollouts, contexts)
+        items = train.with_teacher_samples(form_cfg, engine, checker, items, sample_step, timer)
         kept = [it for it in items if not it.skipped]
         summary = summarize(by_problem(kept, lambda it: it.teacher_sample.text),
                             by_problem(kept, lambda it: it.teacher_reward))
@@ -124,8 +128,8 @@ def gap_table(result: dict, forms=FORMS, k: int | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, train.Config]:
-    """This script's options; everything else goes to train.parse_config (every train.py option)."""
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
+    """This script's options; everything else goes to config.parse_config (every train.py option)."""
     ap = argparse.ArgumentParser(prog="teacher_gap.py", allow_abbrev=False,
                                  description="Avg@k of each teacher prompt's samples beside the student prompt's.",
                                  epilog="Every train.py option is accepted too (python train.py --help).")
@@ -140,7 +144,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, train.Config]:
                     "(default: the base policy, as at step 0)")
     ap.add_argument("--json", default=None, help="also write the result, with every sample, to this JSON file")
     args, rest = ap.parse_known_args(argv)
-    cfg = train.parse_config(rest)
+    cfg = parse_config(rest)
     forms = tuple(f.strip() for f in args.forms.split(","))
     bad = [f for f in forms if f not in FORMS]
     if bad or not forms:
@@ -155,23 +159,23 @@ def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args(sys.argv[1:] if argv is None else list(argv))
     cfg = dataclasses.replace(cfg, feedback=args.forms[0])
     try:
-        train.check_inputs(cfg)
-        train_set, test_set = train.load_problems(cfg)
-    except (train.ConfigError, data.DataError) as e:
+        check_inputs(cfg)
+        train_set, test_set = load_problems(cfg)
+    except (ConfigError, data.DataError) as e:
         raise SystemExit(f"teacher_gap.py: error: {e}") from None
     problems = test_set if args.split == "test" else train_set
     problems = problems[:args.n_problems] if args.n_problems else problems
     if "refsol" in args.forms and any(not p.reference_solution for p in problems):
         raise SystemExit("teacher_gap.py: error: --forms refsol: some problems have no reference solution")
-    d = train.setup_distributed()
-    model, tokenizer = train.build_model(cfg, d)
+    d = setup_distributed()
+    model, tokenizer = build_model(cfg, d)
     model.eval()
     if args.adapter:
         lora.load_adapter(model, args.adapter)
-    backend = train.make_critic(cfg) if "stepalign" in args.forms else None
+    backend = make_critic(cfg) if "stepalign" in args.forms else None
     with contextlib.ExitStack() as stack:
         if cfg.engine == "vllm":  # the engine of training, given the student's adapter as at a training step
-            engine = train.make_vllm_engine(cfg, d)
+            engine = make_vllm_engine(cfg, d)
             stack.callback(engine.close)
             adapter_dir = args.adapter
             if not adapter_dir:  # the base policy: the fresh adapter (B = 0), as train.py pushes at step 0

@@ -102,12 +102,13 @@ def test_masking_ignores_prompt_and_padding():
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(2, 5, 6, generator=g), torch.randn(2, 5, 6, generator=g)
     mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
-    loss, _ = self_distillation_loss(s, t, mask)
+    y = torch.zeros(2, 5, dtype=torch.long)
+    loss, _ = self_distillation_loss(s, t, y, mask)
     # garbage at masked positions changes nothing
     s2, t2 = s.clone(), t.clone()
     s2[mask == 0] = 100 * torch.randn_like(s2[mask == 0])
     t2[mask == 0] = -100.0
-    loss2, _ = self_distillation_loss(s2, t2, mask)
+    loss2, _ = self_distillation_loss(s2, t2, y, mask)
     torch.testing.assert_close(loss, loss2)
     expected = brute_divergence(s, t, "forward")[mask.bool()].mean().float()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
@@ -118,9 +119,11 @@ def test_normalizer_makes_micro_batches_sum_to_full_batch():
     s = torch.randn(4, 6, 8, generator=g, requires_grad=True)
     t = torch.randn(4, 6, 8, generator=g)
     mask = (torch.rand(4, 6, generator=g) > 0.3).float()
-    full, _ = self_distillation_loss(s, t, mask)
+    y = torch.zeros(4, 6, dtype=torch.long)
+    full, _ = self_distillation_loss(s, t, y, mask)
     n = mask.sum().item()
-    parts = sum(self_distillation_loss(s[i:i + 2], t[i:i + 2], mask[i:i + 2], normalizer=n)[0] for i in (0, 2))
+    parts = sum(self_distillation_loss(s[i:i + 2], t[i:i + 2], y[i:i + 2], mask[i:i + 2], normalizer=n)[0]
+                for i in (0, 2))
     torch.testing.assert_close(full, parts)
 
 
@@ -129,16 +132,16 @@ def test_metrics_advantage_statistics():
     t = torch.log(torch.tensor([[[0.25, 0.75], [0.9, 0.1], [0.6, 0.4]]]))
     tokens = torch.tensor([[1, 0, 1]])
     mask = torch.tensor([[1, 1, 1]])
-    _, m = self_distillation_loss(s, t, mask, tokens=tokens)
+    _, m = self_distillation_loss(s, t, tokens, mask)
     A = [math.log(0.75 / 0.5), 0.0, math.log(0.4 / 0.8)]
-    assert m["adv_mean"] == pytest.approx(sum(A) / 3, abs=1e-6)
-    assert m["adv_neg_frac"] == pytest.approx(1 / 3)
+    assert m.adv_mean.item() == pytest.approx(sum(A) / 3, abs=1e-6)
+    assert m.adv_neg_frac.item() == pytest.approx(1 / 3)
 
 
 def test_no_gradient_into_teacher():
     s = torch.randn(1, 3, 5, requires_grad=True)
     t = torch.randn(1, 3, 5, requires_grad=True)
-    loss, _ = self_distillation_loss(s, t, torch.ones(1, 3))
+    loss, _ = self_distillation_loss(s, t, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3))
     loss.backward()
     assert s.grad is not None and t.grad is None
 
@@ -147,11 +150,11 @@ def test_sampled_token_loss_gradient_is_minus_advantage():
     ls = torch.tensor([[-1.0, -2.0, -0.3]], requires_grad=True)
     lt = torch.tensor([[-0.5, -3.0, -0.3]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    loss, m = sampled_token_loss(ls, lt, mask)
+    loss, A = sampled_token_loss(ls, lt, mask)
     loss.backward()
     # ∂L/∂log π_θ(y_t) = −A_t / N on valid tokens
     torch.testing.assert_close(ls.grad, torch.tensor([[-0.5 / 2, 1.0 / 2, 0.0]]))
-    assert m["adv_neg_frac"] == pytest.approx(0.5)
+    torch.testing.assert_close(A, torch.tensor([[0.5, -1.0, 0.0]]))  # A_t = log π_base − log π_θ
 
 
 def test_sgd_step_on_sampled_loss_moves_logprobs_by_sign_of_advantage():
@@ -187,7 +190,7 @@ def sd_inputs(B=2, T=7, D=6, V=13, seed=6):
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 10, 1000])
 def test_chunked_equals_plain_values_and_gradients(kind, chunk_size):
     h_s, h_t, W, y, mask = sd_inputs()
-    plain, pm = self_distillation_loss(h_s @ W.T, h_t @ W.T, mask, kind, tokens=y)
+    plain, pm = self_distillation_loss(h_s @ W.T, h_t @ W.T, y, mask, kind)
     g_h, g_W = torch.autograd.grad(plain, (h_s, W))
     chunked, cm = chunked_self_distillation_loss(h_s, h_t, W, y, mask, kind, chunk_size=chunk_size)
     c_h, c_W = torch.autograd.grad(chunked, (h_s, W))
@@ -195,11 +198,13 @@ def test_chunked_equals_plain_values_and_gradients(kind, chunk_size):
     torch.testing.assert_close(c_h, g_h, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c_W, g_W, atol=1e-5, rtol=1e-5)
     for key in ("divergence", "adv_mean", "adv_neg_frac", "entropy_student", "entropy_teacher"):
-        assert cm[key] == pytest.approx(pm[key], abs=1e-5)
+        assert getattr(cm, key).item() == pytest.approx(getattr(pm, key).item(), abs=1e-5)
     A = token_advantage(token_logprobs(h_s @ W.T, y), token_logprobs(h_t @ W.T, y)) * mask
-    torch.testing.assert_close(cm["token_advantage"], A, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cm.token_advantage, A, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pm.token_advantage, A, atol=1e-5, rtol=1e-5)
     div = token_divergence(h_s @ W.T, h_t @ W.T, kind).detach() * mask  # (B, T)
-    torch.testing.assert_close(cm["token_divergence"], div, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cm.token_divergence, div, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pm.token_divergence, div, atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_bf16_inputs_compute_in_fp32():
@@ -208,7 +213,7 @@ def test_chunked_bf16_inputs_compute_in_fp32():
     loss, _ = chunked_self_distillation_loss(h_s, h_t, W, y, mask, chunk_size=4)
     assert loss.dtype == torch.float32
     # the same bf16 logits through the plain path (which also computes in fp32): equal up to bf16 matmul rounding
-    plain, _ = self_distillation_loss(h_s @ W.T, h_t @ W.T, mask)
+    plain, _ = self_distillation_loss(h_s @ W.T, h_t @ W.T, y, mask)
     torch.testing.assert_close(loss, plain, rtol=2e-2, atol=1e-3)
 
 
@@ -225,7 +230,7 @@ def test_chunked_frees_logits_between_chunks():
     assert max(saved) < T * V / 4  # plain path would save several (T, V) tensors
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
-        self_distillation_loss(h_s @ W.T, h_t @ W.T, mask)
+        self_distillation_loss(h_s @ W.T, h_t @ W.T, y, mask)
     assert max(saved) >= T * V
 
 
@@ -245,12 +250,12 @@ def test_entropy_matches_brute_force_and_ignores_masked_vocabulary():
 
 def test_entropy_metrics_are_means_over_valid_tokens_only():
     h_s, h_t, W, y, mask = sd_inputs()
-    _, m = self_distillation_loss(h_s @ W.T, h_t @ W.T, mask)
+    _, m = self_distillation_loss(h_s @ W.T, h_t @ W.T, y, mask)
     H_s, H_t = token_entropy(h_s @ W.T), token_entropy(h_t @ W.T)  # (B, T)
     valid = mask.bool()
-    assert m["entropy_student"] == pytest.approx(H_s[valid].mean().item(), abs=1e-6)
-    assert m["entropy_teacher"] == pytest.approx(H_t[valid].mean().item(), abs=1e-6)
-    assert m["entropy_student"] != pytest.approx(H_s.mean().item(), abs=1e-4)  # (the masked positions differ)
+    assert m.entropy_student.item() == pytest.approx(H_s[valid].mean().item(), abs=1e-6)
+    assert m.entropy_teacher.item() == pytest.approx(H_t[valid].mean().item(), abs=1e-6)
+    assert m.entropy_student.item() != pytest.approx(H_s.mean().item(), abs=1e-4)  # (the masked positions differ)
 
 
 def test_top_share_against_a_direct_sort():

@@ -1,0 +1,361 @@
+"""The run's options: one dataclass, the command line generated from it (`python train.py --help`), the named
+presets, and every check that can run before a model loads (options, data, the critic backend's options).
+
+One source of truth per value: each option's default and help text live in its field; a preset only changes
+defaults; a resumed run may change only RESUME_MAY_CHANGE.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import critic
+import data
+import rollout
+from critic import MAX_TOKENS as CRITIC_MAX_TOKENS  # a name of its own: in Config, `critic` is a field
+from runtime import checkpoint_dirs
+
+FEEDBACKS = ("stepalign", "refsol", "verdict", "grpo")
+PAPER_FEEDBACKS = ("stepalign", "refsol", "grpo")  # what --feedback all runs
+TEACHER_LAYOUTS = critic.TEACHER_LAYOUTS  # (Config has a field named `critic`)
+
+
+def opt(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    preset: str = opt("paper", "a named set of defaults (PRESETS); explicit options override it", ("paper", "demo"))
+    feedback: str = opt("stepalign", "the teacher's context c (grpo: no teacher); 'all' runs the paper's three "
+                        "in turn", FEEDBACKS + ("all",))
+    objective: str = opt("sd", "loss with a teacher context: sd = Eq. 3 (sd_loss.py); pbsd = preference pairs of "
+                         "a teacher and a student sample (pbsd.py)", ("sd", "pbsd"))
+    pbsd_beta: float = opt(0.1, "PBSD: β of the implicit reward β·log(π_θ/π_base)")
+    pbsd_length_norm: str = opt("sum", "PBSD: sequence log-prob as a sum or a mean over tokens", ("sum", "mean"))
+    teacher_samples: bool = opt(False, "SD: also draw one sample y_T ~ π_base(·|x, c) per rollout from the teacher "
+                                "prompt (adapter off) and log its correctness and answered rate (teacher_reward, "
+                                "teacher_answered); changes no weight but costs one more generation pass per step "
+                                "(demo, measured: 20 to 70 percent more time per SD step), so it is off in both presets")
+    model: str = opt("Qwen/Qwen3-1.7B", "solver (and self-teacher) weights: hub id, local path, or "
+                     "'smollm2-135m-instruct' (the packaged demo model)")
+    data: str = opt("data/omr_hard.jsonl", "problems: a manifest written by `python data.py filter` "
+                    "(train/test splits), or 'arithmetic'")
+    arith_train: int = opt(282, "arithmetic data: number of training problems")
+    arith_test: int = opt(30, "arithmetic data: number of held-out problems")
+    arith_ops: int = opt(2, "arithmetic data: operations per problem")
+    arith_max_operand: int = opt(50, "arithmetic data: largest operand")
+    arith_operators: str = opt("+-*", "arithmetic data: operators to draw from")
+    arith_example: bool = opt(False, "arithmetic data: prefix each problem with a one-shot worked example")
+    critic: str = opt("server", "critic backend for stepalign", ("server", "local", "exact"))
+    critic_url: str = opt("http://127.0.0.1:8000/v1", "OpenAI-compatible server (e.g. `vllm serve Qwen/QwQ-32B "
+                          "--enable-prefix-caching`)")
+    critic_model: str = opt("Qwen/QwQ-32B", "critic model name (server) or path (local)")
+    critic_api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the critic server's API key")
+    critic_timeout: float = opt(900.0, "seconds per critic request before it counts as failed")
+    critic_fail_window: int = opt(5, "steps over which failed critiques are counted (fewer at the start and "
+                                  "after --resume)")
+    critic_fail_max: float = opt(0.5, "stop (checkpoint, exit 3) when at least this share of the critiques of the "
+                                 "last --critic-fail-window steps failed")
+    critic_concurrency: int = opt(32, "concurrent critic requests")
+    critic_retries: int = opt(3, "retries per critic request (exponential backoff) before the rollout is skipped")
+    critic_max_tokens: int = opt(CRITIC_MAX_TOKENS, "critic generation budget, its <think> trace included; an answer "
+                                 "cut by it is a failed critique (critic.MAX_TOKENS)")
+    critic_think_in_prompt: bool = opt(True, "server critic: its chat template ends the prompt with an open <think> "
+                                       "tag (QwQ-32B's does), so an answer without </think> is all trace")
+    critic_unstructured: str = opt("skip", "a critique that fails the schema or is empty: skip = its rollout is "
+                                   "skipped and counted (the paper's teacher sees only structured critiques); keep "
+                                   "= its text goes to the teacher as unstructured feedback (an empty one is still "
+                                   "skipped)", ("skip", "keep"))
+    engine: str = opt("vllm", "rollout engine", ("vllm", "transformers"))
+    stop_at_boxed: bool = opt(False, "end a sample after its first complete \\boxed{} (vLLM: cut there, rollout.py)")
+    vllm_gpu_memory: float = opt(0.35, "vLLM engine: on a GPU, the fraction of GPU memory vLLM may take (it shares the "
+                                 "GPU with training); on a CPU (vLLM's CPU build), the fraction of the machine's "
+                                 "memory that vLLM's worker may hold in all, weights and activations included (its "
+                                 "KV cache gets the rest), per rank; under torchrun the worker is the rank's process")
+    vllm_kv_cache_gib: float = opt(0.0, "vLLM engine: KV cache size in GiB per rank (0: vLLM sizes it from "
+                                   "--vllm-gpu-memory); on a CPU, a fixed size keeps several engines on one machine "
+                                   "within its memory")
+    student_thinking: bool = opt(False, "thinking mode of the student's chat template (Qwen3 enable_thinking)")
+    teacher_thinking: bool = opt(True, "thinking mode of the teacher's chat template")
+    teacher_layout: str = opt("paper", "where c sits in the teacher's prompt: paper = one user turn (problem, c, "
+                              "format); turns = the student's chat continued (prompt, attempt y, then c)",
+                              TEACHER_LAYOUTS)
+    lora_r: int = opt(64, "LoRA rank r")
+    lora_alpha: float = opt(128.0, "LoRA α (scale α/r)")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "comma-separated modules")
+    divergence: str = opt("forward", "SD divergence: forward = KL(teacher‖student), Eq. 3",
+                          ("forward", "reverse", "jsd"))
+    sd_samples: int = opt(1, "SD: rollouts per problem (the paper: 1)")
+    grpo_group_size: int = opt(8, "GRPO: rollouts per problem, the group G of the advantage (the paper: 8)")
+    grpo_clip: float = opt(0.2, "GRPO clip ε")
+    grpo_aggregation: str = opt("token", "GRPO loss aggregation", ("token", "sequence"))
+    temperature: float = opt(1.1, "rollout sampling temperature")
+    max_new_tokens: int = opt(2048, "rollout length limit")
+    lr: float = opt(5e-6, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping (departure 1)")
+    prompts_per_step: int = opt(32, "problems per optimizer step, across all ranks")
+    micro_batch: int = opt(4, "rollouts per forward/backward pass on one rank")
+    loss_chunk: int = opt(1024, "positions per chunk of the memory-bounded loss")
+    grad_checkpointing: bool = opt(True, "activation checkpointing in the model")
+    dtype: str = opt("bfloat16", "model dtype (LoRA weights stay fp32)", tuple(rollout.DTYPES))
+    epochs: int = opt(7, "passes over the training problems")
+    max_steps: int = opt(0, "stop after this many steps (0 = epochs decide)")
+    eval_every: int = opt(10, "evaluate and checkpoint every N steps and at the end (step 0: evaluated only)")
+    eval_samples: int = opt(12, "samples per held-out problem (the k of Pass/Maj/Avg@k)")
+    eval_temperature: float = opt(1.1, "evaluation sampling temperature (departure 2)")
+    eval_problems: int = opt(0, "evaluate on the first N held-out problems (0 = all)")
+    seed: int = opt(0, "run seed: data order and every sampling seed derive from it")
+    out_dir: str = opt("runs/{preset}/{feedback}", "output directory ({preset}/{feedback} are filled in)")
+    resume: bool = opt(False, "continue from the latest checkpoint in out_dir")
+    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
+    progress: bool = opt(True, "progress bars on rank 0")
+
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    # SmolLM2-135M: Avg@4 23% at step 0 on these one-operation problems with a worked example, temperature 0.5
+    # (README, the demo's table); sizes chosen so that the three forms train and evaluate in < 15 min on 2 cores
+    "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=30, arith_test=16,
+                 arith_ops=1, arith_max_operand=20, arith_operators="+-", arith_example=True, critic="exact",
+                 engine="transformers", stop_at_boxed=True, vllm_gpu_memory=0.25, lora_r=16, lora_alpha=32.0,
+                 temperature=0.5, max_new_tokens=48, lr=2e-4,
+                 prompts_per_step=6, micro_batch=6, loss_chunk=256, grad_checkpointing=False, dtype="float32",
+                 grpo_group_size=4, epochs=1, eval_every=3, eval_samples=4, eval_temperature=0.5),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"train.py: error: {message} (python train.py --help lists every option)\n")
+
+
+def parse_config(argv: list[str] | None = None, description: str | None = None) -> Config:
+    """Command line generated from Config's fields; a preset's values become the defaults."""
+    pre = OneLineParser(add_help=False)
+    pre.add_argument("--preset", default="paper", choices=list(PRESETS))
+    preset = pre.parse_known_args(argv)[0].preset
+    defaults = {**{f.name: f.default for f in dataclasses.fields(Config)}, **PRESETS[preset], "preset": preset}
+    parser = OneLineParser(description=description,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kw = dict(default=defaults[f.name], help=f.metadata["help"])
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str}[f.type]
+            if f.metadata["choices"]:
+                kw["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def run_name(cfg: Config) -> str:
+    """The row of the results table: the feedback form, prefixed by the objective when it is not Eq. 3."""
+    return cfg.feedback if cfg.objective == "sd" else f"{cfg.objective}-{cfg.feedback}"
+
+
+def group_size(cfg: Config) -> int:
+    return cfg.grpo_group_size if cfg.feedback == "grpo" else cfg.sd_samples
+
+
+class ConfigError(ValueError):
+    """Bad options or inputs, found before anything is loaded: one line per problem, naming the option."""
+
+
+def config_problems(cfg: Config, world: int = 1) -> list[str]:
+    """Every option's allowed range and the choices that depend on each other (`choices` are argparse's).
+    One line per problem: the option, its value, what is allowed. Reads no file but the paths' existence."""
+    bad = []
+
+    def need(ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            bad.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: {allowed}")
+
+    for f in dataclasses.fields(Config):  # nan and inf pass a comparison with a bound, so they are refused first
+        if f.type == "float" and not math.isfinite(getattr(cfg, f.name)):
+            need(False, f.name, "must be a finite number")
+    finite = {f.name for f in dataclasses.fields(Config) if f.type != "float" or math.isfinite(getattr(cfg, f.name))}
+    ranges = [  # (option, allowed?, what is allowed)
+        ("pbsd_beta", cfg.pbsd_beta > 0, "must be > 0"),
+        ("arith_train", cfg.arith_train >= 1, "must be >= 1"),
+        ("arith_test", cfg.arith_test >= 1, "must be >= 1"),
+        ("arith_ops", cfg.arith_ops >= 1, "must be >= 1"),
+        ("arith_max_operand", cfg.arith_max_operand >= 2, "must be >= 2"),
+        ("arith_operators", bool(cfg.arith_operators) and set(cfg.arith_operators) <= set("+-*"),
+         "must be one or more of the characters + - *"),
+        ("critic_timeout", cfg.critic_timeout > 0, "must be > 0 seconds"),
+        ("critic_fail_window", cfg.critic_fail_window >= 1, "must be >= 1 step"),
+        ("critic_fail_max", 0 < cfg.critic_fail_max <= 1, "must be a share in (0, 1]"),
+        ("critic_concurrency", cfg.critic_concurrency >= 1, "must be >= 1"),
+        ("critic_retries", cfg.critic_retries >= 0, "must be >= 0"),
+        ("critic_max_tokens", cfg.critic_max_tokens >= 1, "must be >= 1"),
+        ("vllm_gpu_memory", 0 < cfg.vllm_gpu_memory <= 1, "must be a fraction in (0, 1]"),
+        ("lora_r", cfg.lora_r >= 1, "must be >= 1"),
+        ("lora_alpha", cfg.lora_alpha > 0, "must be > 0"),
+        ("lora_targets", all(t.strip() for t in cfg.lora_targets.split(",")),
+         "must be comma-separated module names, none empty"),
+        ("sd_samples", cfg.sd_samples >= 1, "must be >= 1"),
+        ("grpo_group_size", cfg.grpo_group_size >= 2, "must be >= 2 (a group of one has no advantage)"),
+        ("grpo_clip", cfg.grpo_clip > 0, "must be > 0"),
+        ("temperature", cfg.temperature > 0, "must be > 0 (rollouts are samples of the policy)"),
+        ("max_new_tokens", cfg.max_new_tokens >= 1, "must be >= 1"),
+        ("lr", cfg.lr > 0, "must be > 0"),
+        ("weight_decay", cfg.weight_decay >= 0, "must be >= 0"),
+        ("max_grad_norm", cfg.max_grad_norm > 0, "must be > 0"),
+        ("prompts_per_step", cfg.prompts_per_step >= 1, "must be >= 1"),
+        ("micro_batch", cfg.micro_batch >= 1, "must be >= 1 (any size: the loss is normalized over the step)"),
+        ("loss_chunk", cfg.loss_chunk >= 1, "must be >= 1"),
+        ("epochs", cfg.epochs >= 1, "must be >= 1"),
+        ("max_steps", cfg.max_steps >= 0, "must be >= 0 (0: --epochs decide)"),
+        ("eval_every", cfg.eval_every >= 1, "must be >= 1"),
+        ("eval_samples", cfg.eval_samples >= 1, "must be >= 1 (it is both n and the k of Pass/Maj/Avg@k)"),
+        ("eval_temperature", cfg.eval_temperature >= 0, "must be >= 0 (0: greedy)"),
+        ("eval_problems", cfg.eval_problems >= 0, "must be >= 0 (0: all)"),
+        ("seed", cfg.seed >= 0, "must be >= 0"),
+        ("critic_api_key_env", re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.critic_api_key_env) is not None,
+         "must be the name of an environment variable"),
+    ]
+    for name, ok, allowed in ranges:
+        if name in finite:
+            need(ok, name, allowed)
+    if cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world:
+        need(False, "prompts_per_step", f"must divide by the number of ranks ({world})")
+    url = urllib.parse.urlsplit(cfg.critic_url)
+    need(url.scheme in ("http", "https") and bool(url.hostname), "critic_url", "must be http(s)://HOST[:PORT]/v1")
+    try:
+        out = cfg.out_dir.format(preset=cfg.preset, feedback=cfg.feedback)
+        need(not Path(out).is_file(), "out_dir", "is a file; it must be a directory")
+    except (KeyError, IndexError, ValueError) as e:
+        need(False, "out_dir", f"may hold only {{preset}} and {{feedback}} ({type(e).__name__}: {e})")
+    if cfg.objective == "pbsd" and cfg.feedback in ("grpo", "all"):
+        bad.append(f"--objective pbsd with --feedback {cfg.feedback}: pbsd needs a teacher context: "
+                   "--feedback stepalign, refsol or verdict")
+    if cfg.data != "arithmetic" and not Path(cfg.data).is_file():
+        bad.append(f"--data {cfg.data}: no such file (write one with `python data.py filter ...` "
+                   "or use --data arithmetic)")
+    local_critic = cfg.feedback in ("stepalign", "all") and cfg.critic == "local"
+    for name, used in (("model", True), ("critic_model", local_critic)):
+        path = getattr(cfg, name)
+        looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).parent.exists()
+        if used and looks_local and not Path(path).expanduser().is_dir():
+            need(False, name, "no such directory")
+        elif used and looks_local and not (Path(path).expanduser() / "config.json").is_file():
+            need(False, name, "the directory has no config.json (not a saved model)")
+    if cfg.feedback in ("stepalign", "all") and cfg.critic == "exact" and cfg.data != "arithmetic":
+        bad.append("--critic exact only knows arithmetic problems: use --critic server or --critic local")
+    if cfg.vllm_kv_cache_gib < 0:
+        need(False, "vllm_kv_cache_gib", "must be a size in GiB, or 0 to size the cache by --vllm-gpu-memory")
+    return bad
+
+
+def check_inputs(cfg: Config, world: int = 1) -> None:
+    """Fail before any model is loaded or GPU time is spent: ConfigError with one line per problem."""
+    bad = config_problems(cfg, world)
+    if bad:
+        raise ConfigError("\n".join(bad))
+    if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"--engine vllm: {rollout.VLLM_MISSING}")
+
+
+def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
+    """(training problems, held-out problems); ConfigError or data.DataError for data a run cannot use."""
+    if cfg.data == "arithmetic":
+        # train and test come from different seeds, so they share no problem by construction of the stream
+        kw = dict(n_ops=cfg.arith_ops, max_operand=cfg.arith_max_operand, ops=cfg.arith_operators,
+                  worked_example=cfg.arith_example)
+        train = data.arithmetic_problems(cfg.arith_train, seed=cfg.seed * 2 + 1, **kw)
+        test = data.arithmetic_problems(cfg.arith_test, seed=cfg.seed * 2 + 2, **kw)
+        seen = {p.problem for p in train}
+        test = [p for p in test if p.problem not in seen]
+    else:
+        train, test = data.load_manifest(cfg.data, "train"), data.load_manifest(cfg.data, "test")
+        for split, problems in (("train", train), ("test", test)):
+            if not problems:
+                raise data.DataError(f"{cfg.data}: no row with split {split!r}: a run needs at least one training "
+                                     "and one held-out problem")
+    if not test:  # (arithmetic) every held-out problem was also drawn for training
+        raise ConfigError(f"--arith-test {cfg.arith_test}: every held-out problem is also a training problem; "
+                          "raise --arith-max-operand or --arith-ops")
+    if cfg.feedback == "refsol":
+        missing = [p.id for p in train if not p.reference_solution]
+        if missing:
+            raise ConfigError(f"--feedback refsol: {len(missing)} training problems of {cfg.data} have no "
+                              f"reference solution (first: {missing[0]})")
+    if cfg.eval_problems > len(test):
+        raise ConfigError(f"--eval-problems {cfg.eval_problems}: must be at most the {len(test)} held-out problems "
+                          f"of --data {cfg.data} (0: all)")
+    if total_steps(cfg, len(train)) < 1:
+        raise ConfigError(f"--epochs {cfg.epochs} x {len(train)} training problems // --prompts-per-step "
+                          f"{cfg.prompts_per_step} is 0 steps: lower --prompts-per-step or raise --epochs")
+    return train, (test[:cfg.eval_problems] if cfg.eval_problems else test)
+
+
+def make_critic(cfg: Config):
+    """The stepalign critic backend named by --critic, built from its options."""
+    if cfg.critic == "exact":
+        return critic.ExactArithmeticCritic()
+    if cfg.critic == "server":
+        return critic.ServerCritic(cfg.critic_url, cfg.critic_model, api_key_env=cfg.critic_api_key_env,
+                                   max_tokens=cfg.critic_max_tokens, timeout_s=cfg.critic_timeout,
+                                   max_workers=cfg.critic_concurrency, max_retries=cfg.critic_retries,
+                                   think_in_prompt=cfg.critic_think_in_prompt)
+    return critic.LocalCritic(cfg.critic_model, max_new_tokens=cfg.critic_max_tokens)
+
+
+def total_steps(cfg: Config, n_train: int) -> int:
+    """Optimizer steps of a run: --epochs over the training problems, capped by --max-steps."""
+    steps = cfg.epochs * n_train // cfg.prompts_per_step
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+# options that a resumed run may change: where the critic is and how it is waited for, when to stop and to
+# checkpoint, what is displayed, and memory knobs that leave the step's math as it is (up to float rounding)
+RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps", "epochs", "eval_every", "critic_url",
+                     "critic_api_key_env", "critic_timeout", "critic_concurrency", "critic_retries",
+                     "critic_fail_window", "critic_fail_max", "vllm_gpu_memory", "vllm_kv_cache_gib", "micro_batch",
+                     "loss_chunk", "grad_checkpointing", "teacher_samples"}
+
+
+def form_config(cfg: Config, feedback: str) -> Config:
+    """The config of one run of the invocation: one feedback form, its own output directory."""
+    run_cfg = dataclasses.replace(cfg, feedback=feedback)
+    run_cfg.out_dir = cfg.out_dir.format(preset=cfg.preset, feedback=run_name(run_cfg))
+    return run_cfg
+
+
+def preflight(cfg: Config, world: int) -> None:
+    """Everything checkable before a model loads: the options, the data of each run (at least one training and
+    one held-out problem, at least one step), its output directory, and the critic server (its model list, then
+    a one-token completion). Raises ConfigError, data.DataError or critic.CriticUnavailable."""
+    check_inputs(cfg, world)
+    forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
+    for feedback in forms:
+        run_cfg = form_config(cfg, feedback)
+        load_problems(run_cfg)
+        earlier = checkpoint_dirs(Path(run_cfg.out_dir))
+        if earlier and not cfg.resume:  # a fresh run there would mix its checkpoints with the earlier run's
+            raise ConfigError(f"--out-dir {run_cfg.out_dir}: holds checkpoints of an earlier run (latest "
+                              f"{earlier[-1].name}): continue it with --resume, or choose another --out-dir")
+        if earlier and cfg.resume:  # an exact restart needs the options that shape the training
+            saved = json.loads((earlier[-1] / "config.json").read_text())
+            changed = [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_MAY_CHANGE
+                       and f.name in saved and saved[f.name] != getattr(run_cfg, f.name)]
+            if changed:
+                raise ConfigError("\n".join(
+                    f"--{name.replace('_', '-')} {getattr(run_cfg, name)}: {earlier[-1]} was written with "
+                    f"{saved[name]}; --resume continues a run only with the options it started with"
+                    for name in changed))
+    if "stepalign" in forms and cfg.critic == "server":
+        make_critic(cfg).check(timeout_s=min(cfg.critic_timeout, 30.0))

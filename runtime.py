@@ -1,0 +1,354 @@
+"""Plumbing of train.py: processes (torchrun ranks), checkpoints, logs, timers, SIGTERM, critic-failure counts, and
+the model and generation engine of a run (built, resumed, given each new adapter).
+
+Nothing here touches the math: DDP the plain way (RANK / LOCAL_RANK / WORLD_SIZE, one explicit all-reduce),
+checkpoints written to a temporary directory then renamed (a kill leaves the previous one intact), JSONL logs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import lora
+import rollout
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """RANK / LOCAL_RANK / WORLD_SIZE from torchrun; nccl on GPUs, gloo on CPU; single process otherwise."""
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, device)
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class Timer:
+    """Seconds per named phase of a step: `with timer("rollout"): ...` (CUDA synchronized at the end)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    return sorted((out_dir / "checkpoints").glob("step_[0-9]*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist) -> None:
+    """Adapter (PEFT layout), optimizer, RNG states, data position: to a temporary directory, then renamed.
+
+    A kill during the save leaves the previous checkpoint intact (and at worst a stray .tmp directory)."""
+    final = Path(cfg.out_dir) / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(f".tmp_{final.name}")
+    if d.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if d.world > 1:
+        dist.barrier()
+    torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    if d.master:
+        lora.save_adapter(model, str(tmp), base_model_name_or_path=cfg.model)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "counters": counters}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    if d.world > 1:
+        dist.barrier()
+    if d.master:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    if d.world > 1:
+        dist.barrier()
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the JSONL lines of steps <= `step` (a run killed between two checkpoints logged steps past it).
+    A last line without its newline is a write cut by a kill: it is dropped."""
+    if path.exists():
+        text = path.read_text()
+        complete = text[:text.rfind("\n") + 1]
+        lines = [line for line in complete.splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
+    lora.load_adapter(model, str(path))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    rng_file = path / f"rng_rank{d.rank}.pt"
+    if not rng_file.exists():  # saved with fewer ranks; only dropout draws from these (sampling has its own seeds)
+        print(f"rank {d.rank}: {path} has no {rng_file.name}; keeping this rank's fresh RNG states", flush=True)
+    else:
+        state = torch.load(rng_file, weights_only=False)
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    meta = json.loads((path / "state.json").read_text())
+    return meta["step"], meta["counters"]
+
+
+# ---------------------------------------------------------------------------------------------- the run
+class StopFlag:
+    """Set by SIGTERM while the run is inside `with StopFlag()`; checked by every rank at step boundaries
+    (all-reduced, so all ranks stop together)."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, d: Dist) -> bool:
+        flag = torch.tensor([float(self.requested)], device=d.device)
+        return bool(all_reduce_sum(flag, d).item() > 0)
+
+
+class Logger:
+    """JSONL lines appended to files in `out_dir` (and TensorBoard scalars), on the enabled rank only."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = False):
+        self.enabled = enabled
+        self.dir = Path(out_dir)
+        self.tb = None
+        if self.enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise SystemExit(f"--tensorboard needs the tensorboard package: pip install tensorboard ({e})")
+            self.tb = SummaryWriter(str(self.dir / "tb"))
+
+    def write(self, name: str, record: dict) -> None:
+        if not self.enabled:
+            return
+        with (self.dir / name).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{name.split('.')[0]}/{k}", v, record["step"])
+
+
+def warn(message: str, bar=None) -> None:
+    """A line on stderr, through the progress bar when there is one (so that the bar does not overwrite it)."""
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def sum_over_ranks(counts: dict[str, float], d: Dist) -> dict[str, float]:
+    """Counts summed over ranks; each rank may hold different keys (e.g. critic_failed_timeout on one only)."""
+    if d.world == 1:
+        return dict(counts)
+    every = [None] * d.world
+    dist.all_gather_object(every, counts)
+    total: dict[str, float] = {}
+    for rank_counts in every:
+        for k, v in rank_counts.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def failure_counts(failures: dict[str, float]) -> Counter:
+    """{kind: count} from the critic_failed_<kind> entries of a step's (or window's) counts."""
+    return Counter({k.removeprefix("critic_failed_"): v for k, v in failures.items()
+                    if k.startswith("critic_failed_")})
+
+
+def failure_kinds(failures: dict[str, float]) -> str:
+    """'refused 3, timeout 1' from the critic_failed_<kind> counts."""
+    return ", ".join(f"{k} {v:.0f}" for k, v in failure_counts(failures).most_common())
+
+
+def critic_fix(cfg, failures: dict[str, float]) -> str:
+    """What to change, from the most frequent reason among the critic_failed_<kind> counts."""
+    kinds = failure_counts(failures)
+    kind = kinds.most_common(1)[0][0] if kinds else "other"
+    if kind in ("refused", "connection"):
+        return f"the critic server at {cfg.critic_url} does not answer: restart it (or correct --critic-url)"
+    if kind == "timeout":
+        return (f"critiques take longer than --critic-timeout {cfg.critic_timeout} s: raise it, lower "
+                f"--critic-concurrency {cfg.critic_concurrency}, or give the server more capacity")
+    if kind in ("http_401", "http_403"):
+        return f"the server refuses the API key in ${cfg.critic_api_key_env}"
+    if kind.startswith("http_4"):
+        return f"the server rejects the requests ({kind}): check --critic-model {cfg.critic_model} and its log"
+    if kind.startswith("http_"):
+        return f"the server fails ({kind}): see its log (out of memory? a context shorter than the prompts?)"
+    if kind == "malformed":
+        return f"the answers of {cfg.critic_url} are not OpenAI chat completions: check --critic-url"
+    if kind == "length":
+        return f"critiques are cut by --critic-max-tokens {cfg.critic_max_tokens}: raise it"
+    return "see the warnings above"
+
+
+def critic_down(cfg, name: str, n: int, window: deque, done: int, steps: int, d: Dist, bar) -> str | None:
+    """Warn about the failed critiques of the step just done (window[-1], of n, all ranks); return the reason to
+    stop when at least --critic-fail-max of the critiques of the steps in `window` failed, else None."""
+    failures = window[-1]
+    if failures.get("critic_failed") and d.master:
+        warn(f"[{name}] step {done}: the critic failed on {failures['critic_failed']:.0f} of {n} rollouts "
+             f"({failure_kinds(failures)}); they are skipped", bar)
+    recent = sum((Counter(f) for f in window), Counter())
+    if recent["critic_failed"] >= cfg.critic_fail_max * n * len(window) and done < steps:
+        return (f"{recent['critic_failed']:.0f} of {n * len(window)} critiques failed over the last {len(window)} "
+                f"steps ({failure_kinds(recent)}), at least --critic-fail-max {cfg.critic_fail_max}. Fix: "
+                f"{critic_fix(cfg, recent)}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- model and engine
+def build_model(cfg, d: Dist):
+    model, tokenizer = rollout.load_model(cfg.model, dtype=rollout.DTYPES[cfg.dtype], device=d.device)
+    lora.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets.split(",")))
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def make_vllm_engine(cfg, d: Dist) -> rollout.VLLMEngine:
+    """One vLLM engine per process, shared by the runs of one invocation (--feedback all): under torchrun each rank
+    holds its own (external_launcher, rollout.py), and vLLM's teardown ends the process group, so it is built
+    once and closed last."""
+    return rollout.make_engine("vllm", cfg.model, dtype=cfg.dtype, seed=cfg.seed, max_lora_rank=cfg.lora_r,
+                               gpu_memory_utilization=cfg.vllm_gpu_memory, kv_cache_gib=cfg.vllm_kv_cache_gib,
+                               world_size=d.world, stop_at_boxed=cfg.stop_at_boxed)
+
+
+def start_policy(cfg, d: Dist):
+    """The model with a fresh adapter, identical on every rank, and its AdamW; then the per-rank RNG offsets.
+    Returns (model, tokenizer, LoRA parameters, optimizer)."""
+    torch.manual_seed(cfg.seed)  # the same LoRA initialization on every rank...
+    model, tokenizer = build_model(cfg, d)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if d.world > 1:
+        for p in params:  # ...and rank 0's copy, as DDP does, so the ranks cannot drift apart
+            dist.broadcast(p.data, src=0)
+    torch.manual_seed(cfg.seed + d.rank)  # per-rank offset: only dropout would use it; sampling has its own seeds
+    random.seed(cfg.seed + d.rank)
+    np.random.seed(cfg.seed + d.rank)
+    return model, tokenizer, params, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def start_out_dir(cfg, d: Dist, model, optimizer) -> tuple[int, dict]:
+    """The run's output directory: a checkpoint save cut by a kill removed; with --resume the latest checkpoint
+    loaded and the log lines written after it dropped; else fresh logs and config.json. Returns (first step,
+    counters)."""
+    out_dir = Path(cfg.out_dir)
+    counters = {"skipped_critic": 0, "skipped_nonfinite": 0, "skipped_empty": 0}
+    if d.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stray in sorted((out_dir / "checkpoints").glob(".tmp_step_*")):  # a save cut by a kill
+            shutil.rmtree(stray)
+            print(f"removed {stray}: a checkpoint whose save was interrupted", flush=True)
+    if d.world > 1:
+        dist.barrier()  # (no rank reads the checkpoints before the strays are gone)
+    if cfg.resume and checkpoint_dirs(out_dir):
+        latest = checkpoint_dirs(out_dir)[-1]
+        step, saved = load_checkpoint(latest, model, optimizer, d)
+        if d.master:
+            for name in ("log.jsonl", "eval.jsonl"):  # lines written after the checkpoint are written again
+                truncate_log(out_dir / name, step)
+            print(f"resumed from {latest} (step {step})", flush=True)
+        return step, counters | saved
+    if cfg.resume and d.master:
+        print(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; starting at step 0", flush=True)
+    if d.master:
+        for name in ("log.jsonl", "eval.jsonl"):
+            (out_dir / name).unlink(missing_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    return 0, counters
+
+
+def push_adapter(cfg, d: Dist, model, engine, step: int) -> None:
+    """Step 7: the generation engine samples from the current policy. The transformers engine shares the module
+    (`sampling` merges it); vLLM gets the adapter under a fresh name and id (rollout.VLLMEngine.set_adapter)."""
+    if cfg.engine != "vllm":
+        return
+    # the ranks hold identical LoRA weights: rank 0 writes one copy, every rank's engine loads it
+    root = Path(cfg.out_dir) / "adapters"
+    adapter_dir = root / f"step_{step:06d}"
+    if d.master:
+        lora.save_adapter(model, str(adapter_dir), base_model_name_or_path=cfg.model)
+    if d.world > 1:
+        dist.barrier()
+    engine.set_adapter(str(adapter_dir))
+    if d.world > 1:
+        dist.barrier()
+    if d.master:  # older adapters were loaded by the engines already and are never used again
+        for old in root.glob("step_*"):
+            if old != adapter_dir:
+                shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def sampling(cfg, model):
+    """The transformers engine samples from this very module: merged, the same policy runs faster. The merge is in
+    fp32 (lora.py, departure 7): merged into bf16 weights, a small ΔW would round away and the rollouts and
+    evaluations would come from roughly the base policy. vLLM holds its own weights (push_adapter): nothing to do."""
+    if cfg.engine != "transformers":
+        yield
+        return
+    lora.merge(model, dtype=torch.float32)
+    try:
+        yield
+    finally:
+        lora.unmerge(model)
