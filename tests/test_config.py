@@ -1,0 +1,158 @@
+"""config.py through train.py's command line: every option has help, the presets, and every bad option, bad input
+or unreachable critic server refused at start by name, before anything loads."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+import config
+import train
+from test_train import ROOT, run_cli, tiny_args, tiny_model_dir  # noqa: F401 (tiny_model_dir is a fixture)
+
+
+
+def test_every_config_field_is_an_option_with_help():
+    text = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                          cwd=ROOT).stdout
+    for f in dataclasses.fields(config.Config):
+        assert "--" + f.name.replace("_", "-") in text
+        assert f.metadata["help"]
+
+
+def test_paper_defaults_and_demo_preset():
+    paper = config.parse_config([])
+    assert (paper.feedback, paper.model, paper.lora_r, paper.lora_alpha, paper.temperature, paper.lr,
+            paper.prompts_per_step, paper.max_new_tokens, paper.divergence) == (
+        "stepalign", "Qwen/Qwen3-1.7B", 64, 128.0, 1.1, 5e-6, 32, 2048, "forward")
+    assert (paper.student_thinking, paper.teacher_thinking) == (False, True)
+    assert config.group_size(paper) == 1 and config.group_size(config.parse_config(["--feedback", "grpo"])) == 8
+    demo = config.parse_config(["--preset", "demo", "--lr", "0.5"])
+    assert demo.model == "smollm2-135m-instruct" and demo.critic == "exact" and demo.lr == 0.5
+    assert config.parse_config(["--preset", "demo", "--no-stop-at-boxed"]).stop_at_boxed is False
+
+
+def test_missing_paths_fail_at_start(tmp_path):
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.check_inputs(config.parse_config(["--data", str(tmp_path / "nope.jsonl")]))
+    with pytest.raises(config.ConfigError, match="--model .*no_model: no such directory"):
+        config.check_inputs(config.parse_config(["--data", "arithmetic", "--engine", "transformers",
+                                               "--model", str(tmp_path / "no_model")]))
+
+
+def expect_refusal(capsys, args) -> str:
+    """train.main refuses `args` at start: exit code 2, one 'train.py: error:' line per problem. Returns stderr."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert err and all(line.startswith("train.py: error: ") for line in err.splitlines()), err
+    return err
+
+
+# option -> a bad value (or the arguments that make it bad); bools have no bad value, choices are argparse's
+BAD_VALUES = {
+    "pbsd_beta": "0", "arith_train": "0", "arith_test": "0", "arith_ops": "0", "arith_max_operand": "1",
+    "arith_operators": "+/", "critic_url": "localhost:8000/v1", "critic_api_key_env": "MY-KEY",
+    "critic_timeout": "0", "critic_fail_window": "0", "critic_fail_max": "1.5", "critic_concurrency": "0",
+    "critic_retries": "-1", "critic_max_tokens": "0", "vllm_gpu_memory": "1.2", "vllm_kv_cache_gib": "-1",
+    "lora_r": "0", "lora_alpha": "-2", "lora_targets": "q_proj,,v_proj", "sd_samples": "0", "grpo_group_size": "1",
+    "grpo_clip": "0", "temperature": "-1", "max_new_tokens": "0", "lr": "-1", "weight_decay": "-0.1",
+    "max_grad_norm": "0", "prompts_per_step": "0", "micro_batch": "0", "loss_chunk": "0", "epochs": "0",
+    "max_steps": "-1", "eval_every": "0", "eval_samples": "0", "eval_temperature": "-0.5", "eval_problems": "-1",
+    "seed": "-1", "out_dir": "runs/{model}", "model": "/nonexistent/model", "data": "/nonexistent/data.jsonl",
+    "critic_model": ("/nonexistent/critic", "--critic", "local"),
+}
+
+
+def test_every_option_with_a_bad_value_is_refused_by_name(tiny_model_dir, tmp_path, capsys):
+    """Walk every option of Config: a bad value stops main before anything loads, with one line naming the
+    option and the value (exit 2). An accepted bad value would start training here instead."""
+    base = tiny_args(tiny_model_dir, tmp_path / "run", "--max-steps", "1")
+    fields = dataclasses.fields(config.Config)
+    walked = set()
+    for f in fields:
+        option = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            continue  # --x / --no-x: every value is valid
+        if f.metadata["choices"]:
+            value, extra = "nope", ()
+        else:
+            bad = BAD_VALUES[f.name]
+            value, *extra = bad if isinstance(bad, tuple) else (bad,)
+        err = expect_refusal(capsys, [*base, *extra, option, value])
+        assert option in err and value in err, (option, err)
+        walked.add(f.name)
+    assert walked == {f.name for f in fields if f.type != "bool"}
+    for value in ("nan", "inf"):  # non-finite floats pass a comparison with a bound
+        assert "--lr " + value in expect_refusal(capsys, [*base, "--lr", value])
+    assert "argument --lr: invalid float value: 'abc'" in expect_refusal(capsys, [*base, "--lr", "abc"])
+
+
+def test_options_that_depend_on_each_other(tiny_model_dir, tmp_path, capsys):
+    cfg = config.parse_config(tiny_args(tiny_model_dir, tmp_path / "run", "--prompts-per-step", "4"))
+    assert config.config_problems(cfg, world=2) == []
+    assert config.config_problems(cfg, world=3) == ["--prompts-per-step 4: must divide by the number of ranks (3)"]
+    base = tiny_args(tiny_model_dir, tmp_path / "run")
+    err = expect_refusal(capsys, [*base, "--objective", "pbsd", "--feedback", "grpo", "--lr", "-1"])
+    assert "--objective pbsd with --feedback grpo" in err and "--lr -1.0" in err  # every problem, one line each
+    assert "--epochs 1 x 8 training problems // --prompts-per-step 9 is 0 steps" in expect_refusal(
+        capsys, [*base, "--epochs", "1", "--prompts-per-step", "9"])
+    assert "--eval-problems 3: must be at most the 2 held-out problems" in expect_refusal(
+        capsys, [*base, "--eval-problems", "3"])
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "problem": "1+1?", "answer": "2", "split": "train"}) + "\n")
+    assert f"{manifest}: no row with split 'test'" in expect_refusal(capsys, [*base, "--data", str(manifest),
+                                                                             "--feedback", "refsol"])
+    assert "--critic exact only knows arithmetic" in expect_refusal(capsys, [*base, "--data", str(manifest)])
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    """The real command line: exit code 2 and one line on stderr, for a bad value and for a bad manifest row."""
+    result = run_cli(["--preset", "demo", "--temperature", "-1"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "train.py: error: --temperature -1.0: must be > 0 (rollouts are samples of the policy)"]
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "a", "problem": "1+1?", "answer": "2", "split": "train"}, {"id": "b", "problem": "2+2?",
+                                                                             "split": "test"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_cli(["--preset", "demo", "--data", str(manifest), "--feedback", "refsol"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"train.py: error: {manifest}: row 2: field 'answer' is missing or empty"]
+
+
+def test_a_fresh_run_refuses_an_out_dir_with_checkpoints(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_000004").mkdir(parents=True)
+    err = expect_refusal(capsys, tiny_args(tiny_model_dir, out))
+    assert "holds checkpoints of an earlier run (latest step_000004): continue it with --resume" in err
+    saved = dataclasses.asdict(config.parse_config(tiny_args(tiny_model_dir, out, "--lr", "0.5")))
+    (out / "checkpoints" / "step_000004" / "config.json").write_text(json.dumps(saved))
+    err = expect_refusal(capsys, tiny_args(tiny_model_dir, out, "--resume", "--micro-batch", "1"))
+    assert err.splitlines() == [f"train.py: error: --lr 0.01: {out / 'checkpoints' / 'step_000004'} was written "
+                                "with 0.5; --resume continues a run only with the options it started with"]
+
+
+def test_engine_vllm_without_vllm_or_with_a_bad_memory_fraction_fails_at_start(monkeypatch):
+    """--engine vllm runs on CPU too (tests/test_vllm.py); what it needs is said before any model is loaded."""
+    import importlib.util
+    real = importlib.util.find_spec
+    args = ["--preset", "demo", "--engine", "vllm"]
+    if real("vllm") is not None:
+        with pytest.raises(config.ConfigError, match=r"--vllm-gpu-memory 1.5: must be a fraction in \(0, 1\]"):
+            config.check_inputs(config.parse_config(args + ["--vllm-gpu-memory", "1.5"]))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(config.ConfigError, match=r"--engine vllm: .*requirements-gpu\.txt.*VLLM_CPU=1 bash setup\.sh"):
+        config.check_inputs(config.parse_config(args))
+
+
+def test_a_dead_critic_server_stops_the_run_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    err = expect_refusal(capsys, tiny_args(tiny_model_dir, out, "--max-steps", "1", "--critic", "server",
+                                           "--critic-url", "http://127.0.0.1:9/v1"))
+    assert err == "train.py: error: critic server http://127.0.0.1:9/v1/models: connection refused: is the server " \
+                  "running at --critic-url?\n"
+    assert not out.exists()  # nothing was started

@@ -1,0 +1,144 @@
+"""runtime.py: checkpoints written atomically (an exception or a kill -9 during a save), the log cut back on resume,
+and sampling from a bf16 model that keeps a small adapter."""
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import config
+import lora
+import runtime
+import train
+from test_train import ROOT, adapter, read_jsonl, run_cli, tiny_args, tiny_model_dir  # noqa: F401 (a fixture)
+
+
+def test_a_kill_during_save_leaves_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, out, "--max-steps", "2"))
+    before = adapter(out, 2)
+    cfg = config.parse_config(tiny_args(tiny_model_dir, out))
+    model, _ = runtime.build_model(cfg, runtime.Dist())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(lora, "save_adapter", dies)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.save_checkpoint(cfg, model, optimizer, 2, {}, runtime.Dist())
+    monkeypatch.undo()
+    assert [p.name for p in runtime.checkpoint_dirs(out)] == ["step_000002"]
+    after = adapter(out, 2)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bf16_sampling_keeps_a_small_adapter():
+    """runtime.sampling() with a bf16 model: a small adapter (ΔW below half a bf16 ulp of W on most entries, as after
+    a few steps at the paper's lr) moves the sampling log-probs as much as the fp32 computation says. Merged into
+    the bf16 weights instead, a third of that change is lost (the defect this guards against)."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama_config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m32 = lora.add_lora(LlamaForCausalLM(llama_config).eval(), r=8, alpha=16)
+    ids = torch.randint(0, 256, (2, 48))  # (B, L)
+    params = [p for p in m32.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    for _ in range(10):  # a small, trained (so coherent) adapter
+        m32(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    for layer in lora.lora_layers(m16).values():  # as runtime.build_model: a bf16 base, an fp32 adapter
+        layer.lora_A.float(), layer.lora_B.float()
+    erased = [((layer.weight.float() + layer.delta_weight()).bfloat16() == layer.weight) for layer in
+              lora.lora_layers(m16).values()]
+    assert sum(e.sum().item() for e in erased) / sum(e.numel() for e in erased) > 0.5  # the adapter is small
+
+    def logp(model):  # (B, L - 1)  log π(y_t) of the tokens, as the sampling forward computes them
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()  # (B, L, V)
+        return torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+    def change(model, context):  # the adapter's effect: log π_θ − log π_base, under the given weights context
+        with context():
+            with_adapter = logp(model)
+            with lora.adapters_disabled(model):
+                return with_adapter - logp(model)
+
+    def shrink(d):  # the share of the fp32 change that survives: 1 when none is lost
+        return ((d * d32).sum() / (d32 * d32).sum()).item()
+
+    @contextlib.contextmanager
+    def merged_into_bf16():  # what sampling did before: W ← W + ΔW in the bf16 weights
+        lora.merge(m16)
+        try:
+            yield
+        finally:
+            lora.unmerge(m16)
+
+    d32 = change(m32, contextlib.nullcontext)
+    cfg = config.parse_config(["--engine", "transformers", "--data", "arithmetic"])
+    for model, low, high in ((m32, 0.999, 1.001), (m16, 0.9, 1.1)):  # fp32: merged in place; bf16: an fp32 copy
+        assert low < shrink(change(model, lambda: runtime.sampling(cfg, model))) < high
+        assert not any(layer.merged for layer in lora.lora_layers(model).values())  # unmerged on exit
+    assert shrink(change(m16, merged_into_bf16)) < 0.8
+
+
+def test_resume_drops_a_log_line_cut_by_a_kill(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    runtime.truncate_log(log, 3)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_save_then_resume_is_exact(tiny_model_dir, tmp_path):
+    """A real training process killed with SIGKILL while its checkpoint directory .tmp_step_N is being written:
+    the checkpoints left are complete, the resume removes the partial one, and the final adapter and logs equal
+    those of a run never interrupted (bit for bit: same process setup, one thread)."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+
+    def args(out, *extra):
+        return tiny_args(tiny_model_dir, out, "--max-steps", "6", "--eval-every", "1", *extra)
+
+    r = run_cli(args(straight))
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    checkpoints, partial = killed / "checkpoints", []
+    for attempt in range(4):  # a kill can land just after the rename; then the next save is the target
+        resume = ["--resume"] * (attempt > 0)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(killed, *resume)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None:
+            seen = list(checkpoints.glob(".tmp_step_*")) if checkpoints.is_dir() else []
+            if seen and runtime.checkpoint_dirs(killed):  # a save after the first: the resume has one to go on from
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                partial = [p for p in seen if p.exists()]
+                break
+        if partial:
+            break
+    assert partial, "no kill landed inside a checkpoint save"
+    assert runtime.checkpoint_dirs(killed)[-1].name < partial[0].name.removeprefix(".tmp_")
+    for done in runtime.checkpoint_dirs(killed):  # every checkpoint left is complete
+        assert {"adapter_model.safetensors", "optimizer.pt", "state.json", "config.json", "rng_rank0.pt"} <= {
+            p.name for p in done.iterdir()}
+    r = run_cli(args(killed, "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"removed {partial[0]}: a checkpoint whose save was interrupted" in r.stdout
+    assert not list(checkpoints.glob(".tmp_*"))
+    a, b = adapter(straight, 6), adapter(killed, 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a, log_b = read_jsonl(straight / "log.jsonl"), read_jsonl(killed / "log.jsonl")
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5, 6]
+    assert [(r["loss"], r["reward"]) for r in log_a] == [(r["loss"], r["reward"]) for r in log_b]
+    assert read_jsonl(straight / "eval.jsonl")[-1] == read_jsonl(killed / "eval.jsonl")[-1]
