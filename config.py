@@ -20,6 +20,7 @@ from pathlib import Path
 import critic
 import data
 import rollout
+import sd_loss
 from critic import MAX_TOKENS as CRITIC_MAX_TOKENS  # a name of its own: in Config, `critic` is a field
 from runtime import checkpoint_dirs
 
@@ -92,8 +93,11 @@ class Config:
     lora_r: int = opt(64, "LoRA rank r")
     lora_alpha: float = opt(128.0, "LoRA α (scale α/r)")
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "comma-separated modules")
-    divergence: str = opt("forward", "SD divergence: forward = KL(teacher‖student), Eq. 3",
-                          ("forward", "reverse", "jsd"))
+    divergence: str = opt("forward", "SD per-token loss: forward = KL(teacher‖student), Eq. 3; reverse = "
+                          "KL(student‖teacher); jsd = Jensen-Shannon, β = 0.5; sampled = −A_t·log π_θ(y_t) on the "
+                          "sampled tokens only (the reverse KL's policy-gradient estimator)", sd_loss.LOSS_KINDS)
+    div_clip: float = opt(0.0, "SD: per-token clip of forward/reverse/jsd: a token's divergence counts at most this "
+                          "much, its gradient scaled down alike (0 = off; the OPSD code uses 0.05)")
     sd_samples: int = opt(1, "SD: rollouts per problem (the paper: 1)")
     grpo_group_size: int = opt(8, "GRPO: rollouts per problem, the group G of the advantage (the paper: 8)")
     grpo_clip: float = opt(0.2, "GRPO clip ε")
@@ -207,6 +211,9 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
         ("lora_targets", all(t.strip() for t in cfg.lora_targets.split(",")),
          "must be comma-separated module names, none empty"),
         ("sd_samples", cfg.sd_samples >= 1, "must be >= 1"),
+        ("div_clip", cfg.div_clip >= 0, "must be >= 0 (0 = no clip)"),
+        ("div_clip", cfg.div_clip == 0 or cfg.divergence != "sampled",
+         "clips the full-vocabulary divergences; --divergence sampled has none to clip"),
         ("grpo_group_size", cfg.grpo_group_size >= 2, "must be >= 2 (a group of one has no advantage)"),
         ("grpo_clip", cfg.grpo_clip > 0, "must be > 0"),
         ("temperature", cfg.temperature > 0, "must be > 0 (rollouts are samples of the policy)"),

@@ -20,11 +20,12 @@ Conventions used by every function here:
 Run the tests:  python -m pytest tests/test_sd_loss.py -q
 
 Departures from the paper:
-1. `sampled_token_loss` (the policy-gradient form) is provided next to the full-vocabulary KL. The paper
-   trains with the full-vocabulary forward KL; the sampled form is the on-policy estimator of the
+1. The sampled-token form (kind "sampled", `sampled_token_loss`) is provided next to the full-vocabulary KL.
+   The paper trains with the full-vocabulary forward KL; the sampled form is the on-policy estimator of the
    per-token *reverse* KL gradient, E_{y_t~π_θ}[−A_t ∇log π_θ(y_t)] = ∇KL(π_θ ‖ π_base) at position t,
-   exact only when y was sampled at temperature 1 (the paper samples at 1.1).
-2. `reverse` and `jsd` divergences are offered for ablations; `forward` is the paper's and the default.
+   exact only when y was sampled at temperature 1 (the paper samples at 1.1, the demo at 0.5).
+2. `reverse` and `jsd` divergences, and a per-token clip (`clip_terms`, the OPSD code clips at 0.05), are
+   offered for ablations; `forward` without a clip is the paper's and the default.
 3. `chunked_self_distillation_loss` computes the same loss from final hidden states without ever holding
    (B, T, V) logits: a memory device, not a change to the objective (values and gradients match).
 4. Diagnostics (ours, not the paper's): the mean entropy of the student's and the teacher's next-token
@@ -78,6 +79,39 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str =
                                               logp_s + math.log(1.0 - beta)]), dim=0)  # (B, T, V)
         return beta * _kl(logp_t, logp_m) + (1.0 - beta) * _kl(logp_s, logp_m)  # (B, T)
     raise ValueError(f"unknown divergence kind {kind!r}; expected 'forward', 'reverse' or 'jsd'")
+
+
+LOSS_KINDS = ("forward", "reverse", "jsd", "sampled")
+
+
+def clip_terms(terms: Tensor, clip: float) -> Tensor:
+    """Per-token clip of non-negative loss terms: a term above `clip` counts as `clip`, and its gradient is scaled
+    by the same factor, so no single token moves the step more than `clip` would (direction kept).
+
+        term_t · min(1, clip / term_t),  the factor detached;  clip = 0 leaves the terms as they are."""
+    if clip <= 0:
+        return terms
+    scale = torch.clamp(clip / terms.detach().clamp(min=torch.finfo(torch.float32).tiny), max=1.0)
+    return terms * scale
+
+
+def token_loss_terms(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, kind: str = "forward",
+                     beta: float = 0.5, clip: float = 0.0) -> tuple[Tensor, Tensor]:
+    """What each rollout position adds to the loss, and its divergence (the diagnostic), (..., V) -> 2 × (...).
+
+    kind forward / reverse / jsd: the term is `token_divergence`, clipped per token by `clip` (0 = off).
+    kind "sampled": the term is −A_t · log π_θ(y_t) with A_t detached (its gradient estimates that of the
+    reverse KL on sampled tokens y_t); the divergence logged for it is the exact reverse KL."""
+    if kind == "sampled":
+        if clip > 0:
+            raise ValueError("clip applies to the full-vocabulary divergences, not to the sampled form")
+        logp_y_s = token_logprobs(student_logits, tokens)  # (...)  with gradient
+        with torch.no_grad():
+            A = token_advantage(logp_y_s, token_logprobs(teacher_logits, tokens))  # (...)
+            div = token_divergence(student_logits, teacher_logits, "reverse")  # (...)
+        return -A * logp_y_s, div
+    div = token_divergence(student_logits, teacher_logits, kind, beta)  # (...)
+    return clip_terms(div, clip), div.detach()
 
 
 def token_entropy(logits: Tensor) -> Tensor:
@@ -155,16 +189,17 @@ def sampled_token_loss(student_logprobs: Tensor, teacher_logprobs: Tensor, mask:
 
 
 def self_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, mask: Tensor,
-                           kind: str = "forward", *, beta: float = 0.5,
+                           kind: str = "forward", *, beta: float = 0.5, clip: float = 0.0,
                            normalizer: float | None = None) -> tuple[Tensor, SDStats]:
     """Eq. 3 on full logits: Σ_t D(π_base(·|x,c,y<t), π_θ(·|x,y<t)) · mask_t / normalizer.
 
     logits: (B, T, V); tokens (the sampled y_t, for A_t) and mask: (B, T). The teacher side is detached: no
-    gradient flows into the self-teacher. The reference for `chunked_self_distillation_loss`.
+    gradient flows into the self-teacher. kind and clip: `token_loss_terms`. The reference for
+    `chunked_self_distillation_loss`.
     """
     mask = mask.float()
-    div = token_divergence(student_logits, teacher_logits.detach(), kind, beta)  # (B, T)
-    loss = _masked_sum(div, mask) / _normalizer(mask, normalizer)
+    terms, div = token_loss_terms(student_logits, teacher_logits.detach(), tokens, kind, beta, clip)  # 2 × (B, T)
+    loss = _masked_sum(terms, mask) / _normalizer(mask, normalizer)
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
         A = token_advantage(token_logprobs(student_logits, tokens), token_logprobs(teacher_logits, tokens))  # (B, T)
@@ -176,23 +211,23 @@ def self_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, token
     return loss, stats
 
 
-def _chunk_terms(h_s: Tensor, h_t: Tensor, y: Tensor, weight: Tensor, kind: str,
-                 beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One chunk of N rollout positions: (N, D), (N, D), (N,), (V, D) -> divergence (N,), A_t (N,), and the
-    entropies of the student's and the teacher's distributions (N,), (N,)."""
+def _chunk_terms(h_s: Tensor, h_t: Tensor, y: Tensor, weight: Tensor, kind: str, beta: float,
+                 clip: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One chunk of N rollout positions: (N, D), (N, D), (N,), (V, D) -> loss terms (N,), divergence (N,),
+    A_t (N,), and the entropies of the student's and the teacher's distributions (N,), (N,)."""
     z_s = (h_s @ weight.T).float()  # (N, V)  student logits
     with torch.no_grad():
         z_t = (h_t @ weight.T).float()  # (N, V)  teacher logits: no gradient into the self-teacher
-    div = token_divergence(z_s.unsqueeze(0), z_t.unsqueeze(0), kind, beta).squeeze(0)  # (N,)
+    terms, div = token_loss_terms(z_s, z_t, y, kind, beta, clip)  # (N,), (N,)
     with torch.no_grad():
         logp_y_s = token_logprobs(z_s, y)  # (N,)
         logp_y_t = token_logprobs(z_t, y)  # (N,)
-    return div, token_advantage(logp_y_s, logp_y_t), token_entropy(z_s), token_entropy(z_t)  # 4 × (N,)
+    return terms, div, token_advantage(logp_y_s, logp_y_t), token_entropy(z_s), token_entropy(z_t)  # 5 × (N,)
 
 
 def chunked_self_distillation_loss(student_hidden: Tensor, teacher_hidden: Tensor, lm_head_weight: Tensor,
                                    tokens: Tensor, mask: Tensor, kind: str = "forward", *,
-                                   chunk_size: int = 1024, beta: float = 0.5,
+                                   chunk_size: int = 1024, beta: float = 0.5, clip: float = 0.0,
                                    normalizer: float | None = None) -> tuple[Tensor, SDStats]:
     """Eq. 3 from final hidden states, never holding more than (chunk_size, V) logits per model.
 
@@ -214,19 +249,19 @@ def chunked_self_distillation_loss(student_hidden: Tensor, teacher_hidden: Tenso
     h_s = student_hidden[valid]  # (N, D)
     h_t = teacher_hidden.detach()[valid]  # (N, D)
     y = tokens[valid]  # (N,)
-    div_sum = student_hidden.new_zeros((), dtype=torch.float32)
+    loss_sum = student_hidden.new_zeros((), dtype=torch.float32)
     A_flat = torch.zeros(y.shape[0], dtype=torch.float32, device=y.device)  # (N,)
     div_detached = torch.zeros_like(A_flat)  # (N,)
     H_s, H_t = torch.zeros_like(A_flat), torch.zeros_like(A_flat)  # (N,), (N,)
     for start in range(0, y.shape[0], chunk_size):
         end = min(start + chunk_size, y.shape[0])
-        div, A, ent_s, ent_t = checkpoint(_chunk_terms, h_s[start:end], h_t[start:end], y[start:end],
-                                          lm_head_weight, kind, beta, use_reentrant=False)  # 4 × (n,)
-        div_sum = div_sum + div.sum()
+        terms, div, A, ent_s, ent_t = checkpoint(_chunk_terms, h_s[start:end], h_t[start:end], y[start:end],
+                                                 lm_head_weight, kind, beta, clip, use_reentrant=False)  # 5 × (n,)
+        loss_sum = loss_sum + terms.sum()
         A_flat[start:end] = A
         H_s[start:end], H_t[start:end] = ent_s, ent_t
         div_detached[start:end] = div.detach()
-    loss = div_sum / _normalizer(mask.float(), normalizer)
+    loss = loss_sum / _normalizer(mask.float(), normalizer)
     A_full = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)  # (B, T)
     A_full[valid] = A_flat
     div_full = torch.zeros_like(A_full)  # (B, T)

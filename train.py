@@ -227,9 +227,11 @@ def sd_micro_batch(cfg, model, mb: list[Item], pad_id: int, normalizer: float, t
     with timer("student"):
         h_s = rollout.final_hidden(model, student)  # (B, T, D)  π_θ(·|x, y<t)
         # Eq. 3: L = Σ_t KL(π_base(·|x, c, y<t) ‖ π_θ(·|x, y<t)) · mask_t / normalizer
+        # (--divergence and --div-clip select the ablations' variants of the per-token term)
         loss, stats = sd_loss.chunked_self_distillation_loss(h_s, h_t, W, student.tokens.to(h_s.device),
                                                              mask.to(h_s.device), cfg.divergence,
-                                                             chunk_size=cfg.loss_chunk, normalizer=normalizer)
+                                                             chunk_size=cfg.loss_chunk, clip=cfg.div_clip,
+                                                             normalizer=normalizer)
     return loss, stats, mask
 
 

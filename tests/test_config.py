@@ -62,7 +62,7 @@ BAD_VALUES = {
     "max_grad_norm": "0", "prompts_per_step": "0", "micro_batch": "0", "loss_chunk": "0", "epochs": "0",
     "max_steps": "-1", "eval_every": "0", "eval_samples": "0", "eval_temperature": "-0.5", "eval_problems": "-1",
     "seed": "-1", "out_dir": "runs/{model}", "model": "/nonexistent/model", "data": "/nonexistent/data.jsonl",
-    "critic_model": ("/nonexistent/critic", "--critic", "local"),
+    "critic_model": ("/nonexistent/critic", "--critic", "local"), "div_clip": "-0.05",
 }
 
 
@@ -101,6 +101,8 @@ def test_options_that_depend_on_each_other(tiny_model_dir, tmp_path, capsys):
         capsys, [*base, "--epochs", "1", "--prompts-per-step", "9"])
     assert "--eval-problems 3: must be at most the 2 held-out problems" in expect_refusal(
         capsys, [*base, "--eval-problems", "3"])
+    assert "--div-clip 0.05: clips the full-vocabulary divergences" in expect_refusal(
+        capsys, [*base, "--divergence", "sampled", "--div-clip", "0.05"])
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "a", "problem": "1+1?", "answer": "2", "split": "train"}) + "\n")
     assert f"{manifest}: no row with split 'test'" in expect_refusal(capsys, [*base, "--data", str(manifest),

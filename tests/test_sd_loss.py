@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from sd_loss import (chunked_self_distillation_loss, sampled_token_loss, self_distillation_loss, top_share,
-                     token_advantage, token_divergence, token_entropy, token_logprobs)
+from sd_loss import (chunked_self_distillation_loss, clip_terms, sampled_token_loss, self_distillation_loss,
+                     token_advantage, token_divergence, token_entropy, token_logprobs, token_loss_terms, top_share)
 
 
 def brute_divergence(s_logits, t_logits, kind, beta=0.5):
@@ -205,6 +205,53 @@ def test_chunked_equals_plain_values_and_gradients(kind, chunk_size):
     div = token_divergence(h_s @ W.T, h_t @ W.T, kind).detach() * mask  # (B, T)
     torch.testing.assert_close(cm.token_divergence, div, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pm.token_divergence, div, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,clip", [("sampled", 0.0), ("forward", 0.05), ("reverse", 0.3), ("jsd", 0.02)])
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_chunked_equals_plain_for_the_ablation_terms(kind, clip, chunk_size):
+    h_s, h_t, W, y, mask = sd_inputs()
+    plain, pm = self_distillation_loss(h_s @ W.T, h_t @ W.T, y, mask, kind, clip=clip)
+    g_h, g_W = torch.autograd.grad(plain, (h_s, W))
+    chunked, cm = chunked_self_distillation_loss(h_s, h_t, W, y, mask, kind, chunk_size=chunk_size, clip=clip)
+    c_h, c_W = torch.autograd.grad(chunked, (h_s, W))
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c_h, g_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c_W, g_W, atol=1e-5, rtol=1e-5)
+    # the logged divergence is the unclipped one (sampled: the exact reverse KL the sampled form estimates)
+    div = token_divergence(h_s @ W.T, h_t @ W.T, "reverse" if kind == "sampled" else kind).detach() * mask
+    torch.testing.assert_close(cm.token_divergence, div, atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_form_is_an_unbiased_estimator_of_the_reverse_kl_gradient():
+    """Σ_y π_θ(y) · ∇[−A(y) log π_θ(y)] over the whole vocabulary equals ∇ KL(π_θ ‖ π_T), exactly."""
+    g = torch.Generator().manual_seed(3)
+    z_s = (torch.randn(1, 1, 6, generator=g) * 1.5).requires_grad_()
+    z_t = torch.randn(1, 1, 6, generator=g) * 1.5
+    p = torch.softmax(z_s.detach(), -1)[0, 0]  # (V,)
+    expected = torch.zeros_like(z_s)
+    for v in range(6):
+        term, _ = token_loss_terms(z_s, z_t, torch.tensor([[v]]), "sampled")
+        expected += p[v] * torch.autograd.grad(term.sum(), z_s)[0]
+    (reverse_grad,) = torch.autograd.grad(token_divergence(z_s, z_t, "reverse").sum(), z_s)
+    torch.testing.assert_close(expected, reverse_grad, atol=1e-6, rtol=1e-5)
+    # and its value is the per-token policy-gradient loss of `sampled_token_loss`
+    y = torch.tensor([[2]])
+    term, _ = token_loss_terms(z_s, z_t, y, "sampled")
+    loss, _ = sampled_token_loss(token_logprobs(z_s, y), token_logprobs(z_t, y), torch.ones(1, 1))
+    torch.testing.assert_close(term.sum(), loss)
+
+
+def test_clip_caps_each_term_and_scales_its_gradient_by_the_same_factor():
+    div = torch.tensor([0.01, 0.05, 0.2, 3.0], requires_grad=True)
+    clipped = clip_terms(div, 0.05)
+    torch.testing.assert_close(clipped.detach(), torch.tensor([0.01, 0.05, 0.05, 0.05]))
+    (grad,) = torch.autograd.grad(clipped.sum(), div)
+    torch.testing.assert_close(grad, torch.tensor([1.0, 1.0, 0.25, 0.05 / 3.0]))
+    assert clip_terms(div, 0.0) is div  # 0 = off, the paper's loss untouched
+    with pytest.raises(ValueError, match="sampled"):
+        token_loss_terms(torch.randn(1, 2, 5), torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.long), "sampled",
+                         clip=0.05)
 
 
 def test_chunked_bf16_inputs_compute_in_fp32():
