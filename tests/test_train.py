@@ -543,13 +543,15 @@ def test_scoring_with_the_adapter_off_is_the_base_model(models):
     assert not any(m.disabled for m in lora.lora_layers(model).values())  # the adapter is back on
 
 
-def test_sd_micro_batch_is_eq3_on_the_model_logits(models):
+@pytest.mark.parametrize("kind", ["forward", "sampled"])
+def test_sd_micro_batch_is_eq3_on_the_model_logits(models, kind):
     """train.sd_micro_batch against Eq. 3 written out here on model(...).logits: the student = the model with its
-    adapter after x, the self-teacher = the model with the adapter disabled after x + c, the forward KL per token,
-    summed over the rollout tokens of the kept rows, divided by the normalizer. Values, A_t and LoRA gradients."""
+    adapter after x, the self-teacher = the model with the adapter disabled after x + c, the forward KL per token
+    (or the sampled form's −A_t·log π_θ(y_t)), summed over the rollout tokens of the kept rows, divided by the
+    normalizer. Values, A_t and LoRA gradients."""
     model, _ = models
     items = pair_items(skip_last=True)
-    cfg = config.parse_config(["--loss-chunk", "4", "--divergence", "forward"])  # chunks smaller than the batch
+    cfg = config.parse_config(["--loss-chunk", "4", "--divergence", kind])  # chunks smaller than the batch
     loss, stats, mask = train.sd_micro_batch(cfg, model, items, 0, 5.0, runtime.Timer())
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -561,8 +563,12 @@ def test_sd_micro_batch_is_eq3_on_the_model_logits(models):
         with torch.no_grad(), lora.adapters_disabled(model):
             z_t = direct_logits(model, it.teacher_ids, y)  # (|y|, V)  π_base(·|x, c, y<t)
         logp_s, logp_t = torch.log_softmax(z_s, -1), torch.log_softmax(z_t, -1)  # (|y|, V)
-        total = total + (logp_t.exp() * (logp_t - logp_s)).sum()  # Σ_t KL(teacher‖student)
         A = (logp_t - logp_s).gather(-1, torch.tensor(y)[:, None]).squeeze(-1)  # (|y|,)
+        if kind == "forward":
+            total = total + (logp_t.exp() * (logp_t - logp_s)).sum()  # Σ_t KL(teacher‖student)
+        else:
+            logp_y = logp_s.gather(-1, torch.tensor(y)[:, None]).squeeze(-1)  # (|y|,)
+            total = total + (-A.detach() * logp_y).sum()  # Σ_t −A_t · log π_θ(y_t)
         torch.testing.assert_close(stats.token_advantage[b, :len(y)], A.detach(), atol=1e-5, rtol=1e-5)
     expected = total / 5.0
     expected.backward()
