@@ -59,7 +59,7 @@ Departures from the paper:
 8. Choices the paper leaves open: (a) both objectives draw 32 prompts per step; GRPO samples G = 8 rollouts per
    prompt (256 per step) and SD one (32): the paper's "1/8 the prompts per step" is read as SD using 1/8 of
    GRPO's rollouts, not as GRPO drawing 8x the prompts. (b) AdamW weight decay 0.0 (`--weight-decay`).
-   (c) Step 0, the base policy, is eligible as the best checkpoint of a metric (evaluate.py's table), so a
+   (c) Step 0, the base policy, is eligible as the best checkpoint of a metric (report.py's table), so a
    run that never beats the base policy reports its step 0. (d) The critic's budget, critic.MAX_TOKENS.
 """
 from __future__ import annotations
@@ -89,16 +89,21 @@ import torch.distributed as dist
 import critic
 import data
 import evaluate
+import exact_critic
+import grading
 import grpo
 import lora
+import mechanism
 import pbsd
+import prompts
+import report
 import rollout
 import sd_loss
 from critic import MAX_TOKENS as CRITIC_MAX_TOKENS  # a name of its own: in Config, `critic` is a field
 
 FEEDBACKS = ("stepalign", "refsol", "verdict", "grpo")
 PAPER_FEEDBACKS = ("stepalign", "refsol", "grpo")  # what --feedback all runs
-TEACHER_LAYOUTS = critic.TEACHER_LAYOUTS  # (Config has a field named `critic`)
+TEACHER_LAYOUTS = prompts.TEACHER_LAYOUTS  # (Config has a field named `critic`)
 
 
 def opt(default, help: str, choices=None):
@@ -120,7 +125,7 @@ class Config:
                                 "(demo, measured: 20 to 70 percent more time per SD step), so it is off in both presets")
     model: str = opt("Qwen/Qwen3-1.7B", "solver (and self-teacher) weights: hub id, local path, or "
                      "'smollm2-135m-instruct' (the packaged demo model)")
-    data: str = opt("data/omr_hard.jsonl", "problems: a manifest written by `python data.py filter` "
+    data: str = opt("data/omr_hard.jsonl", "problems: a manifest written by `python filter_problems.py` "
                     "(train/test splits), or 'arithmetic'")
     arith_train: int = opt(282, "arithmetic data: number of training problems")
     arith_test: int = opt(30, "arithmetic data: number of held-out problems")
@@ -352,7 +357,7 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
         bad.append(f"--objective pbsd with --feedback {cfg.feedback}: pbsd needs a teacher context: "
                    "--feedback stepalign, refsol or verdict")
     if cfg.data != "arithmetic" and not Path(cfg.data).is_file():
-        bad.append(f"--data {cfg.data}: no such file (write one with `python data.py filter ...` "
+        bad.append(f"--data {cfg.data}: no such file (write one with `python filter_problems.py ...` "
                    "or use --data arithmetic)")
     local_critic = cfg.feedback in ("stepalign", "all") and cfg.critic == "local"
     for name, used in (("model", True), ("critic_model", local_critic)):
@@ -412,7 +417,7 @@ def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
 
 def make_critic(cfg: Config):
     if cfg.critic == "exact":
-        return critic.ExactArithmeticCritic()
+        return exact_critic.ExactArithmeticCritic()
     if cfg.critic == "server":
         return critic.ServerCritic(cfg.critic_url, cfg.critic_model, api_key_env=cfg.critic_api_key_env,
                                    max_tokens=cfg.critic_max_tokens, timeout_s=cfg.critic_timeout,
@@ -461,12 +466,13 @@ def collect_rollouts(cfg, engine, tokenizer, checker, draws: list[tuple[int, dat
     problem list, problem): the seed derives from (run seed, step, index, problem, sample), so a rollout does
     not depend on which rank draws it, and a problem drawn twice in one step gets two different rollouts."""
     G = group_size(cfg)
-    prompts = [critic.render(tokenizer, critic.student_messages(p), cfg.student_thinking) for _, p in draws]
+    student_prompts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for _, p in draws]
     seeds = [rollout.sample_seed(cfg.seed, "train", step, i, p.id) for i, p in draws]
     with timer("rollout"):
-        outs = engine.generate(prompts, seeds, n=G, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+        outs = engine.generate(student_prompts, seeds, n=G, temperature=cfg.temperature,
+                               max_new_tokens=cfg.max_new_tokens)
     items = []
-    for (i, p), prompt, samples in zip(draws, prompts, outs):
+    for (i, p), prompt, samples in zip(draws, student_prompts, outs):
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         for j, c in enumerate(samples):
             items.append(Item(p, ids, c, reward=float(checker.grade(c.text, p.answer)), draw=i, sample=j))
@@ -503,7 +509,7 @@ def feedback_contexts(cfg, critic_backend, items: list[Item], timer, stats: dict
     if cfg.feedback == "refsol":
         return [it.problem.reference_solution for it in items]
     if cfg.feedback == "verdict":  # the verifier's verdict on this very attempt, nothing more
-        return [critic.verdict_text(it.completion.text, correct=it.reward > 0) for it in items]
+        return [prompts.verdict_text(it.completion.text, correct=it.reward > 0) for it in items]
     raise ValueError(f"feedback {cfg.feedback!r} has no teacher context")
 
 
@@ -522,8 +528,8 @@ def attach_feedback(cfg, critic_backend, engine, tokenizer, checker, items: list
     teacher_prompts = []
     for it, c in zip(items, feedback_contexts(cfg, critic_backend, items, timer, stats)):
         it.skipped = c is None
-        prompt = "" if c is None else critic.render(
-            tokenizer, critic.teacher_messages(it.problem, cfg.feedback, c, cfg.teacher_layout, it.completion.text),
+        prompt = "" if c is None else prompts.render(
+            tokenizer, prompts.teacher_messages(it.problem, cfg.feedback, c, cfg.teacher_layout, it.completion.text),
             thinking)
         it.teacher_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else None
         teacher_prompts.append(prompt)
@@ -547,15 +553,15 @@ def locate_wrong_claims(tokenizer, items: list[Item]) -> None:
     where it locates none (a correct rollout, or an error without an equation to pin), and None where the engine's
     text is not the decode of its ids (a detokenizer that differs): a diagnostic never stops a run; both lower
     `claim_located`."""
-    critiques = critic.ExactArithmeticCritic().critique([(it.problem, it.completion.text) for it in items])
+    critiques = exact_critic.ExactArithmeticCritic().critique([(it.problem, it.completion.text) for it in items])
     for it, q in zip(items, critiques):
         it.wrong_claim = None
         if q.wrong_span is not None:
             try:
-                spans = evaluate.token_char_spans(tokenizer, it.completion.token_ids, it.completion.text)
+                spans = mechanism.token_char_spans(tokenizer, it.completion.token_ids, it.completion.text)
             except ValueError:
                 continue
-            it.wrong_claim = evaluate.error_marks_from_spans(spans, it.completion.text, q.wrong_span).wrong_claim
+            it.wrong_claim = mechanism.error_marks_from_spans(spans, it.completion.text, q.wrong_span).wrong_claim
 
 
 def wrong_claim_metrics(A: torch.Tensor, mask: torch.Tensor, claims: list[np.ndarray | None]) -> dict[str, float]:
@@ -642,9 +648,9 @@ class Timer:
 def evaluate_policy(cfg, engine, tokenizer, checker, test, step, d: Dist) -> dict | None:
     """Pass/Maj/Avg@k and length on the held-out problems; each rank samples a slice, rank 0 aggregates."""
     mine = test[d.rank::d.world]
-    prompts = [critic.render(tokenizer, critic.student_messages(p), cfg.student_thinking) for p in mine]
+    student_prompts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for p in mine]
     seeds = [rollout.sample_seed(cfg.seed, "eval", step, p.id) for p in mine]
-    outs = engine.generate(prompts, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
+    outs = engine.generate(student_prompts, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
                            max_new_tokens=cfg.max_new_tokens) if mine else []
     local = [(p.answer, [(c.text, len(c.token_ids)) for c in samples]) for p, samples in zip(mine, outs)]
     gathered = [local]
@@ -781,7 +787,7 @@ class Run:
     """Everything one training run holds: the model (student and, adapter off, teacher), its engine, data."""
     cfg: Config
     d: Dist
-    checker: evaluate.AnswerChecker
+    checker: grading.AnswerChecker
     model: torch.nn.Module
     tokenizer: object
     engine: object
@@ -941,7 +947,7 @@ def make_vllm_engine(cfg: Config, d: Dist) -> rollout.VLLMEngine:
                                world_size=d.world, stop_at_boxed=cfg.stop_at_boxed)
 
 
-def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker,
+def start_run(cfg: Config, d: Dist, checker: grading.AnswerChecker,
               vllm_engine: rollout.VLLMEngine | None = None) -> tuple[Run, int]:
     """Load data and model, build the engine (or take the vLLM one) and critic, and resume if asked.
     Returns (run, first step)."""
@@ -991,7 +997,7 @@ def start_run(cfg: Config, d: Dist, checker: evaluate.AnswerChecker,
     return run, 0
 
 
-def train(cfg: Config, d: Dist, checker: evaluate.AnswerChecker, base_eval: dict | None = None,
+def train(cfg: Config, d: Dist, checker: grading.AnswerChecker, base_eval: dict | None = None,
           vllm_engine: rollout.VLLMEngine | None = None) -> tuple[Path, dict, int]:
     """One run of one feedback form, steps 1–7 of the module docstring in a loop. Returns its output directory,
     its counters and its number of steps. base_eval: shared by the runs of one invocation, so that the base
@@ -1120,7 +1126,7 @@ def step_diagnostics(cfg, items: list[Item], divergences: list[torch.Tensor], d:
     """The step's diagnostics as (sum, k/weight) entries of the metric sums (step_record divides them after the
     all-reduce): answered, claim_located, teacher_reward and teacher_answered (SD with --teacher-samples), and
     div_top1_share, computed from every rank's per-token divergences (every rank adds the same value, weight 1)."""
-    out = {"answered": float(sum(evaluate.extract_answer(it.completion.text) is not None for it in items)),
+    out = {"answered": float(sum(grading.extract_answer(it.completion.text) is not None for it in items)),
            "answered/weight": float(len(items))}
     if cfg.feedback == "grpo":
         return out
@@ -1131,7 +1137,7 @@ def step_diagnostics(cfg, items: list[Item], divergences: list[torch.Tensor], d:
     if cfg.objective == "sd" and cfg.teacher_samples:  # (PBSD logs teacher_reward in step_record)
         out |= {"teacher_reward": sum(it.teacher_reward for it in sampled),
                 "teacher_reward/weight": float(len(sampled)),
-                "teacher_answered": float(sum(evaluate.extract_answer(it.teacher_sample.text) is not None
+                "teacher_answered": float(sum(grading.extract_answer(it.teacher_sample.text) is not None
                                               for it in sampled)),
                 "teacher_answered/weight": float(len(sampled))}
     if cfg.objective == "sd":
@@ -1232,7 +1238,7 @@ def main(argv: list[str] | None = None) -> None:
     run_dirs, base_eval, idle = [], {}, []
     vllm_engine = make_vllm_engine(cfg, d) if cfg.engine == "vllm" else None
     try:
-        with evaluate.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
+        with grading.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
             for feedback in forms:
                 run_cfg = form_config(cfg, feedback)
                 if d.master:
@@ -1246,7 +1252,7 @@ def main(argv: list[str] | None = None) -> None:
                                 f"{counters['skipped_critic']}): its evaluations are of the base policy; see "
                                 f"{out_dir / 'log.jsonl'}")
         if d.master:
-            table = evaluate.results_table(evaluate.load_evals(run_dirs))
+            table = report.results_table(report.load_evals(run_dirs))
             print(table)
             for line in idle:
                 print(f"train.py: error: {line}", file=sys.stderr, flush=True)

@@ -445,7 +445,7 @@ def test_unstructured_policy_skip_or_keep(tiny_model_dir, smol_tokenizer, serve)
     from rollout import Completion
     problem = arithmetic_problems(1, seed=0, n_ops=2)[0]
     wrong = "Step 1: " + problem.steps[0].rsplit("=", 1)[0] + "= 1000\n\\boxed{1000}"
-    valid = train.critic.ExactArithmeticCritic().critique_one(problem, wrong).text
+    valid = train.exact_critic.ExactArithmeticCritic().critique_one(problem, wrong).text
     # QwQ-style answers (the template opened <think> in the prompt, the paper's default --critic-think-in-prompt)
     answers = {"VALID": (f"Step 1 is wrong.\n</think>\n\n{valid}", "stop"),
                "FREE-TEXT": ("Hmm.\n</think>\n\nRecheck the first sum.", "stop"),
@@ -540,7 +540,7 @@ def test_teacher_context_per_feedback_form(tiny_model_dir, smol_tokenizer):
 def test_a_step_with_nothing_to_learn_leaves_the_weights_alone(tiny_model_dir, tmp_path):
     """Every rollout skipped (e.g. the critic down): no AdamW step, whose momentum would still move the weights."""
     cfg = train.parse_config(tiny_args(tiny_model_dir, tmp_path / "run", "--feedback", "refsol"))
-    with train.evaluate.AnswerChecker() as checker:
+    with train.grading.AnswerChecker() as checker:
         run, _ = train.start_run(cfg, train.Dist(), checker)
         items, _ = run.rollouts_and_feedback(0, train.Timer())
         run.optimize(items, train.Timer())  # a real step: AdamW now has momentum
@@ -742,7 +742,7 @@ def test_step_diagnostics_are_over_the_whole_step_not_per_micro_batch(tiny_model
     the entropies are token-weighted means: one micro-batch of 4 and four of 1 give the same step values."""
     from sd_loss import top_share
     values = {}
-    with train.evaluate.AnswerChecker() as checker:
+    with train.grading.AnswerChecker() as checker:
         for mb in (1, 4):
             cfg = train.parse_config(tiny_args(tiny_model_dir, tmp_path / f"mb{mb}", "--feedback", "refsol",
                                                "--micro-batch", str(mb)))
