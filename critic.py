@@ -63,7 +63,7 @@ class Critique:
     # why, for counting: "refused", "timeout", "connection", "http_<status>", "malformed", "length"
     error_kind: str | None = None
     schema_error: str | None = None  # why the schema did not validate
-    # where the wrong claim is in the student's response (ExactArithmeticCritic only; for figures)
+    # where the wrong claim is in the student's response (exact_critic.ExactArithmeticCritic only; for figures)
     wrong_claim: str | None = None  # e.g. "136"
     wrong_span: tuple[int, int] | None = None  # [start, end) character offsets in the response
     corrected_claim: str | None = None  # e.g. "126"
