@@ -19,6 +19,8 @@ from pathlib import Path
 
 import critic
 import data
+import exact_critic
+import prompts
 import rollout
 import sd_loss
 from critic import MAX_TOKENS as CRITIC_MAX_TOKENS  # a name of its own: in Config, `critic` is a field
@@ -26,7 +28,7 @@ from runtime import checkpoint_dirs
 
 FEEDBACKS = ("stepalign", "refsol", "verdict", "grpo")
 PAPER_FEEDBACKS = ("stepalign", "refsol", "grpo")  # what --feedback all runs
-TEACHER_LAYOUTS = critic.TEACHER_LAYOUTS  # (Config has a field named `critic`)
+TEACHER_LAYOUTS = prompts.TEACHER_LAYOUTS  # (Config has a field named `critic`)
 
 
 def opt(default, help: str, choices=None):
@@ -48,7 +50,7 @@ class Config:
                                 "(demo, measured: 20 to 70 percent more time per SD step), so it is off in both presets")
     model: str = opt("Qwen/Qwen3-1.7B", "solver (and self-teacher) weights: hub id, local path, or "
                      "'smollm2-135m-instruct' (the packaged demo model)")
-    data: str = opt("data/omr_hard.jsonl", "problems: a manifest written by `python data.py filter` "
+    data: str = opt("data/omr_hard.jsonl", "problems: a manifest written by `python filter_problems.py` "
                     "(train/test splits), or 'arithmetic'")
     arith_train: int = opt(282, "arithmetic data: number of training problems")
     arith_test: int = opt(30, "arithmetic data: number of held-out problems")
@@ -250,7 +252,7 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
         bad.append(f"--objective pbsd with --feedback {cfg.feedback}: pbsd needs a teacher context: "
                    "--feedback stepalign, refsol or verdict")
     if cfg.data != "arithmetic" and not Path(cfg.data).is_file():
-        bad.append(f"--data {cfg.data}: no such file (write one with `python data.py filter ...` "
+        bad.append(f"--data {cfg.data}: no such file (write one with `python filter_problems.py ...` "
                    "or use --data arithmetic)")
     local_critic = cfg.feedback in ("stepalign", "all") and cfg.critic == "local"
     for name, used in (("model", True), ("critic_model", local_critic)):
@@ -312,7 +314,7 @@ def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
 def make_critic(cfg: Config):
     """The stepalign critic backend named by --critic, built from its options."""
     if cfg.critic == "exact":
-        return critic.ExactArithmeticCritic()
+        return exact_critic.ExactArithmeticCritic()
     if cfg.critic == "server":
         return critic.ServerCritic(cfg.critic_url, cfg.critic_model, api_key_env=cfg.critic_api_key_env,
                                    max_tokens=cfg.critic_max_tokens, timeout_s=cfg.critic_timeout,

@@ -1,5 +1,5 @@
-"""Problems: the record used everywhere, OpenMathReasoning loading, the paper's difficulty filter, arithmetic
-tasks for CPU-sized runs, and the step format the solver is asked to follow.
+"""Problems: the record used everywhere, OpenMathReasoning loading, the difficulty filter's selection and its
+manifest, arithmetic tasks for CPU-sized runs, and the step format the solver is asked to follow.
 
 - `Problem` is the one record: id, problem text, gold answer, optional reference solution (the RefSol
   context), optional ground-truth steps (arithmetic tasks; the exact critic checks against them), source.
@@ -9,44 +9,29 @@ tasks for CPU-sized runs, and the step format the solver is asked to follow.
   problem wins; a later row only fills a missing reference solution), and take the reference solution from
   `generated_solution` with its `<think>` trace removed. Bad rows raise `DataError` naming the file, row
   and field, unless `skip_bad=True`, in which case they are counted in `LoadStats.skipped_bad`.
-- `python data.py filter ...` is the paper's difficulty filter: sample the solver 16 times per problem,
-  keep the problems with Avg@16 < 5/16 that the critic solves, write them with their measured pass rates
-  to a JSONL manifest, split deterministically (by seed) into train and test (paper: 312 → 282 / 30).
-  The selection and the split are the pure functions `select_hard` and `split_train_test`. The solver samples
-  through the engine train.py uses, built by `rollout.make_engine` from the same options (--engine vllm on GPUs
-  or on vLLM's CPU build, --engine transformers; --dtype; --device); every manifest row records the filter's
-  settings, these included, under "filter".
+- The paper's difficulty filter (`python filter_problems.py`, which samples the models) keeps problems with
+  Avg@16 < 5/16 that the critic solves (`select_hard`), splits them deterministically by seed into train and
+  test (`split_train_test`; paper: 312 → 282 / 30) and writes them to a JSONL manifest (`write_manifest`,
+  read back by `load_manifest`).
 - `arithmetic_problems(n, seed, ...)` makes left-to-right chained integer problems
   ("Start with 17. Add 25, then multiply the result by 3. What is the final number?") with exact steps
   ("17 + 25 = 42", "42 * 3 = 126") and a reference solution worded differently (prose, the × sign, and the
   whole computation as one nested expression), so that RefSol is a real alternative derivation.
 - `STEP_FORMAT` and `split_steps`: numbered "Step i:" lines, then the final answer as \\boxed{...}.
 
-Run the filter (models are loaded by rollout.py, answers graded by evaluate.py):
-    python data.py filter --data shards/*.parquet --solver Qwen/Qwen3-1.7B --critic-url http://localhost:8000 \\
-        --critic-model Qwen/QwQ-32B --out manifest.jsonl             # vLLM, bf16: the defaults
-    python data.py filter --data omr.jsonl --solver smollm2-135m-instruct --critic smollm2-135m-instruct \\
-        --engine transformers --dtype float32 --limit 50 --max-new-tokens 256 --out manifest.jsonl  # CPU-sized
 Run the tests:  python -m pytest tests/test_data.py -q
 
 Departures from the paper:
-1. The paper does not say at which temperature Avg@16 was measured; the filter samples at the training
-   temperature 1.1 by default (`--temperature`).
-2. "Solved by the critic" is one greedy critic answer graded against the expected answer (`--critic-n` N > 1
-   samples N critic answers at temperature 1.0 instead; a problem then counts as solved if any is right).
-   An answer cut by --critic-max-tokens (critic.MAX_TOKENS by default) counts as not solved.
-3. Duplicates of a problem keep the first row's answer and reference solution; the paper does not say which
+1. Duplicates of a problem keep the first row's answer and reference solution; the paper does not say which
    of the several generated solutions of a problem it used as the RefSol reference.
-4. The arithmetic tasks are ours (CPU-sized experiments); they are not in the paper.
+2. The arithmetic tasks are ours (CPU-sized experiments); they are not in the paper.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
 import re
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -476,7 +461,7 @@ SPLITS = ("train", "test")
 
 
 def load_manifest(path: str | Path, split: str | None = None) -> list[Problem]:
-    """Problems of a manifest written by `python data.py filter` (optionally one split: 'train' or 'test').
+    """Problems of a manifest written by `python filter_problems.py` (optionally one split: 'train' or 'test').
     A row whose split is neither is an error naming the row: it would otherwise drop out of both splits."""
     problems = []
     for rowno, row in iter_rows(path):
@@ -489,143 +474,3 @@ def load_manifest(path: str | Path, split: str | None = None) -> list[Problem]:
             problems.append(Problem(row["id"], row["problem"], row["answer"], row.get("reference_solution"),
                                     None, row.get("source", "")))
     return problems
-
-
-def count_correct(engine, prompts: list[str], answers: list[str], seeds: list[int], n: int, temperature: float,
-                  max_new_tokens: int, grade, batch_size: int = 8, require_stop: bool = False) -> list[int]:
-    """Number of correct samples out of n per prompt; `engine.generate` as in rollout.py, `grade(text, gold)`.
-    require_stop: a sample cut by max_new_tokens (finish_reason "length") counts as wrong."""
-    counts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = slice(start, start + batch_size)
-        outs = engine.generate(prompts[chunk], seeds[chunk], n=n, temperature=temperature,
-                               max_new_tokens=max_new_tokens, adapter=False)  # the base model: no adapter
-        counts += [sum((not require_stop or c.finish_reason == "stop") and grade(c.text, gold) for c in samples)
-                   for samples, gold in zip(outs, answers[chunk])]
-    return counts
-
-
-def _filter_command(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python data.py filter", description="the paper's difficulty filter")
-    ap.add_argument("--data", nargs="+", help="local OpenMathReasoning .parquet/.jsonl files or directories")
-    ap.add_argument("--hub-split", default=None, help="stream this split (e.g. cot) from the hub via `datasets`")
-    ap.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted) instead of failing")
-    ap.add_argument("--limit", type=int, default=None, help="keep at most this many candidate problems")
-    ap.add_argument("--solver", required=True, help="solver model (rollout.load_model name or path)")
-    ap.add_argument("--critic", default=None, help="critic model run locally (rollout.load_model name or path)")
-    ap.add_argument("--critic-url", default=None, help="OpenAI-compatible server of the critic instead")
-    ap.add_argument("--critic-model", default="Qwen/QwQ-32B", help="model name sent to --critic-url")
-    ap.add_argument("--critic-n", type=int, default=1,
-                    help="critic samples, solved if any is correct; 1 = greedy, more are sampled at T=1")
-    ap.add_argument("--critic-max-tokens", type=int, default=None,
-                    help="critic answer length limit, its <think> trace included (default: critic.MAX_TOKENS); "
-                         "an answer cut by it counts as not solved")
-    ap.add_argument("--critic-think-in-prompt", action=argparse.BooleanOptionalAction, default=True,
-                    help="--critic-url: the server's chat template ends the prompt with an open <think> tag "
-                         "(QwQ-32B's does), so an answer without </think> is all trace")
-    ap.add_argument("--n", type=int, default=16, help="solver samples per problem (Avg@n)")
-    ap.add_argument("--threshold", type=int, default=5, help="keep problems with fewer correct samples than this")
-    ap.add_argument("--temperature", type=float, default=1.1, help="solver sampling temperature")
-    ap.add_argument("--max-new-tokens", type=int, default=2048, help="solver answer length limit")
-    ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    # the same engine options as train.py (rollout.make_engine builds the engine for both)
-    ap.add_argument("--engine", default="vllm", choices=("vllm", "transformers"),
-                    help="solver sampling engine: vllm (a GPU, or vLLM's CPU build) or transformers")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                    help="solver dtype (and the local --critic's)")
-    ap.add_argument("--device", default=None, help="transformers engine and local --critic: torch device "
-                    "(default: cuda if available, else cpu, as in train.py); vLLM places itself")
-    ap.add_argument("--vllm-gpu-memory", type=float, default=0.85,
-                    help="vLLM engine: fraction of GPU memory (on vLLM's CPU build: of host memory, e.g. 0.15)")
-    ap.add_argument("--n-test", type=int, default=30, help="test-set size (the paper: 30 of 312)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of sampling and of the train/test split")
-    ap.add_argument("--out", required=True, help="output manifest (JSONL)")
-    args = ap.parse_args(argv)
-    if (args.data is None) == (args.hub_split is None):
-        ap.error("give exactly one of --data and --hub-split")
-    if (args.critic is None) == (args.critic_url is None):
-        ap.error("give exactly one of --critic and --critic-url")
-    if args.engine == "vllm" and args.device is not None and args.critic is None:
-        ap.error("--device applies to --engine transformers and a local --critic; vLLM places the model itself "
-                 "(choose GPUs with CUDA_VISIBLE_DEVICES)")
-
-    # model code lives in rollout.py / critic.py / evaluate.py; imported here only, never at import time
-    import torch
-
-    from critic import MAX_TOKENS, ServerCritic, prompt_opens_think, render, student_messages
-    from evaluate import grade
-    from rollout import DTYPES, TransformersEngine, load_model, make_engine, sample_seed
-
-    critic_max_tokens = MAX_TOKENS if args.critic_max_tokens is None else args.critic_max_tokens
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    if args.data is not None:
-        problems, stats = load_openmathreasoning(args.data, skip_bad=args.skip_bad, limit=args.limit)
-    else:
-        problems, stats = load_openmathreasoning_hub(args.hub_split, skip_bad=args.skip_bad, limit=args.limit)
-    print(stats.summary(), flush=True)
-    answers = [p.answer for p in problems]
-    seeds = [sample_seed(args.seed, "filter", p.id) for p in problems]
-
-    model = tokenizer = None  # the vLLM engine loads its own copy, and brings its tokenizer
-    if args.engine == "transformers":
-        model, tokenizer = load_model(args.solver, dtype=DTYPES[args.dtype], device=device)
-    engine = make_engine(args.engine, args.solver, model, tokenizer, dtype=args.dtype, seed=args.seed,
-                         gpu_memory_utilization=args.vllm_gpu_memory)
-    tokenizer = engine.tokenizer
-    prompts = [render(tokenizer, student_messages(p), thinking=False) for p in problems]
-    solver_counts = count_correct(engine, prompts, answers, seeds, args.n, args.temperature, args.max_new_tokens,
-                                  grade, args.batch_size)
-    del engine, model
-    if args.critic_url is not None:
-        server = ServerCritic(args.critic_url, args.critic_model, max_tokens=critic_max_tokens,
-                              temperature=0.0 if args.critic_n == 1 else 1.0)
-        texts = server.complete([student_messages(p) for p in problems for _ in range(args.critic_n)])
-        opened = args.critic_think_in_prompt
-        graded = [text is not None and grade(strip_think(text, opened), gold)
-                  for (text, _, _), gold in zip(texts, [a for a in answers for _ in range(args.critic_n)])]
-        critic_ok = [any(graded[i * args.critic_n:(i + 1) * args.critic_n]) for i in range(len(problems))]
-        print(f"critic requests failed: {sum(err is not None for _, err, _ in texts)} of {len(texts)}, "
-              f"{sum(kind == 'length' for _, _, kind in texts)} of them cut by --critic-max-tokens", flush=True)
-    else:
-        critic_model, critic_tokenizer = load_model(args.critic, dtype=DTYPES[args.dtype], device=device)
-        critic_prompts = [render(critic_tokenizer, student_messages(p), thinking=True) for p in problems]
-        opened = prompt_opens_think(critic_prompts[0]) if critic_prompts else False
-        temperature = 0.0 if args.critic_n == 1 else 1.0
-        # an answer cut by the length limit counts as not solved, as with a server (ServerCritic.complete)
-        counts = count_correct(TransformersEngine(critic_model, critic_tokenizer), critic_prompts, answers, seeds,
-                               args.critic_n, temperature, critic_max_tokens,
-                               lambda text, gold: grade(strip_think(text, opened), gold), args.batch_size,
-                               require_stop=True)
-        critic_ok = [c > 0 for c in counts]
-    print(f"solver: {sum(c < args.threshold for c in solver_counts)} of {len(problems)} problems below "
-          f"{args.threshold}/{args.n} correct; critic solved {sum(critic_ok)} of {len(problems)}", flush=True)
-    kept = select_hard(problems, solver_counts, critic_ok, n=args.n, threshold=args.threshold)
-    if len(kept) <= args.n_test:
-        raise SystemExit(f"only {len(kept)} problems passed the filter, not more than --n-test {args.n_test}: "
-                         "nothing would be left to train on (use more candidates or a smaller --n-test)")
-    train, test = split_train_test(kept, args.n_test, args.seed)
-    # how the measurement was made (engine, dtype, device: the pass rates depend on them); the solver's device
-    # under vLLM is the platform of its build: CUDA when torch sees a GPU, else vLLM's CPU build
-    settings = {**{k: v for k, v in vars(args).items() if k not in ("data", "out", "skip_bad", "limit")},
-                "device": device, "critic_max_tokens": critic_max_tokens,
-                "solver_device": device if args.engine == "transformers" else
-                ("cuda" if torch.cuda.is_available() else "cpu")}
-    write_manifest(args.out, train, test, settings)
-    print(f"{len(problems)} candidates → {len(kept)} hard and critic-solved → {len(train)} train / {len(test)} test; "
-          f"manifest written to {args.out}", flush=True)
-
-
-def main(argv: list[str]) -> None:
-    if not argv or argv[0] != "filter":
-        print("usage: python data.py filter --help", file=sys.stderr)
-        raise SystemExit(2)
-    try:
-        _filter_command(argv[1:])
-    except DataError as e:  # a bad input file or row: one line naming file, row and field, not a traceback
-        print(f"python data.py filter: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

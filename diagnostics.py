@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 
 import critic
-import evaluate
+import exact_critic
+import grading
+import mechanism
 import pbsd
 import sd_loss
 from runtime import Dist, all_reduce_sum
@@ -32,17 +34,17 @@ def wrong_claims(tokenizer, items: list, critiques: list[critic.Critique] | None
     to pin), and None where the engine's text is not the decode of its ids (a detokenizer that differs): a
     diagnostic never stops a run; both lower `claim_located`."""
     if critiques is None:
-        critiques = critic.ExactArithmeticCritic().critique([(it.problem, it.completion.text) for it in items])
+        critiques = exact_critic.ExactArithmeticCritic().critique([(it.problem, it.completion.text) for it in items])
     claims = []
     for it, q in zip(items, critiques, strict=True):
         claim = None
         if q.wrong_span is not None:
             try:
-                spans = evaluate.token_char_spans(tokenizer, it.completion.token_ids, it.completion.text)
+                spans = mechanism.token_char_spans(tokenizer, it.completion.token_ids, it.completion.text)
             except ValueError:
                 spans = None
             if spans is not None:
-                claim = evaluate.error_marks_from_spans(spans, it.completion.text, q.wrong_span).wrong_claim
+                claim = mechanism.error_marks_from_spans(spans, it.completion.text, q.wrong_span).wrong_claim
         claims.append(claim)
     return claims
 
@@ -99,7 +101,7 @@ def step_diagnostics(cfg, items: list, losses: list[tuple], d: Dist) -> dict[str
     """The step's diagnostics as (sum, k/weight) entries of the metric sums (step_record divides them after the
     all-reduce): answered, claim_located, teacher_reward and teacher_answered (SD with --teacher-samples), and
     div_top1_share, computed from every rank's per-token divergences (every rank adds the same value, weight 1)."""
-    out = {"answered": float(sum(evaluate.extract_answer(it.completion.text) is not None for it in items)),
+    out = {"answered": float(sum(grading.extract_answer(it.completion.text) is not None for it in items)),
            "answered/weight": float(len(items))}
     if cfg.feedback == "grpo":
         return out
@@ -110,7 +112,7 @@ def step_diagnostics(cfg, items: list, losses: list[tuple], d: Dist) -> dict[str
     if cfg.objective == "sd" and cfg.teacher_samples:  # (PBSD logs teacher_reward in step_record)
         out |= {"teacher_reward": sum(it.teacher_reward for it in sampled),
                 "teacher_reward/weight": float(len(sampled)),
-                "teacher_answered": float(sum(evaluate.extract_answer(it.teacher_sample.text) is not None
+                "teacher_answered": float(sum(grading.extract_answer(it.teacher_sample.text) is not None
                                               for it in sampled)),
                 "teacher_answered/weight": float(len(sampled))}
     if cfg.objective == "sd":

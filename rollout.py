@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+import grading
 import lora
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -125,16 +126,8 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 # ---------------------------------------------------------------------------------------------- engines
 def closes_boxed(text: str) -> bool:
-    """True once `text` contains a complete \\boxed{...} (braces balanced)."""
-    start = text.find("\\boxed{")
-    while start != -1:
-        depth = 0
-        for ch in text[start + len("\\boxed"):]:
-            depth += (ch == "{") - (ch == "}")
-            if depth == 0:
-                return True
-        start = text.find("\\boxed{", start + 1)
-    return False
+    """True once `text` contains a complete \\boxed{...} (grading.boxes, the grader's reader)."""
+    return any(end is not None for _, end in grading.boxes(text))
 
 
 class TransformersEngine:

@@ -38,8 +38,9 @@ from pathlib import Path
 import numpy as np
 
 import data
-import evaluate
+import grading
 import lora
+import report
 import rollout
 import train
 from config import Config, ConfigError, check_inputs, load_problems, make_critic, parse_config
@@ -57,7 +58,7 @@ def avg_at_k(correct: list[list[float]]) -> float:
 def summarize(texts: list[list[str]], rewards: list[list[float]]) -> dict:
     """Avg@k and answered rate of samples grouped by problem: texts and rewards, one list per problem."""
     flat = [t for ts in texts for t in ts]
-    return {"avg@k": avg_at_k(rewards), "answered": float(np.mean([evaluate.extract_answer(t) is not None
+    return {"avg@k": avg_at_k(rewards), "answered": float(np.mean([grading.extract_answer(t) is not None
                                                                     for t in flat])) if flat else float("nan"),
             "n_samples": len(flat)}
 
@@ -123,7 +124,7 @@ def gap_table(result: dict, forms=FORMS, k: int | None = None) -> str:
     lines.append(f"| student (x) | {100 * s['avg@k']:.1f} | {s['answered']:.2f} | | {s['n_samples']} | |")
     for form in forms:
         t = result[form]
-        lines.append(f"| {evaluate.DISPLAY.get(form, form)} teacher (x + c) | {100 * t['avg@k']:.1f} | "
+        lines.append(f"| {report.DISPLAY.get(form, form)} teacher (x + c) | {100 * t['avg@k']:.1f} | "
                      f"{t['answered']:.2f} | {t['gap']:+.1f} | {t['n_samples']} | {t['skipped']} |")
     return "\n".join(lines) + "\n"
 
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
             engine.set_adapter(adapter_dir)
         else:
             engine = rollout.make_engine("transformers", cfg.model, model, tokenizer, stop_at_boxed=cfg.stop_at_boxed)
-        checker = stack.enter_context(evaluate.AnswerChecker())
+        checker = stack.enter_context(grading.AnswerChecker())
         result = teacher_gap(cfg, engine, tokenizer, checker, backend, problems, args.k, args.forms,
                              args.sample_step, merge_model=model if cfg.engine == "transformers" else None)
     table = gap_table(result, args.forms, args.k)

@@ -76,9 +76,13 @@ import critic
 import data
 import diagnostics
 import evaluate
+import exact_critic
+import grading
 import grpo
 import lora
 import pbsd
+import prompts
+import report
 import rollout
 import sd_loss
 from config import (PAPER_FEEDBACKS, Config, ConfigError, form_config, group_size, load_problems, make_critic,
@@ -125,12 +129,12 @@ def collect_rollouts(cfg, engine, tokenizer, checker, draws: list[tuple[int, dat
     problem list, problem): the seed derives from (run seed, step, index, problem, sample), so a rollout does
     not depend on which rank draws it, and a problem drawn twice in one step gets two different rollouts."""
     G = group_size(cfg)
-    prompts = [critic.render(tokenizer, critic.student_messages(p), cfg.student_thinking) for _, p in draws]
+    texts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for _, p in draws]
     seeds = [rollout.sample_seed(cfg.seed, "train", step, i, p.id) for i, p in draws]
     with timer("rollout"):
-        outs = engine.generate(prompts, seeds, n=G, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+        outs = engine.generate(texts, seeds, n=G, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     items = []
-    for (i, p), prompt, samples in zip(draws, prompts, outs):
+    for (i, p), prompt, samples in zip(draws, texts, outs):
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         for j, c in enumerate(samples):
             items.append(Item(p, ids, c, reward=float(checker.grade(c.text, p.answer)), draw=i, sample=j))
@@ -169,7 +173,7 @@ def feedback_contexts(cfg, critic_backend, items: list[Item], timer
     if cfg.feedback == "refsol":
         return [it.problem.reference_solution for it in items], None, {}
     if cfg.feedback == "verdict":  # the verifier's verdict on this very attempt, nothing more
-        return [critic.verdict_text(it.completion.text, correct=it.reward > 0) for it in items], None, {}
+        return [prompts.verdict_text(it.completion.text, correct=it.reward > 0) for it in items], None, {}
     raise ValueError(f"feedback {cfg.feedback!r} has no teacher context")
 
 
@@ -183,7 +187,7 @@ def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str |
         if c is None:
             out.append(dataclasses.replace(it, skipped=True))
             continue
-        prompt = critic.render(tokenizer, critic.teacher_messages(it.problem, cfg.feedback, c, cfg.teacher_layout,
+        prompt = prompts.render(tokenizer, prompts.teacher_messages(it.problem, cfg.feedback, c, cfg.teacher_layout,
                                                                   it.completion.text), thinking)
         out.append(dataclasses.replace(it, teacher_prompt=prompt,
                                        teacher_ids=tokenizer(prompt, add_special_tokens=False).input_ids))
@@ -311,9 +315,9 @@ def optimizer_step(cfg, params: list, optimizer, bad: float, normalizer: float, 
 def evaluate_policy(cfg, engine, tokenizer, checker, test, step, d: Dist) -> dict | None:
     """Pass/Maj/Avg@k and length on the held-out problems; each rank samples a slice, rank 0 aggregates."""
     mine = test[d.rank::d.world]
-    prompts = [critic.render(tokenizer, critic.student_messages(p), cfg.student_thinking) for p in mine]
+    texts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for p in mine]
     seeds = [rollout.sample_seed(cfg.seed, "eval", step, p.id) for p in mine]
-    outs = engine.generate(prompts, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
+    outs = engine.generate(texts, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
                            max_new_tokens=cfg.max_new_tokens) if mine else []
     local = [(p.answer, [(c.text, len(c.token_ids)) for c in samples]) for p, samples in zip(mine, outs)]
     gathered = [local]
@@ -384,7 +388,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 if cfg.objective == "pbsd" or cfg.teacher_samples:
                     items = with_teacher_samples(cfg, engine, checker, items, step, timer)
                 if cfg.data == "arithmetic":  # (diagnostics) the exact critic's critiques when the step has them
-                    exact = critiques if isinstance(critic_backend, critic.ExactArithmeticCritic) else None
+                    exact = critiques if isinstance(critic_backend, exact_critic.ExactArithmeticCritic) else None
                     items = [dataclasses.replace(it, wrong_claim=claim) for it, claim in
                              zip(items, diagnostics.wrong_claims(tokenizer, items, exact))]
             if stop.agreed(d):  # no weight has changed in this step yet: a checkpoint of `step` steps is exact
@@ -470,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     run_dirs, base_eval, idle = [], {}, []
     vllm_engine = make_vllm_engine(cfg, d) if cfg.engine == "vllm" else None
     try:
-        with evaluate.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
+        with grading.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
             for feedback in forms:
                 run_cfg = form_config(cfg, feedback)
                 if d.master:
@@ -484,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
                                 f"{counters['skipped_critic']}): its evaluations are of the base policy; see "
                                 f"{out_dir / 'log.jsonl'}")
         if d.master:
-            table = evaluate.results_table(evaluate.load_evals(run_dirs))
+            table = report.results_table(report.load_evals(run_dirs))
             print(table)
             for line in idle:
                 print(f"train.py: error: {line}", file=sys.stderr, flush=True)

