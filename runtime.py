@@ -352,3 +352,10 @@ def sampling(cfg, model):
         yield
     finally:
         lora.unmerge(model)
+
+
+def nothing_learned(run: str, counters: dict, steps: int, log_path: Path) -> str:
+    """The error line of a run none of whose steps changed the weights (exit 4), with the counts that say why."""
+    return (f"run {run} took no optimizer step in its {steps} steps (skipped_empty {counters['skipped_empty']}: "
+            f"nothing to learn from; skipped_nonfinite {counters['skipped_nonfinite']}; rollouts skipped for the "
+            f"critic {counters['skipped_critic']}): its evaluations are of the base policy; see {log_path}")

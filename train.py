@@ -87,8 +87,9 @@ import rollout
 import sd_loss
 from config import (PAPER_FEEDBACKS, Config, ConfigError, form_config, group_size, load_problems, make_critic,
                     parse_config, preflight, run_name, total_steps)
-from runtime import (Dist, Logger, StopFlag, Timer, all_reduce_sum, critic_down, make_vllm_engine, push_adapter,
-                     sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy, sum_over_ranks, warn)
+from runtime import (Dist, Logger, StopFlag, Timer, all_reduce_sum, critic_down, make_vllm_engine, nothing_learned,
+                     push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy,
+                     sum_over_ranks, warn)
 
 EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_SIGTERM = 2, 3, 4, 143
 
@@ -231,7 +232,6 @@ def sd_micro_batch(cfg, model, mb: list[Item], pad_id: int, normalizer: float, t
     with timer("student"):
         h_s = rollout.final_hidden(model, student)  # (B, T, D)  π_θ(·|x, y<t)
         # Eq. 3: L = Σ_t KL(π_base(·|x, c, y<t) ‖ π_θ(·|x, y<t)) · mask_t / normalizer
-        # (--divergence and --div-clip select the ablations' variants of the per-token term)
         loss, stats = sd_loss.chunked_self_distillation_loss(h_s, h_t, W, student.tokens.to(h_s.device),
                                                              mask.to(h_s.device), cfg.divergence,
                                                              chunk_size=cfg.loss_chunk, clip=cfg.div_clip,
@@ -398,16 +398,13 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             normalizer = step_normalizer(cfg, items, d)
             model.train()
             losses, bad = [], 0.0
+            micro_batch_loss = (pbsd_micro_batch if cfg.objective == "pbsd" else
+                                grpo_micro_batch if cfg.feedback == "grpo" else sd_micro_batch)
             for i in range(0, len(items), cfg.micro_batch):
                 mb = items[i:i + cfg.micro_batch]
                 if all(it.skipped for it in mb):
                     continue  # nothing to learn from (gradients are synced once below, not per backward pass)
-                if cfg.objective == "pbsd":
-                    loss, mb_stats, mask = pbsd_micro_batch(cfg, model, mb, tokenizer.pad_token_id, normalizer, timer)
-                elif cfg.feedback == "grpo":
-                    loss, mb_stats, mask = grpo_micro_batch(cfg, model, mb, tokenizer.pad_token_id, normalizer, timer)
-                else:
-                    loss, mb_stats, mask = sd_micro_batch(cfg, model, mb, tokenizer.pad_token_id, normalizer, timer)
+                loss, mb_stats, mask = micro_batch_loss(cfg, model, mb, tokenizer.pad_token_id, normalizer, timer)
                 if not torch.isfinite(loss):
                     bad = 1.0  # no backward for it; the whole step is dropped below, on every rank
                     continue
@@ -482,11 +479,7 @@ def main(argv: list[str] | None = None) -> None:
                 out_dir, counters, steps = train(run_cfg, d, checker, base_eval, vllm_engine)
                 run_dirs.append(out_dir)
                 if counters["skipped_empty"] + counters["skipped_nonfinite"] >= steps:  # no AdamW step at all
-                    idle.append(f"run {run_name(run_cfg)} took no optimizer step in its {steps} steps (skipped_empty "
-                                f"{counters['skipped_empty']}: nothing to learn from; skipped_nonfinite "
-                                f"{counters['skipped_nonfinite']}; rollouts skipped for the critic "
-                                f"{counters['skipped_critic']}): its evaluations are of the base policy; see "
-                                f"{out_dir / 'log.jsonl'}")
+                    idle.append(nothing_learned(run_name(run_cfg), counters, steps, out_dir / "log.jsonl"))
         if d.master:
             table = report.results_table(report.load_evals(run_dirs))
             print(table)
