@@ -41,6 +41,14 @@ Departures from the paper:
    135M demo model the paper's layout makes the teacher write prose and stop answering in the format, so its
    samples are right less often than the student's; "turns" keeps the format (docs/demo/teacher_gap.md).
    RefSol under "turns" also sees the attempt, which the OPSD teacher does not.
+5. The "echo" teacher layout (`--teacher-layout echo`, the demo preset's) is ours too: the solution that c
+   holds is put in the student's chat as the model's own earlier answer, then "Solve the problem again, in the
+   same format." StepAlignFB's solution is the critique's corrected solution (`corrected_solution`: the
+   judgement lines above it are left out), RefSol's the reference solution; a verdict holds no solution, so
+   Verdict's teacher is the "turns" one. Under "turns" the attempt y sits in the teacher's context, so the
+   teacher can copy y token by token: it is confident in the student's own tokens, errors included, and Eq. 3
+   then mostly sharpens the student on its own samples. Under "echo" the teacher copies the corrected solution
+   instead, which StepAlignFB keeps aligned with y up to the wrong claim (docs/demo/ablation.md).
 """
 from __future__ import annotations
 
@@ -52,7 +60,7 @@ def student_messages(problem: data.Problem) -> list[dict]:
     return [{"role": "user", "content": f"{problem.problem}\n\n{data.STEP_FORMAT}"}]
 
 
-TEACHER_LAYOUTS = ("paper", "turns")
+TEACHER_LAYOUTS = ("paper", "turns", "echo")
 
 
 def teacher_messages(problem: data.Problem, feedback: str, context_text: str, layout: str = "paper",
@@ -62,7 +70,9 @@ def teacher_messages(problem: data.Problem, feedback: str, context_text: str, la
     layout "paper": one user turn, the problem, then c framed for its form, then the step format.
     layout "turns": the student's own conversation continued: the student prompt, the attempt y as the
     assistant's turn, then c in a user turn asking for the corrected solution in the same format. The framing
-    is the same for every form, so c stays the one thing that varies (departure 4)."""
+    is the same for every form, so c stays the one thing that varies (departure 4).
+    layout "echo": the student prompt, the solution c holds as the assistant's turn, then "Solve the problem
+    again, in the same format." (departure 5)."""
     if layout == "turns":
         if attempt is None:
             raise ValueError("teacher layout 'turns' needs the attempt y")
@@ -72,6 +82,15 @@ def teacher_messages(problem: data.Problem, feedback: str, context_text: str, la
             {"role": "assistant", "content": attempt},
             {"role": "user", "content": f"Feedback:\n{context_text}\n\nWrite the corrected solution in the same "
                                         "format."}]
+    if layout == "echo":
+        if feedback == "verdict":  # a verdict holds no solution to echo: its teacher sees the attempt, as in turns
+            return teacher_messages(problem, feedback, context_text, "turns", attempt)
+        if feedback not in ("stepalign", "refsol"):
+            raise ValueError(f"unknown feedback form {feedback!r}; expected 'stepalign', 'refsol' or 'verdict'")
+        solution = corrected_solution(context_text) if feedback == "stepalign" else context_text
+        return student_messages(problem) + [
+            {"role": "assistant", "content": solution},
+            {"role": "user", "content": "Solve the problem again, in the same format."}]
     if layout != "paper":
         raise ValueError(f"unknown teacher layout {layout!r}; expected one of {TEACHER_LAYOUTS}")
     if feedback == "stepalign":
@@ -98,6 +117,13 @@ def teacher_messages(problem: data.Problem, feedback: str, context_text: str, la
                    f"verdict or the earlier attempt.\n\n{data.STEP_FORMAT}")
         return [{"role": "user", "content": content}]
     raise ValueError(f"unknown feedback form {feedback!r}; expected 'stepalign', 'refsol' or 'verdict'")
+
+
+def corrected_solution(critique_text: str) -> str:
+    """The corrected solution of a critique in the schema: what follows its last "Corrected solution:" line. A
+    critique without one (free text, kept by --critic-unstructured keep) is returned whole: it is all there is."""
+    head, sep, tail = critique_text.rpartition("Corrected solution:")
+    return tail.strip("\n") if sep and tail.strip() else critique_text
 
 
 def verdict_text(response: str, correct: bool) -> str:

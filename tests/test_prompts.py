@@ -4,7 +4,8 @@ import pytest
 
 from data import STEP_FORMAT, Problem
 from exact_critic import ExactArithmeticCritic
-from prompts import critic_messages, prompt_opens_think, render, student_messages, teacher_messages, verdict_text
+from prompts import (corrected_solution, critic_messages, prompt_opens_think, render, student_messages, teacher_messages,
+                     verdict_text)
 
 PROBLEM = Problem("t1", "Start with 17. Add 25, then multiply the result by 3, then subtract 4. "
                   "What is the final number?", "122", reference_solution="((17 + 25) × 3) − 4 = 122, \\boxed{122}",
@@ -94,6 +95,24 @@ def test_turns_layout_continues_the_students_chat_and_varies_only_c():
         teacher_messages(PROBLEM, "stepalign", "c", layout="sideways", attempt=response)
     with pytest.raises(ValueError, match="unknown feedback"):
         teacher_messages(PROBLEM, "grpo", "c", layout="turns", attempt=response)
+
+
+def test_echo_layout_gives_the_solution_in_c_as_the_models_own_answer():
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136\nStep 3: 136 - 4 = 132\n\\boxed{132}"
+    critique = ExactArithmeticCritic().critique_one(PROBLEM, response).text
+    fixed = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 4 = 122\n\\boxed{122}"
+    assert corrected_solution(critique) == fixed  # the critique's last section, without its judgement lines
+    assert corrected_solution("free text, no schema") == "free text, no schema"
+    again = {"role": "user", "content": "Solve the problem again, in the same format."}
+    m = teacher_messages(PROBLEM, "stepalign", critique, layout="echo", attempt=response)
+    assert m == student_messages(PROBLEM) + [{"role": "assistant", "content": fixed}, again]
+    m = teacher_messages(PROBLEM, "refsol", PROBLEM.reference_solution, layout="echo", attempt=response)
+    assert m == student_messages(PROBLEM) + [{"role": "assistant", "content": PROBLEM.reference_solution}, again]
+    verdict = verdict_text(response, correct=False)  # no solution to echo: the turns teacher
+    assert (teacher_messages(PROBLEM, "verdict", verdict, layout="echo", attempt=response)
+            == teacher_messages(PROBLEM, "verdict", verdict, layout="turns", attempt=response))
+    with pytest.raises(ValueError, match="unknown feedback"):
+        teacher_messages(PROBLEM, "grpo", "c", layout="echo", attempt=response)
 
 
 def test_prompt_opens_think_reads_the_template_style(smol_tokenizer):
