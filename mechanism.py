@@ -312,27 +312,27 @@ def render_advantage_html(tokens: Sequence[Sequence[str]], advantages: Mapping[s
 
 
 # ---------------------------------------------------------------------------------------------- the driver
-# A context builder: (problem, the rollout's text, its critique) -> the self-teacher's chat messages.
-# A new feedback form is one more entry in the mapping passed to `mechanism`.
-ContextFn = Callable[[object, str, object], list]
+# A context builder: (problem, the rollout's text, its critique, the teacher layout) -> the self-teacher's chat
+# messages. A new feedback form is one more entry in the mapping passed to `mechanism`.
+ContextFn = Callable[[object, str, object, str], list]
 
 
-def stepalign_context(problem, response: str, critique) -> list[dict]:
+def stepalign_context(problem, response: str, critique, layout: str = "paper") -> list[dict]:
     """StepAlignFB: the critic's step-aligned critique of this very rollout."""
-    return prompts.teacher_messages(problem, "stepalign", critique.text)
+    return prompts.teacher_messages(problem, "stepalign", critique.text, layout, response)
 
 
-def refsol_context(problem, response: str, critique) -> list[dict]:
+def refsol_context(problem, response: str, critique, layout: str = "paper") -> list[dict]:
     """RefSol: the problem's reference solution (the same for every rollout of the problem)."""
     if problem.reference_solution is None:
         raise ValueError(f"problem {problem.id}: the refsol context needs a reference solution")
-    return prompts.teacher_messages(problem, "refsol", problem.reference_solution)
+    return prompts.teacher_messages(problem, "refsol", problem.reference_solution, layout, response)
 
 
-def verdict_context(problem, response: str, critique) -> list[dict]:
+def verdict_context(problem, response: str, critique, layout: str = "paper") -> list[dict]:
     """Verdict: the verifier's grade of this rollout's own final answer (as in training), no solution or critique."""
-    return prompts.teacher_messages(problem, "verdict",
-                                    prompts.verdict_text(response, correct=grading.grade(response, problem.answer)))
+    verdict = prompts.verdict_text(response, correct=grading.grade(response, problem.answer))
+    return prompts.teacher_messages(problem, "verdict", verdict, layout, response)
 
 
 MECHANISM_CONTEXTS: dict[str, ContextFn] = {"stepalign": stepalign_context, "refsol": refsol_context,
@@ -429,7 +429,7 @@ def mechanism(model, tokenizer, problems: Sequence, n_rollouts: int = 4, *, temp
               max_new_tokens: int = 48, seed: int = 0, stop_at_boxed: bool = True,
               contexts: Mapping[str, ContextFn] = MECHANISM_CONTEXTS, critic_backend=None,
               completions: Sequence[Sequence] | None = None, student_thinking: bool = False,
-              teacher_thinking: bool = True, batch_size: int = 8) -> MechanismResult:
+              teacher_thinking: bool = True, teacher_layout: str = "paper", batch_size: int = 8) -> MechanismResult:
     """A_t of the base policy's own erroneous rollouts under each teacher context (the paper's per-token figure).
 
     1. Sample `n_rollouts` per problem from the student prompt (or take `completions`, one list per problem).
@@ -476,7 +476,7 @@ def mechanism(model, tokenizer, problems: Sequence, n_rollouts: int = 4, *, temp
                              ys, pad_id, batch_size)  # log π(y_t | x, y<t)
     advantages = {}
     for name, build in contexts.items():
-        teacher = score_rollouts(model, [ids(build(p, c.text, q), teacher_thinking) for p, c, q, _ in kept],
+        teacher = score_rollouts(model, [ids(build(p, c.text, q, teacher_layout), teacher_thinking) for p, c, q, _ in kept],
                                  ys, pad_id, batch_size)  # log π(y_t | x, c, y<t)
         # Eq. A_t = log π_base(y_t | x, c, y<t) − log π_θ(y_t | x, y<t)
         advantages[name] = [sd_loss.token_advantage(torch.from_numpy(s), torch.from_numpy(t)).numpy()
@@ -516,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--temperature", type=float, default=0.5, help="sampling temperature (the demo preset's)")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="rollout length limit (the demo preset's)")
     ap.add_argument("--n-ops", type=int, default=1, help="operations per arithmetic problem (the demo preset's)")
+    ap.add_argument("--teacher-layout", default="echo", choices=prompts.TEACHER_LAYOUTS,
+                    help="where c sits in the teacher's prompt (train.py --teacher-layout; the demo preset's: echo)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -523,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     problems = data.arithmetic_problems(args.n_problems, seed=args.seed, n_ops=args.n_ops, max_operand=20,
                                         ops="+-", worked_example=True)
     res = mechanism(model, tokenizer, problems, args.n_rollouts, temperature=args.temperature,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, teacher_layout=args.teacher_layout)
     if not res.marks:
         raise SystemExit(f"no erroneous rollout with a located wrong claim among {res.counts}; "
                          "use more --n-problems")

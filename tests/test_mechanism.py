@@ -176,11 +176,11 @@ def test_mechanism_driver_matches_direct_forward_passes(tiny_smol, tmp_path):
     wrong_early = _completion(tok, "Step 1: 17 + 25 = 41\n\\boxed{41}", end_of_turn=False)  # shorter: padding
     seen = []
 
-    def echo(problem, response, critique):  # a new feedback form plugs in as one more entry
+    def attempt(problem, response, critique, layout="paper"):  # a new form plugs in as one more entry
         seen.append(response)
         return [{"role": "user", "content": f"{problem.problem}\nAn earlier attempt:\n{response}"}]
 
-    contexts = {**MECHANISM_CONTEXTS, "echo": echo}
+    contexts = {**MECHANISM_CONTEXTS, "attempt": attempt}
     res = mechanism(model, tok, [p], contexts=contexts, completions=[[wrong_late, right, wrong_early]],
                     batch_size=2)
     assert res.counts["sampled"] == 3 and res.counts["kept"] == 2 and res.counts["case_A"] == 1
@@ -198,12 +198,21 @@ def test_mechanism_driver_matches_direct_forward_passes(tiny_smol, tmp_path):
     assert prompts.teacher_messages(p, "stepalign", res.critiques[0].text) == \
         MECHANISM_CONTEXTS["stepalign"](p, wrong_late.text, res.critiques[0])
     assert "42 * 3 = 126" in res.critiques[0].text
+    # the teacher layout reaches every context: under "echo" the StepAlignFB teacher holds the corrected solution
+    res_echo = mechanism(model, tok, [p], contexts={"stepalign": MECHANISM_CONTEXTS["stepalign"]},
+                         completions=[[wrong_late]], teacher_layout="echo")
+    echo = prompts.teacher_messages(p, "stepalign", res_echo.critiques[0].text, "echo", wrong_late.text)
+    assert echo[1] == {"role": "assistant", "content": prompts.corrected_solution(res_echo.critiques[0].text)}
+    teacher = tok(prompts.render(tok, echo, True), add_special_tokens=False).input_ids
+    direct = _direct_logprobs(model, teacher, wrong_late.token_ids) - _direct_logprobs(model, student,
+                                                                                       wrong_late.token_ids)
+    np.testing.assert_allclose(res_echo.advantages["stepalign"][0], direct, atol=1e-4)
     # the verdict teacher saw the grade of this very rollout: its answer and "incorrect", never the gold answer
     verdict_prompt = MECHANISM_CONTEXTS["verdict"](p, wrong_late.text, res.critiques[0])[0]["content"]
     assert "final answer was 136. This answer is incorrect." in verdict_prompt and "126" not in verdict_prompt
 
     table, record = write_mechanism_report(res, tok, tmp_path, model_name="tiny")
-    assert "| StepAlignFB | 2 |" in table and "| Verdict | 2 |" in table and "| echo | 2 |" in table
+    assert "| StepAlignFB | 2 |" in table and "| Verdict | 2 |" in table and "| attempt | 2 |" in table
     assert "| chance |" in table
     assert json.loads((tmp_path / "localization.json").read_text())["counts"]["kept"] == 2
     assert (tmp_path / "advantage_by_position.png").stat().st_size > 1000
