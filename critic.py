@@ -73,8 +73,6 @@ class Critique:
 _CASE = re.compile(r"^[ \t]*\**[ \t]*case[ \t]*\**[ \t]*:[ \t]*\**[ \t]*([ABCD])\b", re.IGNORECASE | re.MULTILINE)
 _PIVOT = re.compile(r"^[ \t]*\**[ \t]*pivotal step[ \t]*\**[ \t]*:[ \t]*\**[ \t]*(\d+|none)\b",
                     re.IGNORECASE | re.MULTILINE)
-_HEADER = re.compile(r"^[ \t]*[#*]*[ \t]*corrected solution[ \t]*\**[ \t]*:?[ \t]*\**[ \t]*$",
-                     re.IGNORECASE | re.MULTILINE)
 _SUMMARY_LINE = re.compile(r"^[ \t]*[-*]?[ \t]*\**[ \t]*step[ \t]+(\d+)[ \t]*\**[ \t]*:[ \t]*\**[ \t]*"
                            r"(correct|incorrect)\b", re.IGNORECASE | re.MULTILINE)
 
@@ -88,7 +86,7 @@ def parse_critique(raw: str, n_steps: int, think_in_prompt: bool = False) -> Cri
     def unstructured(why: str) -> Critique:
         return Critique(text=text, schema_ok=False, schema_error=why)
 
-    header = _HEADER.search(text)
+    header = prompts.CORRECTED_SOLUTION_HEADER.search(text)
     if header is None:
         return unstructured("no 'Corrected solution:' line")
     if not text[header.end():].strip():

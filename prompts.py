@@ -52,6 +52,8 @@ Departures from the paper:
 """
 from __future__ import annotations
 
+import re
+
 import data
 import grading
 
@@ -119,11 +121,18 @@ def teacher_messages(problem: data.Problem, feedback: str, context_text: str, la
     raise ValueError(f"unknown feedback form {feedback!r}; expected 'stepalign', 'refsol' or 'verdict'")
 
 
+# The schema's "Corrected solution:" line, as critic.parse_critique finds it (markdown and case tolerated)
+CORRECTED_SOLUTION_HEADER = re.compile(r"^[ \t]*[#*]*[ \t]*corrected solution[ \t]*\**[ \t]*:?[ \t]*\**[ \t]*$",
+                                       re.IGNORECASE | re.MULTILINE)
+
+
 def corrected_solution(critique_text: str) -> str:
-    """The corrected solution of a critique in the schema: what follows its last "Corrected solution:" line. A
-    critique without one (free text, kept by --critic-unstructured keep) is returned whole: it is all there is."""
-    head, sep, tail = critique_text.rpartition("Corrected solution:")
-    return tail.strip("\n") if sep and tail.strip() else critique_text
+    """The corrected solution of a critique in the schema: what follows its "Corrected solution:" line, found as
+    the parser finds it. A critique without one (free text, kept by --critic-unstructured keep) is returned
+    whole: it is all there is."""
+    header = CORRECTED_SOLUTION_HEADER.search(critique_text)
+    tail = critique_text[header.end():] if header else ""
+    return tail.strip("\n") if tail.strip() else critique_text
 
 
 def verdict_text(response: str, correct: bool) -> str:

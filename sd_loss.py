@@ -96,22 +96,27 @@ def clip_terms(terms: Tensor, clip: float) -> Tensor:
 
 
 def token_loss_terms(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, kind: str = "forward",
-                     beta: float = 0.5, clip: float = 0.0) -> tuple[Tensor, Tensor]:
-    """What each rollout position adds to the loss, and its divergence (the diagnostic), (..., V) -> 2 × (...).
+                     beta: float = 0.5, clip: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """What each rollout position adds to the loss, its divergence (the diagnostic) and A_t (detached),
+    (..., V) -> 3 × (...).
 
     kind forward / reverse / jsd: the term is `token_divergence`, clipped per token by `clip` (0 = off).
     kind "sampled": the term is −A_t · log π_θ(y_t) with A_t detached (its gradient estimates that of the
     reverse KL on sampled tokens y_t); the divergence logged for it is the exact reverse KL."""
+    if kind == "sampled" and clip > 0:
+        raise ValueError("clip applies to the full-vocabulary divergences, not to the sampled form")
+    with torch.no_grad():
+        logp_y_t = token_logprobs(teacher_logits, tokens)  # (...)
     if kind == "sampled":
-        if clip > 0:
-            raise ValueError("clip applies to the full-vocabulary divergences, not to the sampled form")
         logp_y_s = token_logprobs(student_logits, tokens)  # (...)  with gradient
+        A = token_advantage(logp_y_s, logp_y_t)  # (...)  detached
         with torch.no_grad():
-            A = token_advantage(logp_y_s, token_logprobs(teacher_logits, tokens))  # (...)
             div = token_divergence(student_logits, teacher_logits, "reverse")  # (...)
-        return -A * logp_y_s, div
+        return -A * logp_y_s, div, A
     div = token_divergence(student_logits, teacher_logits, kind, beta)  # (...)
-    return clip_terms(div, clip), div.detach()
+    with torch.no_grad():
+        A = token_advantage(token_logprobs(student_logits, tokens), logp_y_t)  # (...)
+    return clip_terms(div, clip), div.detach(), A
 
 
 def token_entropy(logits: Tensor) -> Tensor:
@@ -198,11 +203,10 @@ def self_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, token
     `chunked_self_distillation_loss`.
     """
     mask = mask.float()
-    terms, div = token_loss_terms(student_logits, teacher_logits.detach(), tokens, kind, beta, clip)  # 2 × (B, T)
+    terms, div, A = token_loss_terms(student_logits, teacher_logits.detach(), tokens, kind, beta, clip)  # 3 × (B, T)
     loss = _masked_sum(terms, mask) / _normalizer(mask, normalizer)
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        A = token_advantage(token_logprobs(student_logits, tokens), token_logprobs(teacher_logits, tokens))  # (B, T)
         stats = SDStats(divergence=_masked_sum(div, mask) / n, adv_mean=_masked_sum(A, mask) / n,
                         adv_neg_frac=_masked_sum((A < 0).float(), mask) / n,
                         entropy_student=_masked_sum(token_entropy(student_logits), mask) / n,
@@ -218,11 +222,8 @@ def _chunk_terms(h_s: Tensor, h_t: Tensor, y: Tensor, weight: Tensor, kind: str,
     z_s = (h_s @ weight.T).float()  # (N, V)  student logits
     with torch.no_grad():
         z_t = (h_t @ weight.T).float()  # (N, V)  teacher logits: no gradient into the self-teacher
-    terms, div = token_loss_terms(z_s, z_t, y, kind, beta, clip)  # (N,), (N,)
-    with torch.no_grad():
-        logp_y_s = token_logprobs(z_s, y)  # (N,)
-        logp_y_t = token_logprobs(z_t, y)  # (N,)
-    return terms, div, token_advantage(logp_y_s, logp_y_t), token_entropy(z_s), token_entropy(z_t)  # 5 × (N,)
+    terms, div, A = token_loss_terms(z_s, z_t, y, kind, beta, clip)  # 3 × (N,)
+    return terms, div, A, token_entropy(z_s), token_entropy(z_t)  # 5 × (N,)
 
 
 def chunked_self_distillation_loss(student_hidden: Tensor, teacher_hidden: Tensor, lm_head_weight: Tensor,

@@ -103,6 +103,8 @@ def test_echo_layout_gives_the_solution_in_c_as_the_models_own_answer():
     fixed = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 4 = 122\n\\boxed{122}"
     assert corrected_solution(critique) == fixed  # the critique's last section, without its judgement lines
     assert corrected_solution("free text, no schema") == "free text, no schema"
+    # found as critic.parse_critique finds it: markdown and case tolerated
+    assert corrected_solution("Case: D\n**Corrected Solution:**\nStep 1: 1 + 1 = 2") == "Step 1: 1 + 1 = 2"
     again = {"role": "user", "content": "Solve the problem again, in the same format."}
     m = teacher_messages(PROBLEM, "stepalign", critique, layout="echo", attempt=response)
     assert m == student_messages(PROBLEM) + [{"role": "assistant", "content": fixed}, again]

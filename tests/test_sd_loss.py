@@ -231,13 +231,13 @@ def test_sampled_form_is_an_unbiased_estimator_of_the_reverse_kl_gradient():
     p = torch.softmax(z_s.detach(), -1)[0, 0]  # (V,)
     expected = torch.zeros_like(z_s)
     for v in range(6):
-        term, _ = token_loss_terms(z_s, z_t, torch.tensor([[v]]), "sampled")
+        term, _, _ = token_loss_terms(z_s, z_t, torch.tensor([[v]]), "sampled")
         expected += p[v] * torch.autograd.grad(term.sum(), z_s)[0]
     (reverse_grad,) = torch.autograd.grad(token_divergence(z_s, z_t, "reverse").sum(), z_s)
     torch.testing.assert_close(expected, reverse_grad, atol=1e-6, rtol=1e-5)
     # and its value is the per-token policy-gradient loss of `sampled_token_loss`
     y = torch.tensor([[2]])
-    term, _ = token_loss_terms(z_s, z_t, y, "sampled")
+    term, _, _ = token_loss_terms(z_s, z_t, y, "sampled")
     loss, _ = sampled_token_loss(token_logprobs(z_s, y), token_logprobs(z_t, y), torch.ones(1, 1))
     torch.testing.assert_close(term.sum(), loss)
 
