@@ -91,7 +91,8 @@ class Config:
     teacher_thinking: bool = opt(True, "thinking mode of the teacher's chat template")
     teacher_layout: str = opt("paper", "where c sits in the teacher's prompt: paper = one user turn (problem, c, "
                               "format); turns = the student's chat continued (prompt, attempt y, then c); echo = "
-                              "the solution in c as the model's own earlier answer, then 'solve again' (prompts.py)",
+                              "the solution in c as the model's own earlier answer, then 'solve again'; repeat = echo with "
+                              "the student prompt as the last turn (prompts.py)",
                               TEACHER_LAYOUTS)
     lora_r: int = opt(64, "LoRA rank r")
     lora_alpha: float = opt(128.0, "LoRA α (scale α/r)")
@@ -135,7 +136,7 @@ PRESETS: dict[str, dict] = {
     "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=30, arith_test=16,
                  arith_ops=1, arith_max_operand=20, arith_operators="+-", arith_example=True, critic="exact",
                  engine="transformers", stop_at_boxed=True, vllm_gpu_memory=0.25, lora_r=16, lora_alpha=32.0,
-                 temperature=0.5, max_new_tokens=48, lr=2e-4, teacher_layout="echo",
+                 temperature=0.5, max_new_tokens=48, lr=2e-4, teacher_layout="repeat",
                  prompts_per_step=6, micro_batch=6, loss_chunk=256, grad_checkpointing=False, dtype="float32",
                  grpo_group_size=4, epochs=1, eval_every=3, eval_samples=4, eval_temperature=0.5),
 }

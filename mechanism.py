@@ -516,8 +516,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--temperature", type=float, default=0.5, help="sampling temperature (the demo preset's)")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="rollout length limit (the demo preset's)")
     ap.add_argument("--n-ops", type=int, default=1, help="operations per arithmetic problem (the demo preset's)")
-    ap.add_argument("--teacher-layout", default="echo", choices=prompts.TEACHER_LAYOUTS,
-                    help="where c sits in the teacher's prompt (train.py --teacher-layout; the demo preset's: echo)")
+    ap.add_argument("--teacher-layout", default="repeat", choices=prompts.TEACHER_LAYOUTS,
+                    help="where c sits in the teacher's prompt (train.py --teacher-layout; the demo preset's: repeat)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

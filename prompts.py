@@ -49,6 +49,12 @@ Departures from the paper:
    teacher can copy y token by token: it is confident in the student's own tokens, errors included, and Eq. 3
    then mostly sharpens the student on its own samples. Under "echo" the teacher copies the corrected solution
    instead, which StepAlignFB keeps aligned with y up to the wrong claim (docs/demo/ablation.md).
+6. The "repeat" teacher layout (`--teacher-layout repeat`, ours) is "echo" with the student prompt itself as the
+   last turn instead of "Solve the problem again, in the same format.". The teacher then answers the very turn
+   the student answers, and the solution before it is the one thing it has that the student has not. Under
+   "echo" the request for "the same format" makes the 135M teacher restate the problem first, as the worked
+   example does ("Problem: ..."); Eq. 3 taught that opening to the student, which then restated the problem with
+   wrong numbers (docs/demo/ablation.md).
 """
 from __future__ import annotations
 
@@ -62,7 +68,7 @@ def student_messages(problem: data.Problem) -> list[dict]:
     return [{"role": "user", "content": f"{problem.problem}\n\n{data.STEP_FORMAT}"}]
 
 
-TEACHER_LAYOUTS = ("paper", "turns", "echo")
+TEACHER_LAYOUTS = ("paper", "turns", "echo", "repeat")
 
 
 def teacher_messages(problem: data.Problem, feedback: str, context_text: str, layout: str = "paper",
@@ -74,7 +80,8 @@ def teacher_messages(problem: data.Problem, feedback: str, context_text: str, la
     assistant's turn, then c in a user turn asking for the corrected solution in the same format. The framing
     is the same for every form, so c stays the one thing that varies (departure 4).
     layout "echo": the student prompt, the solution c holds as the assistant's turn, then "Solve the problem
-    again, in the same format." (departure 5)."""
+    again, in the same format." (departure 5).
+    layout "repeat": as "echo", but the last turn is the student prompt itself, word for word (departure 6)."""
     if layout == "turns":
         if attempt is None:
             raise ValueError("teacher layout 'turns' needs the attempt y")
@@ -84,15 +91,15 @@ def teacher_messages(problem: data.Problem, feedback: str, context_text: str, la
             {"role": "assistant", "content": attempt},
             {"role": "user", "content": f"Feedback:\n{context_text}\n\nWrite the corrected solution in the same "
                                         "format."}]
-    if layout == "echo":
+    if layout in ("echo", "repeat"):
         if feedback == "verdict":  # a verdict holds no solution to echo: its teacher sees the attempt, as in turns
             return teacher_messages(problem, feedback, context_text, "turns", attempt)
         if feedback not in ("stepalign", "refsol"):
             raise ValueError(f"unknown feedback form {feedback!r}; expected 'stepalign', 'refsol' or 'verdict'")
         solution = corrected_solution(context_text) if feedback == "stepalign" else context_text
-        return student_messages(problem) + [
-            {"role": "assistant", "content": solution},
-            {"role": "user", "content": "Solve the problem again, in the same format."}]
+        again = (student_messages(problem) if layout == "repeat" else
+                 [{"role": "user", "content": "Solve the problem again, in the same format."}])
+        return student_messages(problem) + [{"role": "assistant", "content": solution}] + again
     if layout != "paper":
         raise ValueError(f"unknown teacher layout {layout!r}; expected one of {TEACHER_LAYOUTS}")
     if feedback == "stepalign":

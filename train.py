@@ -40,7 +40,9 @@ Departures from the paper:
    clipped surrogate is kept so that several epochs per batch are one option away.
 4. The demo preset replaces Qwen3-1.7B by SmolLM2-135M-Instruct, OpenMathReasoning by arithmetic chains, the
    QwQ-32B critic by the exact arithmetic critic, and shrinks every size (see PRESETS["demo"]). Its teacher
-   prompt is the "echo" layout (prompts.py departure 5): with the paper's, the 135M self-teacher stops answering.
+   prompt is the "repeat" layout (prompts.py departure 6): with the paper's, the 135M self-teacher stops
+   answering; with "echo" (departure 5), the student learned to restate the problem, with wrong numbers
+   (docs/demo/ablation.md, the rows that chose it).
 5. A rollout whose critique failed (timeout, server error, cut by --critic-max-tokens) is skipped: its tokens
    are masked out of the loss and counted in `skipped_critic`. So is one whose critique fails the schema or is
    empty (`--critic-unstructured skip`, counted per step in `skipped_unstructured_step`): the paper's teacher

@@ -117,6 +117,24 @@ def test_echo_layout_gives_the_solution_in_c_as_the_models_own_answer():
         teacher_messages(PROBLEM, "grpo", "c", layout="echo", attempt=response)
 
 
+def test_repeat_layout_ends_with_the_student_prompt_word_for_word(smol_tokenizer):
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136\nStep 3: 136 - 4 = 132\n\\boxed{132}"
+    critique = ExactArithmeticCritic().critique_one(PROBLEM, response).text
+    for form, c in (("stepalign", critique), ("refsol", PROBLEM.reference_solution)):
+        echo = teacher_messages(PROBLEM, form, c, layout="echo", attempt=response)
+        m = teacher_messages(PROBLEM, form, c, layout="repeat", attempt=response)
+        assert m == echo[:2] + student_messages(PROBLEM)  # echo's solution turn, then the student's own prompt
+        # rendered: the teacher's text ends with the student's turn and generation prompt, byte for byte, so the
+        # two read the rollout y after the same last turn
+        student = render(smol_tokenizer, student_messages(PROBLEM), False)
+        last_turn = student[student.rindex("<|im_start|>user"):]
+        assert render(smol_tokenizer, m, False).endswith(last_turn)
+        assert render(smol_tokenizer, m, False).count(PROBLEM.problem) == 2
+    verdict = verdict_text(response, correct=False)
+    assert (teacher_messages(PROBLEM, "verdict", verdict, layout="repeat", attempt=response)
+            == teacher_messages(PROBLEM, "verdict", verdict, layout="turns", attempt=response))
+
+
 def test_prompt_opens_think_reads_the_template_style(smol_tokenizer):
     qwq_style = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n"
     qwen3_thinking_off = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
