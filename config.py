@@ -91,8 +91,8 @@ class Config:
     teacher_thinking: bool = opt(True, "thinking mode of the teacher's chat template")
     teacher_layout: str = opt("paper", "where c sits in the teacher's prompt: paper = one user turn (problem, c, "
                               "format); turns = the student's chat continued (prompt, attempt y, then c); echo = "
-                              "the solution in c as the model's own earlier answer, then 'solve again'; repeat = echo with "
-                              "the student prompt as the last turn (prompts.py)",
+                              "the solution in c as the model's own earlier answer, then 'solve again'; "
+                              "repeat = echo with the student prompt as the last turn (prompts.py)",
                               TEACHER_LAYOUTS)
     lora_r: int = opt(64, "LoRA rank r")
     lora_alpha: float = opt(128.0, "LoRA α (scale α/r)")

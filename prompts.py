@@ -50,8 +50,9 @@ Departures from the paper:
    then mostly sharpens the student on its own samples. Under "echo" the teacher copies the corrected solution
    instead, which StepAlignFB keeps aligned with y up to the wrong claim (docs/demo/ablation.md).
 6. The "repeat" teacher layout (`--teacher-layout repeat`, ours, the demo preset's) is "echo" with the student
-   prompt itself as the last turn instead of "Solve the problem again, in the same format.". The teacher then answers the very turn
-   the student answers, and the solution before it is the one thing it has that the student has not. Under
+   prompt itself as the last turn instead of "Solve the problem again, in the same format.". The teacher then
+   answers the very turn the student answers, and the solution before it is the one thing it has that the
+   student has not. Under
    "echo" the request for "the same format" makes the 135M teacher restate the problem first, as the worked
    example does ("Problem: ..."); Eq. 3 taught that opening to the student, which then restated the problem with
    wrong numbers (docs/demo/ablation.md).
@@ -97,9 +98,10 @@ def teacher_messages(problem: data.Problem, feedback: str, context_text: str, la
         if feedback not in ("stepalign", "refsol"):
             raise ValueError(f"unknown feedback form {feedback!r}; expected 'stepalign', 'refsol' or 'verdict'")
         solution = corrected_solution(context_text) if feedback == "stepalign" else context_text
-        again = (student_messages(problem) if layout == "repeat" else
-                 [{"role": "user", "content": "Solve the problem again, in the same format."}])
-        return student_messages(problem) + [{"role": "assistant", "content": solution}] + again
+        x = student_messages(problem)
+        again = x if layout == "repeat" else [{"role": "user",
+                                               "content": "Solve the problem again, in the same format."}]
+        return x + [{"role": "assistant", "content": solution}] + again
     if layout != "paper":
         raise ValueError(f"unknown teacher layout {layout!r}; expected one of {TEACHER_LAYOUTS}")
     if feedback == "stepalign":

@@ -145,7 +145,8 @@ def test_two_ranks_with_one_engine_each_equal_one_process(tmp_path):
     2 steps up to float summation order. Tolerance: all but 0.1% of the weights within 1e-6, and every weight within
     1e-4, 1/4 of what 2 AdamW steps at lr 2e-4 can move it. AdamW divides by sqrt(v) + 1e-8, so a weight whose
     gradient is near 1e-8 turns a summation-order difference into a visible one, up to lr per step (measured: 484
-    of 4.9M weights beyond 1e-6, at most 1.7e-5, with the echo teacher layout; at most 5.5e-5 with repeat)."""
+    of 4.9M weights beyond 1e-6, at most 1.7e-5, with an earlier demo teacher layout; one weight at 5.5e-5 with
+    the repeat layout, all within 1e-4)."""
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = run_cli(demo_on_vllm(one))
     assert r1.returncode == 0, r1.stderr[-4000:]
