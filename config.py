@@ -40,6 +40,10 @@ class Config:
     preset: str = opt("paper", "a named set of defaults (PRESETS); explicit options override it", ("paper", "demo"))
     feedback: str = opt("stepalign", "the teacher's context c (grpo: no teacher); 'all' runs the paper's three "
                         "in turn", FEEDBACKS + ("all",))
+    refsol_style: str = opt("reference", "refsol: c is the problem's reference solution in its own wording "
+                            "(reference: the OPSD setup), or a correct solution in the student's step format written "
+                            "from the problem's exact steps, never from the student's attempt (steps: the format "
+                            "control, data.step_solution; arithmetic data only)", ("reference", "steps"))
     objective: str = opt("sd", "loss with a teacher context: sd = Eq. 3 (sd_loss.py); pbsd = preference pairs of "
                          "a teacher and a student sample (pbsd.py)", ("sd", "pbsd"))
     pbsd_beta: float = opt(0.1, "PBSD: β of the implicit reward β·log(π_θ/π_base)")
@@ -131,14 +135,16 @@ class Config:
 
 PRESETS: dict[str, dict] = {
     "paper": {},
-    # SmolLM2-135M: Avg@4 23% at step 0 on these one-operation problems with a worked example, temperature 0.5
-    # (README, the demo's table); sizes chosen so that the three forms train and evaluate in < 15 min on 2 cores
-    "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=30, arith_test=16,
-                 arith_ops=1, arith_max_operand=20, arith_operators="+-", arith_example=True, critic="exact",
-                 engine="transformers", stop_at_boxed=True, vllm_gpu_memory=0.25, lora_r=16, lora_alpha=32.0,
-                 temperature=0.5, max_new_tokens=48, lr=2e-4, teacher_layout="repeat",
+    # SmolLM2-135M on two-operation chains with a worked example (Avg@4 about 10% at step 0, temperature 0.5, on
+    # training problems of a development seed): a wrong attempt can hold correct work before its first wrong claim.
+    # max_new_tokens fits every form's context solution (tests/test_config.py); 48 held-out problems × 4 samples,
+    # evaluated at steps 0 and 5 (study.py runs this preset on its pre-registered seeds)
+    "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=30, arith_test=52,
+                 eval_problems=48, arith_ops=2, arith_max_operand=9, arith_operators="+-", arith_example=True,
+                 critic="exact", engine="transformers", stop_at_boxed=True, vllm_gpu_memory=0.25, lora_r=16,
+                 lora_alpha=32.0, temperature=0.5, max_new_tokens=80, lr=2e-4, teacher_layout="repeat",
                  prompts_per_step=6, micro_batch=6, loss_chunk=256, grad_checkpointing=False, dtype="float32",
-                 grpo_group_size=4, epochs=1, eval_every=3, eval_samples=4, eval_temperature=0.5),
+                 grpo_group_size=4, epochs=1, eval_every=5, eval_samples=4, eval_temperature=0.5),
 }
 
 
@@ -170,8 +176,10 @@ def parse_config(argv: list[str] | None = None, description: str | None = None) 
 
 
 def run_name(cfg: Config) -> str:
-    """The row of the results table: the feedback form, prefixed by the objective when it is not Eq. 3."""
-    return cfg.feedback if cfg.objective == "sd" else f"{cfg.objective}-{cfg.feedback}"
+    """The row of the results table: the feedback form (refsol_steps: the format control), prefixed by the
+    objective when it is not Eq. 3."""
+    form = "refsol_steps" if cfg.feedback == "refsol" and cfg.refsol_style == "steps" else cfg.feedback
+    return form if cfg.objective == "sd" else f"{cfg.objective}-{form}"
 
 
 def group_size(cfg: Config) -> int:
@@ -264,6 +272,8 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
             need(False, name, "no such directory")
         elif used and looks_local and not (Path(path).expanduser() / "config.json").is_file():
             need(False, name, "the directory has no config.json (not a saved model)")
+    if cfg.refsol_style == "steps" and cfg.data != "arithmetic":
+        need(False, "refsol_style", "steps needs problems with exact steps: --data arithmetic")
     if cfg.feedback in ("stepalign", "all") and cfg.critic == "exact" and cfg.data != "arithmetic":
         bad.append("--critic exact only knows arithmetic problems: use --critic server or --critic local")
     if cfg.vllm_kv_cache_gib < 0:
@@ -299,7 +309,7 @@ def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
     if not test:  # (arithmetic) every held-out problem was also drawn for training
         raise ConfigError(f"--arith-test {cfg.arith_test}: every held-out problem is also a training problem; "
                           "raise --arith-max-operand or --arith-ops")
-    if cfg.feedback == "refsol":
+    if cfg.feedback == "refsol" and cfg.refsol_style == "reference":
         missing = [p.id for p in train if not p.reference_solution]
         if missing:
             raise ConfigError(f"--feedback refsol: {len(missing)} training problems of {cfg.data} have no "

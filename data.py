@@ -126,9 +126,44 @@ def apply_op(a: int, op: str, b: int) -> int:
 
 
 # A one-shot worked example for very small solvers (the demo's 135M model almost never uses the step format
-# without one: ~0% boxed answers; with it, Avg@4 ≈ 16% on one-operation problems at temperature 0.5).
+# without one: ~0% boxed answers; with it, Avg@4 ≈ 16% on one-operation problems at temperature 0.5). It has as
+# many steps as the problems it precedes, so that the format it shows is the one asked for.
 WORKED_EXAMPLE = ("Example:\nProblem: Start with 4. Add 3. What is the final number?\nStep 1: 4 + 3 = 7\n"
                   "\\boxed{7}\n\nNow solve this problem in the same format.\nProblem: ")
+_EXAMPLE_OPS = [("+", 3), ("-", 2), ("+", 6), ("-", 8)]  # the example's steps, in turn
+
+
+def worked_example_for(n_ops: int) -> str:
+    """The worked example for problems of `n_ops` operations (n_ops = 1 gives WORKED_EXAMPLE)."""
+    value, chain = 4, []
+    for i in range(n_ops):
+        op, b = _EXAMPLE_OPS[i % len(_EXAMPLE_OPS)]
+        chain.append((value, op, b, apply_op(value, op, b)))
+        value = chain[-1][3]
+    lines = "".join(f"Step {i}: {a} {op} {b} = {r}\n" for i, (a, op, b, r) in enumerate(chain, start=1))
+    return (f"Example:\nProblem: {problem_text(4, chain)}\n{lines}\\boxed{{{value}}}\n\n"
+            "Now solve this problem in the same format.\nProblem: ")
+
+
+def problem_text(start: int, chain: list[tuple[int, str, int, int]]) -> str:
+    """"Start with 17. Add 25, then multiply the result by 3. What is the final number?" """
+    clauses = [_OP_WORDS[op].format(b=b) for _, op, b, _ in chain]
+    clauses[0] = clauses[0].replace(" the result", "")
+    instruction = clauses[0][0].upper() + clauses[0][1:]
+    if len(clauses) > 1:
+        instruction += ", then " + ", then ".join(clauses[1:])
+    return f"Start with {start}. {instruction}. What is the final number?"
+
+
+def step_solution(problem: Problem) -> str:
+    """A correct solution in the student's step format, written from the problem's exact steps alone (never from
+    a student's attempt): "Step 1: 17 + 25 = 42", "Step 2: 42 * 3 = 126", "\\boxed{126}". The context of the
+    format control (RefSol with --refsol-style steps): the gold solution in the format the student is asked for."""
+    if not problem.steps:
+        raise ValueError(f"problem {problem.id}: a step-format solution needs the problem's exact steps "
+                         "(data.arithmetic_problems)")
+    lines = [f"Step {i}: {step}" for i, step in enumerate(problem.steps, start=1)]
+    return "\n".join(lines + [f"\\boxed{{{problem.answer}}}"])
 
 
 def arithmetic_problems(n: int, seed: int, n_ops: int = 2, max_operand: int = 50,
@@ -149,6 +184,7 @@ def arithmetic_problems(n: int, seed: int, n_ops: int = 2, max_operand: int = 50
     if unknown or not ops:
         raise ValueError(f"ops={ops!r}: supported operations are '+', '-', '*'")
     rng = random.Random(seed)
+    worked_example_text = worked_example_for(n_ops)
     problems = []
     for i in range(n):
         for _attempt in range(1000):
@@ -159,14 +195,9 @@ def arithmetic_problems(n: int, seed: int, n_ops: int = 2, max_operand: int = 50
             raise ValueError(f"ops={ops!r}, n_ops={n_ops}, max_operand={max_operand}: found no chain that stays "
                              "non-negative in 1000 draws")
         value = chain[-1][3]
-        clauses = [_OP_WORDS[op].format(b=b) for _, op, b, _ in chain]
-        clauses[0] = clauses[0].replace(" the result", "")
-        instruction = clauses[0][0].upper() + clauses[0][1:]
-        if len(clauses) > 1:
-            instruction += ", then " + ", then ".join(clauses[1:])
-        text = f"Start with {start}. {instruction}. What is the final number?"
+        text = problem_text(start, chain)
         if worked_example:
-            text = WORKED_EXAMPLE + text
+            text = worked_example_text + text
         steps = tuple(f"{a} {_OP_SYMBOL[op]} {b} = {r}" for a, op, b, r in chain)
         problems.append(Problem(id=f"arith-s{seed}-{i}", problem=text, answer=str(value),
                                 reference_solution=_arithmetic_reference(start, chain),

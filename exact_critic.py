@@ -17,6 +17,7 @@ Departures from the paper:
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -112,6 +113,14 @@ def _equations(text: str) -> list[_Equation]:
         start = m.start("lhs") + (len(m.group("lhs")) - len(m.group("lhs").lstrip()))
         found.append(_Equation(start, m.end("rhs"), m.start("rhs"), lhs, int(m.group("rhs").replace(",", "")), value, operands))
     return found
+
+
+def copied_correct_equations(response: str, corrected: str) -> int:
+    """How many true equations of `response` a corrected solution copies verbatim before it departs from the
+    response: those that end inside the two texts' common prefix. A wrong attempt with one or more is one where
+    alignment can matter: the critic keeps its correct work and corrects a later claim."""
+    shared = len(os.path.commonprefix([response, corrected]))
+    return sum(eq.end <= shared and eq.value == eq.claimed for eq in _equations(response))
 
 
 def _chain(problem: data.Problem) -> list[tuple[int, str, int, int]]:

@@ -39,6 +39,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+import config
 import data
 import exact_critic
 import grading
@@ -329,6 +330,11 @@ def refsol_context(problem, response: str, critique, layout: str = "paper") -> l
     return prompts.teacher_messages(problem, "refsol", problem.reference_solution, layout, response)
 
 
+def refsol_steps_context(problem, response: str, critique, layout: str = "paper") -> list[dict]:
+    """The format control: the gold solution in the student's step format, written from the problem alone."""
+    return prompts.teacher_messages(problem, "refsol", data.step_solution(problem), layout, response)
+
+
 def verdict_context(problem, response: str, critique, layout: str = "paper") -> list[dict]:
     """Verdict: the verifier's grade of this rollout's own final answer (as in training), no solution or critique."""
     verdict = prompts.verdict_text(response, correct=grading.grade(response, problem.answer))
@@ -336,7 +342,7 @@ def verdict_context(problem, response: str, critique, layout: str = "paper") -> 
 
 
 MECHANISM_CONTEXTS: dict[str, ContextFn] = {"stepalign": stepalign_context, "refsol": refsol_context,
-                                            "verdict": verdict_context}
+                                            "refsol_steps": refsol_steps_context, "verdict": verdict_context}
 
 
 def token_char_spans(tokenizer, token_ids: Sequence[int], text: str) -> list[tuple[int, int]]:
@@ -455,6 +461,10 @@ def mechanism(model, tokenizer, problems: Sequence, n_rollouts: int = 4, *, temp
     kept: list[tuple] = []
     for (p, c), q in zip(pairs, critiques):
         counts[f"case_{q.case}"] += 1
+        if q.error is None and q.case in ("C", "D"):  # wrong: alignment can matter where correct work comes first
+            counts["wrong"] += 1
+            counts["wrong_correct_prefix"] += exact_critic.copied_correct_equations(
+                c.text, prompts.corrected_solution(q.text)) > 0
         if q.error is not None:
             counts["skipped_critic_failed"] += 1
         elif q.wrong_span is None:
@@ -509,21 +519,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  description="A_t of the demo model's erroneous rollouts under each feedback form.")
     ap.add_argument("--out", required=True, help="directory for advantage.html, advantage_by_position.png, "
                                                  "localization.json")
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="model path or the demo model's name")
+    demo = config.parse_config(["--preset", "demo"])  # every default below is the demo preset's
+    ap.add_argument("--model", default=demo.model, help="model path or the demo model's name")
     ap.add_argument("--n-problems", type=int, default=20, help="arithmetic problems to sample from")
     ap.add_argument("--n-rollouts", type=int, default=4, help="rollouts per problem")
     ap.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampling")
-    ap.add_argument("--temperature", type=float, default=0.5, help="sampling temperature (the demo preset's)")
-    ap.add_argument("--max-new-tokens", type=int, default=48, help="rollout length limit (the demo preset's)")
-    ap.add_argument("--n-ops", type=int, default=1, help="operations per arithmetic problem (the demo preset's)")
-    ap.add_argument("--teacher-layout", default="repeat", choices=prompts.TEACHER_LAYOUTS,
-                    help="where c sits in the teacher's prompt (train.py --teacher-layout; the demo preset's: repeat)")
+    ap.add_argument("--temperature", type=float, default=demo.temperature, help="sampling temperature")
+    ap.add_argument("--max-new-tokens", type=int, default=demo.max_new_tokens, help="rollout length limit")
+    ap.add_argument("--n-ops", type=int, default=demo.arith_ops, help="operations per arithmetic problem")
+    ap.add_argument("--teacher-layout", default=demo.teacher_layout, choices=prompts.TEACHER_LAYOUTS,
+                    help="where c sits in the teacher's prompt (train.py --teacher-layout)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = rollout.load_model(args.model)
-    problems = data.arithmetic_problems(args.n_problems, seed=args.seed, n_ops=args.n_ops, max_operand=20,
-                                        ops="+-", worked_example=True)
+    problems = data.arithmetic_problems(args.n_problems, seed=args.seed, n_ops=args.n_ops,
+                                        max_operand=demo.arith_max_operand, ops=demo.arith_operators,
+                                        worked_example=demo.arith_example)
     res = mechanism(model, tokenizer, problems, args.n_rollouts, temperature=args.temperature,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, teacher_layout=args.teacher_layout)
     if not res.marks:

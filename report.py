@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Sequence
 
 METRICS = ("pass@k", "maj@k", "avg@k")
-DISPLAY = {"grpo": "GRPO", "refsol": "RefSol", "stepalign": "StepAlignFB", "verdict": "Verdict",
+DISPLAY = {"grpo": "GRPO", "refsol": "RefSol", "refsol_steps": "RefSol, step format", "stepalign": "StepAlignFB",
+           "verdict": "Verdict",
            "pbsd-refsol": "PBSD (RefSol)", "pbsd-stepalign": "PBSD (StepAlignFB)", "pbsd-verdict": "PBSD (Verdict)"}
 
 

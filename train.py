@@ -171,10 +171,17 @@ def feedback_contexts(cfg, critic_backend, items: list[Item], timer
         for kind, count in Counter(c.error_kind or "other" for c in critiques if c.error is not None).items():
             stats[f"critic_failed_{kind}"] = float(count)  # why: refused, timeout, http_<status>, malformed, length
         stats["critic_schema_ok"] = float(sum(c.schema_ok for c in critiques if c.error is None))
+        # where alignment can matter: wrong attempts whose correct equations the critique copies before its fix
+        wrong = [(it, c) for it, c in zip(items, critiques) if c.error is None and c.schema_ok and it.reward == 0]
+        stats["wrong_attempts"] = float(len(wrong))
+        stats["wrong_correct_prefix"] = float(sum(exact_critic.copied_correct_equations(
+            it.completion.text, prompts.corrected_solution(c.text)) > 0 for it, c in wrong))
         stats["skipped_unstructured"] = float(sum(ctx is None for ctx in unstructured))
         stats["kept_unstructured"] = float(sum(ctx is not None for ctx in unstructured))
         return contexts, critiques, stats
-    if cfg.feedback == "refsol":
+    if cfg.feedback == "refsol":  # the reference in its own wording, or (the format control) in the step format
+        if cfg.refsol_style == "steps":
+            return [data.step_solution(it.problem) for it in items], None, {}
         return [it.problem.reference_solution for it in items], None, {}
     if cfg.feedback == "verdict":  # the verifier's verdict on this very attempt, nothing more
         return [prompts.verdict_text(it.completion.text, correct=it.reward > 0) for it in items], None, {}
@@ -422,10 +429,11 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             done = step + 1
             push_adapter(cfg, d, model, engine, done)
             sums = diagnostics.metric_sums(cfg, losses) | diagnostics.step_diagnostics(cfg, items, losses, d)
-            failures = sum_over_ranks({k: v for k, v in stats.items() if k.startswith("critic_failed")}, d)
+            counts = sum_over_ranks({k: v for k, v in stats.items() if k.startswith(("critic_failed", "wrong_"))}, d)
+            failures = {k: v for k, v in counts.items() if k.startswith("critic_failed")}
             counters["skipped_critic"] += int(failures.get("critic_failed", 0))  # all ranks' failures
             record = diagnostics.step_record(cfg, done, items, sums, stats, counters, timer,
-                                             time.perf_counter() - t0, grad_norm, d) | failures
+                                             time.perf_counter() - t0, grad_norm, d) | counts
             log.write("log.jsonl", record)
             if bar is not None:
                 bar.update(1)

@@ -7,6 +7,10 @@ from data import Problem, arithmetic_problems, split_steps
 from exact_critic import ExactArithmeticCritic
 from grading import extract_answer
 
+import data
+import exact_critic
+import prompts
+
 PROBLEM = Problem("t1", "Start with 17. Add 25, then multiply the result by 3, then subtract 4. "
                   "What is the final number?", "122", reference_solution="((17 + 25) × 3) − 4 = 122, \\boxed{122}",
                   steps=("17 + 25 = 42", "42 * 3 = 126", "126 - 4 = 122"))
@@ -129,3 +133,21 @@ def test_the_case_follows_the_answer_the_grader_reads(tail, graded):
     else:
         assert (c.case, c.wrong_claim, c.corrected_claim) == ("D", graded, PROBLEM.answer)
         assert response[slice(*c.wrong_span)] == graded
+
+
+def test_copied_correct_equations_counts_the_true_work_kept_before_the_fix():
+    """The alignment count: true equations of the attempt that the corrected solution copies before it departs."""
+    problem = data.arithmetic_problems(1, seed=3, n_ops=3, max_operand=20, ops="+-")[0]
+    chain = [tuple(int(t) if t.isdigit() else t for t in s.split() if t != "=") for s in problem.steps]
+    (a, op, b, r), rest = chain[0], chain[1:]
+    first = f"{a} {op} {b} = {r}"
+    late = "\n".join([f"Step 1: {first}", f"Step 2: {rest[0][0]} {rest[0][1]} {rest[0][2]} = {rest[0][3] + 1}"])
+    early = f"Step 1: {a} {op} {b} = {r + 1}"
+    numbered = f"1. {first}\n2. {rest[0][0]} {rest[0][1]} {rest[0][2]} = {rest[0][3] + 10}"  # one step, no marker
+    critic = exact_critic.ExactArithmeticCritic()
+    counts = [exact_critic.copied_correct_equations(t, prompts.corrected_solution(critic.critique_one(problem, t).text))
+              for t in (late, early, numbered)]
+    assert counts == [1, 0, 1]
+    # a number cut inside the shared prefix ("2" of "25" against "2") is not a copied equation
+    assert exact_critic.copied_correct_equations("Step 1: 1 + 1 = 25", "Step 1: 1 + 1 = 2") == 0
+    assert exact_critic.copied_correct_equations("Step 1: 1 + 1 = 2\n", "Step 1: 1 + 1 = 2\n") == 1

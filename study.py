@@ -1,0 +1,220 @@
+"""The study: does feedback aligned with the student's own steps teach better than a reference solution?
+
+    python study.py                                     # the pre-registered seeds (SEEDS), runs/study
+    python study.py --seeds 20 21 --out runs/study-dev  # any other seeds (e.g. your own, to check the claim)
+    python study.py --report runs/study                 # only the table, from runs already done
+
+For each seed, one worker process runs the demo preset (`python train.py --preset demo`) once per row of RUNS:
+StepAlignFB, RefSol and the format control (RefSol with `--refsol-style steps`: a correct solution in the student's
+step format that never copies the student's steps) under the demo's teacher layout and under the paper's, and GRPO
+(no teacher, one row for both layouts). The runs of a seed share its step-0 evaluation (the base policy). Each worker
+uses one torch thread, so a run's numbers do not depend on how many workers share the machine; a run already
+finished is not run again, and one cut short continues from its last checkpoint. Then it writes OUT/study.md and
+OUT/study.json:
+  1. Avg@k at the last step per form, layout and seed; across seeds the mean ± standard error (sample std/√n);
+  2. per seed, StepAlignFB minus RefSol and minus the format control (same seed, same layout), mean ± standard error
+     of those paired differences;
+  3. the answered rate at the last step (samples with a \\boxed{} answer);
+  4. the share of the step-1 rollouts' wrong attempts that begin with correct work (the critique copies one or
+     more of their true equations verbatim, then corrects a later claim): on these, alignment can matter; and the
+     same over all steps.
+
+Pre-registration: SEEDS were fixed, with the demo preset, in a commit made before any run on them (git log study.py).
+A seed whose held-out result has been seen is spent: report it as seen, never choose a setting on it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import grading
+import train
+from config import form_config, load_problems, parse_config, preflight, total_steps
+from runtime import checkpoint_dirs, setup_distributed
+
+SEEDS = (101, 102, 103)  # pre-registered evaluation seeds: no run had used them when this line was committed
+LAYOUTS = ("repeat", "paper")  # the demo preset's teacher layout, then the paper's
+# (row name, train.py options); "{layout}" is filled in per layout, GRPO has no teacher and runs once
+RUNS = (("stepalign", ["--feedback", "stepalign"]),
+        ("refsol", ["--feedback", "refsol"]),
+        ("refsol_steps", ["--feedback", "refsol", "--refsol-style", "steps"]))
+ROWS = ("stepalign", "refsol", "refsol_steps", "grpo")
+DISPLAY = {"stepalign": "StepAlignFB", "refsol": "RefSol", "refsol_steps": "RefSol, step format (control)",
+           "grpo": "GRPO"}
+
+
+def run_dirs(out: Path, seed: int) -> list[tuple[str, str, Path, list[str]]]:
+    """(layout, row, run directory, train.py options) of every run of one seed, in the order they run."""
+    runs = []
+    for layout in LAYOUTS:
+        for row, options in RUNS:
+            runs.append((layout, row, out / f"seed{seed}" / layout / row, options + ["--teacher-layout", layout]))
+        if layout == LAYOUTS[0]:
+            runs.append(("-", "grpo", out / f"seed{seed}" / "grpo", ["--feedback", "grpo"]))
+    return runs
+
+
+def last_eval_step(run_dir: Path) -> int:
+    """The last step whose evaluation the run logged (-1: none)."""
+    path = run_dir / "eval.jsonl"
+    if not path.is_file():
+        return -1
+    return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()), default=-1)
+
+
+def worker(seed: int, out: Path, extra: list[str]) -> None:
+    """Every run of one seed, in one process with one torch thread; the step-0 evaluation is shared."""
+    torch.set_num_threads(1)
+    d = setup_distributed()
+    base_eval: dict = {}
+    with grading.AnswerChecker() as checker:
+        for layout, row, run_dir, options in run_dirs(out, seed):
+            argv = ["--preset", "demo", "--seed", str(seed), "--out-dir", str(run_dir), "--no-progress",
+                    *options, *extra]
+            cfg = parse_config(argv + (["--resume"] if checkpoint_dirs(run_dir) else []))
+            if last_eval_step(run_dir) == total_steps(cfg, len(load_problems(cfg)[0])):
+                print(f"[seed {seed}] {layout}/{row}: done already", flush=True)
+                continue
+            preflight(cfg, 1)
+            run_cfg = dataclasses.replace(form_config(cfg, cfg.feedback), out_dir=str(run_dir))
+            t0 = time.perf_counter()
+            train.train(run_cfg, d, checker, base_eval)
+            print(f"[seed {seed}] {layout}/{row}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample std / √n) of per-seed values; the SE is NaN for one seed."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def _evals(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _logs(run_dir: Path) -> list[dict]:
+    path = run_dir / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def collect(out: Path, seeds: list[int]) -> dict:
+    """Per (layout, row): per-seed Avg@k at step 0 and at the last step, answered rate, and the alignment counts."""
+    result: dict = {"seeds": seeds, "runs": {}}
+    for seed in seeds:
+        for layout, row, run_dir, _ in run_dirs(out, seed):
+            if not (run_dir / "eval.jsonl").is_file():
+                raise FileNotFoundError(f"{run_dir}: no eval.jsonl (run `python study.py --seeds {seed}` first)")
+            evals = _evals(run_dir)
+            first, last = evals[0], evals[-1]
+            logs = _logs(run_dir)
+            entry = {"step0": first["avg@k"], "last": last["avg@k"], "last_step": last["step"], "k": last["k"],
+                     "answered": last.get("answered"), "pass": last["pass@k"], "maj": last["maj@k"],
+                     "length": last["length"]}
+            if row == "stepalign":
+                wrong = [r.get("wrong_attempts", 0.0) for r in logs]
+                ok = [r.get("wrong_correct_prefix", 0.0) for r in logs]
+                entry |= {"wrong_step1": wrong[0] if wrong else 0.0, "correct_prefix_step1": ok[0] if ok else 0.0,
+                          "wrong_all": float(sum(wrong)), "correct_prefix_all": float(sum(ok))}
+            result["runs"].setdefault(f"{layout}/{row}", {})[str(seed)] = entry
+    return result
+
+
+def report(result: dict) -> str:
+    """The markdown tables of the study."""
+    seeds = [str(s) for s in result["seeds"]]
+    runs = result["runs"]
+    k = next(iter(next(iter(runs.values())).values()))["k"]
+    head = " | ".join(f"seed {s}" for s in seeds)
+    lines = [f"Avg@{k} (%) on the held-out problems at the last step; step 0 is the base policy, the same for every "
+             f"row of a seed. Mean ± standard error across the {len(seeds)} seeds.", "",
+             f"| form | layout | {head} | mean ± SE | answered |", "|---|---|" + "---|" * len(seeds) + "---|---|"]
+    base = [runs["-/grpo"][s]["step0"] for s in seeds]
+    m, se = mean_se([100 * b for b in base])
+    lines.append(f"| base policy (step 0) | | " + " | ".join(f"{100 * b:.2f}" for b in base) + f" | {m:.2f} ± {se:.2f} | |")
+    for layout in LAYOUTS:
+        for row in ROWS:
+            key = f"-/{row}" if row == "grpo" else f"{layout}/{row}"
+            if row == "grpo" and layout != LAYOUTS[0]:
+                continue
+            vals = [100 * runs[key][s]["last"] for s in seeds]
+            answered = [runs[key][s]["answered"] for s in seeds]
+            m, se = mean_se(vals)
+            ans = f"{np.mean(answered):.2f}" if all(a is not None for a in answered) else "–"
+            lines.append(f"| {DISPLAY[row]} | {layout if row != 'grpo' else '(none)'} | "
+                         + " | ".join(f"{v:.2f}" for v in vals) + f" | {m:.2f} ± {se:.2f} | {ans} |")
+    lines += ["", "StepAlignFB minus each other form, paired by seed (same seed, same layout, same problems):", "",
+              f"| difference | layout | {head} | mean ± SE |", "|---|---|" + "---|" * len(seeds) + "---|"]
+    for layout in LAYOUTS:
+        for other in ("refsol", "refsol_steps", "grpo"):
+            okey = "-/grpo" if other == "grpo" else f"{layout}/{other}"
+            diff = [100 * (runs[f"{layout}/stepalign"][s]["last"] - runs[okey][s]["last"]) for s in seeds]
+            m, se = mean_se(diff)
+            lines.append(f"| StepAlignFB − {DISPLAY[other]} | {layout} | " + " | ".join(f"{v:+.2f}" for v in diff)
+                         + f" | {m:+.2f} ± {se:.2f} |")
+    sa = [runs[f"{LAYOUTS[0]}/stepalign"][s] for s in seeds]
+    w1, a1 = sum(e["wrong_step1"] for e in sa), sum(e["correct_prefix_step1"] for e in sa)
+    w, a = sum(e["wrong_all"] for e in sa), sum(e["correct_prefix_all"] for e in sa)
+    lines += ["", f"Wrong attempts that begin with correct work (the critique copies one or more of their true "
+              f"equations verbatim, then corrects a later claim), "
+              f"StepAlignFB runs, {LAYOUTS[0]} layout: step 1 (the base policy's rollouts) {a1:.0f} of {w1:.0f} "
+              f"({a1 / max(w1, 1):.2f}); all steps {a:.0f} of {w:.0f} ({a / max(w, 1):.2f})."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="study.py", description=__doc__.split("\n")[0],
+                                 epilog="Any further option goes to every run (python train.py --help).")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="run seeds (default: the pre-registered)")
+    ap.add_argument("--out", default="runs/study", help="output directory")
+    ap.add_argument("--jobs", type=int, default=3, help="seeds run at once, one process and one torch thread each")
+    ap.add_argument("--report", action="store_true", help="only write the report from the runs in --out")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one seed, in this process
+    args, extra = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    if args.worker is not None:
+        worker(args.worker, out, extra)
+        return
+    if not args.report:
+        t0, pending, running = time.perf_counter(), list(args.seeds), []
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                seed = pending.pop(0)
+                out.mkdir(parents=True, exist_ok=True)
+                log = (out / f"seed{seed}.log").open("a")
+                cmd = [sys.executable, __file__, "--worker", str(seed), "--out", str(out), *extra]
+                running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+                print(f"seed {seed}: started (log {out / f'seed{seed}.log'})", flush=True)
+            time.sleep(5)
+            for entry in list(running):
+                seed, proc, log = entry
+                if proc.poll() is not None:
+                    running.remove(entry)
+                    log.close()
+                    if proc.returncode != 0:
+                        for _, other, _ in running:
+                            other.terminate()
+                        raise SystemExit(f"study.py: error: seed {seed} failed (exit {proc.returncode}); see "
+                                         f"{out / f'seed{seed}.log'}; run the same command again to continue")
+                    print(f"seed {seed}: done ({time.perf_counter() - t0:.0f} s since the start)", flush=True)
+        print(f"all runs: {time.perf_counter() - t0:.0f} s", flush=True)
+    result = collect(out, args.seeds)
+    table = report(result)
+    (out / "study.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "study.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
