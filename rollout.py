@@ -228,8 +228,10 @@ class VLLMEngine:
     Under torchrun (`world_size` > 1) each rank runs its own engine in its own process, beside training, with
     vLLM's "external_launcher" executor (one worker inside the rank's process, no engine subprocess), tensor
     parallel 1, data parallel = the world size: the ranks sample different prompts. vLLM's data-parallel ranks
-    agree at every engine step whether any of them has work left, so every rank calls `generate` the same number
-    of times (train.py does). Run on CPU with vLLM's CPU build (tests/test_vllm.py, 2 ranks against 1 process).
+    agree at every engine step whether any of them has work left, so `generate` is a collective: every rank must
+    call it the same number of times, in the same order, or the others wait forever (train.py calls it on every
+    rank in every phase, also with no prompt; then this engine sends one 1-token request and returns []).
+    Run on CPU with vLLM's CPU build (tests/test_vllm.py, 2 ranks against 1 process).
     On CPU, `gpu_memory_utilization` is the share of the machine's memory that vLLM's worker may hold in all
     (weights, activations; its KV cache gets what is left); under torchrun the worker is the rank's process.
     `kv_cache_gib` > 0 sets the KV cache's size instead (on CPU the safer choice when several engines share a
@@ -285,6 +287,9 @@ class VLLMEngine:
                 requests.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(SamplingParams(temperature=temperature, max_tokens=max_new_tokens,
                                              seed=sample_seed(s, j) % (2**31), skip_special_tokens=True))
+        if not requests:  # nothing to sample: still take part in the data-parallel engine steps (class docstring)
+            self.llm.generate([TokensPrompt(prompt_token_ids=[0])], [SamplingParams(max_tokens=1)], use_tqdm=False)
+            return []
         outputs = self.llm.generate(requests, params, lora_request=self.lora_request if adapter else None,
                                     use_tqdm=False)
         flat = [self._completion(o.outputs[0]) for o in outputs]
