@@ -220,6 +220,22 @@ def truncate_at_boxed(token_ids: list[int], tokenizer) -> list[int] | None:
     return None
 
 
+def vllm_engine_kwargs(model_path: str, max_lora_rank: int, gpu_memory_utilization: float, dtype: str, seed: int,
+                       world_size: int, kv_cache_gib: float) -> dict:
+    """The keyword arguments of vllm.LLM for VLLMEngine (a pure function: tests check them without an engine)."""
+    if max_lora_rank > VLLM_LORA_RANKS[-1]:
+        raise ValueError(f"LoRA rank {max_lora_rank}: vLLM takes adapters of rank at most {VLLM_LORA_RANKS[-1]}")
+    kwargs = dict(model=model_path, enable_lora=True, dtype=dtype, seed=seed,
+                  max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= max_lora_rank),
+                  enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization)
+    if kv_cache_gib > 0:  # a fixed KV cache size; vLLM then ignores gpu_memory_utilization for it
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    if world_size > 1:  # torchrun started this process; vLLM reads RANK, WORLD_SIZE, MASTER_ADDR/PORT itself
+        kwargs |= {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1,
+                   "data_parallel_size": world_size}
+    return kwargs
+
+
 class VLLMEngine:
     """vLLM generation for the paper's scale: prefix caching on, LoRA adapter refreshed after every step.
 
@@ -245,17 +261,8 @@ class VLLMEngine:
             raise ImportError(VLLM_MISSING)
         from vllm import LLM
 
-        if max_lora_rank > VLLM_LORA_RANKS[-1]:
-            raise ValueError(f"LoRA rank {max_lora_rank}: vLLM takes adapters of rank at most {VLLM_LORA_RANKS[-1]}")
-        launcher: dict = {}
-        if kv_cache_gib > 0:  # a fixed KV cache size; vLLM then ignores gpu_memory_utilization for it
-            launcher["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
-        if world_size > 1:  # torchrun started this process; vLLM reads RANK, WORLD_SIZE, MASTER_ADDR/PORT itself
-            launcher = {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1,
-                        "data_parallel_size": world_size}
-        self.llm = LLM(model=model_path, enable_lora=True, dtype=dtype, seed=seed,
-                       max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= max_lora_rank),
-                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization, **launcher)
+        self.llm = LLM(**vllm_engine_kwargs(model_path, max_lora_rank, gpu_memory_utilization, dtype, seed,
+                                            world_size, kv_cache_gib))
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_at_boxed = stop_at_boxed
         self.lora_request = None

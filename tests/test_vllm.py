@@ -68,6 +68,18 @@ def engines(smollm2_dir, tmp_path_factory):
     vllm_engine.close()
 
 
+def test_engine_kwargs_are_options_of_the_installed_vllm():
+    """Every keyword VLLMEngine gives vllm.LLM, under torchrun with a fixed KV cache, is an engine option of the
+    installed vLLM (LLM passes them on to EngineArgs)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from rollout import vllm_engine_kwargs
+    kwargs = vllm_engine_kwargs("m", 64, 0.35, "bfloat16", 0, world_size=2, kv_cache_gib=1.0)
+    assert set(kwargs) <= {f.name for f in dataclasses.fields(EngineArgs)}
+
+
 class TestEngine:
     """VLLMEngine against TransformersEngine; one engine for these tests, stopped before the tests below start
     theirs (class scope)."""
