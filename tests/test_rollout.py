@@ -102,6 +102,16 @@ def test_vllm_engine_kwargs_keep_the_kv_cache_size_under_torchrun():
         vllm_engine_kwargs("m", 513, 0.25, "float32", 3, 1, 0.0)
 
 
+def test_vllm_close_says_what_to_do_where_vllm_moved_its_shutdown():
+    """close() uses vLLM's internal engine-client shutdown (vLLM's LLM has no public one): where it is missing, the
+    error names the tested version and the pin, instead of an AttributeError from inside vLLM."""
+    import rollout
+    engine = object.__new__(VLLMEngine)
+    engine.llm = object()  # an LLM without llm_engine.engine_core.shutdown
+    with pytest.raises(RuntimeError, match=rf"tested with \(vLLM {rollout.VLLM_TESTED}\).*requirements-gpu\.txt"):
+        engine.close()
+
+
 def test_make_engine_checks_its_arguments(tiny_smol):
     import rollout
     engine = rollout.make_engine("transformers", "unused", *tiny_smol, stop_at_boxed=True, batch_size=5)

@@ -80,6 +80,15 @@ def test_engine_kwargs_are_options_of_the_installed_vllm():
     assert set(kwargs) <= {f.name for f in dataclasses.fields(EngineArgs)}
 
 
+def test_requirements_pin_the_vllm_version_that_runs_here():
+    """requirements-gpu.txt pins the version these tests run (vLLM's CPU build): a change of either shows here."""
+    import vllm
+
+    import rollout
+    pins = [line for line in (ROOT / "requirements-gpu.txt").read_text().splitlines() if line.startswith("vllm")]
+    assert pins == [f"vllm=={rollout.VLLM_TESTED}"] and vllm.__version__ == rollout.VLLM_TESTED
+
+
 class TestEngine:
     """VLLMEngine against TransformersEngine; one engine for these tests, stopped before the tests below start
     theirs (class scope)."""
