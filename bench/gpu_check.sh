@@ -17,7 +17,8 @@
 #                    the machine lacks that cache)
 #   --wheels DIR     install math-verify from wheels in DIR first, offline (pip download math-verify -d DIR,
 #                    on a machine with network access)
-#   --out DIR        where the logs and the model go (default $OUT, else a new temporary folder)
+#   --out DIR        where the logs go, 6 small files (default $OUT, else a new temporary folder)
+#   --work DIR       where the model and the training run go (default: a temporary folder, removed at the end)
 # Environment: PYTHON (default python3).
 set -euo pipefail
 
@@ -25,13 +26,16 @@ device=cuda
 tokenizer="${SDCF_CACHE:-$HOME/.cache/sdcf}/smollm2-135m-instruct"
 wheels=""
 out="${OUT:-}"
+work=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) device="$2"; shift 2 ;;
     --tokenizer) tokenizer="$2"; shift 2 ;;
     --wheels) wheels="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    *) echo "gpu_check.sh: unknown option $1 (--device cuda|cpu, --tokenizer DIR, --wheels DIR, --out DIR)" >&2
+    --work) work="$2"; shift 2 ;;
+    *) echo "gpu_check.sh: unknown option $1 (--device cuda|cpu, --tokenizer DIR, --wheels DIR, --out DIR," \
+            "--work DIR)" >&2
        exit 2 ;;
   esac
 done
@@ -40,6 +44,10 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 [ -n "$out" ] || out="$(mktemp -d)"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
+remove_work=""
+[ -n "$work" ] || { work="$(mktemp -d)"; remove_work=1; }
+mkdir -p "$work"
+work="$(cd "$work" && pwd)"
 cd "$root"
 
 if [ ! -f "$tokenizer/tokenizer.json" ]; then
@@ -80,22 +88,23 @@ echo "== 1. bench/bench_sd_step.py ($device)"
 timeout 240 "$py" bench/bench_sd_step.py --device "$device" "${bench_args[@]}" | tee "$out/bench_sd_step.md"
 
 echo "== 2. train.py on a random-weight Qwen3-shaped model, torchrun --nproc_per_node 1 ($device)"
-rm -rf "$out/model" "$out/train"
-timeout 120 "$py" bench/random_qwen3.py --tokenizer "$tokenizer" --out "$out/model" "${model_args[@]}"
+rm -rf "$work/model" "$work/train"
+timeout 120 "$py" bench/random_qwen3.py --tokenizer "$tokenizer" --out "$work/model" "${model_args[@]}"
 train() {
   timeout "$limit" "$py" -m torch.distributed.run --nproc_per_node 1 --standalone train.py \
-    --model "$out/model" --data arithmetic --arith-train 8 --arith-test 2 --arith-ops 1 --critic exact \
+    --model "$work/model" --data arithmetic --arith-train 8 --arith-test 2 --arith-ops 1 --critic exact \
     --feedback stepalign --engine transformers --prompts-per-step 4 --eval-every 3 --eval-samples 2 \
-    --no-progress --out-dir "$out/train" "${train_args[@]}" "$@"
+    --no-progress --out-dir "$work/train" "${train_args[@]}" "$@"
 }
 train --max-steps 3 2>&1 | tee "$out/train_steps_1_3.log"
 train --max-steps 4 --resume 2>&1 | tee "$out/train_resume_step_4.log"
+cp "$work/train/log.jsonl" "$work/train/eval.jsonl" "$out/"
 "$py" - "$out" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-logs = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
-evals = [json.loads(line) for line in (out / "train" / "eval.jsonl").read_text().splitlines()]
+logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
 resumed = "(step 3)" in (out / "train_resume_step_4.log").read_text()
 ok = [r["step"] for r in logs] == [1, 2, 3, 4] and [e["step"] for e in evals] == [0, 3, 4] and resumed
 for r in logs:
@@ -104,4 +113,5 @@ for r in logs:
 print("train.py: steps 1-4 logged, evaluations at 0, 3, 4, resumed at step 3:", "yes" if ok else "NO")
 sys.exit(0 if ok else 1)
 EOF
+[ -z "$remove_work" ] || rm -rf "$work"
 echo "gpu_check.sh: done in $((SECONDS - start)) s; logs in $out"

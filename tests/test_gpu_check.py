@@ -32,5 +32,8 @@ def test_gpu_check_runs_on_cpu(smollm2_dir, tmp_path):
     bench = (tmp_path / "bench_sd_step.md").read_text()
     assert [line.split("|")[1].strip() for line in bench.splitlines() if line.startswith("| ")][1:] == ["1", "2", "4"]
     assert "resumed at step 3: yes" in output
-    logs = [json.loads(line) for line in (tmp_path / "train" / "log.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_sd_step.md", "eval.jsonl", "log.jsonl",
+                                                          "train_resume_step_4.log", "train_steps_1_3.log",
+                                                          "versions.txt"]  # the logs only (the model went to --work)
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"] == r["grad_norm"] for r in logs)  # every step took its AdamW step (no NaN norm)
