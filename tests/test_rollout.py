@@ -86,6 +86,32 @@ def test_vllm_engine_clear_error_without_vllm(monkeypatch):
         VLLMEngine("some/model")
 
 
+def test_vllm_engine_kwargs_keep_the_kv_cache_size_under_torchrun():
+    """--vllm-kv-cache-gib reaches vLLM with one process and under torchrun (there the launcher's arguments are
+    added to the others, issue 20: they used to replace them)."""
+    from rollout import vllm_engine_kwargs
+    common = dict(model="m", enable_lora=True, dtype="float32", seed=3, max_lora_rank=16, enable_prefix_caching=True,
+                  gpu_memory_utilization=0.25)
+    launcher = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=1, data_parallel_size=2)
+    kv = dict(kv_cache_memory_bytes=3 * 2**29)
+    assert vllm_engine_kwargs("m", 10, 0.25, "float32", 3, 1, 0.0) == common
+    assert vllm_engine_kwargs("m", 10, 0.25, "float32", 3, 1, 1.5) == common | kv
+    assert vllm_engine_kwargs("m", 10, 0.25, "float32", 3, 2, 0.0) == common | launcher
+    assert vllm_engine_kwargs("m", 10, 0.25, "float32", 3, 2, 1.5) == common | kv | launcher
+    with pytest.raises(ValueError, match="rank at most 512"):
+        vllm_engine_kwargs("m", 513, 0.25, "float32", 3, 1, 0.0)
+
+
+def test_vllm_close_says_what_to_do_where_vllm_moved_its_shutdown():
+    """close() uses vLLM's internal engine-client shutdown (vLLM's LLM has no public one): where it is missing, the
+    error names the tested version and the pin, instead of an AttributeError from inside vLLM."""
+    import rollout
+    engine = object.__new__(VLLMEngine)
+    engine.llm = object()  # an LLM without llm_engine.engine_core.shutdown
+    with pytest.raises(RuntimeError, match=rf"tested with \(vLLM {rollout.VLLM_TESTED}\).*requirements-gpu\.txt"):
+        engine.close()
+
+
 def test_make_engine_checks_its_arguments(tiny_smol):
     import rollout
     engine = rollout.make_engine("transformers", "unused", *tiny_smol, stop_at_boxed=True, batch_size=5)

@@ -609,3 +609,23 @@ def test_pbsd_micro_batch_against_direct_computation(models):
             torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
     assert any(g.abs().max() > 0 for g in grads.values())
     assert (stats.n_pairs.item(), stats.n_decisive.item(), stats.tie_frac.item()) == (3.0, 2.0, pytest.approx(1 / 3))
+
+
+def test_teacher_samples_call_the_engine_once_even_with_every_rollout_skipped(tiny_smol):
+    """vLLM's data-parallel generate is a collective (rollout.VLLMEngine): a rank whose rollouts were all skipped still
+    calls the engine, once, with no prompt, so that the ranks that have teacher samples to draw are not left waiting.
+    (The real engine with 2 ranks: tests/test_vllm.py::test_two_ranks_finish_when_a_rank_has_nothing_to_sample.)"""
+    from data import arithmetic_problems
+
+    class Recording(rollout.TransformersEngine):
+        def generate(self, prompts, seeds, **kw):
+            self.calls.append(len(prompts))
+            return super().generate(prompts, seeds, **kw)
+
+    engine = Recording(*tiny_smol)
+    engine.calls = []
+    cfg = config.parse_config(["--feedback", "stepalign", "--objective", "pbsd", "--max-new-tokens", "2"])
+    problem = arithmetic_problems(1, seed=0)[0]
+    skipped = train.Item(problem, [1, 2], rollout.Completion([5], "x", "stop"), skipped=True)
+    assert train.with_teacher_samples(cfg, engine, None, [skipped], 0, runtime.Timer()) == [skipped]
+    assert engine.calls == [0]
