@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -80,10 +81,45 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and numbers only, so that they load with torch.load(weights_only=True): a
+    checkpoint is data, never code."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def set_rng_state(state: dict) -> None:
+    """The inverse of rng_state."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be loaded as data; the message is one line naming the file."""
+
+
+def load_data(path: Path):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers only. Anything else (a pickled
+    object, whose unpickling could run code) is refused with CheckpointError."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused, it holds more than tensors and numbers (a checkpoint is data, never "
+                              f"code; written by another program or an older version?): {first}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
 def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist) -> None:
@@ -123,18 +159,20 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
-    lora.load_adapter(model, str(path))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    """Adapter, optimizer, RNG states and data position of a checkpoint, every file loaded as data only (load_data).
+    Raises CheckpointError naming the file that is refused."""
+    optimizer_state = load_data(path / "optimizer.pt")
     rng_file = path / f"rng_rank{d.rank}.pt"
-    if not rng_file.exists():  # saved with fewer ranks; only dropout draws from these (sampling has its own seeds)
+    rng = load_data(rng_file) if rng_file.exists() else None
+    lora.load_adapter(model, str(path))
+    optimizer.load_state_dict(optimizer_state)
+    if rng is None:  # saved with fewer ranks; only dropout draws from these (sampling has its own seeds)
         print(f"rank {d.rank}: {path} has no {rng_file.name}; keeping this rank's fresh RNG states", flush=True)
     else:
-        state = torch.load(rng_file, weights_only=False)
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        try:
+            set_rng_state(rng)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{rng_file}: not an RNG state of this version ({type(e).__name__}: {e})") from None
     meta = json.loads((path / "state.json").read_text())
     return meta["step"], meta["counters"]
 

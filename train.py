@@ -29,8 +29,9 @@ same for every form) is evaluated once per invocation and logged in each run.
 Diagnostics of each step in log.jsonl: diagnostics.py. Options and presets: config.py; processes, checkpoints and
 logs: runtime.py.
 Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes:
-2 bad input, 3 too many failed critiques over the last steps (checkpoint written, fix and --resume), 4 no
-step of a run changed the weights, 143 SIGTERM (checkpoint written).
+2 bad input (or a checkpoint refused on --resume: it must be data only), 3 too many failed critiques over the last
+steps (checkpoint written, fix and --resume), 4 no step of a run changed the weights, 143 SIGTERM (checkpoint
+written).
 
 Departures from the paper:
 1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.
@@ -90,9 +91,9 @@ import rollout
 import sd_loss
 from config import (PAPER_FEEDBACKS, Config, ConfigError, form_config, group_size, load_problems, make_critic,
                     parse_config, preflight, run_name, total_steps)
-from runtime import (Dist, Logger, StopFlag, Timer, all_reduce_sum, critic_down, make_vllm_engine, nothing_learned,
-                     push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy,
-                     sum_over_ranks, warn)
+from runtime import (CheckpointError, Dist, Logger, StopFlag, Timer, all_reduce_sum, critic_down, make_vllm_engine,
+                     nothing_learned, push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir,
+                     start_policy, sum_over_ranks, warn)
 
 EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_SIGTERM = 2, 3, 4, 143
 
@@ -488,6 +489,9 @@ def main(argv: list[str] | None = None) -> None:
             print(table)
             for line in idle:
                 print(f"train.py: error: {line}", file=sys.stderr, flush=True)
+    except CheckpointError as e:  # --resume on a checkpoint that is not data only: one line, no traceback
+        print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT) from None
     finally:
         if vllm_engine is not None:
             vllm_engine.close()  # under torchrun this also ends the process group (rollout.VLLMEngine.close)

@@ -117,11 +117,37 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     train.main(tiny_args(tiny_model_dir, resumed, "--max-steps", "4", "--resume"))
     a, b = adapter(straight, 4), adapter(resumed, 4)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+        assert torch.equal(a[k], b[k]), k  # the same operations in the same order: bit-identical
     assert [r["step"] for r in read_jsonl(resumed / "log.jsonl")] == [1, 2, 3, 4]
     # the same batches after the resume: the rollouts' lengths and rewards are identical
     for r1, r2 in zip(read_jsonl(straight / "log.jsonl")[2:], read_jsonl(resumed / "log.jsonl")[2:]):
         assert (r1["response_length"], r1["reward"]) == (r2["response_length"], r2["reward"])
+
+
+class Payload:
+    """A pickled object whose unpickling makes a directory: what a hostile checkpoint file would run."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("name", ["rng_rank0.pt", "optimizer.pt"])
+def test_resume_refuses_a_checkpoint_that_holds_code(tiny_model_dir, tmp_path, capsys, name):
+    """A `__reduce__` payload planted in a checkpoint file never runs: --resume exits 2 with one line naming the file."""
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, out, "--max-steps", "1", "--eval-every", "1"))
+    [ckpt] = runtime.checkpoint_dirs(out)
+    marker = tmp_path / "payload_ran"
+    torch.save({"state": Payload(str(marker)), "tensor": torch.zeros(2)}, ckpt / name)
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny_model_dir, out, "--max-steps", "2", "--eval-every", "1", "--resume"))
+    assert stop.value.code == train.EXIT_BAD_INPUT
+    assert not marker.exists()
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train.py: error:")]
+    assert str(ckpt / name) in line and "refused" in line and "never code" in line
 
 
 @pytest.mark.parametrize("feedback", ["stepalign"])
