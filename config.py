@@ -63,13 +63,17 @@ class Config:
                           "--enable-prefix-caching`)")
     critic_model: str = opt("Qwen/QwQ-32B", "critic model name (server) or path (local)")
     critic_api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the critic server's API key")
-    critic_timeout: float = opt(900.0, "seconds per critic request before it counts as failed")
+    critic_timeout: float = opt(600.0, "wall-clock seconds per critic request attempt (a 16,384-token critique at "
+                                "30 tokens/s takes 550 s); with the default --critic-retries 1, a hung critic costs "
+                                "one step 2 x 600 + 1 s = about 20 minutes, then the stop rule (--critic-fail-max) "
+                                "ends the run")
     critic_fail_window: int = opt(5, "steps over which failed critiques are counted (fewer at the start and "
                                   "after --resume)")
     critic_fail_max: float = opt(0.5, "stop (checkpoint, exit 3) when at least this share of the critiques of the "
                                  "last --critic-fail-window steps failed")
     critic_concurrency: int = opt(32, "concurrent critic requests")
-    critic_retries: int = opt(3, "retries per critic request (exponential backoff) before the rollout is skipped")
+    critic_retries: int = opt(1, "retries per critic request (exponential backoff) before the rollout is skipped; "
+                              "each adds up to --critic-timeout to a step when the critic hangs")
     critic_max_tokens: int = opt(CRITIC_MAX_TOKENS, "critic generation budget, its <think> trace included; an answer "
                                  "cut by it is a failed critique (critic.MAX_TOKENS)")
     critic_think_in_prompt: bool = opt(True, "server critic: its chat template ends the prompt with an open <think> "
