@@ -244,6 +244,17 @@ def sum_over_ranks(counts: dict[str, float], d: Dist) -> dict[str, float]:
     return total
 
 
+def unusable_as_failures(counts: dict[str, float]) -> dict[str, float]:
+    """A step's critic counts with the critiques that reached no teacher (unusable_schema: failed the schema under
+    --critic-unstructured skip; unusable_empty: empty) counted as failures of kind "schema" and "empty"."""
+    out = {k: v for k, v in counts.items() if not k.startswith("unusable_")}
+    for kind in ("schema", "empty"):
+        if counts.get(f"unusable_{kind}"):
+            out[f"critic_failed_{kind}"] = out.get(f"critic_failed_{kind}", 0.0) + counts[f"unusable_{kind}"]
+            out["critic_failed"] = out.get("critic_failed", 0.0) + counts[f"unusable_{kind}"]
+    return out
+
+
 def failure_counts(failures: dict[str, float]) -> Counter:
     """{kind: count} from the critic_failed_<kind> entries of a step's (or window's) counts."""
     return Counter({k.removeprefix("critic_failed_"): v for k, v in failures.items()
@@ -272,12 +283,19 @@ def critic_fix(cfg, failures: dict[str, float]) -> str:
         return f"the server fails ({kind}): see its log (out of memory? a context shorter than the prompts?)"
     if kind == "malformed":
         return f"the answers of {cfg.critic_url} are not OpenAI chat completions: check --critic-url"
+    if kind == "schema":
+        return (f"the critiques of {cfg.critic_model} do not follow the schema (prompts.critic_messages): check "
+                f"--critic-model and --critic-think-in-prompt, or give unstructured text to the teacher with "
+                f"--critic-unstructured keep")
+    if kind == "empty":
+        return ("the critic's answers are empty: a think trace never closed (--critic-think-in-prompt?) or a "
+                "reasoning parser that keeps the whole answer in reasoning_content")
     if kind == "length":
         return f"critiques are cut by --critic-max-tokens {cfg.critic_max_tokens}: raise it"
     return "see the warnings above"
 
 
-def critic_down(cfg, name: str, n: int, window: deque, done: int, steps: int, d: Dist, bar) -> str | None:
+def critic_down(cfg, name: str, n: int, window: deque, done: int, d: Dist, bar) -> str | None:
     """Warn about the failed critiques of the step just done (window[-1], of n, all ranks); return the reason to
     stop when at least --critic-fail-max of the critiques of the steps in `window` failed, else None."""
     failures = window[-1]
@@ -285,7 +303,7 @@ def critic_down(cfg, name: str, n: int, window: deque, done: int, steps: int, d:
         warn(f"[{name}] step {done}: the critic failed on {failures['critic_failed']:.0f} of {n} rollouts "
              f"({failure_kinds(failures)}); they are skipped", bar)
     recent = sum((Counter(f) for f in window), Counter())
-    if recent["critic_failed"] >= cfg.critic_fail_max * n * len(window) and done < steps:
+    if recent["critic_failed"] >= cfg.critic_fail_max * n * len(window):  # (the last step too: exit 3, not 0)
         return (f"{recent['critic_failed']:.0f} of {n * len(window)} critiques failed over the last {len(window)} "
                 f"steps ({failure_kinds(recent)}), at least --critic-fail-max {cfg.critic_fail_max}. Fix: "
                 f"{critic_fix(cfg, recent)}")

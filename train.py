@@ -93,7 +93,7 @@ from config import (PAPER_FEEDBACKS, Config, ConfigError, form_config, group_siz
                     parse_config, preflight, run_name, total_steps)
 from runtime import (CheckpointError, Dist, Logger, StopFlag, Timer, all_reduce_sum, critic_down, make_vllm_engine,
                      nothing_learned, push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir,
-                     start_policy, sum_over_ranks, warn)
+                     start_policy, sum_over_ranks, unusable_as_failures, warn)
 
 EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_SIGTERM = 2, 3, 4, 143
 
@@ -173,6 +173,10 @@ def feedback_contexts(cfg, critic_backend, items: list[Item], timer
             stats[f"critic_failed_{kind}"] = float(count)  # why: refused, timeout, http_<status>, malformed, length
         stats["critic_schema_ok"] = float(sum(c.schema_ok for c in critiques if c.error is None))
         stats["skipped_unstructured"] = float(sum(ctx is None for ctx in unstructured))
+        # the skipped ones count toward the stop rule like failed requests (runtime.unusable_as_failures)
+        stats["unusable_empty"] = float(sum(ctx is None and not c.text.strip() for c, ctx in
+                                            zip(critiques, contexts) if c.error is None and not c.schema_ok))
+        stats["unusable_schema"] = stats["skipped_unstructured"] - stats["unusable_empty"]
         stats["kept_unstructured"] = float(sum(ctx is not None for ctx in unstructured))
         return contexts, critiques, stats
     if cfg.feedback == "refsol":
@@ -423,8 +427,9 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             done = step + 1
             push_adapter(cfg, d, model, engine, done)
             sums = diagnostics.metric_sums(cfg, losses) | diagnostics.step_diagnostics(cfg, items, losses, d)
-            failures = sum_over_ranks({k: v for k, v in stats.items() if k.startswith("critic_failed")}, d)
-            counters["skipped_critic"] += int(failures.get("critic_failed", 0))  # all ranks' failures
+            failures = sum_over_ranks({k: v for k, v in stats.items() if k.startswith(("critic_failed", "unusable_"))},
+                                      d)
+            counters["skipped_critic"] += int(unusable_as_failures(failures).get("critic_failed", 0))  # all ranks
             record = diagnostics.step_record(cfg, done, items, sums, stats, counters, timer,
                                              time.perf_counter() - t0, grad_norm, d) | failures
             log.write("log.jsonl", record)
@@ -433,8 +438,8 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.2f}")
             down = None
             if cfg.feedback == "stepalign":  # one critique per rollout
-                window.append(failures)
-                down = critic_down(cfg, run_name(cfg), cfg.prompts_per_step * group_size(cfg), window, done, steps, d,
+                window.append(unusable_as_failures(failures))  # a critique that fails the schema or is empty counts
+                down = critic_down(cfg, run_name(cfg), cfg.prompts_per_step * group_size(cfg), window, done, d,
                                    bar)
             stopping = stop.agreed(d)  # read once: the save below and the exit must agree
             if done % cfg.eval_every == 0 or done == steps:
@@ -447,8 +452,10 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 return _stopped(out_dir, done, d)
             if down:
                 if d.master:
+                    then = ("continue with the same command and --resume" if done < steps else
+                            "this was the last step: its evaluation used these steps' weights")
                     warn(f"train.py: error: [{run_name(cfg)}] stopped at step {done}: {down}. A checkpoint of step "
-                         f"{done} is in {out_dir}: continue with the same command and --resume.", bar)
+                         f"{done} is in {out_dir}: {then}.", bar)
                 raise SystemExit(EXIT_CRITIC_DOWN)
     if bar is not None:
         bar.close()

@@ -286,22 +286,34 @@ def test_a_critic_that_dies_mid_run_warns_then_stops_with_a_checkpoint(tiny_mode
         server.stop()
 
 
-def test_unstructured_critiques_are_skipped_and_logged_per_step(tiny_model_dir, tmp_path):
-    """The paper's default: a critique that fails the schema never reaches the teacher; the step counts it."""
-    server = CriticServer("ok</think>\n\nLooks fine to me.")  # QwQ-style: the trace's <think> was in the prompt
+@pytest.mark.parametrize("content,kind,failed", [("ok</think>\n\nLooks fine to me.", "schema", 0),
+                                                ("a trace never closed", "empty", 0),  # all trace: empty
+                                                ("", "empty", 4)])  # an empty content: the request failed
+def test_unusable_critiques_are_skipped_counted_and_stop_the_run(tiny_model_dir, tmp_path, capsys, content, kind,
+                                                                 failed):
+    """The paper's default: a critique that fails the schema (or is empty) never reaches the teacher; the step counts
+    it, warns naming it, and it counts toward --critic-fail-max like a failed request: a critic that never follows
+    the schema stops the run (exit 3), at the last step too, with a checkpoint."""
+    server = CriticServer(content)  # QwQ-style: the trace's <think> was in the prompt
     out = tmp_path / "run"
     try:
-        with pytest.raises(SystemExit) as stop:  # no step changed the weights
+        with pytest.raises(SystemExit) as stop:
             train.main(tiny_args(tiny_model_dir, out, "--max-steps", "1", "--critic", "server", "--critic-url",
                                  server.url, "--critic-model", "critic", "--critic-retries", "0", "--eval-every", "5"))
     finally:
         server.stop()
-    assert stop.value.code == train.EXIT_NOTHING_LEARNED
+    err = capsys.readouterr().err
+    assert stop.value.code == train.EXIT_CRITIC_DOWN, err
+    assert f"step 1: the critic failed on 4 of 4 rollouts ({kind} 4); they are skipped" in err
+    assert f"stopped at step 1: 4 of 4 critiques failed over the last 1 steps ({kind} 4)" in err
+    assert "this was the last step" in err
     [record] = read_jsonl(out / "log.jsonl")
-    assert record["critic_failed"] == 0 and record["skipped_critic"] == 0  # the server answered every request
-    assert record["skipped_unstructured_step"] == record["skipped_critic_step"] == 4
+    assert record["critic_failed"] == failed and record["skipped_critic"] == 4  # nothing usable
+    assert record.get(f"unusable_{kind}", 0) == 4 - failed
+    assert record["skipped_unstructured_step"] == 4 - failed and record["skipped_critic_step"] == 4
     assert record["kept_unstructured_step"] == 0 and record["critic_schema_ok"] == 0.0
     assert record["loss"] == 0.0 and record["skipped_empty"] == 1  # nothing reached the teacher
+    assert [p.name for p in runtime.checkpoint_dirs(out)] == ["step_000001"]
 
 
 def test_unstructured_policy_skip_or_keep(tiny_model_dir, smol_tokenizer, serve):
