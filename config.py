@@ -115,6 +115,8 @@ class Config:
     lr: float = opt(5e-6, "AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping (departure 1)")
+    nonfinite_max: int = opt(3, "stop (exit 5, checkpoint of the last good weights) after this many steps in a row "
+                             "refused because their loss, gradient or updated weights were not finite")
     prompts_per_step: int = opt(32, "problems per optimizer step, across all ranks")
     micro_batch: int = opt(4, "rollouts per forward/backward pass on one rank")
     loss_chunk: int = opt(1024, "positions per chunk of the memory-bounded loss")
@@ -212,6 +214,7 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
         ("critic_fail_max", 0 < cfg.critic_fail_max <= 1, "must be a share in (0, 1]"),
         ("critic_concurrency", cfg.critic_concurrency >= 1, "must be >= 1"),
         ("critic_retries", cfg.critic_retries >= 0, "must be >= 0"),
+        ("nonfinite_max", cfg.nonfinite_max >= 1, "must be >= 1 step"),
         ("critic_max_tokens", cfg.critic_max_tokens >= 1, "must be >= 1"),
         ("vllm_gpu_memory", 0 < cfg.vllm_gpu_memory <= 1, "must be a fraction in (0, 1]"),
         ("lora_r", cfg.lora_r >= 1, "must be >= 1"),
@@ -339,7 +342,7 @@ def total_steps(cfg: Config, n_train: int) -> int:
 # checkpoint, what is displayed, and memory knobs that leave the step's math as it is (up to float rounding)
 RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps", "epochs", "eval_every", "critic_url",
                      "critic_api_key_env", "critic_timeout", "critic_concurrency", "critic_retries",
-                     "critic_fail_window", "critic_fail_max", "vllm_gpu_memory", "vllm_kv_cache_gib", "micro_batch",
+                     "critic_fail_window", "critic_fail_max", "nonfinite_max", "vllm_gpu_memory", "vllm_kv_cache_gib", "micro_batch",
                      "loss_chunk", "grad_checkpointing", "teacher_samples"}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import pickle
 import random
@@ -198,6 +199,11 @@ class StopFlag:
         return bool(all_reduce_sum(flag, d).item() > 0)
 
 
+def strict_json(record: dict) -> dict:
+    """The record with every non-finite float (NaN: no step taken, or no token to average over) as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
 class Logger:
     """JSONL lines appended to files in `out_dir` (and TensorBoard scalars), on the enabled rank only."""
 
@@ -215,8 +221,9 @@ class Logger:
     def write(self, name: str, record: dict) -> None:
         if not self.enabled:
             return
+        line = json.dumps(strict_json(record), allow_nan=False)  # strict JSON: no bare NaN or Infinity
         with (self.dir / name).open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(line + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -308,6 +315,17 @@ def critic_down(cfg, name: str, n: int, window: deque, done: int, d: Dist, bar) 
                 f"steps ({failure_kinds(recent)}), at least --critic-fail-max {cfg.critic_fail_max}. Fix: "
                 f"{critic_fix(cfg, recent)}")
     return None
+
+
+def policy_finite(model, probe: torch.Tensor, d: Dist) -> bool:
+    """Every LoRA weight and ΔW = (α/r)·B A finite in fp32 (what `sampling` merges), and the policy's logits on
+    `probe` (1, L) token ids finite: a finite adapter can still overflow the activations. Agreed over ranks."""
+    ok = all(torch.isfinite(m.lora_A.weight).all() and torch.isfinite(m.lora_B.weight).all()
+             and torch.isfinite(m.delta_weight()).all() for m in lora.lora_layers(model).values())
+    if ok:
+        with torch.no_grad():
+            ok = bool(torch.isfinite(model(input_ids=probe.to(d.device)).logits).all())
+    return all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=d.device), d).item() == 0
 
 
 # ---------------------------------------------------------------------------------------------- model and engine

@@ -30,8 +30,8 @@ Diagnostics of each step in log.jsonl: diagnostics.py. Options and presets: conf
 logs: runtime.py.
 Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes:
 2 bad input (or a checkpoint refused on --resume: it must be data only), 3 too many failed critiques over the last
-steps (checkpoint written, fix and --resume), 4 no step of a run changed the weights, 143 SIGTERM (checkpoint
-written).
+steps (checkpoint written, fix and --resume), 4 no step of a run changed the weights, 5 --nonfinite-max steps in a
+row refused as not finite (checkpoint of the last good weights), 143 SIGTERM (checkpoint written).
 
 Departures from the paper:
 1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.
@@ -64,6 +64,7 @@ Departures from the paper:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -93,9 +94,9 @@ from config import (PAPER_FEEDBACKS, Config, ConfigError, form_config, group_siz
                     parse_config, preflight, run_name, total_steps)
 from runtime import (CheckpointError, Dist, Logger, StopFlag, Timer, all_reduce_sum, critic_down, make_vllm_engine,
                      nothing_learned, push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir,
-                     start_policy, sum_over_ranks, unusable_as_failures, warn)
+                     start_policy, policy_finite, sum_over_ranks, unusable_as_failures, warn)
 
-EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_SIGTERM = 2, 3, 4, 143
+EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_SIGTERM = 2, 3, 4, 5, 143
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,10 +297,13 @@ def step_normalizer(cfg, items: list[Item], d: Dist) -> float:
     return all_reduce_sum(torch.tensor([float(count)], device=d.device), d).item()
 
 
-def optimizer_step(cfg, params: list, optimizer, bad: float, normalizer: float, d: Dist) -> tuple[str | None, float]:
+def optimizer_step(cfg, model, params: list, optimizer, bad: float, normalizer: float, probe: torch.Tensor, d: Dist
+                   ) -> tuple[str | None, float]:
     """Step 6 after the backward passes: ONE all-reduce of the LoRA gradients and the `bad` flag, clip, AdamW.
     Returns (None, or the counter of a skipped step: skipped_empty, nothing to learn from on any rank, where AdamW's
-    momentum would still move the weights; skipped_nonfinite, a loss or gradient not finite) and the norm (or NaN)."""
+    momentum would still move the weights; skipped_nonfinite, a loss or gradient not finite, or an update after
+    which a LoRA weight, ΔW or the policy's logits on `probe` (1, L) are not finite: then the weights and AdamW's
+    state are restored) and the norm (or NaN)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([bad], device=d.device)])
     all_reduce_sum(flat, d)
@@ -312,7 +316,14 @@ def optimizer_step(cfg, params: list, optimizer, bad: float, normalizer: float, 
             p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        weights, state = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
         optimizer.step()
+        if not policy_finite(model, probe, d):
+            with torch.no_grad():
+                for p, w in zip(params, weights):
+                    p.copy_(w)
+            optimizer.load_state_dict(state)
+            skipped = "skipped_nonfinite"
     else:
         skipped = "skipped_nonfinite"
     optimizer.zero_grad(set_to_none=True)
@@ -375,6 +386,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
         from tqdm import tqdm
         bar = tqdm(total=steps, initial=start, desc=cfg.feedback, unit="step", dynamic_ncols=True)
     window = deque(maxlen=cfg.critic_fail_window)  # failed critiques of the last steps (all ranks)
+    diverged = 0  # consecutive steps refused as not finite
     with StopFlag() as stop:
         for step in range(start, steps):
             timer, t0 = Timer(), time.perf_counter()
@@ -420,9 +432,11 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 with timer("student"):
                     loss.backward()
                 losses.append((mb, loss.detach(), mb_stats, mask))
-            skipped, grad_norm = optimizer_step(cfg, params, optimizer, bad, normalizer, d)
+            probe = torch.tensor([items[0].prompt_ids + items[0].completion.token_ids])  # (1, L)
+            skipped, grad_norm = optimizer_step(cfg, model, params, optimizer, bad, normalizer, probe, d)
             if skipped:
                 counters[skipped] += 1
+            diverged = diverged + 1 if skipped == "skipped_nonfinite" else 0
             # 7. the new adapter to the generation engine
             done = step + 1
             push_adapter(cfg, d, model, engine, done)
@@ -450,6 +464,14 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 save_checkpoint(cfg, model, optimizer, done, counters, d)
             if stopping:
                 return _stopped(out_dir, done, d)
+            if diverged >= cfg.nonfinite_max:
+                save_checkpoint(cfg, model, optimizer, done, counters, d)  # the weights of the last good step
+                if d.master:
+                    warn(f"train.py: error: [{run_name(cfg)}] stopped at step {done}: its last {diverged} steps had a "
+                         f"loss, gradient or update that is not finite (--nonfinite-max {cfg.nonfinite_max}); the "
+                         f"weights are those of the last good step, checkpointed in {out_dir}. Fix: a lower --lr "
+                         f"({cfg.lr}) or --max-grad-norm ({cfg.max_grad_norm})", bar)
+                raise SystemExit(EXIT_DIVERGED)
             if down:
                 if d.master:
                     then = ("continue with the same command and --resume" if done < steps else

@@ -365,6 +365,37 @@ def test_non_finite_loss_skips_the_step_without_touching_weights(tiny_model_dir,
     assert all(v.abs().max() == 0 for k, v in adapter(out, 2).items() if "lora_B" in k)  # B is still zero
 
 
+def strict_jsonl(path):
+    """The lines of a JSONL file, refusing the non-standard constants NaN and Infinity that json.loads accepts."""
+    def refuse(name):
+        raise ValueError(f"{path}: {name} is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines()]
+
+
+def test_a_diverging_run_is_refused_step_by_step_then_stops_with_the_last_good_weights(tiny_model_dir, tmp_path,
+                                                                                        capsys):
+    """--lr 1e30: AdamW's first step moves every LoRA weight by ~lr, so ΔW = (α/r)·B A overflows fp32. Each such
+    update is undone (weights and AdamW state) and counted; after --nonfinite-max steps in a row the run stops
+    (exit 5) with a checkpoint holding the last good weights (here the initial ones: B = 0). Sampling never sees
+    the diverged weights; log.jsonl stays strict JSON."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny_model_dir, out, "--feedback", "refsol", "--lr", "1e30", "--max-steps", "6",
+                             "--nonfinite-max", "2", "--eval-every", "100"))
+    err = capsys.readouterr().err
+    assert stop.value.code == train.EXIT_DIVERGED, err
+    assert "stopped at step 2: its last 2 steps had a loss, gradient or update that is not finite" in err
+    assert "--lr" in err
+    log = strict_jsonl(out / "log.jsonl")
+    assert [r["skipped_nonfinite"] for r in log] == [1, 2]
+    assert all(math.isfinite(r["grad_norm"]) for r in log)  # (the gradients were fine; the updates were not)
+    assert [p.name for p in runtime.checkpoint_dirs(out)] == ["step_000002"]
+    weights = adapter(out, 2)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert all(v.abs().max() == 0 for k, v in weights.items() if "lora_B" in k)  # the initial B: nothing applied
+    strict_jsonl(out / "eval.jsonl")
+
+
 def test_verdict_feedback_and_pbsd_objective_run(tiny_model_dir, tmp_path, capsys):
     train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "verdict", "--max-steps", "1",
                          "--teacher-samples"))
@@ -435,7 +466,7 @@ def test_a_step_with_nothing_to_learn_leaves_the_weights_alone(tiny_model_dir, t
     assert all(torch.equal(before[k], after[k]) for k in before)
     log = read_jsonl(out / "log.jsonl")
     assert [r["skipped_empty"] for r in log] == [0, 1] and log[1]["skipped_critic_step"] == 4
-    assert log[1]["grad_norm"] != log[1]["grad_norm"]  # NaN: no step taken
+    assert log[1]["grad_norm"] is None  # no step taken (NaN, written as null: log.jsonl is strict JSON)
 
 
 def test_feedback_all_evaluates_the_base_policy_once(tiny_model_dir, tmp_path, monkeypatch):
