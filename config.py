@@ -342,8 +342,8 @@ def total_steps(cfg: Config, n_train: int) -> int:
 # checkpoint, what is displayed, and memory knobs that leave the step's math as it is (up to float rounding)
 RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps", "epochs", "eval_every", "critic_url",
                      "critic_api_key_env", "critic_timeout", "critic_concurrency", "critic_retries",
-                     "critic_fail_window", "critic_fail_max", "nonfinite_max", "vllm_gpu_memory", "vllm_kv_cache_gib", "micro_batch",
-                     "loss_chunk", "grad_checkpointing", "teacher_samples"}
+                     "critic_fail_window", "critic_fail_max", "nonfinite_max", "vllm_gpu_memory", "vllm_kv_cache_gib",
+                     "micro_batch", "loss_chunk", "grad_checkpointing", "teacher_samples"}
 
 
 def form_config(cfg: Config, feedback: str) -> Config:

@@ -47,9 +47,10 @@ Departures from the paper:
 5. A rollout whose critique failed (timeout, server error, cut by --critic-max-tokens) is skipped: its tokens
    are masked out of the loss and counted in `skipped_critic`. So is one whose critique fails the schema or is
    empty (`--critic-unstructured skip`, counted per step in `skipped_unstructured_step`): the paper's teacher
-   sees only structured corrective feedback (`keep` gives the text to the teacher instead). A step whose loss
-   or gradient is not finite is skipped and counted (`skipped_nonfinite`), and so is a step with nothing to
-   learn from (`skipped_empty`).
+   sees only structured corrective feedback (`keep` gives the text to the teacher instead). A step whose loss,
+   gradient or update is not finite is skipped and counted (`skipped_nonfinite`; an update is undone), and so is
+   a step with nothing to learn from (`skipped_empty`). Critiques that fail the schema or are empty count toward
+   --critic-fail-max like failed requests.
 6. DDP without DistributedDataParallel: the LoRA gradients are summed by ONE explicit all-reduce per step after
    the last micro-batch (every rank reaches it every step), not by backward hooks. So a rank may skip the
    backward pass of a micro-batch with no valid rollout, or with a non-finite loss (then every rank drops the

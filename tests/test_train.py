@@ -136,7 +136,7 @@ class Payload:
 
 @pytest.mark.parametrize("name", ["rng_rank0.pt", "optimizer.pt"])
 def test_resume_refuses_a_checkpoint_that_holds_code(tiny_model_dir, tmp_path, capsys, name):
-    """A `__reduce__` payload planted in a checkpoint file never runs: --resume exits 2 with one line naming the file."""
+    """A `__reduce__` payload planted in a checkpoint file never runs: --resume exits 2, one line naming the file."""
     out = tmp_path / "run"
     train.main(tiny_args(tiny_model_dir, out, "--max-steps", "1", "--eval-every", "1"))
     [ckpt] = runtime.checkpoint_dirs(out)
