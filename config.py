@@ -67,15 +67,18 @@ class Config:
                           "--enable-prefix-caching`)")
     critic_model: str = opt("Qwen/QwQ-32B", "critic model name (server) or path (local)")
     critic_api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the critic server's API key")
-    critic_timeout: float = opt(900.0, "seconds per critic request (each attempt) before it counts as failed, time "
-                                "in the server's queue included (README: the critic server's arithmetic)")
+    critic_timeout: float = opt(600.0, "wall-clock seconds per critic request attempt, time in the server's queue "
+                                "included (a 16,384-token critique at 30 tokens/s takes 550 s); with the default --critic-retries 1, a hung critic costs "
+                                "one step 2 x 600 + 1 s = about 20 minutes, then the stop rule (--critic-fail-max) "
+                                "ends the run")
     critic_fail_window: int = opt(5, "steps over which failed critiques are counted (fewer at the start and "
                                   "after --resume)")
     critic_fail_max: float = opt(0.5, "stop (checkpoint, exit 3) when at least this share of the critiques of the "
                                  "last --critic-fail-window steps failed")
     critic_concurrency: int = opt(32, "concurrent critic requests per rank (the server sees up to the ranks' "
                                   "rollouts of a step at once: 32 in the paper's setup)")
-    critic_retries: int = opt(3, "retries per critic request (exponential backoff) before the rollout is skipped")
+    critic_retries: int = opt(1, "retries per critic request (exponential backoff) before the rollout is skipped; "
+                              "each adds up to --critic-timeout to a step when the critic hangs")
     critic_max_tokens: int = opt(CRITIC_MAX_TOKENS, "critic generation budget, its <think> trace included; an answer "
                                  "cut by it is a failed critique (critic.MAX_TOKENS)")
     critic_think_in_prompt: bool = opt(True, "server critic: its chat template ends the prompt with an open <think> "
@@ -117,6 +120,8 @@ class Config:
     lr: float = opt(5e-6, "AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping (departure 1)")
+    nonfinite_max: int = opt(3, "stop (exit 5, checkpoint of the last good weights) after this many steps in a row "
+                             "refused because their loss, gradient or updated weights were not finite")
     prompts_per_step: int = opt(32, "problems per optimizer step, across all ranks")
     micro_batch: int = opt(4, "rollouts per forward/backward pass on one rank")
     loss_chunk: int = opt(1024, "positions per chunk of the memory-bounded loss")
@@ -218,6 +223,7 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
         ("critic_fail_max", 0 < cfg.critic_fail_max <= 1, "must be a share in (0, 1]"),
         ("critic_concurrency", cfg.critic_concurrency >= 1, "must be >= 1"),
         ("critic_retries", cfg.critic_retries >= 0, "must be >= 0"),
+        ("nonfinite_max", cfg.nonfinite_max >= 1, "must be >= 1 step"),
         ("critic_max_tokens", cfg.critic_max_tokens >= 1, "must be >= 1"),
         ("vllm_gpu_memory", 0 < cfg.vllm_gpu_memory <= 1, "must be a fraction in (0, 1]"),
         ("lora_r", cfg.lora_r >= 1, "must be >= 1"),
@@ -347,8 +353,8 @@ def total_steps(cfg: Config, n_train: int) -> int:
 # checkpoint, what is displayed, and memory knobs that leave the step's math as it is (up to float rounding)
 RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps", "epochs", "eval_every", "critic_url",
                      "critic_api_key_env", "critic_timeout", "critic_concurrency", "critic_retries",
-                     "critic_fail_window", "critic_fail_max", "vllm_gpu_memory", "vllm_kv_cache_gib", "micro_batch",
-                     "loss_chunk", "grad_checkpointing", "teacher_samples"}
+                     "critic_fail_window", "critic_fail_max", "nonfinite_max", "vllm_gpu_memory", "vllm_kv_cache_gib",
+                     "micro_batch", "loss_chunk", "grad_checkpointing", "teacher_samples"}
 
 
 def form_config(cfg: Config, feedback: str) -> Config:

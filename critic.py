@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import re
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor, wait
+import urllib.parse
 from dataclasses import dataclass
 
 import data
@@ -60,7 +61,7 @@ class Critique:
     step_ok: list[bool] | None = None  # one verdict per student step
     schema_ok: bool = False
     error: str | None = None  # the backend failed for this item (text is then empty); a message for people
-    # why, for counting: "refused", "timeout", "connection", "http_<status>", "malformed", "length"
+    # why, for counting: "refused", "timeout", "connection", "http_<status>", "malformed", "length", "empty"
     error_kind: str | None = None
     schema_error: str | None = None  # why the schema did not validate
     # where the wrong claim is in the student's response (exact_critic.ExactArithmeticCritic only; for figures)
@@ -138,8 +139,8 @@ class CriticUnavailable(Exception):
 
 
 def _network_failure(e: Exception, url: str) -> _RequestFailed:
-    """An exception of urllib / http.client / the socket layer as a retryable failure with its kind."""
-    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    """An exception of http.client / the socket layer as a retryable failure with its kind."""
+    reason = e
     if isinstance(reason, ConnectionRefusedError):
         kind = "refused"
     elif isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError
@@ -149,33 +150,76 @@ def _network_failure(e: Exception, url: str) -> _RequestFailed:
     return _RequestFailed(f"request to {url} failed: {type(reason).__name__}: {reason}", True, kind)
 
 
+class _Deadline:
+    """A wall-clock limit on one HTTP exchange: at `timeout_s` a daemon timer shuts the connection's socket down, which
+    ends a blocked read at once. A socket timeout alone restarts with each byte, so a server that drips its answer
+    would never reach it."""
+
+    def __init__(self, conn: http.client.HTTPConnection, timeout_s: float):
+        self.conn, self.expired = conn, False
+        self.timer = threading.Timer(timeout_s, self._cut)
+        self.timer.daemon = True  # (and cancelled when the exchange ends first)
+
+    def _cut(self):
+        self.expired = True
+        sock = self.conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed by the reader: nothing left to cut
+                pass
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        self.conn.close()
+
+
 def _request(url: str, body: bytes | None, key: str | None, timeout_s: float) -> bytes:
-    """The raw answer to one request: POST of a JSON `body`, or GET when it is None; at most `timeout_s` seconds.
-    Raises _RequestFailed: kind "http_<status>" (retryable for 5xx, 408, 429, detail = the start of its body),
-    or "refused" / "timeout" / "connection" (retryable)."""
+    """The raw answer to one request: POST of a JSON `body`, or GET when it is None; at most `timeout_s` seconds of
+    wall clock for the whole exchange (_Deadline). Redirects are never followed: the key goes to `url`'s server only.
+    Raises _RequestFailed: kind "http_<status>" (retryable for 5xx, 408, 429, detail = the start of its body; a 3xx
+    names where it pointed), or "refused" / "timeout" / "connection" (retryable)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _RequestFailed(f"{url} is not an http(s) URL", False, "malformed")
     headers = {} if body is None else {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(url, data=body, headers=headers, method="GET" if body is None else "POST")
-    deadline = time.monotonic() + timeout_s
+    connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = connection(parts.hostname, parts.port, timeout=timeout_s)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    deadline = _Deadline(conn, timeout_s)
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            chunks = []
-            while chunk := response.read(65536):
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise _RequestFailed(f"timed out after {timeout_s} s while reading the answer", True, "timeout")
-            return b"".join(chunks)
-    except urllib.error.HTTPError as e:
-        detail = e.read(300).decode("utf-8", "replace") if e.fp is not None else ""
-        raise _RequestFailed(f"HTTP {e.code} from {url}: {detail}", retryable=e.code >= 500 or e.code in (408, 429),
-                             kind=f"http_{e.code}", detail=detail) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timeout
+        with deadline:
+            conn.request("GET" if body is None else "POST", path, body=body, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+            if deadline.expired:  # (a read cut at the deadline may look like a complete, shorter answer)
+                raise OSError("cut at the deadline")
+    except (OSError, http.client.HTTPException) as e:  # refused, reset, timeout, cut
+        if deadline.expired:
+            raise _RequestFailed(f"timed out after {timeout_s} s: no complete answer from {url}", True,
+                                 "timeout") from None
         raise _network_failure(e, url) from None
+    status = response.status
+    if 300 <= status < 400:
+        target = urllib.parse.urlsplit(response.getheader("Location") or "")
+        where = f"{target.scheme}://{target.netloc}" if target.netloc else "the same server"
+        detail = f"a redirect to {where}, not followed (the API key is sent to --critic-url only)"
+        raise _RequestFailed(f"HTTP {status} from {url}: {detail}", False, f"http_{status}", detail)
+    if status >= 400:
+        detail = raw[:300].decode("utf-8", "replace")
+        raise _RequestFailed(f"HTTP {status} from {url}: {detail}", retryable=status >= 500 or status in (408, 429),
+                             kind=f"http_{status}", detail=detail)
+    return raw
 
 
 class ServerCritic:
-    """Critic behind an OpenAI-compatible chat-completions server (stdlib only: urllib + a thread pool).
+    """Critic behind an OpenAI-compatible chat-completions server (stdlib only: http.client + daemon threads).
 
     Greedy by default (temperature 0, the paper's critic). The API key is read from the environment variable
     `api_key_env` at each request (never stored on the object, printed, logged, or put into an error message);
@@ -192,7 +236,7 @@ class ServerCritic:
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_tokens: int = MAX_TOKENS,
-                 timeout_s: float = 1200.0, max_retries: int = 3, backoff_s: float = 2.0, max_workers: int = 32,
+                 timeout_s: float = 600.0, max_retries: int = 1, backoff_s: float = 2.0, max_workers: int = 32,
                  temperature: float = 0.0, think_in_prompt: bool = False):
         base = base_url.rstrip("/")
         self.url = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
@@ -218,24 +262,35 @@ class ServerCritic:
 
     def complete(self, messages_batch: list[list[dict]]) -> list[tuple[str | None, str | None, str | None]]:
         """(text, None, None) or (None, error, error_kind) per conversation, in order; never raises for a failed
-        request. The text is the raw answer (think trace included); error_kind "length": cut by max_tokens."""
-        if not messages_batch:
+        request. The text is the raw answer (think trace included); error_kind "length": cut by max_tokens.
+        The requests run on daemon threads (none keeps the process alive after it exits); each attempt has a hard
+        wall-clock deadline, so the batch ends within its worst case: rounds of `max_workers` requests, each at most
+        (max_retries + 1)·timeout_s plus its backoff."""
+        n = len(messages_batch)
+        if n == 0:
             return []
-        worst_case = (self.max_retries + 1) * 2 * self.timeout_s + self.backoff_s * (2 ** (self.max_retries + 1)) + 5
-        pool = ThreadPoolExecutor(max_workers=min(self.max_workers, len(messages_batch)))
-        try:
-            futures = [pool.submit(self._complete_one, m) for m in messages_batch]
-            wait(futures, timeout=worst_case)
-            results = []
-            for f in futures:
-                if not f.done():
-                    f.cancel()
-                    results.append((None, f"no answer within {worst_case:.0f} s", "timeout"))
-                else:
-                    results.append(f.result())  # _complete_one returns errors, it does not raise
-            return results
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+        per_request = (self.max_retries + 1) * self.timeout_s + self.backoff_s * (2 ** self.max_retries - 1)
+        workers = min(self.max_workers, n)
+        worst_case = math.ceil(n / workers) * per_request + 5
+        results: list = [None] * n
+        queue = iter(range(n))
+        lock = threading.Lock()
+
+        def work():
+            while True:
+                with lock:
+                    i = next(queue, None)
+                if i is None:
+                    return
+                results[i] = self._complete_one(messages_batch[i])  # returns errors, does not raise
+
+        threads = [threading.Thread(target=work, daemon=True, name=f"critic-{j}") for j in range(workers)]
+        for t in threads:
+            t.start()
+        end = time.monotonic() + worst_case
+        for t in threads:
+            t.join(max(0.0, end - time.monotonic()))
+        return [r if r is not None else (None, f"no answer within {worst_case:.0f} s", "timeout") for r in results]
 
     def _complete_one(self, messages: list[dict]) -> tuple[str | None, str | None, str | None]:
         key = os.environ.get(self.api_key_env) or None
@@ -263,7 +318,11 @@ class ServerCritic:
             if finish_reason == "length":
                 raise _RequestFailed(f"the answer from {self.url} was cut at max_tokens={self.max_tokens} "
                                      "(finish_reason 'length'); a truncated critique is not used", False, "length")
-            text = choice["message"]["content"]
+            message = choice["message"]
+            text = message["content"]
+            if finish_reason == "stop" and not (text or "").strip():
+                raise _RequestFailed(f"the answer from {self.url} has an empty content (a reasoning parser that "
+                                     "kept everything in reasoning_content?)", False, "empty")
             if not isinstance(text, str):
                 raise TypeError(f"content is {type(text).__name__}")
             if finish_reason != "stop":
@@ -271,6 +330,8 @@ class ServerCritic:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise _RequestFailed(f"malformed answer from {self.url}: {type(e).__name__}: {e}; "
                                  f"body starts {raw[:120]!r}", True, "malformed") from None
+        if isinstance(message.get("reasoning_content"), str):  # a reasoning parser took the trace out of content:
+            return "</think>" + text  # content is the critique alone, whichever the template (data.strip_think)
         return text
 
     def check(self, timeout_s: float = 10.0) -> None:

@@ -185,6 +185,9 @@ class TransformersEngine:
                 token = logits.argmax(-1).tolist()  # (B,)
             else:
                 probs = torch.softmax(logits / temperature, dim=-1).cpu()  # (B, V)
+                if not torch.isfinite(probs).all():
+                    raise FloatingPointError("sampling: the policy's next-token probabilities are not finite "
+                                             "(diverged weights?)")
                 token = [torch.multinomial(probs[b], 1, generator=generators[b]).item() for b in range(B)]
             for b in range(B):
                 if not ended[b]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -80,10 +82,45 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and numbers only, so that they load with torch.load(weights_only=True): a
+    checkpoint is data, never code."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def set_rng_state(state: dict) -> None:
+    """The inverse of rng_state."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be loaded as data; the message is one line naming the file."""
+
+
+def load_data(path: Path):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers only. Anything else (a pickled
+    object, whose unpickling could run code) is refused with CheckpointError."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused, it holds more than tensors and numbers (a checkpoint is data, never "
+                              f"code; written by another program or an older version?): {first}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
 def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist) -> None:
@@ -123,18 +160,20 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
-    lora.load_adapter(model, str(path))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    """Adapter, optimizer, RNG states and data position of a checkpoint, every file loaded as data only (load_data).
+    Raises CheckpointError naming the file that is refused."""
+    optimizer_state = load_data(path / "optimizer.pt")
     rng_file = path / f"rng_rank{d.rank}.pt"
-    if not rng_file.exists():  # saved with fewer ranks; only dropout draws from these (sampling has its own seeds)
+    rng = load_data(rng_file) if rng_file.exists() else None
+    lora.load_adapter(model, str(path))
+    optimizer.load_state_dict(optimizer_state)
+    if rng is None:  # saved with fewer ranks; only dropout draws from these (sampling has its own seeds)
         print(f"rank {d.rank}: {path} has no {rng_file.name}; keeping this rank's fresh RNG states", flush=True)
     else:
-        state = torch.load(rng_file, weights_only=False)
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        try:
+            set_rng_state(rng)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{rng_file}: not an RNG state of this version ({type(e).__name__}: {e})") from None
     meta = json.loads((path / "state.json").read_text())
     return meta["step"], meta["counters"]
 
@@ -160,6 +199,11 @@ class StopFlag:
         return bool(all_reduce_sum(flag, d).item() > 0)
 
 
+def strict_json(record: dict) -> dict:
+    """The record with every non-finite float (NaN: no step taken, or no token to average over) as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
 class Logger:
     """JSONL lines appended to files in `out_dir` (and TensorBoard scalars), on the enabled rank only."""
 
@@ -177,8 +221,9 @@ class Logger:
     def write(self, name: str, record: dict) -> None:
         if not self.enabled:
             return
+        line = json.dumps(strict_json(record), allow_nan=False)  # strict JSON: no bare NaN or Infinity
         with (self.dir / name).open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(line + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -204,6 +249,17 @@ def sum_over_ranks(counts: dict[str, float], d: Dist) -> dict[str, float]:
         for k, v in rank_counts.items():
             total[k] = total.get(k, 0.0) + v
     return total
+
+
+def unusable_as_failures(counts: dict[str, float]) -> dict[str, float]:
+    """A step's critic counts with the critiques that reached no teacher (unusable_schema: failed the schema under
+    --critic-unstructured skip; unusable_empty: empty) counted as failures of kind "schema" and "empty"."""
+    out = {k: v for k, v in counts.items() if not k.startswith("unusable_")}
+    for kind in ("schema", "empty"):
+        if counts.get(f"unusable_{kind}"):
+            out[f"critic_failed_{kind}"] = out.get(f"critic_failed_{kind}", 0.0) + counts[f"unusable_{kind}"]
+            out["critic_failed"] = out.get("critic_failed", 0.0) + counts[f"unusable_{kind}"]
+    return out
 
 
 def failure_counts(failures: dict[str, float]) -> Counter:
@@ -234,12 +290,19 @@ def critic_fix(cfg, failures: dict[str, float]) -> str:
         return f"the server fails ({kind}): see its log (out of memory? a context shorter than the prompts?)"
     if kind == "malformed":
         return f"the answers of {cfg.critic_url} are not OpenAI chat completions: check --critic-url"
+    if kind == "schema":
+        return (f"the critiques of {cfg.critic_model} do not follow the schema (prompts.critic_messages): check "
+                f"--critic-model and --critic-think-in-prompt, or give unstructured text to the teacher with "
+                f"--critic-unstructured keep")
+    if kind == "empty":
+        return ("the critic's answers are empty: a think trace never closed (--critic-think-in-prompt?) or a "
+                "reasoning parser that keeps the whole answer in reasoning_content")
     if kind == "length":
         return f"critiques are cut by --critic-max-tokens {cfg.critic_max_tokens}: raise it"
     return "see the warnings above"
 
 
-def critic_down(cfg, name: str, n: int, window: deque, done: int, steps: int, d: Dist, bar) -> str | None:
+def critic_down(cfg, name: str, n: int, window: deque, done: int, d: Dist, bar) -> str | None:
     """Warn about the failed critiques of the step just done (window[-1], of n, all ranks); return the reason to
     stop when at least --critic-fail-max of the critiques of the steps in `window` failed, else None."""
     failures = window[-1]
@@ -247,11 +310,22 @@ def critic_down(cfg, name: str, n: int, window: deque, done: int, steps: int, d:
         warn(f"[{name}] step {done}: the critic failed on {failures['critic_failed']:.0f} of {n} rollouts "
              f"({failure_kinds(failures)}); they are skipped", bar)
     recent = sum((Counter(f) for f in window), Counter())
-    if recent["critic_failed"] >= cfg.critic_fail_max * n * len(window) and done < steps:
+    if recent["critic_failed"] >= cfg.critic_fail_max * n * len(window):  # (the last step too: exit 3, not 0)
         return (f"{recent['critic_failed']:.0f} of {n * len(window)} critiques failed over the last {len(window)} "
                 f"steps ({failure_kinds(recent)}), at least --critic-fail-max {cfg.critic_fail_max}. Fix: "
                 f"{critic_fix(cfg, recent)}")
     return None
+
+
+def policy_finite(model, probe: torch.Tensor, d: Dist) -> bool:
+    """Every LoRA weight and ΔW = (α/r)·B A finite in fp32 (what `sampling` merges), and the policy's logits on
+    `probe` (1, L) token ids finite: a finite adapter can still overflow the activations. Agreed over ranks."""
+    ok = all(torch.isfinite(m.lora_A.weight).all() and torch.isfinite(m.lora_B.weight).all()
+             and torch.isfinite(m.delta_weight()).all() for m in lora.lora_layers(model).values())
+    if ok:
+        with torch.no_grad():
+            ok = bool(torch.isfinite(model(input_ids=probe.to(d.device)).logits).all())
+    return all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=d.device), d).item() == 0
 
 
 # ---------------------------------------------------------------------------------------------- model and engine

@@ -29,8 +29,9 @@ same for every form) is evaluated once per invocation and logged in each run.
 Diagnostics of each step in log.jsonl: diagnostics.py. Options and presets: config.py; processes, checkpoints and
 logs: runtime.py.
 Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes:
-2 bad input, 3 too many failed critiques over the last steps (checkpoint written, fix and --resume), 4 no
-step of a run changed the weights, 143 SIGTERM (checkpoint written).
+2 bad input (or a checkpoint refused on --resume: it must be data only), 3 too many failed critiques over the last
+steps (checkpoint written, fix and --resume), 4 no step of a run changed the weights, 5 --nonfinite-max steps in a
+row refused as not finite (checkpoint of the last good weights), 143 SIGTERM (checkpoint written).
 
 Departures from the paper:
 1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.
@@ -46,9 +47,10 @@ Departures from the paper:
 5. A rollout whose critique failed (timeout, server error, cut by --critic-max-tokens) is skipped: its tokens
    are masked out of the loss and counted in `skipped_critic`. So is one whose critique fails the schema or is
    empty (`--critic-unstructured skip`, counted per step in `skipped_unstructured_step`): the paper's teacher
-   sees only structured corrective feedback (`keep` gives the text to the teacher instead). A step whose loss
-   or gradient is not finite is skipped and counted (`skipped_nonfinite`), and so is a step with nothing to
-   learn from (`skipped_empty`).
+   sees only structured corrective feedback (`keep` gives the text to the teacher instead). A step whose loss,
+   gradient or update is not finite is skipped and counted (`skipped_nonfinite`; an update is undone), and so is
+   a step with nothing to learn from (`skipped_empty`). Critiques that fail the schema or are empty count toward
+   --critic-fail-max like failed requests.
 6. DDP without DistributedDataParallel: the LoRA gradients are summed by ONE explicit all-reduce per step after
    the last micro-batch (every rank reaches it every step), not by backward hooks. So a rank may skip the
    backward pass of a micro-batch with no valid rollout, or with a non-finite loss (then every rank drops the
@@ -63,6 +65,7 @@ Departures from the paper:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -90,11 +93,11 @@ import rollout
 import sd_loss
 from config import (PAPER_FEEDBACKS, Config, ConfigError, form_config, group_size, load_problems, make_critic,
                     parse_config, preflight, run_name, total_steps)
-from runtime import (Dist, Logger, StopFlag, Timer, all_reduce_sum, critic_down, make_vllm_engine, nothing_learned,
-                     push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy,
-                     sum_over_ranks, warn)
+from runtime import (CheckpointError, Dist, Logger, StopFlag, Timer, all_reduce_sum, critic_down, make_vllm_engine,
+                     nothing_learned, push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir,
+                     start_policy, policy_finite, sum_over_ranks, unusable_as_failures, warn)
 
-EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_SIGTERM = 2, 3, 4, 143
+EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_SIGTERM = 2, 3, 4, 5, 143
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +180,10 @@ def feedback_contexts(cfg, critic_backend, items: list[Item], timer
         stats["wrong_correct_prefix"] = float(sum(exact_critic.copied_correct_equations(
             it.completion.text, prompts.corrected_solution(c.text)) > 0 for it, c in wrong))
         stats["skipped_unstructured"] = float(sum(ctx is None for ctx in unstructured))
+        # the skipped ones count toward the stop rule like failed requests (runtime.unusable_as_failures)
+        stats["unusable_empty"] = float(sum(ctx is None and not c.text.strip() for c, ctx in
+                                            zip(critiques, contexts) if c.error is None and not c.schema_ok))
+        stats["unusable_schema"] = stats["skipped_unstructured"] - stats["unusable_empty"]
         stats["kept_unstructured"] = float(sum(ctx is not None for ctx in unstructured))
         return contexts, critiques, stats
     if cfg.feedback == "refsol":  # the reference in its own wording, or (the format control) in the step format
@@ -298,10 +305,13 @@ def step_normalizer(cfg, items: list[Item], d: Dist) -> float:
     return all_reduce_sum(torch.tensor([float(count)], device=d.device), d).item()
 
 
-def optimizer_step(cfg, params: list, optimizer, bad: float, normalizer: float, d: Dist) -> tuple[str | None, float]:
+def optimizer_step(cfg, model, params: list, optimizer, bad: float, normalizer: float, probe: torch.Tensor, d: Dist
+                   ) -> tuple[str | None, float]:
     """Step 6 after the backward passes: ONE all-reduce of the LoRA gradients and the `bad` flag, clip, AdamW.
     Returns (None, or the counter of a skipped step: skipped_empty, nothing to learn from on any rank, where AdamW's
-    momentum would still move the weights; skipped_nonfinite, a loss or gradient not finite) and the norm (or NaN)."""
+    momentum would still move the weights; skipped_nonfinite, a loss or gradient not finite, or an update after
+    which a LoRA weight, ΔW or the policy's logits on `probe` (1, L) are not finite: then the weights and AdamW's
+    state are restored) and the norm (or NaN)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([bad], device=d.device)])
     all_reduce_sum(flat, d)
@@ -314,7 +324,14 @@ def optimizer_step(cfg, params: list, optimizer, bad: float, normalizer: float, 
             p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        weights, state = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
         optimizer.step()
+        if not policy_finite(model, probe, d):
+            with torch.no_grad():
+                for p, w in zip(params, weights):
+                    p.copy_(w)
+            optimizer.load_state_dict(state)
+            skipped = "skipped_nonfinite"
     else:
         skipped = "skipped_nonfinite"
     optimizer.zero_grad(set_to_none=True)
@@ -378,6 +395,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
         from tqdm import tqdm
         bar = tqdm(total=steps, initial=start, desc=cfg.feedback, unit="step", dynamic_ncols=True)
     window = deque(maxlen=cfg.critic_fail_window)  # failed critiques of the last steps (all ranks)
+    diverged = 0  # consecutive steps refused as not finite
     with StopFlag() as stop:
         for step in range(start, steps):
             timer, t0 = Timer(), time.perf_counter()
@@ -423,16 +441,19 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 with timer("student"):
                     loss.backward()
                 losses.append((mb, loss.detach(), mb_stats, mask))
-            skipped, grad_norm = optimizer_step(cfg, params, optimizer, bad, normalizer, d)
+            probe = torch.tensor([items[0].prompt_ids + items[0].completion.token_ids])  # (1, L)
+            skipped, grad_norm = optimizer_step(cfg, model, params, optimizer, bad, normalizer, probe, d)
             if skipped:
                 counters[skipped] += 1
+            diverged = diverged + 1 if skipped == "skipped_nonfinite" else 0
             # 7. the new adapter to the generation engine
             done = step + 1
             push_adapter(cfg, d, model, engine, done)
             sums = diagnostics.metric_sums(cfg, losses) | diagnostics.step_diagnostics(cfg, items, losses, d)
-            counts = sum_over_ranks({k: v for k, v in stats.items() if k.startswith(("critic_failed", "wrong_"))}, d)
-            failures = {k: v for k, v in counts.items() if k.startswith("critic_failed")}
-            counters["skipped_critic"] += int(failures.get("critic_failed", 0))  # all ranks' failures
+            counts = sum_over_ranks({k: v for k, v in stats.items()
+                                     if k.startswith(("critic_failed", "unusable_", "wrong_"))}, d)
+            failures = {k: v for k, v in counts.items() if not k.startswith("wrong_")}
+            counters["skipped_critic"] += int(unusable_as_failures(failures).get("critic_failed", 0))  # all ranks
             record = diagnostics.step_record(cfg, done, items, sums, stats, counters, timer,
                                              time.perf_counter() - t0, grad_norm, d) | counts
             log.write("log.jsonl", record)
@@ -441,8 +462,8 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.2f}")
             down = None
             if cfg.feedback == "stepalign":  # one critique per rollout
-                window.append(failures)
-                down = critic_down(cfg, run_name(cfg), cfg.prompts_per_step * group_size(cfg), window, done, steps, d,
+                window.append(unusable_as_failures(failures))  # a critique that fails the schema or is empty counts
+                down = critic_down(cfg, run_name(cfg), cfg.prompts_per_step * group_size(cfg), window, done, d,
                                    bar)
             stopping = stop.agreed(d)  # read once: the save below and the exit must agree
             if done % cfg.eval_every == 0 or done == steps:
@@ -453,10 +474,20 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 save_checkpoint(cfg, model, optimizer, done, counters, d)
             if stopping:
                 return _stopped(out_dir, done, d)
+            if diverged >= cfg.nonfinite_max:
+                save_checkpoint(cfg, model, optimizer, done, counters, d)  # the weights of the last good step
+                if d.master:
+                    warn(f"train.py: error: [{run_name(cfg)}] stopped at step {done}: its last {diverged} steps had a "
+                         f"loss, gradient or update that is not finite (--nonfinite-max {cfg.nonfinite_max}); the "
+                         f"weights are those of the last good step, checkpointed in {out_dir}. Fix: a lower --lr "
+                         f"({cfg.lr}) or --max-grad-norm ({cfg.max_grad_norm})", bar)
+                raise SystemExit(EXIT_DIVERGED)
             if down:
                 if d.master:
+                    then = ("continue with the same command and --resume" if done < steps else
+                            "this was the last step: its evaluation used these steps' weights")
                     warn(f"train.py: error: [{run_name(cfg)}] stopped at step {done}: {down}. A checkpoint of step "
-                         f"{done} is in {out_dir}: continue with the same command and --resume.", bar)
+                         f"{done} is in {out_dir}: {then}.", bar)
                 raise SystemExit(EXIT_CRITIC_DOWN)
     if bar is not None:
         bar.close()
@@ -497,6 +528,9 @@ def main(argv: list[str] | None = None) -> None:
             print(table)
             for line in idle:
                 print(f"train.py: error: {line}", file=sys.stderr, flush=True)
+    except CheckpointError as e:  # --resume on a checkpoint that is not data only: one line, no traceback
+        print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT) from None
     finally:
         if vllm_engine is not None:
             vllm_engine.close()  # under torchrun this also ends the process group (rollout.VLLMEngine.close)

