@@ -39,7 +39,7 @@ Departures from the paper:
    one user turn with the problem. "turns" continues the student's own chat: its prompt, the attempt y as the
    assistant's turn, then "Feedback: c" and a request for the corrected solution in the same format. On the
    135M demo model the paper's layout makes the teacher write prose and stop answering in the format, so its
-   samples are right less often than the student's; "turns" keeps the format (docs/demo/teacher_gap.md).
+   samples are right less often than the student's; "turns" keeps the format (docs/earlier_preset/teacher_gap.md).
    RefSol under "turns" also sees the attempt, which the OPSD teacher does not.
 5. The "echo" teacher layout (`--teacher-layout echo`) is ours too: the solution that c
    holds is put in the student's chat as the model's own earlier answer, then "Solve the problem again, in the
@@ -48,14 +48,14 @@ Departures from the paper:
    Verdict's teacher is the "turns" one. Under "turns" the attempt y sits in the teacher's context, so the
    teacher can copy y token by token: it is confident in the student's own tokens, errors included, and Eq. 3
    then mostly sharpens the student on its own samples. Under "echo" the teacher copies the corrected solution
-   instead, which StepAlignFB keeps aligned with y up to the wrong claim (docs/demo/ablation.md).
+   instead, which StepAlignFB keeps aligned with y up to the wrong claim (docs/earlier_preset/ablation.md).
 6. The "repeat" teacher layout (`--teacher-layout repeat`, ours, the demo preset's) is "echo" with the student
    prompt itself as the last turn instead of "Solve the problem again, in the same format.". The teacher then
    answers the very turn the student answers, and the solution before it is the one thing it has that the
    student has not. Under
    "echo" the request for "the same format" makes the 135M teacher restate the problem first, as the worked
    example does ("Problem: ..."); Eq. 3 taught that opening to the student, which then restated the problem with
-   wrong numbers (docs/demo/ablation.md).
+   wrong numbers (docs/earlier_preset/ablation.md).
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ Departures from the paper:
    QwQ-32B critic by the exact arithmetic critic, and shrinks every size (see PRESETS["demo"]). Its teacher
    prompt is the "repeat" layout (prompts.py departure 6): with the paper's, the 135M self-teacher stops
    answering; with "echo" (departure 5), the student learned to restate the problem, with wrong numbers
-   (docs/demo/ablation.md, the rows that chose it).
+   (docs/earlier_preset/ablation.md, the rows that chose it).
 5. A rollout whose critique failed (timeout, server error, cut by --critic-max-tokens) is skipped: its tokens
    are masked out of the loss and counted in `skipped_critic`. So is one whose critique fails the schema or is
    empty (`--critic-unstructured skip`, counted per step in `skipped_unstructured_step`): the paper's teacher
