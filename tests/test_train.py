@@ -779,6 +779,41 @@ def test_pbsd_micro_batch_against_direct_computation(models):
     assert (stats.n_pairs.item(), stats.n_decisive.item(), stats.tie_frac.item()) == (3.0, 2.0, pytest.approx(1 / 3))
 
 
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_grpo_micro_batch_against_direct_computation(models, aggregation):
+    """train.grpo_micro_batch with non-zero advantages against the clipped surrogate written out here, one unpadded
+    forward per rollout: ρ_t = π_θ(y_t)/π_old(y_t) = 1 in value (π_old = π_θ, one optimizer step per batch), so the
+    loss is −Σ A_i·(tokens or 1) / normalizer and its gradient −Σ A_i·∇log π_θ(y_t) / normalizer. A sign flip of A
+    flips both."""
+    model, _ = models
+    items = [dataclasses.replace(it, advantage=a) for it, a in zip(pair_items(), [1.5, -0.5, -0.25])]
+    cfg = config.parse_config(["--feedback", "grpo", "--grpo-aggregation", aggregation, "--loss-chunk", "5"])
+    normalizer = 13.0 if aggregation == "token" else 3.0  # the rollouts' 6 + 3 + 4 tokens, or the 3 sequences
+    loss, stats, _ = train.grpo_micro_batch(cfg, model, items, 0, normalizer, runtime.Timer())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    terms = []
+    for it in items:
+        y = it.completion.token_ids
+        logp = torch.log_softmax(direct_logits(model, it.prompt_ids, y), -1)  # (|y|, V)
+        logp_y = logp.gather(-1, torch.tensor(y)[:, None]).squeeze(-1)  # (|y|,)  log π_θ(y_t | x, y<t)
+        ratio = torch.exp(logp_y - logp_y.detach())  # (|y|,)  ρ_t, π_old = π_θ
+        per_token = -ratio * it.advantage  # (|y|,)  −min(ρ_t·A, clip(ρ_t)·A) = −ρ_t·A at ρ_t = 1
+        terms.append(per_token.sum() if aggregation == "token" else per_token.mean())
+    expected = torch.stack(terms).sum() / normalizer
+    expected.backward()
+    lengths = [len(it.completion.token_ids) for it in items]
+    value = -sum(it.advantage * (n if aggregation == "token" else 1) for it, n in zip(items, lengths)) / normalizer
+    assert expected.item() == pytest.approx(value, abs=1e-6) and abs(value) > 0.1
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
+    assert max(g.abs().max() for g in grads.values()) > 1e-2
+    assert stats.ratio_mean.item() == pytest.approx(1.0) and stats.clip_frac.item() == 0.0
+
+
 def test_teacher_samples_call_the_engine_once_even_with_every_rollout_skipped(tiny_smol):
     """vLLM's data-parallel generate is a collective (rollout.VLLMEngine): a rank whose rollouts were all skipped still
     calls the engine, once, with no prompt, so that the ranks that have teacher samples to draw are not left waiting.
