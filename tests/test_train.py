@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import config
 import exact_critic
+import grading
 import lora
 import rollout
 import runtime
@@ -106,6 +107,30 @@ def test_two_steps_log_everything(tiny_model_dir, tmp_path, feedback):
     assert all(k.startswith("base_model.model.") for k in weights)
     if feedback != "grpo":  # (the random model never answers, so GRPO's groups have zero advantage)
         assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())
+
+
+class Alternating(grading.AnswerChecker):
+    """Scripted rewards 1, 0, 1, 0, ... in grading order: every GRPO group of G = 2 rollouts has one right and one
+    wrong answer, so every advantage is ±1 (the random model never answers). Evaluation grades for real."""
+
+    graded = 0
+
+    def grade(self, text, gold):
+        self.graded += 1
+        return self.graded % 2 == 1
+
+
+def test_grpo_with_scripted_rewards_moves_the_weights(tiny_model_dir, tmp_path):
+    out = tmp_path / "grpo"
+    cfg = config.form_config(config.parse_config(tiny_args(tiny_model_dir, out, "--feedback", "grpo",
+                                                           "--max-steps", "2")), "grpo")
+    with Alternating() as checker:
+        _, counters, steps = train.train(cfg, runtime.Dist(), checker)
+    assert steps == 2 and counters["skipped_empty"] == counters["skipped_nonfinite"] == 0
+    assert [r["reward"] for r in read_jsonl(out / "log.jsonl")] == [0.5, 0.5]
+    weights = adapter(out, 2)
+    moved = [v.abs().max().item() for k, v in weights.items() if k.endswith("lora_B.weight")]
+    assert len(moved) == 14 and min(moved) > 1e-3  # every B (0 at the start) took AdamW steps of ~lr = 1e-2
 
 
 def test_resume_continues_exactly(tiny_model_dir, tmp_path):
