@@ -22,7 +22,7 @@ option that shapes the teacher prompt. The steps:
 A rollout whose critique failed has no teacher sample: it is counted (skipped) and left out of that form's means.
 `--adapter DIR` (a checkpoint of train.py) makes the student the trained policy; the teacher stays the base policy.
 
-Departures: none from training; the gap itself is ours (issue 14), the number that says whether SD can help:
+Departures: none from training; the gap itself is ours, the number that says whether SD can help:
 SD moves the student toward the teacher, so a teacher below the student can only pull it down.
 """
 from __future__ import annotations
