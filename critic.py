@@ -20,8 +20,6 @@
   `CriticUnavailable` with one line naming the URL and what failed (never the key). LocalCritic runs
   in-process: an exception there (out of memory) is a configuration error and is raised.
 
-Run the tests:  python -m pytest tests/test_critic.py -q
-
 Departures from the paper:
 1. A critic that runs out of tokens (finish_reason "length") gives no critique: the item is a failure
    (error_kind "length"), counted, never guessed at. The paper gives no budget; ours is MAX_TOKENS (16,384).

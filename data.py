@@ -19,8 +19,6 @@ manifest, arithmetic tasks for CPU-sized runs, and the step format the solver is
   whole computation as one nested expression), so that RefSol is a real alternative derivation.
 - `STEP_FORMAT` and `split_steps`: numbered "Step i:" lines, then the final answer as \\boxed{...}.
 
-Run the tests:  python -m pytest tests/test_data.py -q
-
 Departures from the paper:
 1. Duplicates of a problem keep the first row's answer and reference solution; the paper does not say which
    of the several generated solutions of a problem it used as the RefSol reference.

@@ -10,8 +10,6 @@ A sample is correct when grading.grade accepts its last \\boxed{} answer.
     python evaluate.py RUN_DIR [RUN_DIR ...] [--out DIR]     # the results table and plots (report.py)
     python evaluate.py mechanism --out docs/mechanism         # the per-token advantage figure (mechanism.py)
 
-Run the tests:  python -m pytest tests/test_evaluate.py -q
-
 Departures from the paper (which does not specify these details):
 1. Maj@k ties: among the answer groups with the most votes, the one whose first member comes earliest in
    sample order wins. Unanswered samples do not vote; with no answered sample Maj@k is 0 for the problem.

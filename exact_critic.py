@@ -8,8 +8,6 @@ wrong claim replaced, then the continuation in the student's style. The case is 
 the grader reads (grading.answer_span): none -> C, wrong -> D, right -> A or B. It also locates the first
 wrong claim (Critique.wrong_span, for the mechanism figure).
 
-Run the tests:  python -m pytest tests/test_exact_critic.py -q
-
 Departures from the paper:
 1. This critic is ours (CPU-sized experiments); the paper's critic is QwQ-32B. In case C (no final answer) it
    copies the correct steps verbatim rather than compressing them, and it drops a trailing step that was cut

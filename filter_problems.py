@@ -11,7 +11,6 @@ included, under "filter".
         --critic-model Qwen/QwQ-32B --out manifest.jsonl             # vLLM, bf16: the defaults
     python filter_problems.py --data omr.jsonl --solver smollm2-135m-instruct --critic smollm2-135m-instruct \\
         --engine transformers --dtype float32 --limit 50 --max-new-tokens 256 --out manifest.jsonl  # CPU-sized
-Run the tests:  python -m pytest tests/test_filter_problems.py -q
 
 Departures from the paper:
 1. The paper does not say at which temperature Avg@16 was measured; the filter samples at the training

@@ -13,8 +13,6 @@ a multiprocessing child, so daemonic pool workers may own one). For bulk grading
 it (`with AnswerChecker() as checker: checker.grade(response, gold)`); `grade(response, gold)` without a
 checker starts a one-shot worker (~0.5 s) only when the fast path cannot decide.
 
-Run the tests:  python -m pytest tests/test_grading.py -q
-
 Departures from the paper (which does not specify these details):
 1. Only the last \\boxed{} answer of a response is graded (not any expression math-verify could find in the
    text); a response without one is unanswered and incorrect.

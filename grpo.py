@@ -18,8 +18,6 @@ Conventions:
   optimizer step, for "sequence" the number of sequences in it (all micro-batches, all ranks). Left as None,
   it is this call's own count. Passing the global count makes accumulation and DDP equal one big batch.
 
-Run the tests:  python -m pytest tests/test_grpo.py -q
-
 Departures from the published GRPO (DeepSeekMath, Shao et al. 2024):
 1. std is the population std (divide by G), not Bessel's (divide by G − 1): the group is the whole set being
    normalized, not a sample, and then every non-constant group has mean(A²) = 1 up to eps. Bessel's version

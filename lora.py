@@ -24,8 +24,6 @@ keys are the PEFT keys minus PEFT's wrapper prefix: `model.layers.0.self_attn.q_
 (no adapter name in the saved keys). `adapter_config.json` carries the fields PEFT writes (checked against
 PEFT 0.21.2: an adapter saved here loads in `PeftModel.from_pretrained` and vice versa; see tests/test_lora.py).
 
-Run the tests:  python -m pytest tests/test_lora.py -q
-
 Departures from the paper (and from PEFT):
 1. Adapter dtype: A and B are fp32 by default, even on a bf16 base (the paper trains in bf16). The LoRA branch
    casts x to fp32, computes (α/r)·B A x in fp32 and casts the sum back to the base output dtype. This keeps

@@ -13,8 +13,6 @@ stepalign, refsol, verdict); a new feedback form is one more entry. The pure pie
 writes DIR/advantage.html, DIR/advantage_by_position.png, DIR/localization.json and prints the localization
 table (a results directory literally named "mechanism" must be passed to `python evaluate.py` as ./mechanism).
 
-Run the tests:  python -m pytest tests/test_mechanism.py -q
-
 Departures from the paper (which shows the figure qualitatively):
 1. The localization scores (top-1, negative-mass share, AUROC) are our quantification of the paper's
    qualitative per-token figure. The table also prints their chance level (A_t blind to the error).

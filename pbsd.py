@@ -31,8 +31,6 @@ Conventions (as in sd_loss.py and grpo.py):
   this call's own count. Passing the global count makes accumulation and DDP take the same step as one batch.
 - The base-model side is detached: no gradient flows into the self-teacher. Math is in fp32.
 
-Run the tests:  python -m pytest tests/test_pbsd.py -q
-
 Departures and choices (the published description leaves these open; each is tested):
 1. Ties are dropped. When both samples are right or both are wrong the verifier expresses no preference, so the
    pair is masked out of the loss (no gradient) and counted in `tie_frac`; the normalizer counts decisive pairs

@@ -22,14 +22,12 @@
       Step 3: 126 - 4 = 122         <- continuation in the student's style
       \\boxed{122}
 
-Run the tests:  python -m pytest tests/test_prompts.py -q
-
 Departures from the paper:
 1. The prompts are written in our own words after the paper's description (cases A–D, pivotal step,
    verbatim copy, corrected continuation); the paper's exact wording is not reproduced.
 2. The schema adds two header lines, "Case:" and "Pivotal step:", so that a critique can be validated
    and its case counted without a second model call.
-3. The "verdict" form (issue 6, the outcome-in-context baseline) is ours. Its text states the attempt's final
+3. The "verdict" form (the outcome-in-context baseline) is ours. Its text states the attempt's final
    answer (the last \\boxed{}, as the grader reads it) and "correct" or "incorrect"; the gold answer is not
    an input of `verdict_text`, so a wrong attempt's verdict cannot reveal it. An attempt without a final answer
    is said to have none and to count as incorrect. Its prompt has stepalign's layout (problem, one framing

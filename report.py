@@ -7,8 +7,6 @@ run, or a parent whose subdirectories are runs); `results_table` gives, for each
 of each metric and the step where it was reached; `steps_table` Avg@k at every evaluated step; `plot_metrics`
 one PNG per metric over steps with one line per feedback form. Command: `python evaluate.py RUN_DIR ...`.
 
-Run the tests:  python -m pytest tests/test_report.py -q
-
 Departures from the paper (which does not specify these details):
 1. Best value per metric over every evaluated step, step 0 (the base policy) included, ties going to the
    earliest step. "Length" has no better direction; the table reports it at the step of the best Avg@k.

@@ -17,8 +17,6 @@ Conventions used by every function here:
   the global count is what makes gradient accumulation and DDP take the same step as one big batch.
 - Divergences are computed in fp32 whatever the input dtype.
 
-Run the tests:  python -m pytest tests/test_sd_loss.py -q
-
 Departures from the paper:
 1. The sampled-token form (kind "sampled", `sampled_token_loss`) is provided next to the full-vocabulary KL.
    The paper trains with the full-vocabulary forward KL; the sampled form is the on-policy estimator of the

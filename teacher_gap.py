@@ -22,7 +22,7 @@ option that shapes the teacher prompt. The steps:
 A rollout whose critique failed has no teacher sample: it is counted (skipped) and left out of that form's means.
 `--adapter DIR` (a checkpoint of train.py) makes the student the trained policy; the teacher stays the base policy.
 
-Departures: none from training; the gap itself is ours (issue 14), the number that says whether SD can help:
+Departures: none from training; the gap itself is ours, the number that says whether SD can help:
 SD moves the student toward the teacher, so a teacher below the student can only pull it down.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ import report
 import rollout
 import train
 from config import Config, ConfigError, check_inputs, load_problems, make_critic, parse_config
-from runtime import Timer, build_model, make_vllm_engine, setup_distributed
+from runtime import Timer, build_model, make_vllm_engine, sampling, setup_distributed
 
 FORMS = ("stepalign", "refsol", "verdict")
 
@@ -63,17 +63,17 @@ def summarize(texts: list[list[str]], rewards: list[list[float]]) -> dict:
             "n_samples": len(flat)}
 
 
-def teacher_gap(cfg: Config, engine, tokenizer, checker, critic_backend, problems: list[data.Problem], k: int,
-                forms=FORMS, sample_step: int = 0, merge_model=None) -> dict:
+def teacher_gap(cfg: Config, model, engine, tokenizer, checker, critic_backend, problems: list[data.Problem],
+                k: int, forms=FORMS, sample_step: int = 0) -> dict:
     """Student Avg@k and, per form, teacher Avg@k from contexts built on the same k rollouts per problem.
-    merge_model: the module the transformers engine samples from, its adapter merged while the student samples
-    (as runtime.sampling does); None for an engine with its own weights (vLLM).
+    model: the policy with its adapter; the student samples inside runtime.sampling, as in training (the transformers
+    engine samples from this module, its adapter merged in fp32; vLLM holds its own weights).
 
     Returns {"student": summary, form: summary | {"gap": points, "skipped": n}, "samples": per-rollout records}."""
     cfg = dataclasses.replace(cfg, sd_samples=k, feedback=forms[0], teacher_samples=True)
     timer = Timer()
     draws = list(enumerate(problems))
-    with merged(merge_model):  # the student policy
+    with sampling(cfg, model):  # the student policy
         rollouts = train.collect_rollouts(cfg, engine, tokenizer, checker, draws, sample_step, timer)
 
     def by_problem(items: list[train.Item], value) -> list[list]:
@@ -101,19 +101,6 @@ def teacher_gap(cfg: Config, engine, tokenizer, checker, critic_backend, problem
     out["samples"] = samples
     out["seconds"] = dict(timer.seconds)
     return out
-
-
-@contextlib.contextmanager
-def merged(model):
-    """The LoRA adapter of `model` merged inside the block (nothing when model is None)."""
-    if model is None:
-        yield
-        return
-    lora.merge(model)
-    try:
-        yield
-    finally:
-        lora.unmerge(model)
 
 
 def gap_table(result: dict, forms=FORMS, k: int | None = None) -> str:
@@ -186,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             engine = rollout.make_engine("transformers", cfg.model, model, tokenizer, stop_at_boxed=cfg.stop_at_boxed)
         checker = stack.enter_context(grading.AnswerChecker())
-        result = teacher_gap(cfg, engine, tokenizer, checker, backend, problems, args.k, args.forms,
-                             args.sample_step, merge_model=model if cfg.engine == "transformers" else None)
+        result = teacher_gap(cfg, model, engine, tokenizer, checker, backend, problems, args.k, args.forms,
+                             args.sample_step)
     table = gap_table(result, args.forms, args.k)
     print(f"{len(problems)} {args.split} problems x {args.k} rollouts, temperature {cfg.temperature}, "
           f"teacher thinking {cfg.teacher_thinking if cfg.objective == 'sd' else cfg.student_thinking}, "

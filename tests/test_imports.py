@@ -1,13 +1,26 @@
 """The import graph of the project's modules (the *.py files of the repository root): one way, imports at the top.
 
-Each module imports only modules below it (no cycle); no project import hides inside a function (where it would
-hide a cycle); the copyable files (sd_loss.py, grpo.py, pbsd.py, lora.py) import no project module at all."""
+Every module has its place in LAYERS and imports only modules of lower layers (so no cycle); no project import hides
+inside a function (where it would hide a cycle); the copyable files (sd_loss.py, grpo.py, pbsd.py, lora.py) import
+no project module at all."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {p.stem: p for p in sorted(ROOT.glob("*.py"))}
-LEAVES = ("sd_loss", "grpo", "pbsd", "lora")
+COPYABLE = ("sd_loss", "grpo", "pbsd", "lora")
+# The layers, bottom first: a module imports only modules of the layers below its own.
+LAYERS = (
+    {"sd_loss", "grpo", "pbsd", "lora", "grading", "data", "report"},  # leaves: no project import
+    {"prompts", "rollout"},  # the prompts (data, grading); the generation engines and scoring (lora)
+    {"critic", "runtime"},  # the critic backends (prompts, rollout); models, checkpoints, sampling (rollout)
+    {"exact_critic"},  # the exact arithmetic critic (critic)
+    {"config"},  # the run's options, and the problems and the critic they name
+    {"mechanism"},  # the per-token advantage figure (config)
+    {"evaluate", "diagnostics"},  # the metrics and the results table; the step's log line (mechanism)
+    {"train"},  # the training loop
+    {"study", "teacher_gap", "filter_problems"},  # scripts: the study and the teacher's gap (train), the filter
+)
 
 
 def imported_modules(node: ast.AST) -> set[str]:
@@ -40,7 +53,19 @@ GRAPH = {name: imports(path) for name, path in MODULES.items()}
 
 def test_the_modules_are_found():
     assert {"train", "rollout", "config", "runtime", "grading", "prompts", "exact_critic", "mechanism", "report",
-            *LEAVES} <= MODULES.keys()
+            *COPYABLE} <= MODULES.keys()
+
+
+def test_each_module_has_one_layer():
+    placed = [name for layer in LAYERS for name in layer]
+    assert sorted(placed) == sorted(MODULES), "place each module in one layer of LAYERS"
+
+
+def test_each_module_imports_only_lower_layers():
+    level = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    upward = {f"{name} (layer {level[name]}) imports {dep} (layer {level[dep]})"
+              for name, (top, inside) in GRAPH.items() for dep in top | inside if level[dep] >= level[name]}
+    assert upward == set()
 
 
 def test_no_project_import_inside_a_function():
@@ -68,6 +93,6 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_the_copyable_files_import_no_project_module():
-    for name in LEAVES:
+    for name in COPYABLE:
         top, inside = GRAPH[name]
         assert top | inside == set(), f"{name}.py imports {sorted(top | inside)}"

@@ -1,11 +1,17 @@
-"""The teacher-gap command: the prompts it samples are training's, the numbers are the samples' Avg@k, and the
-command line runs end to end on a tiny model."""
+"""The teacher-gap command: the prompts it samples are training's, the numbers are the samples' Avg@k, the student
+samples in training's sampling context (a bf16 model keeps a small adapter), and the command line runs end to end on
+a tiny model."""
 import json
 
 import pytest
+import torch
 
+import lora
+import rollout
+import runtime
 import teacher_gap
 import train
+from conftest import tiny_llama
 from data import arithmetic_problems
 from prompts import render, teacher_messages, verdict_text
 from rollout import Completion
@@ -20,13 +26,14 @@ class Checker:
 class ScriptedEngine:
     """Answers by prompt: the student prompt right on problem 0 only (sample 0 of 2), a teacher prompt that holds
     the critique ("Expert review") always right, the reference solution's prompt never answering, the verdict's
-    prompt always wrong. Records every call (prompts, seeds, adapter)."""
+    prompt always wrong. Records every call (prompts, seeds, adapter, whether the model's adapter is merged)."""
 
-    def __init__(self, problems, tokenizer):
-        self.problems, self.tokenizer, self.calls = problems, tokenizer, []
+    def __init__(self, problems, tokenizer, model):
+        self.problems, self.tokenizer, self.model, self.calls = problems, tokenizer, model, []
 
     def generate(self, prompts, seeds, n=1, temperature=1.0, max_new_tokens=256, adapter=True):
-        self.calls.append((list(prompts), list(seeds), n, adapter))
+        merged = all(m.merged for m in lora.lora_layers(self.model).values())
+        self.calls.append((list(prompts), list(seeds), n, adapter, merged))
         out = []
         for prompt in prompts:
             p = next(p for p in self.problems if p.problem in prompt)
@@ -46,21 +53,23 @@ class ScriptedEngine:
 def test_gap_samples_training_teacher_prompts_and_counts_avg_at_k(tiny_model_dir, smol_tokenizer):  # noqa: F811
     problems = arithmetic_problems(3, seed=0, n_ops=1)
     cfg = train.parse_config(tiny_args(tiny_model_dir, "/tmp/unused"))
-    engine = ScriptedEngine(problems, smol_tokenizer)
-    res = teacher_gap.teacher_gap(cfg, engine, smol_tokenizer, Checker(), train.make_critic(cfg), problems, k=2)
+    model, _ = runtime.build_model(cfg, runtime.Dist())
+    engine = ScriptedEngine(problems, smol_tokenizer, model)
+    res = teacher_gap.teacher_gap(cfg, model, engine, smol_tokenizer, Checker(), train.make_critic(cfg), problems, k=2)
     # student: problem 0 has 1 of 2 right, the others 0 of 2 -> Avg@2 = (0.5 + 0 + 0) / 3
     assert res["student"] == {"avg@k": pytest.approx(0.5 / 3), "answered": 1.0, "n_samples": 6}
     assert res["stepalign"]["avg@k"] == 1.0 and res["stepalign"]["gap"] == pytest.approx(100 * (1 - 0.5 / 3))
     assert (res["refsol"]["avg@k"], res["refsol"]["answered"]) == (0.0, 0.0)
     assert (res["verdict"]["avg@k"], res["verdict"]["answered"]) == (0.0, 1.0)
     assert all(res[f]["skipped"] == 0 and res[f]["n_samples"] == 6 for f in teacher_gap.FORMS)
-    # the calls: the student prompt (adapter on, k samples each), then one teacher sample per rollout and form,
-    # adapter off, from the prompt training renders: teacher_messages + render with --teacher-thinking
+    # the calls: the student prompt (adapter on and merged, as runtime.sampling does, k samples each), then one
+    # teacher sample per rollout and form, adapter off and unmerged, from the prompt training renders:
+    # teacher_messages + render with --teacher-thinking
     student_call, *teacher_calls = engine.calls
-    assert student_call[2:] == (2, True) and len(teacher_calls) == 3
+    assert student_call[2:] == (2, True, True) and len(teacher_calls) == 3
     rollouts = [(p, j) for p in problems for j in range(2)]
-    for form, (prompts, seeds, n, adapter) in zip(teacher_gap.FORMS, teacher_calls):
-        assert (n, adapter, len(prompts)) == (1, False, 6)
+    for form, (prompts, seeds, n, adapter, merged) in zip(teacher_gap.FORMS, teacher_calls):
+        assert (n, adapter, merged, len(prompts)) == (1, False, False, 6)
         for prompt, (p, j) in zip(prompts, rollouts):
             text = engine_text(engine, p, j)
             c = {"stepalign": lambda: train.make_critic(cfg).critique([(p, text)])[0].text,
@@ -90,3 +99,56 @@ def test_command_line_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):  # noqa
     assert len(record["samples"]) == 4 and set(record["samples"][0]["teacher"]) == {"stepalign", "verdict"}
     with pytest.raises(SystemExit):
         teacher_gap.main(["--forms", "grpo", *args])
+
+
+class LogitsProbe:
+    """An engine that samples nothing: at the student's call it records the logits its model computes on fixed ids,
+    as they are (what the transformers engine would sample from) and with the adapter disabled (the base policy)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))  # (B, L)
+
+    def generate(self, prompts, seeds, n=1, temperature=1.0, max_new_tokens=256, adapter=True):
+        if adapter:
+            with torch.no_grad():
+                self.student = self.model(input_ids=self.ids).logits  # (B, L, V)
+                with lora.adapters_disabled(self.model):
+                    self.base = self.model(input_ids=self.ids).logits  # (B, L, V)
+        ids = self.tokenizer("\\boxed{0}", add_special_tokens=False).input_ids
+        return [[Completion(ids, "\\boxed{0}", "stop")] * n for _ in prompts]
+
+
+def test_bf16_student_keeps_a_small_adapter(smol_tokenizer, tmp_path, monkeypatch):
+    """--dtype bfloat16 --adapter DIR: the student samples the trained policy even when its ΔW is below half a bf16
+    ulp of W in every entry (merged into the bf16 weights, as teacher_gap.py once did, it samples exactly the base).
+    Without --adapter (B = 0) the student samples exactly the base: the difference is the adapter's."""
+    model = tiny_llama(len(smol_tokenizer))
+    targets = tuple(train.parse_config([]).lora_targets.split(","))
+    with torch.no_grad():  # every targeted |W| >= 2^-6: a bf16 half-ulp there is >= 2^-14, twice the ΔW below
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 2)[-2] in targets:
+                p.copy_(p.sign() * p.abs().clamp(min=2.0 ** -6))
+    model.save_pretrained(tmp_path / "model")
+    smol_tokenizer.save_pretrained(tmp_path / "model")
+    lora.add_lora(model, r=4, alpha=8, targets=targets)
+    for layer in lora.lora_layers(model).values():  # |ΔW| <= (α/r)·r·|B|·max|A| <= 8 · 1e-5 / √32 < 2^-15
+        torch.nn.init.constant_(layer.lora_B.weight, 1e-5)
+    lora.save_adapter(model, str(tmp_path / "adapter"))
+    probes = []
+
+    def make_engine(kind, name, m, tok, **kwargs):
+        probes.append(LogitsProbe(m, tok))
+        return probes[-1]
+
+    monkeypatch.setattr(rollout, "make_engine", make_engine)
+    args = [*tiny_args(tmp_path / "model", tmp_path / "run"), "--dtype", "bfloat16", "--split", "train",
+            "--n-problems", "1", "--k", "1", "--forms", "verdict"]
+    teacher_gap.main([*args, "--adapter", str(tmp_path / "adapter")])
+    teacher_gap.main(args)
+    trained, fresh = probes
+    layers = lora.lora_layers(trained.model).values()
+    assert trained.student.dtype == torch.bfloat16
+    assert all(torch.equal((m.weight.float() + m.delta_weight()).bfloat16(), m.weight) for m in layers)
+    assert not torch.equal(trained.student, trained.base)  # the trained policy
+    assert torch.equal(fresh.student, fresh.base)  # B = 0: the base policy, bit for bit

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import config
 import exact_critic
+import grading
 import lora
 import rollout
 import runtime
@@ -108,6 +109,30 @@ def test_two_steps_log_everything(tiny_model_dir, tmp_path, feedback):
         assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())
 
 
+class Alternating(grading.AnswerChecker):
+    """Scripted rewards 1, 0, 1, 0, ... in grading order: every GRPO group of G = 2 rollouts has one right and one
+    wrong answer, so every advantage is ±1 (the random model never answers). Evaluation grades for real."""
+
+    graded = 0
+
+    def grade(self, text, gold):
+        self.graded += 1
+        return self.graded % 2 == 1
+
+
+def test_grpo_with_scripted_rewards_moves_the_weights(tiny_model_dir, tmp_path):
+    out = tmp_path / "grpo"
+    cfg = config.form_config(config.parse_config(tiny_args(tiny_model_dir, out, "--feedback", "grpo",
+                                                           "--max-steps", "2")), "grpo")
+    with Alternating() as checker:
+        _, counters, steps = train.train(cfg, runtime.Dist(), checker)
+    assert steps == 2 and counters["skipped_empty"] == counters["skipped_nonfinite"] == 0
+    assert [r["reward"] for r in read_jsonl(out / "log.jsonl")] == [0.5, 0.5]
+    weights = adapter(out, 2)
+    moved = [v.abs().max().item() for k, v in weights.items() if k.endswith("lora_B.weight")]
+    assert len(moved) == 14 and min(moved) > 1e-3  # every B (0 at the start) took AdamW steps of ~lr = 1e-2
+
+
 def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.main(tiny_args(tiny_model_dir, straight, "--max-steps", "4"))
@@ -161,7 +186,8 @@ def test_two_ranks_equal_one_process(tiny_model_dir, tmp_path, feedback):
     r2 = run_cli(tiny_args(tiny_model_dir, two, *args), nproc=2)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = adapter(one, 2), adapter(two, 2)
-    assert max(v.abs().max().item() for v in a.values()) > 1e-3  # the weights did move
+    # the weights did move: B starts at 0 (A starts random, so a check including A could not fail)
+    assert max(v.abs().max().item() for k, v in a.items() if k.endswith("lora_B.weight")) > 1e-3
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
     l1, l2 = read_jsonl(one / "log.jsonl"), read_jsonl(two / "log.jsonl")
@@ -557,7 +583,8 @@ def test_micro_batches_take_the_same_step_as_one_batch(tiny_model_dir, tmp_path,
         train.main(tiny_args(tiny_model_dir, out, "--feedback", "refsol", "--micro-batch", str(mb), "--max-steps", "1"))
         [logs[mb]] = read_jsonl(out / "log.jsonl")
     one, four = seen[1], seen[4]
-    assert max(w.abs().max().item() for w in one["after"]) > 1e-3  # the weights moved
+    # the weights moved: the step's change (A starts random, so a check of the weights themselves could not fail)
+    assert max((a - b).abs().max().item() for a, b in zip(one["after"], one["before"])) > 1e-3
     assert all(torch.equal(a, b) for a, b in zip(one["before"], four["before"]))  # (the same initialization)
     # Where the two runs round differently: only in the matrix products, whose blocking depends on the number of
     # rows, and in the sums over tokens and micro-batches. A row-wise reduction (RMSNorm over D, log-softmax over V)
@@ -777,6 +804,41 @@ def test_pbsd_micro_batch_against_direct_computation(models):
             torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
     assert any(g.abs().max() > 0 for g in grads.values())
     assert (stats.n_pairs.item(), stats.n_decisive.item(), stats.tie_frac.item()) == (3.0, 2.0, pytest.approx(1 / 3))
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_grpo_micro_batch_against_direct_computation(models, aggregation):
+    """train.grpo_micro_batch with non-zero advantages against the clipped surrogate written out here, one unpadded
+    forward per rollout: ρ_t = π_θ(y_t)/π_old(y_t) = 1 in value (π_old = π_θ, one optimizer step per batch), so the
+    loss is −Σ A_i·(tokens or 1) / normalizer and its gradient −Σ A_i·∇log π_θ(y_t) / normalizer. A sign flip of A
+    flips both."""
+    model, _ = models
+    items = [dataclasses.replace(it, advantage=a) for it, a in zip(pair_items(), [1.5, -0.5, -0.25])]
+    cfg = config.parse_config(["--feedback", "grpo", "--grpo-aggregation", aggregation, "--loss-chunk", "5"])
+    normalizer = 13.0 if aggregation == "token" else 3.0  # the rollouts' 6 + 3 + 4 tokens, or the 3 sequences
+    loss, stats, _ = train.grpo_micro_batch(cfg, model, items, 0, normalizer, runtime.Timer())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    terms = []
+    for it in items:
+        y = it.completion.token_ids
+        logp = torch.log_softmax(direct_logits(model, it.prompt_ids, y), -1)  # (|y|, V)
+        logp_y = logp.gather(-1, torch.tensor(y)[:, None]).squeeze(-1)  # (|y|,)  log π_θ(y_t | x, y<t)
+        ratio = torch.exp(logp_y - logp_y.detach())  # (|y|,)  ρ_t, π_old = π_θ
+        per_token = -ratio * it.advantage  # (|y|,)  −min(ρ_t·A, clip(ρ_t)·A) = −ρ_t·A at ρ_t = 1
+        terms.append(per_token.sum() if aggregation == "token" else per_token.mean())
+    expected = torch.stack(terms).sum() / normalizer
+    expected.backward()
+    lengths = [len(it.completion.token_ids) for it in items]
+    value = -sum(it.advantage * (n if aggregation == "token" else 1) for it, n in zip(items, lengths)) / normalizer
+    assert expected.item() == pytest.approx(value, abs=1e-6) and abs(value) > 0.1
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
+    assert max(g.abs().max() for g in grads.values()) > 1e-2
+    assert stats.ratio_mean.item() == pytest.approx(1.0) and stats.clip_frac.item() == 0.0
 
 
 def test_teacher_samples_call_the_engine_once_even_with_every_rollout_skipped(tiny_smol):
