@@ -217,3 +217,19 @@ def test_refsol_style_steps_is_the_format_control():
     assert contexts[0].splitlines()[0] == "Step 1: " + train_set[0].steps[0]
     bad = config.parse_config(["--feedback", "refsol", "--refsol-style", "steps", "--data", "x.jsonl"])
     assert any(line.startswith("--refsol-style steps") for line in config.config_problems(bad))
+
+
+def test_a_manifest_with_a_duplicate_id_is_refused_before_the_model_loads(tmp_path):
+    """The real command line: a problem id in both train and test is exit 2, one line naming the file, id and rows;
+    --model names a hub id that this machine cannot fetch, so reaching the model load would fail otherwise."""
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "a", "problem": "1+1?", "answer": "2", "split": "train"},
+            {"id": "b", "problem": "2+2?", "answer": "4", "split": "train"},
+            {"id": "a", "problem": "3+3?", "answer": "6", "split": "test"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_cli(["--data", str(manifest), "--feedback", "grpo", "--engine", "transformers", "--model",
+                      "no-such-org/no-such-model", "--prompts-per-step", "1", "--out-dir", str(tmp_path / "run")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"train.py: error: {manifest}: id 'a' is in both train and test (rows 1 and 3); each problem must be on "
+        "one row"]
