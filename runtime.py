@@ -1,5 +1,5 @@
-"""Plumbing of train.py: processes (torchrun ranks), checkpoints, logs, timers, SIGTERM, critic-failure counts, and
-the model and generation engine of a run (built, resumed, given each new adapter).
+"""Plumbing of train.py: processes (torchrun ranks), the out-dir lock, checkpoints, logs, timers, SIGTERM, critic-failure
+counts, and the model and generation engine of a run (built, resumed, given each new adapter).
 
 Nothing here touches the math: DDP the plain way (RANK / LOCAL_RANK / WORLD_SIZE, one explicit all-reduce),
 checkpoints written to a temporary directory then renamed (a kill leaves the previous one intact), JSONL logs.
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
 import json
 import math
 import os
@@ -15,6 +18,7 @@ import pickle
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections import Counter, deque
@@ -74,6 +78,75 @@ class Timer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------- one run per out-dir
+class OutDirBusy(Exception):
+    """The out-dir is locked by a run that is alive (or cannot be locked at all); the message is one line."""
+
+
+class OutDirLock:
+    """One run per output directory: `with OutDirLock(out_dir):` holds an fcntl lock on out_dir/.lock, which holds
+    the holder's pid, host and start time. The kernel drops the lock when the holder's process ends, however it
+    ends (kill -9 included), so a crashed run never blocks the next one; its record, left in the file, is reported.
+    A clean exit empties the file. fcntl (POSIX) locks belong to the process, not to children it forks."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / ".lock"
+        self.fd: int | None = None
+
+    @staticmethod
+    def _holder(text: str) -> str:
+        try:
+            rec = json.loads(text)
+            return f"pid {rec['pid']} on host {rec['host']}, started {rec['started']}"
+        except (ValueError, KeyError, TypeError):
+            return f"an unreadable record {text[:80]!r}"
+
+    def __enter__(self) -> OutDirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise OutDirBusy(f"--out-dir {self.path.parent}: in use by another run ({self._holder(text)}; lock "
+                                 f"{self.path}): wait for it to end, stop it, or choose another --out-dir") from None
+            raise OutDirBusy(f"--out-dir {self.path.parent}: {self.path} cannot be locked ({e.strerror}): this file "
+                             "system does not support fcntl locks; choose an --out-dir on a local disk") from None
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        if text:  # the last holder ended without releasing the lock: its process is gone (the lock was free)
+            try:
+                rec = json.loads(text)
+                gone = rec["host"] != socket.gethostname() or not _pid_alive(int(rec["pid"]))
+            except (ValueError, KeyError, TypeError):
+                gone = True
+            print(f"{self.path}: taken over from a run that ended without releasing it (crashed or killed): "
+                  f"{self._holder(text)}" + ("" if gone else " (its pid now belongs to another process)"), flush=True)
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # released cleanly: the next run has nothing to report
+            os.close(self.fd)  # (closing drops the lock)
+            self.fd = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

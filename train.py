@@ -29,9 +29,10 @@ same for every form) is evaluated once per invocation and logged in each run.
 Diagnostics of each step in log.jsonl: diagnostics.py. Options and presets: config.py; processes, checkpoints and
 logs: runtime.py.
 Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes:
-2 bad input (or a checkpoint refused on --resume: it must be data only), 3 too many failed critiques over the last
-steps (checkpoint written, fix and --resume), 4 no step of a run changed the weights, 5 --nonfinite-max steps in a
-row refused as not finite (checkpoint of the last good weights), 143 SIGTERM (checkpoint written).
+2 bad input (or a checkpoint refused on --resume: it must be data only; or an out-dir in use by a live run), 3 too
+many failed critiques over the last steps (checkpoint written, fix and --resume), 4 no step of a run changed the
+weights, 5 --nonfinite-max steps in a row refused as not finite (checkpoint of the last good weights), 143 SIGTERM
+(checkpoint written).
 
 Departures from the paper:
 1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.
@@ -65,6 +66,7 @@ Departures from the paper:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -93,9 +95,10 @@ import rollout
 import sd_loss
 from config import (PAPER_FEEDBACKS, Config, ConfigError, form_config, group_size, load_problems, make_critic,
                     parse_config, preflight, run_name, total_steps)
-from runtime import (CheckpointError, Dist, Logger, StopFlag, Timer, all_reduce_sum, critic_down, make_vllm_engine,
-                     nothing_learned, push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir,
-                     start_policy, policy_finite, sum_over_ranks, unusable_as_failures, warn)
+from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, StopFlag, Timer, all_reduce_sum,
+                     critic_down, make_vllm_engine, nothing_learned, push_adapter, sampling, save_checkpoint,
+                     setup_distributed, start_out_dir, start_policy, policy_finite, sum_over_ranks,
+                     unusable_as_failures, warn)
 
 EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_SIGTERM = 2, 3, 4, 5, 143
 
@@ -502,18 +505,23 @@ def _stopped(out_dir: Path, step: int, d: Dist):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv, description=__doc__.split("\n")[0])
+    forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
+    locks = contextlib.ExitStack()  # one run per out-dir (runtime.OutDirLock), held by rank 0 until the exit
     try:
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    except (ConfigError, data.DataError, critic.CriticUnavailable) as e:  # one line each, no traceback
+        if os.environ.get("RANK", "0") == "0":
+            for feedback in forms:
+                locks.enter_context(OutDirLock(Path(form_config(cfg, feedback).out_dir)))
+    except (ConfigError, data.DataError, critic.CriticUnavailable, OutDirBusy) as e:  # one line each, no traceback
+        locks.close()
         if os.environ.get("RANK", "0") == "0":
             for line in str(e).splitlines():
                 print(f"train.py: error: {line}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT) from None
     d = setup_distributed()
-    forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
-    run_dirs, base_eval, idle = [], {}, []
-    vllm_engine = make_vllm_engine(cfg, d) if cfg.engine == "vllm" else None
+    run_dirs, base_eval, idle, vllm_engine = [], {}, [], None
     try:
+        vllm_engine = make_vllm_engine(cfg, d) if cfg.engine == "vllm" else None
         with grading.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
             for feedback in forms:
                 run_cfg = form_config(cfg, feedback)
@@ -534,6 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if vllm_engine is not None:
             vllm_engine.close()  # under torchrun this also ends the process group (rollout.VLLMEngine.close)
+        locks.close()
     if d.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
     if idle:

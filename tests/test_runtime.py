@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -142,3 +143,35 @@ def test_kill_9_during_a_checkpoint_save_then_resume_is_exact(tiny_model_dir, tm
     assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5, 6]
     assert [(r["loss"], r["reward"]) for r in log_a] == [(r["loss"], r["reward"]) for r in log_b]
     assert read_jsonl(straight / "eval.jsonl")[-1] == read_jsonl(killed / "eval.jsonl")[-1]
+
+
+def test_one_run_per_out_dir_and_a_crashed_holder_does_not_block(tiny_model_dir, tmp_path):
+    """Two real processes on one out-dir: the second is refused (exit 2, one line naming the holder's pid) before it
+    loads a model; after the holder is killed with SIGKILL, its lock does not block the next run, which says whose
+    lock it took over; a clean exit releases the lock (the record is emptied)."""
+    out = tmp_path / "run"
+    lock = out / ".lock"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    holder = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                               *tiny_args(tiny_model_dir, out, "--max-steps", "200", "--eval-every", "1000")],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120  # a generous limit that turns a hang into a failure
+        while time.time() < deadline and holder.poll() is None and not (lock.exists() and lock.read_text()):
+            time.sleep(0.1)
+        assert holder.poll() is None and f'"pid": {holder.pid}' in lock.read_text()
+        second = run_cli(tiny_args(tiny_model_dir, out, "--max-steps", "1"))
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        [line] = second.stderr.strip().splitlines()
+        assert line.startswith(f"train.py: error: --out-dir {out}: in use by another run (pid {holder.pid} on host ")
+        assert holder.poll() is None  # the refused run left the holder alone
+    finally:
+        holder.kill()  # SIGKILL: no handler runs, the lock file keeps the holder's record
+        holder.wait()
+    assert f'"pid": {holder.pid}' in lock.read_text()
+    third = run_cli(tiny_args(tiny_model_dir, out, "--max-steps", "1", "--eval-every", "1"))
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"{lock}: taken over from a run that ended without releasing it (crashed or killed): pid {holder.pid} " \
+           in third.stdout
+    assert lock.read_text() == ""  # released at exit
