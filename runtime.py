@@ -1,5 +1,5 @@
-"""Plumbing of train.py: processes (torchrun ranks), the out-dir lock, checkpoints, logs, timers, SIGTERM, critic-failure
-counts, and the model and generation engine of a run (built, resumed, given each new adapter).
+"""Plumbing of train.py: processes (torchrun ranks), the out-dir lock, checkpoints, logs, timers, SIGTERM and SIGINT,
+critic-failure counts, and the model and generation engine of a run (built, resumed, given each new adapter).
 
 Nothing here touches the math: DDP the plain way (RANK / LOCAL_RANK / WORLD_SIZE, one explicit all-reduce),
 checkpoints written to a temporary directory then renamed (a kill leaves the previous one intact), JSONL logs.
@@ -253,19 +253,27 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
 
 # ---------------------------------------------------------------------------------------------- the run
 class StopFlag:
-    """Set by SIGTERM while the run is inside `with StopFlag()`; checked by every rank at step boundaries
-    (all-reduced, so all ranks stop together)."""
+    """Set by SIGTERM or SIGINT (Ctrl-C) while the run is inside `with StopFlag()`; checked by every rank at step
+    boundaries (all-reduced, so all ranks stop together). `signum` is the first signal this process received. A
+    second SIGINT raises KeyboardInterrupt at once (no checkpoint; the last one written stays intact)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.requested, self.signum, self.interrupts = False, None, 0
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt("a second SIGINT: stopping without a checkpoint")
         self.requested = True
+        self.signum = self.signum or signum
 
     def agreed(self, d: Dist) -> bool:
         flag = torch.tensor([float(self.requested)], device=d.device)

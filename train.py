@@ -32,7 +32,8 @@ Before anything loads, the options, the data and the critic server are checked (
 2 bad input (or a checkpoint refused on --resume: it must be data only; or an out-dir in use by a live run), 3 too
 many failed critiques over the last steps (checkpoint written, fix and --resume), 4 no step of a run changed the
 weights, 5 --nonfinite-max steps in a row refused as not finite (checkpoint of the last good weights), 143 SIGTERM
-(checkpoint written).
+and 130 SIGINT (Ctrl-C) during the steps: the checkpoint of the last completed step written (a second Ctrl-C: at once,
+no checkpoint).
 
 Departures from the paper:
 1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.
@@ -71,6 +72,7 @@ import copy
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -100,7 +102,7 @@ from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, Stop
                      setup_distributed, start_out_dir, start_policy, policy_finite, sum_over_ranks,
                      unusable_as_failures, warn)
 
-EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_SIGTERM = 2, 3, 4, 5, 143
+EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_SIGTERM, EXIT_SIGINT = 2, 3, 4, 5, 143, 130
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,7 +427,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                              zip(items, diagnostics.wrong_claims(tokenizer, items, exact))]
             if stop.agreed(d):  # no weight has changed in this step yet: a checkpoint of `step` steps is exact
                 save_checkpoint(cfg, model, optimizer, step, counters, d)
-                return _stopped(out_dir, step, d)
+                return _stopped(out_dir, step, d, stop)
             # 5. loss per micro-batch, divided by the count of the whole step (all micro-batches, all ranks)
             normalizer = step_normalizer(cfg, items, d)
             model.train()
@@ -476,7 +478,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             elif stopping or down:
                 save_checkpoint(cfg, model, optimizer, done, counters, d)
             if stopping:
-                return _stopped(out_dir, done, d)
+                return _stopped(out_dir, done, d, stop)
             if diverged >= cfg.nonfinite_max:
                 save_checkpoint(cfg, model, optimizer, done, counters, d)  # the weights of the last good step
                 if d.master:
@@ -497,10 +499,13 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
     return out_dir, counters, steps
 
 
-def _stopped(out_dir: Path, step: int, d: Dist):
+def _stopped(out_dir: Path, step: int, d: Dist, stop: StopFlag):
+    """SIGTERM exits 143, SIGINT 130 (128 + the signal's number); a rank stopped by another rank's signal: 143."""
+    signum = stop.signum or signal.SIGTERM
     if d.master:
-        print(f"SIGTERM: checkpoint written at step {step} in {out_dir}; continue with --resume", flush=True)
-    raise SystemExit(EXIT_SIGTERM)
+        print(f"{signal.Signals(signum).name}: checkpoint written at step {step} in {out_dir}; continue with --resume",
+              flush=True)
+    raise SystemExit(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -175,3 +175,18 @@ def test_one_run_per_out_dir_and_a_crashed_holder_does_not_block(tiny_model_dir,
     assert f"{lock}: taken over from a run that ended without releasing it (crashed or killed): pid {holder.pid} " \
            in third.stdout
     assert lock.read_text() == ""  # released at exit
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """Real signals to this process: SIGTERM then SIGINT set the flag (the first signal is the one reported); a
+    second SIGINT raises KeyboardInterrupt; the previous handlers are back after the block."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with runtime.StopFlag() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # the first SIGINT: only the flag
+            assert stop.requested and stop.signum == signal.SIGTERM
+            assert stop.agreed(runtime.Dist())
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("the second SIGINT did not interrupt")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -174,7 +174,10 @@ def test_two_ranks_equal_one_process(tiny_model_dir, tmp_path, feedback):
     assert read_jsonl(one / "eval.jsonl")[-1]["avg@k"] == read_jsonl(two / "eval.jsonl")[-1]["avg@k"]
 
 
-def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_model_dir, tmp_path, signum, code):
+    """SIGTERM, and SIGINT (Ctrl-C) alike: a checkpoint of the last completed step, exit 128 + the signal's number,
+    and --resume finishes the run. A real process and a real signal."""
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     args = tiny_args(tiny_model_dir, out, "--max-steps", "40", "--eval-every", "100")
@@ -183,10 +186,10 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_model_dir, tmp_pat
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text()):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 143, output[-2000:]
-    assert "checkpoint written at step" in output
+    assert proc.returncode == code, output[-2000:]
+    assert f"{signal.Signals(signum).name}: checkpoint written at step" in output and "Traceback" not in output
     steps = [int(p.name.split("_")[1]) for p in runtime.checkpoint_dirs(out)]
     assert len(steps) == 1 and 1 <= steps[0] < 40
     assert not list((out / "checkpoints").glob(".tmp_*"))
