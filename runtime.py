@@ -232,12 +232,59 @@ def truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
-    """Adapter, optimizer, RNG states and data position of a checkpoint, every file loaded as data only (load_data).
-    Raises CheckpointError naming the file that is refused."""
+def load_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON object of a checkpoint with the given keys, or CheckpointError naming the file and what is wrong."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    if not isinstance(value, dict) or any(k not in value for k in keys):
+        raise CheckpointError(f"{path}: not a JSON object with the keys {list(keys)}")
+    return value
+
+
+def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict, dict | None, dict]:
+    """Every file of a checkpoint read as data, nothing applied: (optimizer state, this rank's RNG states or None,
+    state.json). The adapter is read too (safetensors) so that a checkpoint that passes is whole; CheckpointError
+    names the first file that is missing or does not load (truncated, garbage, code)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for name in (lora.ADAPTER_WEIGHTS_NAME, lora.ADAPTER_CONFIG_NAME, "optimizer.pt", "state.json", "config.json"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing")
+    meta = load_json(path / "state.json", ("step", "counters"))
+    load_json(path / "config.json")
+    load_json(path / lora.ADAPTER_CONFIG_NAME, ("r", "lora_alpha", "target_modules"))
+    try:
+        load_file(path / lora.ADAPTER_WEIGHTS_NAME)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path / lora.ADAPTER_WEIGHTS_NAME}: cannot be read ({type(e).__name__}: "
+                              f"{str(e).strip()[:200]})") from None
     optimizer_state = load_data(path / "optimizer.pt")
+    rng_file = path / f"rng_rank{rank}.pt"
+    return optimizer_state, (load_data(rng_file) if rng_file.exists() else None), meta
+
+
+def resumable_checkpoint(out_dir: Path, rank: int = 0) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint of out_dir whose files all load as data (read_checkpoint), and one line per newer
+    checkpoint passed over, naming its bad file and why. (None, lines): no checkpoint, or none loads."""
+    passed = []
+    for path in reversed(checkpoint_dirs(out_dir)):
+        try:
+            read_checkpoint(path, rank)
+        except CheckpointError as e:
+            passed.append(str(e))
+            continue
+        return path, passed
+    return None, passed
+
+
+def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
+    """Adapter, optimizer, RNG states and data position of a checkpoint, every file read as data only
+    (read_checkpoint) before anything is applied. Raises CheckpointError naming the file that is refused."""
+    optimizer_state, rng, meta = read_checkpoint(path, d.rank)
     rng_file = path / f"rng_rank{d.rank}.pt"
-    rng = load_data(rng_file) if rng_file.exists() else None
     lora.load_adapter(model, str(path))
     optimizer.load_state_dict(optimizer_state)
     if rng is None:  # saved with fewer ranks; only dropout draws from these (sampling has its own seeds)
@@ -247,7 +294,6 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
             set_rng_state(rng)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{rng_file}: not an RNG state of this version ({type(e).__name__}: {e})") from None
-    meta = json.loads((path / "state.json").read_text())
     return meta["step"], meta["counters"]
 
 
@@ -457,7 +503,21 @@ def start_out_dir(cfg, d: Dist, model, optimizer) -> tuple[int, dict]:
     if d.world > 1:
         dist.barrier()  # (no rank reads the checkpoints before the strays are gone)
     if cfg.resume and checkpoint_dirs(out_dir):
-        latest = checkpoint_dirs(out_dir)[-1]
+        latest, passed = resumable_checkpoint(out_dir, d.rank)
+        for line in passed:  # loudly: a newer checkpoint that does not load is passed over, never hidden
+            if d.master:
+                print(f"train.py: warning: --resume passes over a checkpoint that does not load: {line}",
+                      file=sys.stderr, flush=True)
+        if latest is None:
+            raise CheckpointError(passed[-1] if len(passed) == 1 else
+                                  f"none of the {len(passed)} checkpoints in {out_dir / 'checkpoints'} loads (each "
+                                  f"named above): move them aside to start afresh")
+        if d.world > 1:  # every rank must continue from the same step (a rank's own RNG file may be the bad one)
+            names = [None] * d.world
+            dist.all_gather_object(names, latest and latest.name)
+            if len(set(names)) > 1:
+                raise CheckpointError(f"{out_dir / 'checkpoints'}: the newest checkpoint that loads differs between "
+                                      f"the ranks ({names}): a rank's rng_rank*.pt is damaged (named above)")
         step, saved = load_checkpoint(latest, model, optimizer, d)
         if d.master:
             for name in ("log.jsonl", "eval.jsonl"):  # lines written after the checkpoint are written again

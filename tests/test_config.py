@@ -133,10 +133,11 @@ def test_a_fresh_run_refuses_an_out_dir_with_checkpoints(tiny_model_dir, tmp_pat
     (out / "checkpoints" / "step_000004").mkdir(parents=True)
     err = expect_refusal(capsys, tiny_args(tiny_model_dir, out))
     assert "holds checkpoints of an earlier run (latest step_000004): continue it with --resume" in err
-    saved = dataclasses.asdict(config.parse_config(tiny_args(tiny_model_dir, out, "--lr", "0.5")))
-    (out / "checkpoints" / "step_000004" / "config.json").write_text(json.dumps(saved))
+    out = tmp_path / "real"  # (a checkpoint that loads: --resume compares the options of the newest one that does)
+    train.main(tiny_args(tiny_model_dir, out, "--lr", "0.5", "--max-steps", "1", "--eval-every", "1"))
+    capsys.readouterr()
     err = expect_refusal(capsys, tiny_args(tiny_model_dir, out, "--resume", "--micro-batch", "1"))
-    assert err.splitlines() == [f"train.py: error: --lr 0.01: {out / 'checkpoints' / 'step_000004'} was written "
+    assert err.splitlines() == [f"train.py: error: --lr 0.01: {out / 'checkpoints' / 'step_000001'} was written "
                                 "with 0.5; --resume continues a run only with the options it started with"]
 
 

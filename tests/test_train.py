@@ -800,3 +800,66 @@ def test_teacher_samples_call_the_engine_once_even_with_every_rollout_skipped(ti
     skipped = train.Item(problem, [1, 2], rollout.Completion([5], "x", "stop"), skipped=True)
     assert train.with_teacher_samples(cfg, engine, None, [skipped], 0, runtime.Timer()) == [skipped]
     assert engine.calls == [0]
+
+
+def test_resume_takes_the_out_dir_by_any_spelling_and_after_a_move(tiny_model_dir, tmp_path, monkeypatch):
+    """--resume found the checkpoint in --out-dir, so the out_dir it was saved under does not matter: a trailing
+    slash, a relative path and a directory moved since all continue the run (each refused --resume before)."""
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, str(out) + "/", "--max-steps", "1", "--eval-every", "1"))
+    monkeypatch.chdir(tmp_path)
+    train.main(tiny_args(tiny_model_dir, "run", "--max-steps", "2", "--eval-every", "1", "--resume"))
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    out.rename(moved)
+    train.main(tiny_args(tiny_model_dir, moved, "--max-steps", "3", "--eval-every", "1", "--resume"))
+    assert [p.name for p in runtime.checkpoint_dirs(moved)] == ["step_000001", "step_000002", "step_000003"]
+    assert [r["step"] for r in read_jsonl(moved / "log.jsonl")] == [1, 2, 3]
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+CORRUPTIONS = {  # name: (file of the latest checkpoint, what is done to it)
+    "optimizer truncated": ("optimizer.pt", _truncate),
+    "adapter truncated": ("adapter_model.safetensors", _truncate),
+    "adapter missing": ("adapter_model.safetensors", lambda p: p.unlink()),
+    "state missing": ("state.json", lambda p: p.unlink()),
+    "rng garbage": ("rng_rank0.pt", lambda p: p.write_bytes(os.urandom(512))),
+    "config garbage": ("config.json", lambda p: p.write_text("{not json")),
+}
+
+
+def test_resume_falls_back_loudly_past_corrupt_checkpoints(tiny_model_dir, tmp_path, capsys):
+    """The latest checkpoint corrupted in several ways (truncated, missing, garbage): --resume names it and why in
+    one warning line, continues from the previous checkpoint, and reaches the same weights as the run that was never
+    damaged (bit for bit). With every checkpoint corrupt: exit 2, before the model loads, naming each."""
+    import shutil
+    straight = tmp_path / "straight"
+    train.main(tiny_args(tiny_model_dir, straight, "--max-steps", "4"))  # checkpoints at steps 2 and 4
+    want = adapter(straight, 4)
+    capsys.readouterr()
+    for i, (kind, (name, corrupt)) in enumerate(CORRUPTIONS.items()):
+        out = tmp_path / f"damaged{i}"
+        shutil.copytree(straight, out)
+        bad = out / "checkpoints" / "step_000004" / name
+        corrupt(bad)
+        train.main(tiny_args(tiny_model_dir, out, "--max-steps", "4", "--resume"))
+        captured = capsys.readouterr()
+        [warning] = [x for x in captured.err.splitlines() if "warning" in x]
+        assert warning.startswith(f"train.py: warning: --resume passes over a checkpoint that does not load: {bad}: ")
+        assert f"resumed from {out / 'checkpoints' / 'step_000002'} (step 2)" in captured.out, kind
+        got = adapter(out, 4)
+        assert all(torch.equal(want[k], got[k]) for k in want), kind
+        assert [r["step"] for r in read_jsonl(out / "log.jsonl")] == [1, 2, 3, 4]
+    out = tmp_path / "all_bad"
+    shutil.copytree(straight, out)
+    for step in (2, 4):
+        _truncate(out / "checkpoints" / f"step_{step:06d}" / "optimizer.pt")
+    r = run_cli(tiny_args(tiny_model_dir, out, "--max-steps", "4", "--resume", "--model", "no-such-org/model"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert [line.split(": cannot be read")[0] for line in lines[:2]] == [
+        f"train.py: error: --resume: {out / 'checkpoints' / f'step_{s:06d}' / 'optimizer.pt'}" for s in (4, 2)]
+    assert lines[2] == f"train.py: error: --resume: none of the checkpoints in {out} loads" and len(lines) == 3
