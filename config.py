@@ -264,6 +264,11 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
     try:
         out = cfg.out_dir.format(preset=cfg.preset, feedback=cfg.feedback)
         need(not Path(out).is_file(), "out_dir", "is a file; it must be a directory")
+        above = next((p for p in Path(out).absolute().parents if p.exists()), None)  # the nearest existing parent
+        if above is not None and not above.is_dir():
+            need(False, "out_dir", f"{above} is a file, so no directory can be made under it")
+        elif above is not None and not Path(out).exists() and not os.access(above, os.W_OK | os.X_OK):
+            need(False, "out_dir", f"{above} is not writable, so the directory cannot be made there")
     except (KeyError, IndexError, ValueError) as e:
         need(False, "out_dir", f"may hold only {{preset}} and {{feedback}} ({type(e).__name__}: {e})")
     if cfg.objective == "pbsd" and cfg.feedback in ("grpo", "all"):

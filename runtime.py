@@ -104,8 +104,11 @@ class OutDirLock:
             return f"an unreadable record {text[:80]!r}"
 
     def __enter__(self) -> OutDirLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutDirBusy(f"--out-dir {self.path.parent}: {self.path} cannot be written ({e.strerror})") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -196,10 +199,37 @@ def load_data(path: Path):
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
+class SaveError(Exception):
+    """A checkpoint that could not be written (disk full, quota, permissions); one line naming the path and the
+    disk, the previous checkpoint intact. Also: too little room for checkpoints before training starts."""
+
+
+def gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def checkpoint_bytes(params: list, optimizer) -> int:
+    """An estimate of one checkpoint's size: the LoRA weights (fp32) plus AdamW's two moments of each (fp32), the
+    RNG states and JSON files in a 1 MiB allowance."""
+    n = sum(p.numel() for p in params)
+    return 3 * 4 * n + 2 ** 20
+
+
+def check_room(out_dir: Path, one_checkpoint: int, n: int = 2) -> None:
+    """SaveError before training starts when the disk of out_dir has no room for n checkpoints of the estimated
+    size (a save writes the new checkpoint beside the previous one before it replaces anything)."""
+    free = shutil.disk_usage(out_dir).free
+    if free < n * one_checkpoint:
+        raise SaveError(f"--out-dir {out_dir}: its disk has {gib(free)} free, less than room for {n} checkpoints "
+                        f"of about {gib(one_checkpoint)} each (LoRA weights and AdamW state): free some space or "
+                        "choose an --out-dir on another disk")
+
+
 def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist) -> None:
     """Adapter (PEFT layout), optimizer, RNG states, data position: to a temporary directory, then renamed.
 
-    A kill during the save leaves the previous checkpoint intact (and at worst a stray .tmp directory)."""
+    A kill during the save leaves the previous checkpoint intact (and at worst a stray .tmp directory). A write
+    that fails (OSError: disk full, quota) removes the temporary directory and raises SaveError naming the disk."""
     final = Path(cfg.out_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(f".tmp_{final.name}")
     if d.master:
@@ -207,12 +237,20 @@ def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist) -
         tmp.mkdir(parents=True)
     if d.world > 1:
         dist.barrier()
-    torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
-    if d.master:
-        lora.save_adapter(model, str(tmp), base_model_name_or_path=cfg.model)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "counters": counters}, indent=1))
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    try:
+        torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
+        if d.master:
+            lora.save_adapter(model, str(tmp), base_model_name_or_path=cfg.model)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "counters": counters}, indent=1))
+            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        earlier = checkpoint_dirs(Path(cfg.out_dir))
+        kept = f"the previous checkpoint {earlier[-1]} is intact" if earlier else "there is no earlier checkpoint"
+        raise SaveError(f"{final}: the checkpoint of step {step} could not be written ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); the disk of "
+                        f"{cfg.out_dir} has {gib(shutil.disk_usage(cfg.out_dir).free)} free; {kept}") from None
     if d.world > 1:
         dist.barrier()
     if d.master:

@@ -31,7 +31,8 @@ logs: runtime.py.
 Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes:
 2 bad input (or a checkpoint refused on --resume: it must be data only; or an out-dir in use by a live run), 3 too
 many failed critiques over the last steps (checkpoint written, fix and --resume), 4 no step of a run changed the
-weights, 5 --nonfinite-max steps in a row refused as not finite (checkpoint of the last good weights), 143 SIGTERM
+weights, 5 --nonfinite-max steps in a row refused as not finite (checkpoint of the last good weights), 6 no room on
+the out-dir's disk for two checkpoints (at start), or a save that failed (the previous checkpoint intact), 143 SIGTERM
 and 130 SIGINT (Ctrl-C) during the steps: the checkpoint of the last completed step written (a second Ctrl-C: at once,
 no checkpoint).
 
@@ -97,12 +98,13 @@ import rollout
 import sd_loss
 from config import (PAPER_FEEDBACKS, Config, ConfigError, form_config, group_size, load_problems, make_critic,
                     parse_config, preflight, run_name, total_steps)
-from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, StopFlag, Timer, all_reduce_sum,
-                     critic_down, make_vllm_engine, nothing_learned, push_adapter, sampling, save_checkpoint,
-                     setup_distributed, start_out_dir, start_policy, policy_finite, sum_over_ranks,
-                     unusable_as_failures, warn)
+from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, SaveError, StopFlag, Timer,
+                     all_reduce_sum, check_room, checkpoint_bytes, critic_down, make_vllm_engine, nothing_learned,
+                     push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy,
+                     policy_finite, sum_over_ranks, unusable_as_failures, warn)
 
-EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_SIGTERM, EXIT_SIGINT = 2, 3, 4, 5, 143, 130
+EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_NO_ROOM = 2, 3, 4, 5, 6
+EXIT_SIGTERM, EXIT_SIGINT = 143, 130
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,6 +389,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
         "transformers", cfg.model, model, tokenizer, stop_at_boxed=cfg.stop_at_boxed)
     log = Logger(out_dir, d.master, cfg.tensorboard)
     start, counters = start_out_dir(cfg, d, model, optimizer)
+    check_room(out_dir, checkpoint_bytes(params, optimizer))  # before any step: room for two checkpoints
     steps = total_steps(cfg, len(train_set))
     push_adapter(cfg, d, model, engine, start)
     if start == 0:  # the base policy (B = 0), the same for every form: evaluated once per invocation
@@ -544,6 +547,9 @@ def main(argv: list[str] | None = None) -> None:
     except CheckpointError as e:  # --resume on a checkpoint that is not data only: one line, no traceback
         print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT) from None
+    except SaveError as e:  # no room for checkpoints, or a save that failed: one line naming the path and disk
+        print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NO_ROOM) from None
     finally:
         if vllm_engine is not None:
             vllm_engine.close()  # under torchrun this also ends the process group (rollout.VLLMEngine.close)

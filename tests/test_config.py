@@ -234,3 +234,10 @@ def test_a_manifest_with_a_duplicate_id_is_refused_before_the_model_loads(tmp_pa
     assert result.stderr.strip().splitlines() == [
         f"train.py: error: {manifest}: id 'a' is in both train and test (rows 1 and 3); each problem must be on "
         "one row"]
+
+
+def test_an_out_dir_under_a_file_is_refused_at_start(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a directory")
+    err = expect_refusal(capsys, tiny_args(tiny_model_dir, tmp_path / "a_file" / "sub" / "run"))
+    assert err.splitlines() == [f"train.py: error: --out-dir {tmp_path / 'a_file' / 'sub' / 'run'}: "
+                                f"{tmp_path / 'a_file'} is a file, so no directory can be made under it"]

@@ -190,3 +190,40 @@ def test_a_second_ctrl_c_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             raise AssertionError("the second SIGINT did not interrupt")
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_room_for_two_checkpoints_is_checked_on_the_real_disk(tmp_path):
+    free = __import__("shutil").disk_usage(tmp_path).free
+    runtime.check_room(tmp_path, one_checkpoint=1024)
+    with pytest.raises(runtime.SaveError) as e:
+        runtime.check_room(tmp_path, one_checkpoint=free // 2 + 2 ** 20)  # two do not fit in what is free
+    assert str(e.value).startswith(f"--out-dir {tmp_path}: its disk has ") and "room for 2 checkpoints" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_failed_save_names_the_disk_and_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path):
+    """A real write failure from the kernel: a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored, so write() fails
+    with EFBIG as on a full disk it fails with ENOSPC) during a save. SaveError names the checkpoint, the disk and
+    the previous checkpoint, which is intact; no temporary directory is left."""
+    import resource
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, out, "--max-steps", "2"))
+    before = adapter(out, 2)
+    cfg = config.parse_config(tiny_args(tiny_model_dir, out))
+    model, _ = runtime.build_model(cfg, runtime.Dist())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))
+    try:
+        with pytest.raises(runtime.SaveError) as e:
+            runtime.save_checkpoint(cfg, model, optimizer, 4, {}, runtime.Dist())
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    message = str(e.value)
+    assert message.startswith(f"{out / 'checkpoints' / 'step_000004'}: the checkpoint of step 4 could not be written")
+    assert f"the disk of {out} has " in message and "\n" not in message
+    assert message.endswith(f"the previous checkpoint {out / 'checkpoints' / 'step_000002'} is intact")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]
+    after = adapter(out, 2)
+    assert all(torch.equal(before[k], after[k]) for k in before)
