@@ -532,7 +532,7 @@ def start_out_dir(cfg, d: Dist, model, optimizer) -> tuple[int, dict]:
     loaded and the log lines written after it dropped; else fresh logs and config.json. Returns (first step,
     counters)."""
     out_dir = Path(cfg.out_dir)
-    counters = {"skipped_critic": 0, "skipped_nonfinite": 0, "skipped_empty": 0}
+    counters = {"skipped_critic": 0, "skipped_nonfinite": 0, "skipped_empty": 0, "skipped_context": 0}
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stray in sorted((out_dir / "checkpoints").glob(".tmp_step_*")):  # a save cut by a kill

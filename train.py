@@ -155,6 +155,22 @@ def collect_rollouts(cfg, engine, tokenizer, checker, draws: list[tuple[int, dat
     return items
 
 
+def check_prompt_lengths(cfg, tokenizer, problems: list[data.Problem], context: int) -> None:
+    """DataError naming the problems whose student prompt plus --max-new-tokens exceeds the model's context (its
+    max_position_embeddings): refused before the first step, not an allocation failure in the middle of one."""
+    long = []
+    for p in problems:
+        n = len(tokenizer(prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking),
+                          add_special_tokens=False).input_ids)
+        if n + cfg.max_new_tokens > context:
+            long.append((p.id, n))
+    if long:
+        (first, n), more = long[0], f" (and {len(long) - 1} more problems)" if len(long) > 1 else ""
+        raise data.DataError(f"{cfg.data}: problem {first!r}{more}: its student prompt of {n} tokens plus "
+                             f"--max-new-tokens {cfg.max_new_tokens} exceeds the context of {cfg.model} ({context} "
+                             "tokens, max_position_embeddings): lower --max-new-tokens or remove the problem")
+
+
 def critique_context(c: critic.Critique, policy: str) -> str | None:
     """The teacher's context c from one critique, or None (its rollout is skipped): a failed critique (backend
     error, cut by the length limit) always; one that failed the schema under policy "skip"; an empty one under
@@ -202,21 +218,30 @@ def feedback_contexts(cfg, critic_backend, items: list[Item], timer
     raise ValueError(f"feedback {cfg.feedback!r} has no teacher context")
 
 
-def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str | None]) -> list[Item]:
+def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str | None], context: int
+                         ) -> tuple[list[Item], int]:
     """Step 4: the teacher's prompt x + c of each rollout (y is appended as ids when it is scored); a rollout
     without a context is skipped. PBSD scores y_T after the STUDENT prompt, so y_T must be in the student's format:
-    its teacher prompt takes the student's thinking mode (departure 7)."""
+    its teacher prompt takes the student's thinking mode (departure 7). A rollout whose teacher prompt plus y (plus
+    --max-new-tokens when y_T is sampled from it) exceeds the model's `context` is skipped too; returns (items,
+    how many were skipped for that)."""
     thinking = cfg.teacher_thinking if cfg.objective == "sd" else cfg.student_thinking
-    out = []
+    sampled = cfg.objective == "pbsd" or cfg.teacher_samples
+    out, too_long = [], 0
     for it, c in zip(items, contexts, strict=True):
         if c is None:
             out.append(dataclasses.replace(it, skipped=True))
             continue
         prompt = prompts.render(tokenizer, prompts.teacher_messages(it.problem, cfg.feedback, c, cfg.teacher_layout,
                                                                   it.completion.text), thinking)
-        out.append(dataclasses.replace(it, teacher_prompt=prompt,
-                                       teacher_ids=tokenizer(prompt, add_special_tokens=False).input_ids))
-    return out
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        y = len(it.completion.token_ids)
+        if len(ids) + (max(y, cfg.max_new_tokens) if sampled else y) > context:
+            too_long += 1
+            out.append(dataclasses.replace(it, skipped=True))
+            continue
+        out.append(dataclasses.replace(it, teacher_prompt=prompt, teacher_ids=ids))
+    return out, too_long
 
 
 def with_teacher_samples(cfg, engine, checker, items: list[Item], step: int, timer) -> list[Item]:
@@ -383,6 +408,8 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
     train_set, test_set = load_problems(cfg)
     critic_backend = make_critic(cfg) if cfg.feedback == "stepalign" else None  # before any GPU time is spent
     model, tokenizer, params, optimizer = start_policy(cfg, d)
+    context = model.config.max_position_embeddings  # the model's context: every prompt and its sample fit in it
+    check_prompt_lengths(cfg, tokenizer, train_set + test_set, context)
     if cfg.engine == "vllm" and vllm_engine is None:
         raise ValueError("--engine vllm: train takes the process's engine (make_vllm_engine)")
     engine = vllm_engine if cfg.engine == "vllm" else rollout.make_engine(
@@ -421,7 +448,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             else:
                 contexts, critiques, stats = feedback_contexts(cfg, critic_backend, items, timer)
                 # 4. teacher inputs: the prompt x + c (y is appended as ids); PBSD: a sample y_T ~ π_base(·|x, c)
-                items = with_teacher_prompts(cfg, tokenizer, items, contexts)
+                items, stats["skipped_context_step"] = with_teacher_prompts(cfg, tokenizer, items, contexts, context)
                 if cfg.objective == "pbsd" or cfg.teacher_samples:
                     items = with_teacher_samples(cfg, engine, checker, items, step, timer)
                 if cfg.data == "arithmetic":  # (diagnostics) the exact critic's critiques when the step has them
@@ -459,9 +486,14 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             push_adapter(cfg, d, model, engine, done)
             sums = diagnostics.metric_sums(cfg, losses) | diagnostics.step_diagnostics(cfg, items, losses, d)
             counts = sum_over_ranks({k: v for k, v in stats.items()
-                                     if k.startswith(("critic_failed", "unusable_", "wrong_"))}, d)
-            failures = {k: v for k, v in counts.items() if not k.startswith("wrong_")}
+                                     if k.startswith(("critic_failed", "unusable_", "wrong_", "skipped_context"))}, d)
+            failures = {k: v for k, v in counts.items() if not k.startswith(("wrong_", "skipped_context"))}
             counters["skipped_critic"] += int(unusable_as_failures(failures).get("critic_failed", 0))  # all ranks
+            if counts.get("skipped_context_step"):  # (all ranks) loudly, each step it happens
+                counters["skipped_context"] += int(counts["skipped_context_step"])
+                if d.master:
+                    warn(f"[{run_name(cfg)}] step {done}: {counts['skipped_context_step']:.0f} rollouts skipped: their "
+                         f"teacher prompt (x + c) and y exceed the context of {cfg.model} ({context} tokens)", bar)
             record = diagnostics.step_record(cfg, done, items, sums, stats, counters, timer,
                                              time.perf_counter() - t0, grad_norm, d) | counts
             log.write("log.jsonl", record)
@@ -544,8 +576,8 @@ def main(argv: list[str] | None = None) -> None:
             print(table)
             for line in idle:
                 print(f"train.py: error: {line}", file=sys.stderr, flush=True)
-    except CheckpointError as e:  # --resume on a checkpoint that is not data only: one line, no traceback
-        print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)
+    except (CheckpointError, data.DataError) as e:  # a checkpoint that is not data only, or a prompt longer than the
+        print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)  # context: one line, no traceback
         raise SystemExit(EXIT_BAD_INPUT) from None
     except SaveError as e:  # no room for checkpoints, or a save that failed: one line naming the path and disk
         print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)

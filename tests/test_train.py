@@ -342,7 +342,7 @@ def test_unstructured_policy_skip_or_keep(tiny_model_dir, smol_tokenizer, serve)
                                            "--critic-retries", "0", "--critic-unstructured", policy))
         items = [train.Item(problem, [1], Completion([5], f"{wrong}\n{m}", "stop")) for m in answers]
         contexts, _, stats = train.feedback_contexts(cfg, config.make_critic(cfg), items, runtime.Timer())
-        items = train.with_teacher_prompts(cfg, smol_tokenizer, items, contexts)
+        items, _ = train.with_teacher_prompts(cfg, smol_tokenizer, items, contexts, 8192)
         assert [it.skipped for it in items] == skipped
         assert (stats["critic_failed"], stats["critic_schema_ok"]) == (1.0, 1.0)
         assert (stats["kept_unstructured"], stats["skipped_unstructured"]) == (kept, 2 - kept)
@@ -434,7 +434,7 @@ def test_teacher_context_per_feedback_form(tiny_model_dir, smol_tokenizer):
         item = train.Item(problem, [1], Completion(ids, wrong, "stop"), reward=0.0)
         backend = config.make_critic(cfg) if feedback == "stepalign" else None
         contexts, _, stats = train.feedback_contexts(cfg, backend, [item], runtime.Timer())
-        [fed] = train.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts)
+        [fed], _ = train.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts, 8192)
         teacher_prompt = smol_tokenizer.decode(fed.teacher_ids)
         assert expected in teacher_prompt and problem.problem in teacher_prompt
         if feedback == "stepalign":
@@ -444,7 +444,7 @@ def test_teacher_context_per_feedback_form(tiny_model_dir, smol_tokenizer):
         # --teacher-layout turns: the attempt y is the assistant's turn, followed by c in a user turn
         cfg = config.parse_config(tiny_args(tiny_model_dir, "/tmp/unused", "--feedback", feedback,
                                            "--teacher-layout", "turns"))
-        [fed] = train.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts)
+        [fed], _ = train.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts, 8192)
         turns_prompt = smol_tokenizer.decode(fed.teacher_ids)
         assert turns_prompt.index(wrong) < turns_prompt.index(expected)
         assert turns_prompt != teacher_prompt
@@ -863,3 +863,35 @@ def test_resume_falls_back_loudly_past_corrupt_checkpoints(tiny_model_dir, tmp_p
     assert [line.split(": cannot be read")[0] for line in lines[:2]] == [
         f"train.py: error: --resume: {out / 'checkpoints' / f'step_{s:06d}' / 'optimizer.pt'}" for s in (4, 2)]
     assert lines[2] == f"train.py: error: --resume: none of the checkpoints in {out} loads" and len(lines) == 3
+
+
+def _manifest(path, rows):
+    path.write_text("".join(json.dumps({"id": i, "problem": q, "answer": a, "split": s, "reference_solution": r}) + "\n"
+                            for i, q, a, s, r in rows))
+    return path
+
+
+def test_prompts_and_contexts_longer_than_the_model_context_are_refused_or_skipped(tiny_model_dir, tmp_path, capsys):
+    """The tiny model's context is 512 tokens (max_position_embeddings). A problem whose student prompt plus
+    --max-new-tokens exceeds it: exit 2 at start, one line naming it. A reference solution (the teacher's c) that
+    makes the teacher prompt exceed it: that rollout is skipped, counted and warned about; the step goes on."""
+    long_text = " ".join(["seven"] * 700)  # > 512 tokens
+    rows = [(f"p{i}", f"What is {i} + 1?", str(i + 1), "train", f"{i} + 1 = {i + 1}. \\boxed{{{i + 1}}}")
+            for i in range(3)] + [("test0", "What is 5 + 1?", "6", "test", "6")]
+    base = ["--feedback", "refsol", "--max-steps", "1", "--eval-every", "1", "--prompts-per-step", "4"]
+    data_long_problem = _manifest(tmp_path / "long_problem.jsonl", rows + [("huge", long_text, "7", "train", "7")])
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny_model_dir, tmp_path / "a", *base, "--data", str(data_long_problem)))
+    assert stop.value.code == train.EXIT_BAD_INPUT
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train.py: error:")]
+    assert line.startswith(f"train.py: error: rank 0: {data_long_problem}: problem 'huge': its student prompt of ")
+    assert "exceeds the context of" in line and "(512 tokens, max_position_embeddings)" in line
+    data_long_context = _manifest(tmp_path / "long_context.jsonl", rows + [("big_ref", "What is 6 + 1?", "7", "train",
+                                                                           long_text)])
+    out = tmp_path / "b"
+    train.main(tiny_args(tiny_model_dir, out, *base, "--data", str(data_long_context)))
+    [record] = read_jsonl(out / "log.jsonl")
+    assert record["skipped_context_step"] == 1 and record["skipped_context"] == 1
+    assert record["skipped_critic_step"] == 1 and record["skipped_empty"] == 0  # the other 3 rollouts trained
+    assert "step 1: 1 rollouts skipped: their teacher prompt (x + c) and y exceed the context of" in \
+        capsys.readouterr().err
