@@ -24,7 +24,7 @@ import prompts
 import rollout
 import sd_loss
 from critic import MAX_TOKENS as CRITIC_MAX_TOKENS  # a name of its own: in Config, `critic` is a field
-from runtime import checkpoint_dirs
+from runtime import checkpoint_dirs, resumable_checkpoint
 
 FEEDBACKS = ("stepalign", "refsol", "verdict", "grpo")
 PAPER_FEEDBACKS = ("stepalign", "refsol", "grpo")  # what --feedback all runs
@@ -264,6 +264,11 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
     try:
         out = cfg.out_dir.format(preset=cfg.preset, feedback=cfg.feedback)
         need(not Path(out).is_file(), "out_dir", "is a file; it must be a directory")
+        above = next((p for p in Path(out).absolute().parents if p.exists()), None)  # the nearest existing parent
+        if above is not None and not above.is_dir():
+            need(False, "out_dir", f"{above} is a file, so no directory can be made under it")
+        elif above is not None and not Path(out).exists() and not os.access(above, os.W_OK | os.X_OK):
+            need(False, "out_dir", f"{above} is not writable, so the directory cannot be made there")
     except (KeyError, IndexError, ValueError) as e:
         need(False, "out_dir", f"may hold only {{preset}} and {{feedback}} ({type(e).__name__}: {e})")
     if cfg.objective == "pbsd" and cfg.feedback in ("grpo", "all"):
@@ -357,6 +362,17 @@ RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps",
                      "micro_batch", "loss_chunk", "grad_checkpointing", "teacher_samples"}
 
 
+def same_option(name: str, saved, now) -> bool:
+    """A saved option against this run's, for --resume. out_dir is where the checkpoint was just found, so any
+    spelling of it (a trailing slash, a relative path, the directory moved since) is the same run; the other paths
+    (--model, --data, --critic-model) are compared resolved when they name local files."""
+    if name == "out_dir":
+        return True
+    if name in ("model", "data", "critic_model") and isinstance(saved, str) and Path(now).expanduser().exists():
+        return Path(saved).expanduser().resolve() == Path(now).expanduser().resolve()
+    return saved == now
+
+
 def form_config(cfg: Config, feedback: str) -> Config:
     """The config of one run of the invocation: one feedback form, its own output directory."""
     run_cfg = dataclasses.replace(cfg, feedback=feedback)
@@ -378,12 +394,16 @@ def preflight(cfg: Config, world: int) -> None:
             raise ConfigError(f"--out-dir {run_cfg.out_dir}: holds checkpoints of an earlier run (latest "
                               f"{earlier[-1].name}): continue it with --resume, or choose another --out-dir")
         if earlier and cfg.resume:  # an exact restart needs the options that shape the training
-            saved = json.loads((earlier[-1] / "config.json").read_text())
+            latest, passed = resumable_checkpoint(Path(run_cfg.out_dir))  # (start_out_dir warns about `passed`)
+            if latest is None:
+                raise ConfigError("\n".join(f"--resume: {line}" for line in passed) + (
+                    "" if len(passed) == 1 else f"\n--resume: none of the checkpoints in {run_cfg.out_dir} loads"))
+            saved = json.loads((latest / "config.json").read_text())
             changed = [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_MAY_CHANGE
-                       and f.name in saved and saved[f.name] != getattr(run_cfg, f.name)]
+                       and f.name in saved and not same_option(f.name, saved[f.name], getattr(run_cfg, f.name))]
             if changed:
                 raise ConfigError("\n".join(
-                    f"--{name.replace('_', '-')} {getattr(run_cfg, name)}: {earlier[-1]} was written with "
+                    f"--{name.replace('_', '-')} {getattr(run_cfg, name)}: {latest} was written with "
                     f"{saved[name]}; --resume continues a run only with the options it started with"
                     for name in changed))
     if "stepalign" in forms and cfg.critic == "server":

@@ -491,14 +491,28 @@ SPLITS = ("train", "test")
 
 def load_manifest(path: str | Path, split: str | None = None) -> list[Problem]:
     """Problems of a manifest written by `python filter_problems.py` (optionally one split: 'train' or 'test').
-    A row whose split is neither is an error naming the row: it would otherwise drop out of both splits."""
-    problems = []
+    A row whose split is neither is an error naming the row: it would otherwise drop out of both splits. So is an
+    id on two rows (every row is read, whatever `split`): twice in one split it would be trained or graded twice;
+    in both splits a held-out problem would be trained on; the same problem text in both splits likewise."""
+    problems, first, texts = [], {}, {}  # id -> (row, split); problem text -> (row, id, split), of its first row
     for rowno, row in iter_rows(path):
         for field in ("id", "problem", "answer", "split"):
             if not isinstance(row.get(field), str) or not row[field]:
                 raise DataError(f"{path}: row {rowno}: field {field!r} is missing or empty")
         if row["split"] not in SPLITS:
             raise DataError(f"{path}: row {rowno}: field 'split' is {row['split']!r}; expected 'train' or 'test'")
+        if row["id"] in first:
+            rowno0, split0 = first[row["id"]]
+            where = (f"in both train and test (rows {rowno0} and {rowno})" if split0 != row["split"] else
+                     f"twice in {split0} (rows {rowno0} and {rowno})")
+            raise DataError(f"{path}: id {row['id']!r} is {where}; each problem must be on one row")
+        first[row["id"]] = (rowno, row["split"])
+        text = " ".join(row["problem"].split())  # the same problem under two ids, one in each split
+        if text in texts and texts[text][2] != row["split"]:
+            rowno0, id0, split0 = texts[text]
+            raise DataError(f"{path}: rows {rowno0} (id {id0!r}, {split0}) and {rowno} (id {row['id']!r}, "
+                            f"{row['split']}) hold the same problem; a held-out problem must not be trained on")
+        texts.setdefault(text, (rowno, row["id"], row["split"]))
         if split is None or row["split"] == split:
             problems.append(Problem(row["id"], row["problem"], row["answer"], row.get("reference_solution"),
                                     None, row.get("source", "")))

@@ -1,5 +1,5 @@
-"""Plumbing of train.py: processes (torchrun ranks), checkpoints, logs, timers, SIGTERM, critic-failure counts, and
-the model and generation engine of a run (built, resumed, given each new adapter).
+"""Plumbing of train.py: processes (torchrun ranks), the out-dir lock, checkpoints, logs, timers, SIGTERM and SIGINT,
+critic-failure counts, and the model and generation engine of a run (built, resumed, given each new adapter).
 
 Nothing here touches the math: DDP the plain way (RANK / LOCAL_RANK / WORLD_SIZE, one explicit all-reduce),
 checkpoints written to a temporary directory then renamed (a kill leaves the previous one intact), JSONL logs.
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
 import json
 import math
 import os
@@ -15,6 +18,7 @@ import pickle
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections import Counter, deque
@@ -76,6 +80,78 @@ class Timer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+# ---------------------------------------------------------------------------------------------- one run per out-dir
+class OutDirBusy(Exception):
+    """The out-dir is locked by a run that is alive (or cannot be locked at all); the message is one line."""
+
+
+class OutDirLock:
+    """One run per output directory: `with OutDirLock(out_dir):` holds an fcntl lock on out_dir/.lock, which holds
+    the holder's pid, host and start time. The kernel drops the lock when the holder's process ends, however it
+    ends (kill -9 included), so a crashed run never blocks the next one; its record, left in the file, is reported.
+    A clean exit empties the file. fcntl (POSIX) locks belong to the process, not to children it forks."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / ".lock"
+        self.fd: int | None = None
+
+    @staticmethod
+    def _holder(text: str) -> str:
+        try:
+            rec = json.loads(text)
+            return f"pid {rec['pid']} on host {rec['host']}, started {rec['started']}"
+        except (ValueError, KeyError, TypeError):
+            return f"an unreadable record {text[:80]!r}"
+
+    def __enter__(self) -> OutDirLock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutDirBusy(f"--out-dir {self.path.parent}: {self.path} cannot be written ({e.strerror})") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise OutDirBusy(f"--out-dir {self.path.parent}: in use by another run ({self._holder(text)}; lock "
+                                 f"{self.path}): wait for it to end, stop it, or choose another --out-dir") from None
+            raise OutDirBusy(f"--out-dir {self.path.parent}: {self.path} cannot be locked ({e.strerror}): this file "
+                             "system does not support fcntl locks; choose an --out-dir on a local disk") from None
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        if text:  # the last holder ended without releasing the lock: its process is gone (the lock was free)
+            try:
+                rec = json.loads(text)
+                gone = rec["host"] != socket.gethostname() or not _pid_alive(int(rec["pid"]))
+            except (ValueError, KeyError, TypeError):
+                gone = True
+            print(f"{self.path}: taken over from a run that ended without releasing it (crashed or killed): "
+                  f"{self._holder(text)}" + ("" if gone else " (its pid now belongs to another process)"), flush=True)
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # released cleanly: the next run has nothing to report
+            os.close(self.fd)  # (closing drops the lock)
+            self.fd = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted((out_dir / "checkpoints").glob("step_[0-9]*"), key=lambda p: int(p.name.split("_")[1]))
@@ -123,10 +199,37 @@ def load_data(path: Path):
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
+class SaveError(Exception):
+    """A checkpoint that could not be written (disk full, quota, permissions); one line naming the path and the
+    disk, the previous checkpoint intact. Also: too little room for checkpoints before training starts."""
+
+
+def gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def checkpoint_bytes(params: list, optimizer) -> int:
+    """An estimate of one checkpoint's size: the LoRA weights (fp32) plus AdamW's two moments of each (fp32), the
+    RNG states and JSON files in a 1 MiB allowance."""
+    n = sum(p.numel() for p in params)
+    return 3 * 4 * n + 2 ** 20
+
+
+def check_room(out_dir: Path, one_checkpoint: int, n: int = 2) -> None:
+    """SaveError before training starts when the disk of out_dir has no room for n checkpoints of the estimated
+    size (a save writes the new checkpoint beside the previous one before it replaces anything)."""
+    free = shutil.disk_usage(out_dir).free
+    if free < n * one_checkpoint:
+        raise SaveError(f"--out-dir {out_dir}: its disk has {gib(free)} free, less than room for {n} checkpoints "
+                        f"of about {gib(one_checkpoint)} each (LoRA weights and AdamW state): free some space or "
+                        "choose an --out-dir on another disk")
+
+
 def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist) -> None:
     """Adapter (PEFT layout), optimizer, RNG states, data position: to a temporary directory, then renamed.
 
-    A kill during the save leaves the previous checkpoint intact (and at worst a stray .tmp directory)."""
+    A kill during the save leaves the previous checkpoint intact (and at worst a stray .tmp directory). A write
+    that fails (OSError: disk full, quota) removes the temporary directory and raises SaveError naming the disk."""
     final = Path(cfg.out_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(f".tmp_{final.name}")
     if d.master:
@@ -134,12 +237,20 @@ def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist) -
         tmp.mkdir(parents=True)
     if d.world > 1:
         dist.barrier()
-    torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
-    if d.master:
-        lora.save_adapter(model, str(tmp), base_model_name_or_path=cfg.model)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "counters": counters}, indent=1))
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    try:
+        torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
+        if d.master:
+            lora.save_adapter(model, str(tmp), base_model_name_or_path=cfg.model)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "counters": counters}, indent=1))
+            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        earlier = checkpoint_dirs(Path(cfg.out_dir))
+        kept = f"the previous checkpoint {earlier[-1]} is intact" if earlier else "there is no earlier checkpoint"
+        raise SaveError(f"{final}: the checkpoint of step {step} could not be written ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); the disk of "
+                        f"{cfg.out_dir} has {gib(shutil.disk_usage(cfg.out_dir).free)} free; {kept}") from None
     if d.world > 1:
         dist.barrier()
     if d.master:
@@ -159,12 +270,59 @@ def truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
-    """Adapter, optimizer, RNG states and data position of a checkpoint, every file loaded as data only (load_data).
-    Raises CheckpointError naming the file that is refused."""
+def load_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON object of a checkpoint with the given keys, or CheckpointError naming the file and what is wrong."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    if not isinstance(value, dict) or any(k not in value for k in keys):
+        raise CheckpointError(f"{path}: not a JSON object with the keys {list(keys)}")
+    return value
+
+
+def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict, dict | None, dict]:
+    """Every file of a checkpoint read as data, nothing applied: (optimizer state, this rank's RNG states or None,
+    state.json). The adapter is read too (safetensors) so that a checkpoint that passes is whole; CheckpointError
+    names the first file that is missing or does not load (truncated, garbage, code)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for name in (lora.ADAPTER_WEIGHTS_NAME, lora.ADAPTER_CONFIG_NAME, "optimizer.pt", "state.json", "config.json"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing")
+    meta = load_json(path / "state.json", ("step", "counters"))
+    load_json(path / "config.json")
+    load_json(path / lora.ADAPTER_CONFIG_NAME, ("r", "lora_alpha", "target_modules"))
+    try:
+        load_file(path / lora.ADAPTER_WEIGHTS_NAME)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path / lora.ADAPTER_WEIGHTS_NAME}: cannot be read ({type(e).__name__}: "
+                              f"{str(e).strip()[:200]})") from None
     optimizer_state = load_data(path / "optimizer.pt")
+    rng_file = path / f"rng_rank{rank}.pt"
+    return optimizer_state, (load_data(rng_file) if rng_file.exists() else None), meta
+
+
+def resumable_checkpoint(out_dir: Path, rank: int = 0) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint of out_dir whose files all load as data (read_checkpoint), and one line per newer
+    checkpoint passed over, naming its bad file and why. (None, lines): no checkpoint, or none loads."""
+    passed = []
+    for path in reversed(checkpoint_dirs(out_dir)):
+        try:
+            read_checkpoint(path, rank)
+        except CheckpointError as e:
+            passed.append(str(e))
+            continue
+        return path, passed
+    return None, passed
+
+
+def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
+    """Adapter, optimizer, RNG states and data position of a checkpoint, every file read as data only
+    (read_checkpoint) before anything is applied. Raises CheckpointError naming the file that is refused."""
+    optimizer_state, rng, meta = read_checkpoint(path, d.rank)
     rng_file = path / f"rng_rank{d.rank}.pt"
-    rng = load_data(rng_file) if rng_file.exists() else None
     lora.load_adapter(model, str(path))
     optimizer.load_state_dict(optimizer_state)
     if rng is None:  # saved with fewer ranks; only dropout draws from these (sampling has its own seeds)
@@ -174,25 +332,32 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
             set_rng_state(rng)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{rng_file}: not an RNG state of this version ({type(e).__name__}: {e})") from None
-    meta = json.loads((path / "state.json").read_text())
     return meta["step"], meta["counters"]
 
 
 # ---------------------------------------------------------------------------------------------- the run
 class StopFlag:
-    """Set by SIGTERM while the run is inside `with StopFlag()`; checked by every rank at step boundaries
-    (all-reduced, so all ranks stop together)."""
+    """Set by SIGTERM or SIGINT (Ctrl-C) while the run is inside `with StopFlag()`; checked by every rank at step
+    boundaries (all-reduced, so all ranks stop together). `signum` is the first signal this process received. A
+    second SIGINT raises KeyboardInterrupt at once (no checkpoint; the last one written stays intact)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.requested, self.signum, self.interrupts = False, None, 0
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt("a second SIGINT: stopping without a checkpoint")
         self.requested = True
+        self.signum = self.signum or signum
 
     def agreed(self, d: Dist) -> bool:
         flag = torch.tensor([float(self.requested)], device=d.device)
@@ -367,7 +532,7 @@ def start_out_dir(cfg, d: Dist, model, optimizer) -> tuple[int, dict]:
     loaded and the log lines written after it dropped; else fresh logs and config.json. Returns (first step,
     counters)."""
     out_dir = Path(cfg.out_dir)
-    counters = {"skipped_critic": 0, "skipped_nonfinite": 0, "skipped_empty": 0}
+    counters = {"skipped_critic": 0, "skipped_nonfinite": 0, "skipped_empty": 0, "skipped_context": 0}
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stray in sorted((out_dir / "checkpoints").glob(".tmp_step_*")):  # a save cut by a kill
@@ -376,7 +541,21 @@ def start_out_dir(cfg, d: Dist, model, optimizer) -> tuple[int, dict]:
     if d.world > 1:
         dist.barrier()  # (no rank reads the checkpoints before the strays are gone)
     if cfg.resume and checkpoint_dirs(out_dir):
-        latest = checkpoint_dirs(out_dir)[-1]
+        latest, passed = resumable_checkpoint(out_dir, d.rank)
+        for line in passed:  # loudly: a newer checkpoint that does not load is passed over, never hidden
+            if d.master:
+                print(f"train.py: warning: --resume passes over a checkpoint that does not load: {line}",
+                      file=sys.stderr, flush=True)
+        if latest is None:
+            raise CheckpointError(passed[-1] if len(passed) == 1 else
+                                  f"none of the {len(passed)} checkpoints in {out_dir / 'checkpoints'} loads (each "
+                                  f"named above): move them aside to start afresh")
+        if d.world > 1:  # every rank must continue from the same step (a rank's own RNG file may be the bad one)
+            names = [None] * d.world
+            dist.all_gather_object(names, latest and latest.name)
+            if len(set(names)) > 1:
+                raise CheckpointError(f"{out_dir / 'checkpoints'}: the newest checkpoint that loads differs between "
+                                      f"the ranks ({names}): a rank's rng_rank*.pt is damaged (named above)")
         step, saved = load_checkpoint(latest, model, optimizer, d)
         if d.master:
             for name in ("log.jsonl", "eval.jsonl"):  # lines written after the checkpoint are written again

@@ -64,10 +64,11 @@ def summarize(texts: list[list[str]], rewards: list[list[float]]) -> dict:
 
 
 def teacher_gap(cfg: Config, model, engine, tokenizer, checker, critic_backend, problems: list[data.Problem],
-                k: int, forms=FORMS, sample_step: int = 0) -> dict:
+                k: int, context: int, forms=FORMS, sample_step: int = 0) -> dict:
     """Student Avg@k and, per form, teacher Avg@k from contexts built on the same k rollouts per problem.
     model: the policy with its adapter; the student samples inside runtime.sampling, as in training (the transformers
-    engine samples from this module, its adapter merged in fp32; vLLM holds its own weights).
+    engine samples from this module, its adapter merged in fp32; vLLM holds its own weights). context: the model's
+    context length (a teacher prompt and its sample that exceed it are skipped, as in train.py).
 
     Returns {"student": summary, form: summary | {"gap": points, "skipped": n}, "samples": per-rollout records}."""
     cfg = dataclasses.replace(cfg, sd_samples=k, feedback=forms[0], teacher_samples=True)
@@ -87,7 +88,10 @@ def teacher_gap(cfg: Config, model, engine, tokenizer, checker, critic_backend, 
         form_cfg = dataclasses.replace(cfg, feedback=form)
         backend = critic_backend if form == "stepalign" else None
         contexts, _, _ = train.feedback_contexts(form_cfg, backend, rollouts, timer)
-        items = train.with_teacher_prompts(form_cfg, tokenizer, rollouts, contexts)
+        items, too_long = train.with_teacher_prompts(form_cfg, tokenizer, rollouts, contexts, context)
+        if too_long:
+            print(f"{form}: {too_long} rollouts skipped: teacher prompt and sample exceed the model's context",
+                  file=sys.stderr, flush=True)
         items = train.with_teacher_samples(form_cfg, engine, checker, items, sample_step, timer)
         kept = [it for it in items if not it.skipped]
         summary = summarize(by_problem(kept, lambda it: it.teacher_sample.text),
@@ -173,8 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             engine = rollout.make_engine("transformers", cfg.model, model, tokenizer, stop_at_boxed=cfg.stop_at_boxed)
         checker = stack.enter_context(grading.AnswerChecker())
-        result = teacher_gap(cfg, model, engine, tokenizer, checker, backend, problems, args.k, args.forms,
-                             args.sample_step)
+        result = teacher_gap(cfg, model, engine, tokenizer, checker, backend, problems, args.k,
+                             model.config.max_position_embeddings, args.forms, args.sample_step)
     table = gap_table(result, args.forms, args.k)
     print(f"{len(problems)} {args.split} problems x {args.k} rollouts, temperature {cfg.temperature}, "
           f"teacher thinking {cfg.teacher_thinking if cfg.objective == 'sd' else cfg.student_thinking}, "

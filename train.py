@@ -29,9 +29,12 @@ same for every form) is evaluated once per invocation and logged in each run.
 Diagnostics of each step in log.jsonl: diagnostics.py. Options and presets: config.py; processes, checkpoints and
 logs: runtime.py.
 Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes:
-2 bad input (or a checkpoint refused on --resume: it must be data only), 3 too many failed critiques over the last
-steps (checkpoint written, fix and --resume), 4 no step of a run changed the weights, 5 --nonfinite-max steps in a
-row refused as not finite (checkpoint of the last good weights), 143 SIGTERM (checkpoint written).
+2 bad input (or a checkpoint refused on --resume: it must be data only; or an out-dir in use by a live run), 3 too
+many failed critiques over the last steps (checkpoint written, fix and --resume), 4 no step of a run changed the
+weights, 5 --nonfinite-max steps in a row refused as not finite (checkpoint of the last good weights), 6 no room on
+the out-dir's disk for two checkpoints (at start), or a save that failed (the previous checkpoint intact), 143 SIGTERM
+and 130 SIGINT (Ctrl-C) during the steps: the checkpoint of the last completed step written (a second Ctrl-C: at once,
+no checkpoint).
 
 Departures from the paper:
 1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.
@@ -65,10 +68,12 @@ Departures from the paper:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -93,11 +98,13 @@ import rollout
 import sd_loss
 from config import (PAPER_FEEDBACKS, Config, ConfigError, form_config, group_size, load_problems, make_critic,
                     parse_config, preflight, run_name, total_steps)
-from runtime import (CheckpointError, Dist, Logger, StopFlag, Timer, all_reduce_sum, critic_down, make_vllm_engine,
-                     nothing_learned, push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir,
-                     start_policy, policy_finite, sum_over_ranks, unusable_as_failures, warn)
+from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, SaveError, StopFlag, Timer,
+                     all_reduce_sum, check_room, checkpoint_bytes, critic_down, make_vllm_engine, nothing_learned,
+                     push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy,
+                     policy_finite, sum_over_ranks, unusable_as_failures, warn)
 
-EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_SIGTERM = 2, 3, 4, 5, 143
+EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_NO_ROOM = 2, 3, 4, 5, 6
+EXIT_SIGTERM, EXIT_SIGINT = 143, 130
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +155,22 @@ def collect_rollouts(cfg, engine, tokenizer, checker, draws: list[tuple[int, dat
     return items
 
 
+def check_prompt_lengths(cfg, tokenizer, problems: list[data.Problem], context: int) -> None:
+    """DataError naming the problems whose student prompt plus --max-new-tokens exceeds the model's context (its
+    max_position_embeddings): refused before the first step, not an allocation failure in the middle of one."""
+    long = []
+    for p in problems:
+        n = len(tokenizer(prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking),
+                          add_special_tokens=False).input_ids)
+        if n + cfg.max_new_tokens > context:
+            long.append((p.id, n))
+    if long:
+        (first, n), more = long[0], f" (and {len(long) - 1} more problems)" if len(long) > 1 else ""
+        raise data.DataError(f"{cfg.data}: problem {first!r}{more}: its student prompt of {n} tokens plus "
+                             f"--max-new-tokens {cfg.max_new_tokens} exceeds the context of {cfg.model} ({context} "
+                             "tokens, max_position_embeddings): lower --max-new-tokens or remove the problem")
+
+
 def critique_context(c: critic.Critique, policy: str) -> str | None:
     """The teacher's context c from one critique, or None (its rollout is skipped): a failed critique (backend
     error, cut by the length limit) always; one that failed the schema under policy "skip"; an empty one under
@@ -195,21 +218,30 @@ def feedback_contexts(cfg, critic_backend, items: list[Item], timer
     raise ValueError(f"feedback {cfg.feedback!r} has no teacher context")
 
 
-def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str | None]) -> list[Item]:
+def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str | None], context: int
+                         ) -> tuple[list[Item], int]:
     """Step 4: the teacher's prompt x + c of each rollout (y is appended as ids when it is scored); a rollout
     without a context is skipped. PBSD scores y_T after the STUDENT prompt, so y_T must be in the student's format:
-    its teacher prompt takes the student's thinking mode (departure 7)."""
+    its teacher prompt takes the student's thinking mode (departure 7). A rollout whose teacher prompt plus y (plus
+    --max-new-tokens when y_T is sampled from it) exceeds the model's `context` is skipped too; returns (items,
+    how many were skipped for that)."""
     thinking = cfg.teacher_thinking if cfg.objective == "sd" else cfg.student_thinking
-    out = []
+    sampled = cfg.objective == "pbsd" or cfg.teacher_samples
+    out, too_long = [], 0
     for it, c in zip(items, contexts, strict=True):
         if c is None:
             out.append(dataclasses.replace(it, skipped=True))
             continue
         prompt = prompts.render(tokenizer, prompts.teacher_messages(it.problem, cfg.feedback, c, cfg.teacher_layout,
                                                                   it.completion.text), thinking)
-        out.append(dataclasses.replace(it, teacher_prompt=prompt,
-                                       teacher_ids=tokenizer(prompt, add_special_tokens=False).input_ids))
-    return out
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        y = len(it.completion.token_ids)
+        if len(ids) + (max(y, cfg.max_new_tokens) if sampled else y) > context:
+            too_long += 1
+            out.append(dataclasses.replace(it, skipped=True))
+            continue
+        out.append(dataclasses.replace(it, teacher_prompt=prompt, teacher_ids=ids))
+    return out, too_long
 
 
 def with_teacher_samples(cfg, engine, checker, items: list[Item], step: int, timer) -> list[Item]:
@@ -376,12 +408,15 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
     train_set, test_set = load_problems(cfg)
     critic_backend = make_critic(cfg) if cfg.feedback == "stepalign" else None  # before any GPU time is spent
     model, tokenizer, params, optimizer = start_policy(cfg, d)
+    context = model.config.max_position_embeddings  # the model's context: every prompt and its sample fit in it
+    check_prompt_lengths(cfg, tokenizer, train_set + test_set, context)
     if cfg.engine == "vllm" and vllm_engine is None:
         raise ValueError("--engine vllm: train takes the process's engine (make_vllm_engine)")
     engine = vllm_engine if cfg.engine == "vllm" else rollout.make_engine(
         "transformers", cfg.model, model, tokenizer, stop_at_boxed=cfg.stop_at_boxed)
     log = Logger(out_dir, d.master, cfg.tensorboard)
     start, counters = start_out_dir(cfg, d, model, optimizer)
+    check_room(out_dir, checkpoint_bytes(params, optimizer))  # before any step: room for two checkpoints
     steps = total_steps(cfg, len(train_set))
     push_adapter(cfg, d, model, engine, start)
     if start == 0:  # the base policy (B = 0), the same for every form: evaluated once per invocation
@@ -413,7 +448,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             else:
                 contexts, critiques, stats = feedback_contexts(cfg, critic_backend, items, timer)
                 # 4. teacher inputs: the prompt x + c (y is appended as ids); PBSD: a sample y_T ~ π_base(·|x, c)
-                items = with_teacher_prompts(cfg, tokenizer, items, contexts)
+                items, stats["skipped_context_step"] = with_teacher_prompts(cfg, tokenizer, items, contexts, context)
                 if cfg.objective == "pbsd" or cfg.teacher_samples:
                     items = with_teacher_samples(cfg, engine, checker, items, step, timer)
                 if cfg.data == "arithmetic":  # (diagnostics) the exact critic's critiques when the step has them
@@ -422,7 +457,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                              zip(items, diagnostics.wrong_claims(tokenizer, items, exact))]
             if stop.agreed(d):  # no weight has changed in this step yet: a checkpoint of `step` steps is exact
                 save_checkpoint(cfg, model, optimizer, step, counters, d)
-                return _stopped(out_dir, step, d)
+                return _stopped(out_dir, step, d, stop)
             # 5. loss per micro-batch, divided by the count of the whole step (all micro-batches, all ranks)
             normalizer = step_normalizer(cfg, items, d)
             model.train()
@@ -451,9 +486,14 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             push_adapter(cfg, d, model, engine, done)
             sums = diagnostics.metric_sums(cfg, losses) | diagnostics.step_diagnostics(cfg, items, losses, d)
             counts = sum_over_ranks({k: v for k, v in stats.items()
-                                     if k.startswith(("critic_failed", "unusable_", "wrong_"))}, d)
-            failures = {k: v for k, v in counts.items() if not k.startswith("wrong_")}
+                                     if k.startswith(("critic_failed", "unusable_", "wrong_", "skipped_context"))}, d)
+            failures = {k: v for k, v in counts.items() if not k.startswith(("wrong_", "skipped_context"))}
             counters["skipped_critic"] += int(unusable_as_failures(failures).get("critic_failed", 0))  # all ranks
+            if counts.get("skipped_context_step"):  # (all ranks) loudly, each step it happens
+                counters["skipped_context"] += int(counts["skipped_context_step"])
+                if d.master:
+                    warn(f"[{run_name(cfg)}] step {done}: {counts['skipped_context_step']:.0f} rollouts skipped: their "
+                         f"teacher prompt (x + c) and y exceed the context of {cfg.model} ({context} tokens)", bar)
             record = diagnostics.step_record(cfg, done, items, sums, stats, counters, timer,
                                              time.perf_counter() - t0, grad_norm, d) | counts
             log.write("log.jsonl", record)
@@ -473,7 +513,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             elif stopping or down:
                 save_checkpoint(cfg, model, optimizer, done, counters, d)
             if stopping:
-                return _stopped(out_dir, done, d)
+                return _stopped(out_dir, done, d, stop)
             if diverged >= cfg.nonfinite_max:
                 save_checkpoint(cfg, model, optimizer, done, counters, d)  # the weights of the last good step
                 if d.master:
@@ -494,26 +534,34 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
     return out_dir, counters, steps
 
 
-def _stopped(out_dir: Path, step: int, d: Dist):
+def _stopped(out_dir: Path, step: int, d: Dist, stop: StopFlag):
+    """SIGTERM exits 143, SIGINT 130 (128 + the signal's number); a rank stopped by another rank's signal: 143."""
+    signum = stop.signum or signal.SIGTERM
     if d.master:
-        print(f"SIGTERM: checkpoint written at step {step} in {out_dir}; continue with --resume", flush=True)
-    raise SystemExit(EXIT_SIGTERM)
+        print(f"{signal.Signals(signum).name}: checkpoint written at step {step} in {out_dir}; continue with --resume",
+              flush=True)
+    raise SystemExit(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv, description=__doc__.split("\n")[0])
+    forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
+    locks = contextlib.ExitStack()  # one run per out-dir (runtime.OutDirLock), held by rank 0 until the exit
     try:
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    except (ConfigError, data.DataError, critic.CriticUnavailable) as e:  # one line each, no traceback
+        if os.environ.get("RANK", "0") == "0":
+            for feedback in forms:
+                locks.enter_context(OutDirLock(Path(form_config(cfg, feedback).out_dir)))
+    except (ConfigError, data.DataError, critic.CriticUnavailable, OutDirBusy) as e:  # one line each, no traceback
+        locks.close()
         if os.environ.get("RANK", "0") == "0":
             for line in str(e).splitlines():
                 print(f"train.py: error: {line}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT) from None
     d = setup_distributed()
-    forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
-    run_dirs, base_eval, idle = [], {}, []
-    vllm_engine = make_vllm_engine(cfg, d) if cfg.engine == "vllm" else None
+    run_dirs, base_eval, idle, vllm_engine = [], {}, [], None
     try:
+        vllm_engine = make_vllm_engine(cfg, d) if cfg.engine == "vllm" else None
         with grading.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
             for feedback in forms:
                 run_cfg = form_config(cfg, feedback)
@@ -528,12 +576,16 @@ def main(argv: list[str] | None = None) -> None:
             print(table)
             for line in idle:
                 print(f"train.py: error: {line}", file=sys.stderr, flush=True)
-    except CheckpointError as e:  # --resume on a checkpoint that is not data only: one line, no traceback
-        print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)
+    except (CheckpointError, data.DataError) as e:  # a checkpoint that is not data only, or a prompt longer than the
+        print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)  # context: one line, no traceback
         raise SystemExit(EXIT_BAD_INPUT) from None
+    except SaveError as e:  # no room for checkpoints, or a save that failed: one line naming the path and disk
+        print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NO_ROOM) from None
     finally:
         if vllm_engine is not None:
             vllm_engine.close()  # under torchrun this also ends the process group (rollout.VLLMEngine.close)
+        locks.close()
     if d.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
     if idle:

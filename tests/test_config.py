@@ -133,10 +133,11 @@ def test_a_fresh_run_refuses_an_out_dir_with_checkpoints(tiny_model_dir, tmp_pat
     (out / "checkpoints" / "step_000004").mkdir(parents=True)
     err = expect_refusal(capsys, tiny_args(tiny_model_dir, out))
     assert "holds checkpoints of an earlier run (latest step_000004): continue it with --resume" in err
-    saved = dataclasses.asdict(config.parse_config(tiny_args(tiny_model_dir, out, "--lr", "0.5")))
-    (out / "checkpoints" / "step_000004" / "config.json").write_text(json.dumps(saved))
+    out = tmp_path / "real"  # (a checkpoint that loads: --resume compares the options of the newest one that does)
+    train.main(tiny_args(tiny_model_dir, out, "--lr", "0.5", "--max-steps", "1", "--eval-every", "1"))
+    capsys.readouterr()
     err = expect_refusal(capsys, tiny_args(tiny_model_dir, out, "--resume", "--micro-batch", "1"))
-    assert err.splitlines() == [f"train.py: error: --lr 0.01: {out / 'checkpoints' / 'step_000004'} was written "
+    assert err.splitlines() == [f"train.py: error: --lr 0.01: {out / 'checkpoints' / 'step_000001'} was written "
                                 "with 0.5; --resume continues a run only with the options it started with"]
 
 
@@ -217,3 +218,26 @@ def test_refsol_style_steps_is_the_format_control():
     assert contexts[0].splitlines()[0] == "Step 1: " + train_set[0].steps[0]
     bad = config.parse_config(["--feedback", "refsol", "--refsol-style", "steps", "--data", "x.jsonl"])
     assert any(line.startswith("--refsol-style steps") for line in config.config_problems(bad))
+
+
+def test_a_manifest_with_a_duplicate_id_is_refused_before_the_model_loads(tmp_path):
+    """The real command line: a problem id in both train and test is exit 2, one line naming the file, id and rows;
+    --model names a hub id that this machine cannot fetch, so reaching the model load would fail otherwise."""
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "a", "problem": "1+1?", "answer": "2", "split": "train"},
+            {"id": "b", "problem": "2+2?", "answer": "4", "split": "train"},
+            {"id": "a", "problem": "3+3?", "answer": "6", "split": "test"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_cli(["--data", str(manifest), "--feedback", "grpo", "--engine", "transformers", "--model",
+                      "no-such-org/no-such-model", "--prompts-per-step", "1", "--out-dir", str(tmp_path / "run")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"train.py: error: {manifest}: id 'a' is in both train and test (rows 1 and 3); each problem must be on "
+        "one row"]
+
+
+def test_an_out_dir_under_a_file_is_refused_at_start(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a directory")
+    err = expect_refusal(capsys, tiny_args(tiny_model_dir, tmp_path / "a_file" / "sub" / "run"))
+    assert err.splitlines() == [f"train.py: error: --out-dir {tmp_path / 'a_file' / 'sub' / 'run'}: "
+                                f"{tmp_path / 'a_file'} is a file, so no directory can be made under it"]

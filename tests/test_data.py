@@ -289,3 +289,23 @@ def test_manifest_row_with_an_unknown_split_is_an_error_naming_the_row(tmp_path)
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"m.jsonl: row 2: field 'split' is 'trian'; expected 'train' or 'test'"):
         load_manifest(tmp_path / "m.jsonl", "train")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("a", "1+1?", "train"), ("b", "2+2?", "test"), ("a", "3+3?", "train")],
+     "id 'a' is twice in train (rows 1 and 3)"),
+    ([("a", "1+1?", "train"), ("b", "2+2?", "test"), ("b", "3+3?", "test")],
+     "id 'b' is twice in test (rows 2 and 3)"),
+    ([("a", "1+1?", "train"), ("b", "2+2?", "test"), ("a", "1+1?", "test")],
+     "id 'a' is in both train and test (rows 1 and 3)"),
+    ([("a", "1+1?", "train"), ("b", "2+2?", "test"), ("c", " 1+1? ", "test")],
+     "rows 1 (id 'a', train) and 3 (id 'c', test) hold the same problem"),
+])
+def test_manifest_duplicate_ids_and_train_test_overlap_are_refused_by_name(tmp_path, rows, message):
+    """Every row is read, whichever split is asked for: a duplicate surfaces whether the run loads train or test."""
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "problem": q, "answer": "2", "split": s}) + "\n" for i, q, s in rows))
+    for split in ("train", "test"):
+        with pytest.raises(DataError) as e:
+            load_manifest(path, split)
+        assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value)

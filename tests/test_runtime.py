@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -142,3 +143,87 @@ def test_kill_9_during_a_checkpoint_save_then_resume_is_exact(tiny_model_dir, tm
     assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5, 6]
     assert [(r["loss"], r["reward"]) for r in log_a] == [(r["loss"], r["reward"]) for r in log_b]
     assert read_jsonl(straight / "eval.jsonl")[-1] == read_jsonl(killed / "eval.jsonl")[-1]
+
+
+def test_one_run_per_out_dir_and_a_crashed_holder_does_not_block(tiny_model_dir, tmp_path):
+    """Two real processes on one out-dir: the second is refused (exit 2, one line naming the holder's pid) before it
+    loads a model; after the holder is killed with SIGKILL, its lock does not block the next run, which says whose
+    lock it took over; a clean exit releases the lock (the record is emptied)."""
+    out = tmp_path / "run"
+    lock = out / ".lock"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    holder = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                               *tiny_args(tiny_model_dir, out, "--max-steps", "200", "--eval-every", "1000")],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120  # a generous limit that turns a hang into a failure
+        while time.time() < deadline and holder.poll() is None and not (lock.exists() and lock.read_text()):
+            time.sleep(0.1)
+        assert holder.poll() is None and f'"pid": {holder.pid}' in lock.read_text()
+        second = run_cli(tiny_args(tiny_model_dir, out, "--max-steps", "1"))
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        [line] = second.stderr.strip().splitlines()
+        assert line.startswith(f"train.py: error: --out-dir {out}: in use by another run (pid {holder.pid} on host ")
+        assert holder.poll() is None  # the refused run left the holder alone
+    finally:
+        holder.kill()  # SIGKILL: no handler runs, the lock file keeps the holder's record
+        holder.wait()
+    assert f'"pid": {holder.pid}' in lock.read_text()
+    third = run_cli(tiny_args(tiny_model_dir, out, "--max-steps", "1", "--eval-every", "1"))
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"{lock}: taken over from a run that ended without releasing it (crashed or killed): pid {holder.pid} " \
+           in third.stdout
+    assert lock.read_text() == ""  # released at exit
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """Real signals to this process: SIGTERM then SIGINT set the flag (the first signal is the one reported); a
+    second SIGINT raises KeyboardInterrupt; the previous handlers are back after the block."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with runtime.StopFlag() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # the first SIGINT: only the flag
+            assert stop.requested and stop.signum == signal.SIGTERM
+            assert stop.agreed(runtime.Dist())
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("the second SIGINT did not interrupt")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_room_for_two_checkpoints_is_checked_on_the_real_disk(tmp_path):
+    free = __import__("shutil").disk_usage(tmp_path).free
+    runtime.check_room(tmp_path, one_checkpoint=1024)
+    with pytest.raises(runtime.SaveError) as e:
+        runtime.check_room(tmp_path, one_checkpoint=free // 2 + 2 ** 20)  # two do not fit in what is free
+    assert str(e.value).startswith(f"--out-dir {tmp_path}: its disk has ") and "room for 2 checkpoints" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_failed_save_names_the_disk_and_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path):
+    """A real write failure from the kernel: a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored, so write() fails
+    with EFBIG as on a full disk it fails with ENOSPC) during a save. SaveError names the checkpoint, the disk and
+    the previous checkpoint, which is intact; no temporary directory is left."""
+    import resource
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, out, "--max-steps", "2"))
+    before = adapter(out, 2)
+    cfg = config.parse_config(tiny_args(tiny_model_dir, out))
+    model, _ = runtime.build_model(cfg, runtime.Dist())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))
+    try:
+        with pytest.raises(runtime.SaveError) as e:
+            runtime.save_checkpoint(cfg, model, optimizer, 4, {}, runtime.Dist())
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    message = str(e.value)
+    assert message.startswith(f"{out / 'checkpoints' / 'step_000004'}: the checkpoint of step 4 could not be written")
+    assert f"the disk of {out} has " in message and "\n" not in message
+    assert message.endswith(f"the previous checkpoint {out / 'checkpoints' / 'step_000002'} is intact")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]
+    after = adapter(out, 2)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -55,7 +55,8 @@ def test_gap_samples_training_teacher_prompts_and_counts_avg_at_k(tiny_model_dir
     cfg = train.parse_config(tiny_args(tiny_model_dir, "/tmp/unused"))
     model, _ = runtime.build_model(cfg, runtime.Dist())
     engine = ScriptedEngine(problems, smol_tokenizer, model)
-    res = teacher_gap.teacher_gap(cfg, model, engine, smol_tokenizer, Checker(), train.make_critic(cfg), problems, k=2)
+    res = teacher_gap.teacher_gap(cfg, model, engine, smol_tokenizer, Checker(), train.make_critic(cfg), problems, k=2,
+                                  context=512)
     # student: problem 0 has 1 of 2 right, the others 0 of 2 -> Avg@2 = (0.5 + 0 + 0) / 3
     assert res["student"] == {"avg@k": pytest.approx(0.5 / 3), "answered": 1.0, "n_samples": 6}
     assert res["stepalign"]["avg@k"] == 1.0 and res["stepalign"]["gap"] == pytest.approx(100 * (1 - 0.5 / 3))

@@ -200,7 +200,10 @@ def test_two_ranks_equal_one_process(tiny_model_dir, tmp_path, feedback):
     assert read_jsonl(one / "eval.jsonl")[-1]["avg@k"] == read_jsonl(two / "eval.jsonl")[-1]["avg@k"]
 
 
-def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_model_dir, tmp_path, signum, code):
+    """SIGTERM, and SIGINT (Ctrl-C) alike: a checkpoint of the last completed step, exit 128 + the signal's number,
+    and --resume finishes the run. A real process and a real signal."""
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     args = tiny_args(tiny_model_dir, out, "--max-steps", "40", "--eval-every", "100")
@@ -209,10 +212,10 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_model_dir, tmp_pat
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text()):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 143, output[-2000:]
-    assert "checkpoint written at step" in output
+    assert proc.returncode == code, output[-2000:]
+    assert f"{signal.Signals(signum).name}: checkpoint written at step" in output and "Traceback" not in output
     steps = [int(p.name.split("_")[1]) for p in runtime.checkpoint_dirs(out)]
     assert len(steps) == 1 and 1 <= steps[0] < 40
     assert not list((out / "checkpoints").glob(".tmp_*"))
@@ -365,7 +368,7 @@ def test_unstructured_policy_skip_or_keep(tiny_model_dir, smol_tokenizer, serve)
                                            "--critic-retries", "0", "--critic-unstructured", policy))
         items = [train.Item(problem, [1], Completion([5], f"{wrong}\n{m}", "stop")) for m in answers]
         contexts, _, stats = train.feedback_contexts(cfg, config.make_critic(cfg), items, runtime.Timer())
-        items = train.with_teacher_prompts(cfg, smol_tokenizer, items, contexts)
+        items, _ = train.with_teacher_prompts(cfg, smol_tokenizer, items, contexts, 8192)
         assert [it.skipped for it in items] == skipped
         assert (stats["critic_failed"], stats["critic_schema_ok"]) == (1.0, 1.0)
         assert (stats["kept_unstructured"], stats["skipped_unstructured"]) == (kept, 2 - kept)
@@ -457,7 +460,7 @@ def test_teacher_context_per_feedback_form(tiny_model_dir, smol_tokenizer):
         item = train.Item(problem, [1], Completion(ids, wrong, "stop"), reward=0.0)
         backend = config.make_critic(cfg) if feedback == "stepalign" else None
         contexts, _, stats = train.feedback_contexts(cfg, backend, [item], runtime.Timer())
-        [fed] = train.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts)
+        [fed], _ = train.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts, 8192)
         teacher_prompt = smol_tokenizer.decode(fed.teacher_ids)
         assert expected in teacher_prompt and problem.problem in teacher_prompt
         if feedback == "stepalign":
@@ -467,7 +470,7 @@ def test_teacher_context_per_feedback_form(tiny_model_dir, smol_tokenizer):
         # --teacher-layout turns: the attempt y is the assistant's turn, followed by c in a user turn
         cfg = config.parse_config(tiny_args(tiny_model_dir, "/tmp/unused", "--feedback", feedback,
                                            "--teacher-layout", "turns"))
-        [fed] = train.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts)
+        [fed], _ = train.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts, 8192)
         turns_prompt = smol_tokenizer.decode(fed.teacher_ids)
         assert turns_prompt.index(wrong) < turns_prompt.index(expected)
         assert turns_prompt != teacher_prompt
@@ -859,3 +862,98 @@ def test_teacher_samples_call_the_engine_once_even_with_every_rollout_skipped(ti
     skipped = train.Item(problem, [1, 2], rollout.Completion([5], "x", "stop"), skipped=True)
     assert train.with_teacher_samples(cfg, engine, None, [skipped], 0, runtime.Timer()) == [skipped]
     assert engine.calls == [0]
+
+
+def test_resume_takes_the_out_dir_by_any_spelling_and_after_a_move(tiny_model_dir, tmp_path, monkeypatch):
+    """--resume found the checkpoint in --out-dir, so the out_dir it was saved under does not matter: a trailing
+    slash, a relative path and a directory moved since all continue the run (each refused --resume before)."""
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, str(out) + "/", "--max-steps", "1", "--eval-every", "1"))
+    monkeypatch.chdir(tmp_path)
+    train.main(tiny_args(tiny_model_dir, "run", "--max-steps", "2", "--eval-every", "1", "--resume"))
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    out.rename(moved)
+    train.main(tiny_args(tiny_model_dir, moved, "--max-steps", "3", "--eval-every", "1", "--resume"))
+    assert [p.name for p in runtime.checkpoint_dirs(moved)] == ["step_000001", "step_000002", "step_000003"]
+    assert [r["step"] for r in read_jsonl(moved / "log.jsonl")] == [1, 2, 3]
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+CORRUPTIONS = {  # name: (file of the latest checkpoint, what is done to it)
+    "optimizer truncated": ("optimizer.pt", _truncate),
+    "adapter truncated": ("adapter_model.safetensors", _truncate),
+    "adapter missing": ("adapter_model.safetensors", lambda p: p.unlink()),
+    "state missing": ("state.json", lambda p: p.unlink()),
+    "rng garbage": ("rng_rank0.pt", lambda p: p.write_bytes(os.urandom(512))),
+    "config garbage": ("config.json", lambda p: p.write_text("{not json")),
+}
+
+
+def test_resume_falls_back_loudly_past_corrupt_checkpoints(tiny_model_dir, tmp_path, capsys):
+    """The latest checkpoint corrupted in several ways (truncated, missing, garbage): --resume names it and why in
+    one warning line, continues from the previous checkpoint, and reaches the same weights as the run that was never
+    damaged (bit for bit). With every checkpoint corrupt: exit 2, before the model loads, naming each."""
+    import shutil
+    straight = tmp_path / "straight"
+    train.main(tiny_args(tiny_model_dir, straight, "--max-steps", "4"))  # checkpoints at steps 2 and 4
+    want = adapter(straight, 4)
+    capsys.readouterr()
+    for i, (kind, (name, corrupt)) in enumerate(CORRUPTIONS.items()):
+        out = tmp_path / f"damaged{i}"
+        shutil.copytree(straight, out)
+        bad = out / "checkpoints" / "step_000004" / name
+        corrupt(bad)
+        train.main(tiny_args(tiny_model_dir, out, "--max-steps", "4", "--resume"))
+        captured = capsys.readouterr()
+        [warning] = [x for x in captured.err.splitlines() if "warning" in x]
+        assert warning.startswith(f"train.py: warning: --resume passes over a checkpoint that does not load: {bad}: ")
+        assert f"resumed from {out / 'checkpoints' / 'step_000002'} (step 2)" in captured.out, kind
+        got = adapter(out, 4)
+        assert all(torch.equal(want[k], got[k]) for k in want), kind
+        assert [r["step"] for r in read_jsonl(out / "log.jsonl")] == [1, 2, 3, 4]
+    out = tmp_path / "all_bad"
+    shutil.copytree(straight, out)
+    for step in (2, 4):
+        _truncate(out / "checkpoints" / f"step_{step:06d}" / "optimizer.pt")
+    r = run_cli(tiny_args(tiny_model_dir, out, "--max-steps", "4", "--resume", "--model", "no-such-org/model"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert [line.split(": cannot be read")[0] for line in lines[:2]] == [
+        f"train.py: error: --resume: {out / 'checkpoints' / f'step_{s:06d}' / 'optimizer.pt'}" for s in (4, 2)]
+    assert lines[2] == f"train.py: error: --resume: none of the checkpoints in {out} loads" and len(lines) == 3
+
+
+def _manifest(path, rows):
+    path.write_text("".join(json.dumps({"id": i, "problem": q, "answer": a, "split": s, "reference_solution": r}) + "\n"
+                            for i, q, a, s, r in rows))
+    return path
+
+
+def test_prompts_and_contexts_longer_than_the_model_context_are_refused_or_skipped(tiny_model_dir, tmp_path, capsys):
+    """The tiny model's context is 512 tokens (max_position_embeddings). A problem whose student prompt plus
+    --max-new-tokens exceeds it: exit 2 at start, one line naming it. A reference solution (the teacher's c) that
+    makes the teacher prompt exceed it: that rollout is skipped, counted and warned about; the step goes on."""
+    long_text = " ".join(["seven"] * 700)  # > 512 tokens
+    rows = [(f"p{i}", f"What is {i} + 1?", str(i + 1), "train", f"{i} + 1 = {i + 1}. \\boxed{{{i + 1}}}")
+            for i in range(3)] + [("test0", "What is 5 + 1?", "6", "test", "6")]
+    base = ["--feedback", "refsol", "--max-steps", "1", "--eval-every", "1", "--prompts-per-step", "4"]
+    data_long_problem = _manifest(tmp_path / "long_problem.jsonl", rows + [("huge", long_text, "7", "train", "7")])
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny_model_dir, tmp_path / "a", *base, "--data", str(data_long_problem)))
+    assert stop.value.code == train.EXIT_BAD_INPUT
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train.py: error:")]
+    assert line.startswith(f"train.py: error: rank 0: {data_long_problem}: problem 'huge': its student prompt of ")
+    assert "exceeds the context of" in line and "(512 tokens, max_position_embeddings)" in line
+    data_long_context = _manifest(tmp_path / "long_context.jsonl", rows + [("big_ref", "What is 6 + 1?", "7", "train",
+                                                                           long_text)])
+    out = tmp_path / "b"
+    train.main(tiny_args(tiny_model_dir, out, *base, "--data", str(data_long_context)))
+    [record] = read_jsonl(out / "log.jsonl")
+    assert record["skipped_context_step"] == 1 and record["skipped_context"] == 1
+    assert record["skipped_critic_step"] == 1 and record["skipped_empty"] == 0  # the other 3 rollouts trained
+    assert "step 1: 1 rollouts skipped: their teacher prompt (x + c) and y exceed the context of" in \
+        capsys.readouterr().err
