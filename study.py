@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ import torch
 
 import grading
 import train
-from config import form_config, load_problems, parse_config, preflight, total_steps
+from config import Config, form_config, load_problems, parse_config, preflight, total_steps
 from runtime import checkpoint_dirs, setup_distributed
 
 SEEDS = (101, 102, 103)  # pre-registered evaluation seeds: no run had used them when this line was committed
@@ -76,7 +77,12 @@ def worker(seed: int, out: Path, extra: list[str]) -> None:
     """Every run of one seed, in one process with one torch thread; the step-0 evaluation is shared."""
     torch.set_num_threads(1)
     d = setup_distributed()
-    base_eval: dict = {}
+    base_eval: dict = {}  # the step-0 evaluation, the same for every run of the seed: taken from a run that logged it
+    for _, _, run_dir, _ in run_dirs(out, seed):
+        logged = _evals(run_dir) if (run_dir / "eval.jsonl").is_file() else []
+        if logged and logged[0]["step"] == 0:
+            base_eval["result"] = logged[0]
+            break
     with grading.AnswerChecker() as checker:
         for layout, row, run_dir, options in run_dirs(out, seed):
             argv = ["--preset", "demo", "--seed", str(seed), "--out-dir", str(run_dir), "--no-progress",
@@ -85,6 +91,10 @@ def worker(seed: int, out: Path, extra: list[str]) -> None:
             if last_eval_step(run_dir) == total_steps(cfg, len(load_problems(cfg)[0])):
                 print(f"[seed {seed}] {layout}/{row}: done already", flush=True)
                 continue
+            if run_dir.exists() and not checkpoint_dirs(run_dir):  # cut short before its first checkpoint
+                print(f"[seed {seed}] {layout}/{row}: no checkpoint from an earlier start; starting it again",
+                      flush=True)
+                shutil.rmtree(run_dir)
             preflight(cfg, 1)
             run_cfg = dataclasses.replace(form_config(cfg, cfg.feedback), out_dir=str(run_dir))
             t0 = time.perf_counter()
@@ -108,67 +118,92 @@ def _logs(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def finished_steps(run_dir: Path) -> int | None:
+    """The run's number of steps when it has logged the evaluation of its last step, else None (not finished)."""
+    checkpoints = checkpoint_dirs(run_dir) if run_dir.is_dir() else []
+    if not checkpoints:
+        return None
+    cfg = Config(**json.loads((checkpoints[-1] / "config.json").read_text()))
+    steps = total_steps(cfg, len(load_problems(cfg)[0]))
+    return steps if last_eval_step(run_dir) == steps else None
+
+
 def collect(out: Path, seeds: list[int]) -> dict:
-    """Per (layout, row): per-seed Avg@k at step 0 and at the last step, answered rate, and the alignment counts."""
-    result: dict = {"seeds": seeds, "runs": {}}
+    """Per (layout, row) and seed, for the finished runs: Avg@k at step 0 and at the last step, the answered rate,
+    and (StepAlignFB) the counts of wrong attempts that begin with correct work; unfinished runs are listed."""
+    result: dict = {"seeds": seeds, "runs": {}, "unfinished": []}
     for seed in seeds:
         for layout, row, run_dir, _ in run_dirs(out, seed):
-            if not (run_dir / "eval.jsonl").is_file():
-                raise FileNotFoundError(f"{run_dir}: no eval.jsonl (run `python study.py --seeds {seed}` first)")
-            evals = _evals(run_dir)
+            if finished_steps(run_dir) is None:
+                result["unfinished"].append(f"seed{seed}/{layout}/{row}")
+                continue
+            evals, logs = _evals(run_dir), _logs(run_dir)
             first, last = evals[0], evals[-1]
-            logs = _logs(run_dir)
             entry = {"step0": first["avg@k"], "last": last["avg@k"], "last_step": last["step"], "k": last["k"],
                      "answered": last.get("answered"), "pass": last["pass@k"], "maj": last["maj@k"],
                      "length": last["length"]}
             if row == "stepalign":
                 wrong = [r.get("wrong_attempts", 0.0) for r in logs]
                 ok = [r.get("wrong_correct_prefix", 0.0) for r in logs]
-                entry |= {"wrong_step1": wrong[0] if wrong else 0.0, "correct_prefix_step1": ok[0] if ok else 0.0,
+                entry |= {"wrong_step1": wrong[0], "correct_prefix_step1": ok[0],
                           "wrong_all": float(sum(wrong)), "correct_prefix_all": float(sum(ok))}
             result["runs"].setdefault(f"{layout}/{row}", {})[str(seed)] = entry
     return result
 
 
+def _cells(values: dict[str, float], seeds: list[str], fmt: str) -> str:
+    return " | ".join(format(values[s], fmt) if s in values else "–" for s in seeds)
+
+
+def _mean_cell(values: dict[str, float], fmt: str) -> str:
+    """mean ± SE over the seeds present; (n = …) when some are missing."""
+    if not values:
+        return "–"
+    m, se = mean_se(list(values.values()))
+    return f"{m:{fmt}} ± {se:.2f}" + ("" if len(values) >= 3 else f" (n = {len(values)})")
+
+
 def report(result: dict) -> str:
-    """The markdown tables of the study."""
+    """The markdown tables of the study: finished runs only; a missing cell is "–"."""
     seeds = [str(s) for s in result["seeds"]]
     runs = result["runs"]
-    k = next(iter(next(iter(runs.values())).values()))["k"]
     head = " | ".join(f"seed {s}" for s in seeds)
-    lines = [f"Avg@{k} (%) on the held-out problems at the last step; step 0 is the base policy, the same for every "
-             f"row of a seed. Mean ± standard error across the {len(seeds)} seeds.", "",
+    lines = [f"Avg@4 (%) on the held-out problems at the last step; step 0 is the base policy, the same for every "
+             f"row of a seed. Mean ± standard error (sample std / √n) across seeds.", "",
              f"| form | layout | {head} | mean ± SE | answered |", "|---|---|" + "---|" * len(seeds) + "---|---|"]
-    base = [runs["-/grpo"][s]["step0"] for s in seeds]
-    m, se = mean_se([100 * b for b in base])
-    lines.append(f"| base policy (step 0) | | " + " | ".join(f"{100 * b:.2f}" for b in base) + f" | {m:.2f} ± {se:.2f} | |")
+    base = {s: 100 * e[s]["step0"] for e in runs.values() for s in seeds if s in e}
+    lines.append(f"| base policy (step 0) | | {_cells(base, seeds, '.2f')} | {_mean_cell(base, '.2f')} | |")
     for layout in LAYOUTS:
         for row in ROWS:
-            key = f"-/{row}" if row == "grpo" else f"{layout}/{row}"
             if row == "grpo" and layout != LAYOUTS[0]:
                 continue
-            vals = [100 * runs[key][s]["last"] for s in seeds]
-            answered = [runs[key][s]["answered"] for s in seeds]
-            m, se = mean_se(vals)
-            ans = f"{np.mean(answered):.2f}" if all(a is not None for a in answered) else "–"
-            lines.append(f"| {DISPLAY[row]} | {layout if row != 'grpo' else '(none)'} | "
-                         + " | ".join(f"{v:.2f}" for v in vals) + f" | {m:.2f} ± {se:.2f} | {ans} |")
+            entries = runs.get(f"-/{row}" if row == "grpo" else f"{layout}/{row}", {})
+            vals = {s: 100 * e["last"] for s, e in entries.items()}
+            answered = [e["answered"] for e in entries.values() if e["answered"] is not None]
+            lines.append(f"| {DISPLAY[row]} | {layout if row != 'grpo' else '(none)'} | {_cells(vals, seeds, '.2f')} | "
+                         f"{_mean_cell(vals, '.2f')} | {np.mean(answered):.2f} |" if answered else
+                         f"| {DISPLAY[row]} | {layout if row != 'grpo' else '(none)'} | {_cells(vals, seeds, '.2f')} | "
+                         f"– | – |")
     lines += ["", "StepAlignFB minus each other form, paired by seed (same seed, same layout, same problems):", "",
               f"| difference | layout | {head} | mean ± SE |", "|---|---|" + "---|" * len(seeds) + "---|"]
     for layout in LAYOUTS:
         for other in ("refsol", "refsol_steps", "grpo"):
-            okey = "-/grpo" if other == "grpo" else f"{layout}/{other}"
-            diff = [100 * (runs[f"{layout}/stepalign"][s]["last"] - runs[okey][s]["last"]) for s in seeds]
-            m, se = mean_se(diff)
-            lines.append(f"| StepAlignFB − {DISPLAY[other]} | {layout} | " + " | ".join(f"{v:+.2f}" for v in diff)
-                         + f" | {m:+.2f} ± {se:.2f} |")
-    sa = [runs[f"{LAYOUTS[0]}/stepalign"][s] for s in seeds]
-    w1, a1 = sum(e["wrong_step1"] for e in sa), sum(e["correct_prefix_step1"] for e in sa)
-    w, a = sum(e["wrong_all"] for e in sa), sum(e["correct_prefix_all"] for e in sa)
-    lines += ["", f"Wrong attempts that begin with correct work (the critique copies one or more of their true "
-              f"equations verbatim, then corrects a later claim), "
-              f"StepAlignFB runs, {LAYOUTS[0]} layout: step 1 (the base policy's rollouts) {a1:.0f} of {w1:.0f} "
-              f"({a1 / max(w1, 1):.2f}); all steps {a:.0f} of {w:.0f} ({a / max(w, 1):.2f})."]
+            mine = runs.get(f"{layout}/stepalign", {})
+            theirs = runs.get("-/grpo" if other == "grpo" else f"{layout}/{other}", {})
+            diff = {s: 100 * (mine[s]["last"] - theirs[s]["last"]) for s in seeds if s in mine and s in theirs}
+            lines.append(f"| StepAlignFB − {DISPLAY[other]} | {layout} | {_cells(diff, seeds, '+.2f')} | "
+                         f"{_mean_cell(diff, '+.2f')} |")
+    sa = list(runs.get(f"{LAYOUTS[0]}/stepalign", {}).values())
+    if sa:
+        w1, a1 = sum(e["wrong_step1"] for e in sa), sum(e["correct_prefix_step1"] for e in sa)
+        w, a = sum(e["wrong_all"] for e in sa), sum(e["correct_prefix_all"] for e in sa)
+        lines += ["", f"Wrong attempts that begin with correct work (the critique copies one or more of their true "
+                  f"equations verbatim, then corrects a later claim), StepAlignFB runs, {LAYOUTS[0]} layout: step 1 "
+                  f"(the base policy's rollouts) {a1:.0f} of {w1:.0f} ({a1 / max(w1, 1):.2f}); all steps {a:.0f} of "
+                  f"{w:.0f} ({a / max(w, 1):.2f})."]
+    if result["unfinished"]:
+        lines += ["", f"Not finished ({len(result['unfinished'])} runs; `python study.py` continues them): "
+                  + ", ".join(result["unfinished"]) + "."]
     return "\n".join(lines) + "\n"
 
 
