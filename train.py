@@ -26,8 +26,8 @@ One optimizer step, in order:
 Every `eval_every` steps: n = 12 samples per held-out problem → Pass/Maj/Avg@12 and length in eval.jsonl,
 and a checkpoint (adapter, optimizer, RNG, data position), written atomically. Step 0 (the base policy, the
 same for every form) is evaluated once per invocation and logged in each run.
-Diagnostics of each step in log.jsonl: diagnostics.py. Options and presets: config.py; processes, checkpoints and
-logs: runtime.py.
+Steps 1-4 and the feedback forms: feedback.py; the evaluation: evaluate.py; diagnostics of each step in log.jsonl:
+diagnostics.py. Options and presets: config.py; processes, checkpoints and logs: runtime.py.
 Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes:
 2 bad input (or a checkpoint refused on --resume: it must be data only), 3 too many failed critiques over the last
 steps (checkpoint written, fix and --resume), 4 no step of a run changed the weights, 5 --nonfinite-max steps in a
@@ -87,7 +87,6 @@ import grading
 import grpo
 import lora
 import pbsd
-import prompts
 import report
 import rollout
 import sd_loss
@@ -209,34 +208,6 @@ def optimizer_step(cfg, model, params: list, optimizer, bad: float, normalizer: 
     return skipped, grad_norm
 
 
-# ---------------------------------------------------------------------------------------------- step 7, evaluation
-def evaluate_policy(cfg, engine, tokenizer, checker, test, step, d: Dist) -> dict | None:
-    """Pass/Maj/Avg@k and length on the held-out problems; each rank samples a slice, rank 0 aggregates."""
-    mine = test[d.rank::d.world]
-    texts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for p in mine]
-    seeds = [rollout.sample_seed(cfg.seed, "eval", step, p.id) for p in mine]
-    # called on every rank, also one with no held-out problem (fewer than ranks): vLLM's generate is a collective
-    outs = engine.generate(texts, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
-                           max_new_tokens=cfg.max_new_tokens)
-    local = [(p.answer, [(c.text, len(c.token_ids)) for c in samples]) for p, samples in zip(mine, outs)]
-    gathered = [local]
-    if d.world > 1:
-        gathered = [None] * d.world
-        dist.all_gather_object(gathered, local)
-    if not d.master:
-        return None
-    samples = [s for part in gathered for s in part]
-    return {"step": step, "feedback": run_name(cfg),
-            **evaluate.evaluate_samples(samples, k=cfg.eval_samples, checker=checker)}
-
-
-def log_eval(cfg, log: Logger, result: dict | None) -> None:
-    if result is not None:
-        log.write("eval.jsonl", result)
-        print(f"[{run_name(cfg)}] eval step {result['step']}: " + "  ".join(
-            f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)), flush=True)
-
-
 # ---------------------------------------------------------------------------------------------- the run
 def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
           vllm_engine: rollout.VLLMEngine | None = None) -> tuple[Path, dict, int]:
@@ -259,8 +230,8 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
         base_eval = {} if base_eval is None else base_eval
         if "result" not in base_eval:
             with sampling(cfg, model):
-                base_eval["result"] = evaluate_policy(cfg, engine, tokenizer, checker, test_set, 0, d)
-        log_eval(cfg, log, base_eval["result"] and {**base_eval["result"], "feedback": run_name(cfg)})
+                base_eval["result"] = evaluate.evaluate_policy(cfg, engine, tokenizer, checker, test_set, 0, d)
+        evaluate.log_eval(cfg, log, base_eval["result"] and {**base_eval["result"], "feedback": run_name(cfg)})
     bar = None
     if d.master and cfg.progress:
         from tqdm import tqdm
@@ -339,7 +310,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             stopping = stop.agreed(d)  # read once: the save below and the exit must agree
             if done % cfg.eval_every == 0 or done == steps:
                 with sampling(cfg, model):
-                    log_eval(cfg, log, evaluate_policy(cfg, engine, tokenizer, checker, test_set, done, d))
+                    evaluate.log_eval(cfg, log, evaluate.evaluate_policy(cfg, engine, tokenizer, checker, test_set, done, d))
                 save_checkpoint(cfg, model, optimizer, done, counters, d)
             elif stopping or down:
                 save_checkpoint(cfg, model, optimizer, done, counters, d)

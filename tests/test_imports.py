@@ -18,7 +18,7 @@ LAYERS = (
     {"feedback"},  # the feedback forms and steps 1-4 of a step: problems to teacher inputs (critic, exact_critic)
     {"config", "report"},  # the run's options, problems and critic; the results table (feedback: names of the forms)
     {"mechanism"},  # the per-token advantage figure (config, feedback)
-    {"evaluate", "diagnostics"},  # the metrics and the results table; the step's log line (mechanism)
+    {"evaluate", "diagnostics"},  # the metrics, a policy's evaluation, the results table; the step's log line
     {"train", "teacher_gap", "filter_problems"},  # the training loop; the teacher's gap (feedback); the filter
     {"study"},  # the study: every run of a seed (train)
 )

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import config
+import evaluate
 import exact_critic
 import feedback
 import grading
@@ -498,13 +499,13 @@ def test_a_step_with_nothing_to_learn_leaves_the_weights_alone(tiny_model_dir, t
 
 def test_feedback_all_evaluates_the_base_policy_once(tiny_model_dir, tmp_path, monkeypatch):
     calls = []
-    real = train.evaluate_policy
+    real = evaluate.evaluate_policy
 
     def counting(cfg, engine, tokenizer, checker, test, step, d):
         calls.append((cfg.feedback, step))
         return real(cfg, engine, tokenizer, checker, test, step, d)
 
-    monkeypatch.setattr(train, "evaluate_policy", counting)
+    monkeypatch.setattr(evaluate, "evaluate_policy", counting)
     train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "all", "--max-steps", "1",
                          "--eval-every", "1"))
     assert calls == [("stepalign", 0), ("stepalign", 1), ("refsol", 1), ("grpo", 1)]
