@@ -96,6 +96,13 @@ def form_name(cfg) -> str:
     return next(name for name, f in FORMS.items() if (f.feedback, f.refsol_style) == (cfg.feedback, style))
 
 
+def form_options(name: str) -> list[str]:
+    """The train.py options that select form `name`."""
+    form = FORMS[name]
+    return ["--feedback", form.feedback] + (["--refsol-style", form.refsol_style] if form.refsol_style != "reference"
+                                            else [])
+
+
 def with_form(cfg, name: str):
     """The config with the options that select form `name`."""
     return dataclasses.replace(cfg, feedback=FORMS[name].feedback, refsol_style=FORMS[name].refsol_style)
