@@ -27,7 +27,7 @@ import sd_loss
 from critic import MAX_TOKENS as CRITIC_MAX_TOKENS  # a name of its own: in Config, `critic` is a field
 from runtime import checkpoint_dirs
 
-from feedback import FEEDBACKS, PAPER_FORMS  # the feedback forms: feedback.FORMS
+from feedback import FEEDBACKS, FORMS, PAPER_FORMS
 TEACHER_LAYOUTS = prompts.TEACHER_LAYOUTS  # (Config has a field named `critic`)
 
 
@@ -400,5 +400,5 @@ def preflight(cfg: Config, world: int) -> None:
                     f"--{name.replace('_', '-')} {getattr(run_cfg, name)}: {earlier[-1]} was written with "
                     f"{saved[name]}; --resume continues a run only with the options it started with"
                     for name in changed))
-    if "stepalign" in forms and cfg.critic == "server":
+    if any(FORMS[form].needs_critic for form in forms) and cfg.critic == "server":
         make_critic(cfg).check(timeout_s=min(cfg.critic_timeout, 30.0))

@@ -303,7 +303,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.2f}")
             down = None
-            if cfg.feedback == "stepalign":  # one critique per rollout
+            if FORMS[form_name(cfg)].needs_critic:  # one critique per rollout
                 window.append(unusable_as_failures(failures))  # a critique that fails the schema or is empty counts
                 down = critic_down(cfg, run_name(cfg), cfg.prompts_per_step * group_size(cfg), window, done, d,
                                    bar)
