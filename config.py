@@ -20,14 +20,14 @@ from pathlib import Path
 import critic
 import data
 import exact_critic
+import feedback
 import prompts
 import rollout
 import sd_loss
 from critic import MAX_TOKENS as CRITIC_MAX_TOKENS  # a name of its own: in Config, `critic` is a field
 from runtime import checkpoint_dirs, resumable_checkpoint
 
-FEEDBACKS = ("stepalign", "refsol", "verdict", "grpo")
-PAPER_FEEDBACKS = ("stepalign", "refsol", "grpo")  # what --feedback all runs
+from feedback import FEEDBACKS, FORMS, PAPER_FORMS
 TEACHER_LAYOUTS = prompts.TEACHER_LAYOUTS  # (Config has a field named `critic`)
 
 
@@ -159,38 +159,52 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage block), exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"train.py: error: {message} (python train.py --help lists every option)\n")
+        self.exit(2, f"{self.prog}: error: {message} (python {self.prog} --help lists every option)\n")
 
 
-def parse_config(argv: list[str] | None = None, description: str | None = None) -> Config:
-    """Command line generated from Config's fields; a preset's values become the defaults."""
-    pre = OneLineParser(add_help=False)
-    pre.add_argument("--preset", default="paper", choices=list(PRESETS))
-    preset = pre.parse_known_args(argv)[0].preset
-    defaults = {**{f.name: f.default for f in dataclasses.fields(Config)}, **PRESETS[preset], "preset": preset}
-    parser = OneLineParser(description=description,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        kw = dict(default=defaults[f.name], help=f.metadata["help"])
+def parse_command(argv: list[str] | None, prog: str = "train.py", description: str | None = None, own=None,
+                  names=None, preset: str = "paper", defaults: dict | None = None, flags: dict | None = None
+                  ) -> tuple[Config, argparse.Namespace]:
+    """A command's options: Config's (all of them, or those in `names`), generated from its fields with the preset's
+    defaults (--preset picks it when it is one of `names`), then the command's own `defaults`; and the command's own
+    options, added by `own(parser)`. `flags`: more flags for an option, e.g. {"arith_ops": ["--n-ops"]}. Returns the
+    Config (fields not on this command line keep their defaults) and the command's own options."""
+    fields = dataclasses.fields(Config)
+    names = [f.name for f in fields] if names is None else list(names)
+    if "preset" in names:
+        pre = OneLineParser(prog=prog, add_help=False)
+        pre.add_argument("--preset", default=preset, choices=list(PRESETS))
+        preset = pre.parse_known_args(argv)[0].preset
+    values = {**{f.name: f.default for f in fields}, **PRESETS[preset], "preset": preset, **(defaults or {})}
+    parser = OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if own is not None:
+        own(parser)
+    for f in fields:
+        if f.name not in names:
+            continue
+        kw = dict(default=values[f.name], help=f.metadata["help"])
         if f.type == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = {"int": int, "float": float, "str": str}[f.type]
             if f.metadata["choices"]:
                 kw["choices"] = f.metadata["choices"]
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
-    return Config(**vars(parser.parse_args(argv)))
+        parser.add_argument("--" + f.name.replace("_", "-"), *(flags or {}).get(f.name, ()), dest=f.name, **kw)
+    args = parser.parse_args(argv)
+    cfg = Config(**{**values, **{name: getattr(args, name) for name in names}})
+    return cfg, argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in names})
+
+
+def parse_config(argv: list[str] | None = None, description: str | None = None) -> Config:
+    """train.py's command line: every Config field is an option; a preset's values become the defaults."""
+    return parse_command(argv, description=description)[0]
 
 
 def run_name(cfg: Config) -> str:
-    """The row of the results table: the feedback form (refsol_steps: the format control), prefixed by the
-    objective when it is not Eq. 3."""
-    form = "refsol_steps" if cfg.feedback == "refsol" and cfg.refsol_style == "steps" else cfg.feedback
+    """The row of the results table: the feedback form (feedback.FORMS; refsol_steps: the format control), prefixed
+    by the objective when it is not Eq. 3."""
+    form = feedback.form_name(cfg)
     return form if cfg.objective == "sd" else f"{cfg.objective}-{form}"
-
-
-def group_size(cfg: Config) -> int:
-    return cfg.grpo_group_size if cfg.feedback == "grpo" else cfg.sd_samples
 
 
 class ConfigError(ValueError):
@@ -373,9 +387,9 @@ def same_option(name: str, saved, now) -> bool:
     return saved == now
 
 
-def form_config(cfg: Config, feedback: str) -> Config:
-    """The config of one run of the invocation: one feedback form, its own output directory."""
-    run_cfg = dataclasses.replace(cfg, feedback=feedback)
+def form_config(cfg: Config, form: str) -> Config:
+    """The config of one run of the invocation: one --feedback form, its own output directory."""
+    run_cfg = dataclasses.replace(cfg, feedback=form)
     run_cfg.out_dir = cfg.out_dir.format(preset=cfg.preset, feedback=run_name(run_cfg))
     return run_cfg
 
@@ -385,9 +399,9 @@ def preflight(cfg: Config, world: int) -> None:
     one held-out problem, at least one step), its output directory, and the critic server (its model list, then
     a one-token completion). Raises ConfigError, data.DataError or critic.CriticUnavailable."""
     check_inputs(cfg, world)
-    forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
-    for feedback in forms:
-        run_cfg = form_config(cfg, feedback)
+    forms = PAPER_FORMS if cfg.feedback == "all" else (cfg.feedback,)
+    for form in forms:
+        run_cfg = form_config(cfg, form)
         load_problems(run_cfg)
         earlier = checkpoint_dirs(Path(run_cfg.out_dir))
         if earlier and not cfg.resume:  # a fresh run there would mix its checkpoints with the earlier run's
@@ -406,5 +420,5 @@ def preflight(cfg: Config, world: int) -> None:
                     f"--{name.replace('_', '-')} {getattr(run_cfg, name)}: {latest} was written with "
                     f"{saved[name]}; --resume continues a run only with the options it started with"
                     for name in changed))
-    if "stepalign" in forms and cfg.critic == "server":
+    if any(FORMS[form].needs_critic for form in forms) and cfg.critic == "server":
         make_critic(cfg).check(timeout_s=min(cfg.critic_timeout, 30.0))

@@ -20,6 +20,7 @@ import grading
 import mechanism
 import pbsd
 import sd_loss
+from feedback import FORMS, form_name
 from runtime import Dist, all_reduce_sum
 
 # metrics that average over a subset of the tokens: the count each averages over (weights the step's mean)
@@ -151,7 +152,7 @@ def step_record(cfg, step, items, sums, stats, counters, timer, seconds, grad_no
               "skipped_critic_step": skipped, "grad_norm": grad_norm, **counters,
               "tokens_per_s": n_tokens / max(seconds, 1e-9), "seconds": seconds,
               **{f"time_{k}": v for k, v in timer.seconds.items()}}
-    if cfg.feedback == "stepalign":  # among the critiques the backend returned; the counts are this step's
+    if FORMS[form_name(cfg)].needs_critic:  # among the critiques the backend returned; the counts are this step's
         record["critic_schema_ok"] = schema_ok / max(n_items - failed, 1)
         record["skipped_unstructured_step"], record["kept_unstructured_step"] = skipped_unstr, kept_unstr
     if cfg.objective == "pbsd":

@@ -1,4 +1,5 @@
-"""Pass@k, Maj@k, Avg@k of sampled solutions, and the command line of the results table and the mechanism figure.
+"""Pass@k, Maj@k, Avg@k of sampled solutions, a policy's evaluation during training, and the command line of the results
+table and the mechanism figure.
 
 Metrics (`evaluate_samples`), per problem over its n samples, then averaged over problems:
     Avg@k   mean correctness c / n;
@@ -25,10 +26,15 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch.distributed as dist
 
 import grading
 import mechanism
+import prompts
 import report
+import rollout
+from config import run_name
+from runtime import Dist
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -108,6 +114,35 @@ def evaluate_samples(samples: Sequence[tuple[str, Sequence[tuple[str, int]]]], k
     avg, pas, maj, length, answered = np.mean(np.array(rows), axis=0).tolist()
     return {"pass@k": pas, "maj@k": maj, "avg@k": avg, "length": length, "answered": answered,
             "k": k, "n": n, "n_problems": len(samples), "grade_failures": failures}
+
+
+# ---------------------------------------------------------------------------------------------- a policy, in training
+def evaluate_policy(cfg, engine, tokenizer, checker, test, step, d: Dist) -> dict | None:
+    """Pass/Maj/Avg@k and length on the held-out problems; each rank samples a slice, rank 0 aggregates."""
+    mine = test[d.rank::d.world]
+    texts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for p in mine]
+    seeds = [rollout.sample_seed(cfg.seed, "eval", step, p.id) for p in mine]
+    # called on every rank, also one with no held-out problem (fewer than ranks): vLLM's generate is a collective
+    outs = engine.generate(texts, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
+                           max_new_tokens=cfg.max_new_tokens)
+    local = [(p.answer, [(c.text, len(c.token_ids)) for c in samples]) for p, samples in zip(mine, outs)]
+    gathered = [local]
+    if d.world > 1:
+        gathered = [None] * d.world
+        dist.all_gather_object(gathered, local)
+    if not d.master:
+        return None
+    samples = [s for part in gathered for s in part]
+    return {"step": step, "feedback": run_name(cfg),
+            **evaluate_samples(samples, k=cfg.eval_samples, checker=checker)}
+
+
+def log_eval(cfg, log, result: dict | None) -> None:
+    """One evaluation: a line of eval.jsonl (runtime.Logger) and a line on stdout; none on ranks other than 0."""
+    if result is not None:
+        log.write("eval.jsonl", result)
+        print(f"[{run_name(cfg)}] eval step {result['step']}: " + "  ".join(
+            f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -21,11 +21,11 @@ Departures from the paper:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
+import config
 import critic
 import data
 import grading
@@ -47,8 +47,14 @@ def count_correct(engine, prompts: list[str], answers: list[str], seeds: list[in
     return counts
 
 
-def _filter_command(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python filter_problems.py", description="the paper's difficulty filter")
+# train.py's options (config.Config) that the filter shares: its defaults, except vLLM's share of the GPU (nothing
+# else runs beside the filter's engine)
+SHARED = ("temperature", "max_new_tokens", "engine", "dtype", "vllm_gpu_memory", "seed", "critic_model",
+          "critic_max_tokens", "critic_think_in_prompt")
+
+
+def own_options(ap) -> None:
+    """The filter's own options (the shared ones come from config.Config)."""
     ap.add_argument("--data", nargs="+", help="local OpenMathReasoning .parquet/.jsonl files or directories")
     ap.add_argument("--hub-split", default=None, help="stream this split (e.g. cot) from the hub via `datasets`")
     ap.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted) instead of failing")
@@ -56,42 +62,35 @@ def _filter_command(argv: list[str]) -> None:
     ap.add_argument("--solver", required=True, help="solver model (rollout.load_model name or path)")
     ap.add_argument("--critic", default=None, help="critic model run locally (rollout.load_model name or path)")
     ap.add_argument("--critic-url", default=None, help="OpenAI-compatible server of the critic instead")
-    ap.add_argument("--critic-model", default="Qwen/QwQ-32B", help="model name sent to --critic-url")
     ap.add_argument("--critic-n", type=int, default=1,
                     help="critic samples, solved if any is correct; 1 = greedy, more are sampled at T=1")
-    ap.add_argument("--critic-max-tokens", type=int, default=None,
-                    help="critic answer length limit, its <think> trace included (default: critic.MAX_TOKENS); "
-                         "an answer cut by it counts as not solved")
-    ap.add_argument("--critic-think-in-prompt", action=argparse.BooleanOptionalAction, default=True,
-                    help="--critic-url: the server's chat template ends the prompt with an open <think> tag "
-                         "(QwQ-32B's does), so an answer without </think> is all trace")
     ap.add_argument("--n", type=int, default=16, help="solver samples per problem (Avg@n)")
     ap.add_argument("--threshold", type=int, default=5, help="keep problems with fewer correct samples than this")
-    ap.add_argument("--temperature", type=float, default=1.1, help="solver sampling temperature")
-    ap.add_argument("--max-new-tokens", type=int, default=2048, help="solver answer length limit")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    # the same engine options as train.py (rollout.make_engine builds the engine for both)
-    ap.add_argument("--engine", default="vllm", choices=("vllm", "transformers"),
-                    help="solver sampling engine: vllm (a GPU, or vLLM's CPU build) or transformers")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                    help="solver dtype (and the local --critic's)")
     ap.add_argument("--device", default=None, help="transformers engine and local --critic: torch device "
                     "(default: cuda if available, else cpu, as in train.py); vLLM places itself")
-    ap.add_argument("--vllm-gpu-memory", type=float, default=0.85,
-                    help="vLLM engine: fraction of GPU memory (on vLLM's CPU build: of host memory, e.g. 0.15)")
     ap.add_argument("--n-test", type=int, default=30, help="test-set size (the paper: 30 of 312)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of sampling and of the train/test split")
     ap.add_argument("--out", required=True, help="output manifest (JSONL)")
-    args = ap.parse_args(argv)
-    if (args.data is None) == (args.hub_split is None):
-        ap.error("give exactly one of --data and --hub-split")
-    if (args.critic is None) == (args.critic_url is None):
-        ap.error("give exactly one of --critic and --critic-url")
-    if args.engine == "vllm" and args.device is not None and args.critic is None:
-        ap.error("--device applies to --engine transformers and a local --critic; vLLM places the model itself "
-                 "(choose GPUs with CUDA_VISIBLE_DEVICES)")
 
-    critic_max_tokens = critic.MAX_TOKENS if args.critic_max_tokens is None else args.critic_max_tokens
+
+def _filter_command(argv: list[str]) -> None:
+    cfg, args = config.parse_command(argv, prog="filter_problems.py", description="the paper's difficulty filter",
+                                     own=own_options, names=SHARED, defaults={"vllm_gpu_memory": 0.85})
+    for name in SHARED:  # one namespace of options for the rest of the filter
+        setattr(args, name, getattr(cfg, name))
+
+    def error(message: str):
+        print(f"filter_problems.py: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    if (args.data is None) == (args.hub_split is None):
+        error("give exactly one of --data and --hub-split")
+    if (args.critic is None) == (args.critic_url is None):
+        error("give exactly one of --critic and --critic-url")
+    if args.engine == "vllm" and args.device is not None and args.critic is None:
+        error("--device applies to --engine transformers and a local --critic; vLLM places the model itself "
+              "(choose GPUs with CUDA_VISIBLE_DEVICES)")
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.data is not None:
@@ -113,7 +112,7 @@ def _filter_command(argv: list[str]) -> None:
                                   grading.grade, args.batch_size)
     del engine, model
     if args.critic_url is not None:
-        server = critic.ServerCritic(args.critic_url, args.critic_model, max_tokens=critic_max_tokens,
+        server = critic.ServerCritic(args.critic_url, args.critic_model, max_tokens=args.critic_max_tokens,
                               temperature=0.0 if args.critic_n == 1 else 1.0)
         texts = server.complete([prompts.student_messages(p) for p in problems for _ in range(args.critic_n)])
         opened = args.critic_think_in_prompt
@@ -131,7 +130,7 @@ def _filter_command(argv: list[str]) -> None:
         temperature = 0.0 if args.critic_n == 1 else 1.0
         # an answer cut by the length limit counts as not solved, as with a server (ServerCritic.complete)
         counts = count_correct(rollout.TransformersEngine(critic_model, critic_tokenizer), critic_prompts, answers,
-                               seeds, args.critic_n, temperature, critic_max_tokens,
+                               seeds, args.critic_n, temperature, args.critic_max_tokens,
                                lambda text, gold: grading.grade(data.strip_think(text, opened), gold), args.batch_size,
                                require_stop=True)
         critic_ok = [c > 0 for c in counts]
@@ -145,7 +144,7 @@ def _filter_command(argv: list[str]) -> None:
     # how the measurement was made (engine, dtype, device: the pass rates depend on them); the solver's device
     # under vLLM is the platform of its build: CUDA when torch sees a GPU, else vLLM's CPU build
     settings = {**{k: v for k, v in vars(args).items() if k not in ("data", "out", "skip_bad", "limit")},
-                "device": device, "critic_max_tokens": critic_max_tokens,
+                "device": device,
                 "solver_device": device if args.engine == "transformers" else
                 ("cuda" if torch.cuda.is_available() else "cpu")}
     data.write_manifest(args.out, train, test, settings)

@@ -6,8 +6,8 @@ exact_critic.ExactArithmeticCritic), keeps the erroneous ones whose wrong claim 
 `error_marks_from_spans`), and scores the SAME ids y under the student prompt and under each teacher context
 with rollout.score_sequences, giving per context
     A_t = log π(y_t | x, c, y<t) − log π(y_t | x, y<t)      (sd_loss.token_advantage).
-Contexts are a mapping name -> (problem, response, critique) -> teacher messages (MECHANISM_CONTEXTS:
-stepalign, refsol, verdict); a new feedback form is one more entry. The pure pieces: `localization_scores`,
+Contexts are a mapping name -> (rollout, critique, layout) -> teacher messages; MECHANISM_CONTEXTS builds them from
+feedback.FORMS (stepalign, refsol, refsol_steps, verdict), as training does. The pure pieces: `localization_scores`,
 `advantage_by_position` + `plot_advantage_by_position`, `render_advantage_html`. On the demo model:
     python evaluate.py mechanism --out docs/mechanism [--n-problems 20] [--seed 0]
 writes DIR/advantage.html, DIR/advantage_by_position.png, DIR/localization.json and prints the localization
@@ -25,7 +25,7 @@ Departures from the paper (which shows the figure qualitatively):
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import html
 import json
 import math
@@ -40,6 +40,7 @@ import torch
 import config
 import data
 import exact_critic
+import feedback
 import grading
 import prompts
 import report
@@ -311,36 +312,13 @@ def render_advantage_html(tokens: Sequence[Sequence[str]], advantages: Mapping[s
 
 
 # ---------------------------------------------------------------------------------------------- the driver
-# A context builder: (problem, the rollout's text, its critique, the teacher layout) -> the self-teacher's chat
-# messages. A new feedback form is one more entry in the mapping passed to `mechanism`.
-ContextFn = Callable[[object, str, object, str], list]
-
-
-def stepalign_context(problem, response: str, critique, layout: str = "paper") -> list[dict]:
-    """StepAlignFB: the critic's step-aligned critique of this very rollout."""
-    return prompts.teacher_messages(problem, "stepalign", critique.text, layout, response)
-
-
-def refsol_context(problem, response: str, critique, layout: str = "paper") -> list[dict]:
-    """RefSol: the problem's reference solution (the same for every rollout of the problem)."""
-    if problem.reference_solution is None:
-        raise ValueError(f"problem {problem.id}: the refsol context needs a reference solution")
-    return prompts.teacher_messages(problem, "refsol", problem.reference_solution, layout, response)
-
-
-def refsol_steps_context(problem, response: str, critique, layout: str = "paper") -> list[dict]:
-    """The format control: the gold solution in the student's step format, written from the problem alone."""
-    return prompts.teacher_messages(problem, "refsol", data.step_solution(problem), layout, response)
-
-
-def verdict_context(problem, response: str, critique, layout: str = "paper") -> list[dict]:
-    """Verdict: the verifier's grade of this rollout's own final answer (as in training), no solution or critique."""
-    verdict = prompts.verdict_text(response, correct=grading.grade(response, problem.answer))
-    return prompts.teacher_messages(problem, "verdict", verdict, layout, response)
-
-
-MECHANISM_CONTEXTS: dict[str, ContextFn] = {"stepalign": stepalign_context, "refsol": refsol_context,
-                                            "refsol_steps": refsol_steps_context, "verdict": verdict_context}
+# A context builder: (the rollout as a feedback.Item, its critique, the teacher layout) -> the self-teacher's chat
+# messages. The figure's columns are feedback forms of feedback.FORMS, which build c as training does; another
+# builder is one more entry in the mapping passed to `mechanism`.
+ContextFn = Callable[[feedback.Item, object, str], list]
+FIGURE_FORMS = ("stepalign", "refsol", "refsol_steps", "verdict")  # the figure's columns, in this order
+MECHANISM_CONTEXTS: dict[str, ContextFn] = {name: functools.partial(feedback.form_messages, name)
+                                            for name in FIGURE_FORMS}
 
 
 def token_char_spans(tokenizer, token_ids: Sequence[int], text: str) -> list[tuple[int, int]]:
@@ -482,9 +460,11 @@ def mechanism(model, tokenizer, problems: Sequence, n_rollouts: int = 4, *, temp
 
     student = score_rollouts(model, [ids(prompts.student_messages(p), student_thinking) for p, *_ in kept],
                              ys, pad_id, batch_size)  # log π(y_t | x, y<t)
+    items = [feedback.Item(p, [], c, reward=float(grading.grade(c.text, p.answer))) for p, c, _, _ in kept]
     advantages = {}
     for name, build in contexts.items():
-        teacher = score_rollouts(model, [ids(build(p, c.text, q, teacher_layout), teacher_thinking) for p, c, q, _ in kept],
+        teacher = score_rollouts(model, [ids(build(it, q, teacher_layout), teacher_thinking)
+                                         for it, (_, _, q, _) in zip(items, kept)],
                                  ys, pad_id, batch_size)  # log π(y_t | x, c, y<t)
         # Eq. A_t = log π_base(y_t | x, c, y<t) − log π_θ(y_t | x, y<t)
         advantages[name] = [sd_loss.token_advantage(torch.from_numpy(s), torch.from_numpy(t)).numpy()
@@ -512,34 +492,35 @@ def localization_table(scores: Mapping[str, Mapping], chance: Mapping[str, float
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """`python evaluate.py mechanism --out DIR`: the per-token figure on the demo model, written to DIR."""
-    ap = argparse.ArgumentParser(prog="evaluate.py mechanism",
-                                 description="A_t of the demo model's erroneous rollouts under each feedback form.")
-    ap.add_argument("--out", required=True, help="directory for advantage.html, advantage_by_position.png, "
-                                                 "localization.json")
-    demo = config.parse_config(["--preset", "demo"])  # every default below is the demo preset's
-    ap.add_argument("--model", default=demo.model, help="model path or the demo model's name")
-    ap.add_argument("--n-problems", type=int, default=20, help="arithmetic problems to sample from")
-    ap.add_argument("--n-rollouts", type=int, default=4, help="rollouts per problem")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampling")
-    ap.add_argument("--temperature", type=float, default=demo.temperature, help="sampling temperature")
-    ap.add_argument("--max-new-tokens", type=int, default=demo.max_new_tokens, help="rollout length limit")
-    ap.add_argument("--n-ops", type=int, default=demo.arith_ops, help="operations per arithmetic problem")
-    ap.add_argument("--teacher-layout", default=demo.teacher_layout, choices=prompts.TEACHER_LAYOUTS,
-                    help="where c sits in the teacher's prompt (train.py --teacher-layout)")
-    args = ap.parse_args(argv)
+    """`python evaluate.py mechanism --out DIR`: the per-token figure on the demo model, written to DIR. The model,
+    sampling, problem and teacher-layout options are train.py's (config.py), with the demo preset's defaults."""
+    def own(ap):
+        ap.add_argument("--out", required=True, help="directory for advantage.html, advantage_by_position.png, "
+                                                     "localization.json")
+        ap.add_argument("--n-problems", type=int, default=20, help="arithmetic problems to sample from")
+        ap.add_argument("--n-rollouts", type=int, default=4, help="rollouts per problem")
+
+    cfg, args = config.parse_command(
+        None if argv is None else list(argv), prog="evaluate.py mechanism", own=own, preset="demo",
+        description="A_t of the demo model's erroneous rollouts under each feedback form.",
+        names=("model", "seed", "temperature", "max_new_tokens", "arith_ops", "teacher_layout"),
+        flags={"arith_ops": ["--n-ops"]})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = rollout.load_model(args.model)
-    problems = data.arithmetic_problems(args.n_problems, seed=args.seed, n_ops=args.n_ops,
-                                        max_operand=demo.arith_max_operand, ops=demo.arith_operators,
-                                        worked_example=demo.arith_example)
-    res = mechanism(model, tokenizer, problems, args.n_rollouts, temperature=args.temperature,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed, teacher_layout=args.teacher_layout)
+    model, tokenizer = rollout.load_model(cfg.model)
+    # the seed draws the problems and seeds the sampling
+    problems = data.arithmetic_problems(args.n_problems, seed=cfg.seed, n_ops=cfg.arith_ops,
+                                        max_operand=cfg.arith_max_operand, ops=cfg.arith_operators,
+                                        worked_example=cfg.arith_example)
+    res = mechanism(model, tokenizer, problems, args.n_rollouts, temperature=cfg.temperature,
+                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, teacher_layout=cfg.teacher_layout)
     if not res.marks:
         raise SystemExit(f"no erroneous rollout with a located wrong claim among {res.counts}; "
                          "use more --n-problems")
-    table, record = write_mechanism_report(res, tokenizer, out, model_name=args.model, config=vars(args))
+    settings = {"out": args.out, "model": cfg.model, "n_problems": args.n_problems, "n_rollouts": args.n_rollouts,
+                "seed": cfg.seed, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
+                "n_ops": cfg.arith_ops, "teacher_layout": cfg.teacher_layout}
+    table, record = write_mechanism_report(res, tokenizer, out, model_name=cfg.model, config=settings)
     print(f"{len(res.marks)} erroneous rollouts with a located wrong claim (of {res.counts['sampled']} sampled; "
           f"counts {res.counts})\n")
     print(table)

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from feedback import FORMS
+
 METRICS = ("pass@k", "maj@k", "avg@k")
-DISPLAY = {"grpo": "GRPO", "refsol": "RefSol", "refsol_steps": "RefSol, step format", "stepalign": "StepAlignFB",
-           "verdict": "Verdict",
-           "pbsd-refsol": "PBSD (RefSol)", "pbsd-stepalign": "PBSD (StepAlignFB)", "pbsd-verdict": "PBSD (Verdict)"}
+# the rows' order: the paper's table (GRPO, RefSol, StepAlignFB), the format control beside RefSol, then the rest
+ROW_ORDER = ("grpo", "refsol", "refsol_steps", "stepalign")
+DISPLAY = {name: form.display for name, form in FORMS.items()} | {
+    f"pbsd-{name}": f"PBSD ({form.display})" for name, form in FORMS.items() if form.context is not None}
 
 
 @dataclass
@@ -88,7 +91,7 @@ def _labels(records: Sequence[EvalRecord]) -> dict[str, str]:
     """run -> row label: the feedback form, plus the run's name when several runs share a form."""
     form_of = {r.run: r.feedback for r in records}
     runs_per_form = Counter(form_of.values())
-    order = {name: i for i, name in enumerate(DISPLAY)}  # the paper's row order first, then alphabetical
+    order = {name: i for i, name in enumerate(dict.fromkeys(ROW_ORDER + tuple(DISPLAY)))}  # then alphabetical
     labels = {}
     for run, form in sorted(form_of.items(), key=lambda x: (order.get(x[1], len(order)), x[1], x[0])):
         name = DISPLAY.get(form, form)

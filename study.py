@@ -41,17 +41,15 @@ import torch
 import grading
 import train
 from config import Config, form_config, load_problems, parse_config, preflight, total_steps
+from feedback import FORMS, form_options
 from runtime import checkpoint_dirs, setup_distributed
 
 SEEDS = (101, 102, 103)  # pre-registered evaluation seeds: no run had used them when this line was committed
 LAYOUTS = ("repeat", "paper")  # the demo preset's teacher layout, then the paper's
-# (row name, train.py options); "{layout}" is filled in per layout, GRPO has no teacher and runs once
-RUNS = (("stepalign", ["--feedback", "stepalign"]),
-        ("refsol", ["--feedback", "refsol"]),
-        ("refsol_steps", ["--feedback", "refsol", "--refsol-style", "steps"]))
-ROWS = ("stepalign", "refsol", "refsol_steps", "grpo")
-DISPLAY = {"stepalign": "StepAlignFB", "refsol": "RefSol", "refsol_steps": "RefSol, step format (control)",
-           "grpo": "GRPO"}
+ROWS = ("stepalign", "refsol", "refsol_steps", "grpo")  # forms of feedback.FORMS; refsol_steps is the format control
+# (row name, train.py options) of the forms with a teacher, run once per layout; GRPO has no teacher and runs once
+RUNS = tuple((row, form_options(row)) for row in ROWS if row != "grpo")
+DISPLAY = {row: FORMS[row].display + (" (control)" if row == "refsol_steps" else "") for row in ROWS}
 
 
 def run_dirs(out: Path, seed: int) -> list[tuple[str, str, Path, list[str]]]:

@@ -11,12 +11,13 @@ critic, --temperature (student and teacher are sampled at the training temperatu
 option that shapes the teacher prompt. The steps:
   1. problems: the config's held-out problems (--split test; --eval-problems applies) or its training problems
      (--split train: SD settings are chosen there, never on the held-out results), the first --n-problems.
-  2. k rollouts per problem from the student prompt: train.collect_rollouts, seeded as training step
+  2. k rollouts per problem from the student prompt: feedback.collect_rollouts, seeded as training step
      --sample-step of run --seed (another --sample-step gives fresh samples of the same problems).
-  3. per feedback form, steps 3-4 of a training step with teacher samples on: c from each rollout
-     (train.feedback_contexts; stepalign: the critic's critique of it; refsol: the reference solution; verdict: the
-     verdict on its answer), the teacher prompt rendered by the same function (train.with_teacher_prompts), and one
-     sample y_T ~ π_base(·|x, c) per rollout, graded (train.with_teacher_samples).
+  3. per feedback form (--forms, names of feedback.FORMS), steps 3-4 of a training step with teacher samples on: c
+     from each rollout as that form builds it (feedback.feedback_contexts; stepalign: the critic's critique of it;
+     refsol: the reference solution; refsol_steps: the format control; verdict: the verdict on its answer), the
+     teacher prompt rendered by the same function (feedback.with_teacher_prompts), and one sample
+     y_T ~ π_base(·|x, c) per rollout, graded (feedback.with_teacher_samples).
   4. Avg@k (per problem the share of its k samples that are correct, averaged over problems), the answered rate
      (samples with a \\boxed{} answer), and the gap = teacher Avg@k − student Avg@k in points.
 A rollout whose critique failed has no teacher sample: it is counted (skipped) and left out of that form's means.
@@ -38,15 +39,16 @@ from pathlib import Path
 import numpy as np
 
 import data
+import feedback
 import grading
 import lora
 import report
 import rollout
-import train
-from config import Config, ConfigError, check_inputs, load_problems, make_critic, parse_config
+from config import Config, ConfigError, check_inputs, load_problems, make_critic, parse_command
+from feedback import FORMS
 from runtime import Timer, build_model, make_vllm_engine, sampling, setup_distributed
 
-FORMS = ("stepalign", "refsol", "verdict")
+DEFAULT_FORMS = ("stepalign", "refsol", "verdict")  # --forms: any form of feedback.FORMS with a teacher
 
 
 def avg_at_k(correct: list[list[float]]) -> float:
@@ -64,20 +66,20 @@ def summarize(texts: list[list[str]], rewards: list[list[float]]) -> dict:
 
 
 def teacher_gap(cfg: Config, model, engine, tokenizer, checker, critic_backend, problems: list[data.Problem],
-                k: int, context: int, forms=FORMS, sample_step: int = 0) -> dict:
+                k: int, context: int, forms=DEFAULT_FORMS, sample_step: int = 0) -> dict:
     """Student Avg@k and, per form, teacher Avg@k from contexts built on the same k rollouts per problem.
     model: the policy with its adapter; the student samples inside runtime.sampling, as in training (the transformers
     engine samples from this module, its adapter merged in fp32; vLLM holds its own weights). context: the model's
     context length (a teacher prompt and its sample that exceed it are skipped, as in train.py).
 
     Returns {"student": summary, form: summary | {"gap": points, "skipped": n}, "samples": per-rollout records}."""
-    cfg = dataclasses.replace(cfg, sd_samples=k, feedback=forms[0], teacher_samples=True)
+    cfg = dataclasses.replace(feedback.with_form(cfg, forms[0]), sd_samples=k, teacher_samples=True)
     timer = Timer()
     draws = list(enumerate(problems))
     with sampling(cfg, model):  # the student policy
-        rollouts = train.collect_rollouts(cfg, engine, tokenizer, checker, draws, sample_step, timer)
+        rollouts = feedback.collect_rollouts(cfg, engine, tokenizer, checker, draws, sample_step, timer)
 
-    def by_problem(items: list[train.Item], value) -> list[list]:
+    def by_problem(items: list[feedback.Item], value) -> list[list]:
         return [[value(it) for it in items if it.draw == i] for i in range(len(problems))]
 
     out = {"student": summarize(by_problem(rollouts, lambda it: it.completion.text),
@@ -85,14 +87,14 @@ def teacher_gap(cfg: Config, model, engine, tokenizer, checker, critic_backend, 
     samples = [{"problem_id": it.problem.id, "sample": it.sample, "rollout": it.completion.text, "reward": it.reward,
                 "teacher": {}} for it in rollouts]
     for form in forms:
-        form_cfg = dataclasses.replace(cfg, feedback=form)
-        backend = critic_backend if form == "stepalign" else None
-        contexts, _, _ = train.feedback_contexts(form_cfg, backend, rollouts, timer)
-        items, too_long = train.with_teacher_prompts(form_cfg, tokenizer, rollouts, contexts, context)
+        form_cfg = feedback.with_form(cfg, form)
+        backend = critic_backend if FORMS[form].needs_critic else None
+        contexts, _, _ = feedback.feedback_contexts(form_cfg, backend, rollouts, timer)
+        items, too_long = feedback.with_teacher_prompts(form_cfg, tokenizer, rollouts, contexts, context)
         if too_long:
             print(f"{form}: {too_long} rollouts skipped: teacher prompt and sample exceed the model's context",
                   file=sys.stderr, flush=True)
-        items = train.with_teacher_samples(form_cfg, engine, checker, items, sample_step, timer)
+        items = feedback.with_teacher_samples(form_cfg, engine, checker, items, sample_step, timer)
         kept = [it for it in items if not it.skipped]
         summary = summarize(by_problem(kept, lambda it: it.teacher_sample.text),
                             by_problem(kept, lambda it: it.teacher_reward))
@@ -107,7 +109,7 @@ def teacher_gap(cfg: Config, model, engine, tokenizer, checker, critic_backend, 
     return out
 
 
-def gap_table(result: dict, forms=FORMS, k: int | None = None) -> str:
+def gap_table(result: dict, forms=DEFAULT_FORMS, k: int | None = None) -> str:
     """Markdown: one row for the student prompt, one per teacher prompt, Avg@k in percent and the gap in points."""
     label = f"Avg@{k}" if k else "Avg@k"
     lines = [f"| prompt | {label} | answered | gap (points) | samples | skipped |", "|---|---|---|---|---|---|"]
@@ -115,41 +117,45 @@ def gap_table(result: dict, forms=FORMS, k: int | None = None) -> str:
     lines.append(f"| student (x) | {100 * s['avg@k']:.1f} | {s['answered']:.2f} | | {s['n_samples']} | |")
     for form in forms:
         t = result[form]
-        lines.append(f"| {report.DISPLAY.get(form, form)} teacher (x + c) | {100 * t['avg@k']:.1f} | "
+        lines.append(f"| {report.DISPLAY[form]} teacher (x + c) | {100 * t['avg@k']:.1f} | "
                      f"{t['answered']:.2f} | {t['gap']:+.1f} | {t['n_samples']} | {t['skipped']} |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
-    """This script's options; everything else goes to config.parse_config (every train.py option)."""
-    ap = argparse.ArgumentParser(prog="teacher_gap.py", allow_abbrev=False,
-                                 description="Avg@k of each teacher prompt's samples beside the student prompt's.",
-                                 epilog="Every train.py option is accepted too (python train.py --help).")
-    ap.add_argument("--split", default="test", choices=("test", "train"),
-                    help="the config's held-out problems, or its training problems (choose settings on these)")
-    ap.add_argument("--k", type=int, default=4, help="student rollouts per problem (one teacher sample per rollout)")
-    ap.add_argument("--n-problems", type=int, default=0, help="the first N problems of the split (0 = all)")
-    ap.add_argument("--forms", default=",".join(FORMS), help="comma-separated feedback forms: " + ", ".join(FORMS))
-    ap.add_argument("--sample-step", type=int, default=0, help="the rollouts and teacher samples are seeded as those "
-                    "of this training step (with --seed): another value gives fresh samples of the same problems")
-    ap.add_argument("--adapter", default=None, help="a train.py checkpoint directory: the student is that policy "
-                    "(default: the base policy, as at step 0)")
-    ap.add_argument("--json", default=None, help="also write the result, with every sample, to this JSON file")
-    args, rest = ap.parse_known_args(argv)
-    cfg = parse_config(rest)
+    """This script's options and every train.py option (config.parse_command)."""
+    teacher_forms = [name for name, f in FORMS.items() if f.context is not None]
+
+    def own(ap):
+        ap.add_argument("--split", default="test", choices=("test", "train"),
+                        help="the config's held-out problems, or its training problems (choose settings on these)")
+        ap.add_argument("--k", type=int, default=4, help="student rollouts per problem (one teacher sample per "
+                        "rollout)")
+        ap.add_argument("--n-problems", type=int, default=0, help="the first N problems of the split (0 = all)")
+        ap.add_argument("--forms", default=",".join(DEFAULT_FORMS), help="comma-separated feedback forms: "
+                        + ", ".join(teacher_forms))
+        ap.add_argument("--sample-step", type=int, default=0, help="the rollouts and teacher samples are seeded as "
+                        "those of this training step (with --seed): another value gives fresh samples of the same "
+                        "problems")
+        ap.add_argument("--adapter", default=None, help="a train.py checkpoint directory: the student is that "
+                        "policy (default: the base policy, as at step 0)")
+        ap.add_argument("--json", default=None, help="also write the result, with every sample, to this JSON file")
+
+    cfg, args = parse_command(argv, prog="teacher_gap.py", own=own,
+                              description="Avg@k of each teacher prompt's samples beside the student prompt's.")
     forms = tuple(f.strip() for f in args.forms.split(","))
-    bad = [f for f in forms if f not in FORMS]
-    if bad or not forms:
-        ap.error(f"--forms {args.forms}: each must be one of {', '.join(FORMS)}")
+    if not forms or any(f not in teacher_forms for f in forms):
+        raise SystemExit(f"teacher_gap.py: error: --forms {args.forms}: each must be one of "
+                         f"{', '.join(teacher_forms)}")
     if args.k < 1 or args.n_problems < 0:
-        ap.error(f"--k {args.k} must be >= 1 and --n-problems {args.n_problems} >= 0")
+        raise SystemExit(f"teacher_gap.py: error: --k {args.k} must be >= 1 and --n-problems {args.n_problems} >= 0")
     args.forms = forms
     return args, cfg
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args(sys.argv[1:] if argv is None else list(argv))
-    cfg = dataclasses.replace(cfg, feedback=args.forms[0])
+    cfg = feedback.with_form(cfg, args.forms[0])
     try:
         check_inputs(cfg)
         train_set, test_set = load_problems(cfg)
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     if args.adapter:
         lora.load_adapter(model, args.adapter)
-    backend = make_critic(cfg) if "stepalign" in args.forms else None
+    backend = make_critic(cfg) if any(FORMS[form].needs_critic for form in args.forms) else None
     with contextlib.ExitStack() as stack:
         if cfg.engine == "vllm":  # the engine of training, given the student's adapter as at a training step
             engine = make_vllm_engine(cfg, d)

@@ -26,8 +26,8 @@ One optimizer step, in order:
 Every `eval_every` steps: n = 12 samples per held-out problem → Pass/Maj/Avg@12 and length in eval.jsonl,
 and a checkpoint (adapter, optimizer, RNG, data position), written atomically. Step 0 (the base policy, the
 same for every form) is evaluated once per invocation and logged in each run.
-Diagnostics of each step in log.jsonl: diagnostics.py. Options and presets: config.py; processes, checkpoints and
-logs: runtime.py.
+Steps 1-4 and the feedback forms: feedback.py; the evaluation: evaluate.py; diagnostics of each step in log.jsonl:
+diagnostics.py. Options and presets: config.py; processes, checkpoints and logs: runtime.py.
 Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes:
 2 bad input (or a checkpoint refused on --resume: it must be data only; or an out-dir in use by a live run), 3 too
 many failed critiques over the last steps (checkpoint written, fix and --resume), 4 no step of a run changed the
@@ -76,10 +76,9 @@ import os
 import signal
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -88,16 +87,17 @@ import data
 import diagnostics
 import evaluate
 import exact_critic
+import feedback
 import grading
 import grpo
 import lora
 import pbsd
-import prompts
 import report
 import rollout
 import sd_loss
-from config import (PAPER_FEEDBACKS, Config, ConfigError, form_config, group_size, load_problems, make_critic,
-                    parse_config, preflight, run_name, total_steps)
+from config import (Config, ConfigError, form_config, load_problems, make_critic, parse_config, preflight, run_name,
+                    total_steps)
+from feedback import FORMS, PAPER_FORMS, Item, check_prompt_lengths, form_name, group_size
 from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, SaveError, StopFlag, Timer,
                      all_reduce_sum, check_room, checkpoint_bytes, critic_down, make_vllm_engine, nothing_learned,
                      push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy,
@@ -105,161 +105,6 @@ from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, Save
 
 EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_NO_ROOM = 2, 3, 4, 5, 6
 EXIT_SIGTERM, EXIT_SIGINT = 143, 130
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-    """One rollout and everything the loss needs about it. Each step returns new Items (dataclasses.replace)."""
-    problem: data.Problem
-    prompt_ids: list[int]
-    completion: rollout.Completion
-    reward: float = 0.0
-    draw: int = 0  # index of the problem in the step's global problem list (all ranks)
-    sample: int = 0  # index of this rollout among the G samples of its problem
-    advantage: float = 0.0  # GRPO: A_i of its group
-    skipped: bool = False  # no teacher context (a failed or unusable critique): masked out of the loss
-    teacher_prompt: str | None = None  # x + c, rendered: the self-teacher's prompt
-    teacher_ids: list[int] | None = None  # its token ids
-    teacher_sample: rollout.Completion | None = None  # y_T ~ π_base(·|x, c) (PBSD, --teacher-samples)
-    teacher_reward: float = 0.0
-    wrong_claim: np.ndarray | None = None  # (T,) bool: the tokens of y's first wrong claim (diagnostics)
-
-
-# ---------------------------------------------------------------------------------------------- steps 1-4
-def step_problems(train_set: list[data.Problem], cfg: Config, step: int) -> list[data.Problem]:
-    """Step 1: the problems of global step `step`, a stream of seeded per-epoch permutations cut into steps."""
-    n, P = len(train_set), cfg.prompts_per_step
-    out = []
-    for i in range(step * P, (step + 1) * P):
-        epoch, pos = divmod(i, n)
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        out.append(train_set[perm[pos]])
-    return out
-
-
-def collect_rollouts(cfg, engine, tokenizer, checker, draws: list[tuple[int, data.Problem]], step,
-                     timer) -> list[Item]:
-    """Step 2: G on-policy samples per problem, with their rewards. `draws` are (index in the step's global
-    problem list, problem): the seed derives from (run seed, step, index, problem, sample), so a rollout does
-    not depend on which rank draws it, and a problem drawn twice in one step gets two different rollouts."""
-    G = group_size(cfg)
-    texts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for _, p in draws]
-    seeds = [rollout.sample_seed(cfg.seed, "train", step, i, p.id) for i, p in draws]
-    with timer("rollout"):
-        outs = engine.generate(texts, seeds, n=G, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-    items = []
-    for (i, p), prompt, samples in zip(draws, texts, outs):
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        for j, c in enumerate(samples):
-            items.append(Item(p, ids, c, reward=float(checker.grade(c.text, p.answer)), draw=i, sample=j))
-    return items
-
-
-def check_prompt_lengths(cfg, tokenizer, problems: list[data.Problem], context: int) -> None:
-    """DataError naming the problems whose student prompt plus --max-new-tokens exceeds the model's context (its
-    max_position_embeddings): refused before the first step, not an allocation failure in the middle of one."""
-    long = []
-    for p in problems:
-        n = len(tokenizer(prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking),
-                          add_special_tokens=False).input_ids)
-        if n + cfg.max_new_tokens > context:
-            long.append((p.id, n))
-    if long:
-        (first, n), more = long[0], f" (and {len(long) - 1} more problems)" if len(long) > 1 else ""
-        raise data.DataError(f"{cfg.data}: problem {first!r}{more}: its student prompt of {n} tokens plus "
-                             f"--max-new-tokens {cfg.max_new_tokens} exceeds the context of {cfg.model} ({context} "
-                             "tokens, max_position_embeddings): lower --max-new-tokens or remove the problem")
-
-
-def critique_context(c: critic.Critique, policy: str) -> str | None:
-    """The teacher's context c from one critique, or None (its rollout is skipped): a failed critique (backend
-    error, cut by the length limit) always; one that failed the schema under policy "skip"; an empty one under
-    "keep" (there is nothing to give the teacher)."""
-    if policy not in ("skip", "keep"):
-        raise ValueError(f"critic_unstructured={policy!r}; expected 'skip' or 'keep'")
-    if c.error is not None:
-        return None
-    if c.schema_ok:
-        return c.text
-    return c.text if policy == "keep" and c.text.strip() else None
-
-
-def feedback_contexts(cfg, critic_backend, items: list[Item], timer
-                      ) -> tuple[list[str | None], list[critic.Critique] | None, dict[str, float]]:
-    """Step 3: the context c of each rollout (None: the rollout is skipped, see `critique_context`), the critiques
-    (stepalign; else None), and the step's critique counts."""
-    if cfg.feedback == "stepalign":
-        with timer("critic"):
-            critiques = critic_backend.critique([(it.problem, it.completion.text) for it in items])
-        contexts = [critique_context(c, cfg.critic_unstructured) for c in critiques]
-        unstructured = [ctx for c, ctx in zip(critiques, contexts) if c.error is None and not c.schema_ok]
-        stats = {"critic_failed": float(sum(c.error is not None for c in critiques))}
-        for kind, count in Counter(c.error_kind or "other" for c in critiques if c.error is not None).items():
-            stats[f"critic_failed_{kind}"] = float(count)  # why: refused, timeout, http_<status>, malformed, length
-        stats["critic_schema_ok"] = float(sum(c.schema_ok for c in critiques if c.error is None))
-        # where alignment can matter: wrong attempts whose correct equations the critique copies before its fix
-        wrong = [(it, c) for it, c in zip(items, critiques) if c.error is None and c.schema_ok and it.reward == 0]
-        stats["wrong_attempts"] = float(len(wrong))
-        stats["wrong_correct_prefix"] = float(sum(exact_critic.copied_correct_equations(
-            it.completion.text, prompts.corrected_solution(c.text)) > 0 for it, c in wrong))
-        stats["skipped_unstructured"] = float(sum(ctx is None for ctx in unstructured))
-        # the skipped ones count toward the stop rule like failed requests (runtime.unusable_as_failures)
-        stats["unusable_empty"] = float(sum(ctx is None and not c.text.strip() for c, ctx in
-                                            zip(critiques, contexts) if c.error is None and not c.schema_ok))
-        stats["unusable_schema"] = stats["skipped_unstructured"] - stats["unusable_empty"]
-        stats["kept_unstructured"] = float(sum(ctx is not None for ctx in unstructured))
-        return contexts, critiques, stats
-    if cfg.feedback == "refsol":  # the reference in its own wording, or (the format control) in the step format
-        if cfg.refsol_style == "steps":
-            return [data.step_solution(it.problem) for it in items], None, {}
-        return [it.problem.reference_solution for it in items], None, {}
-    if cfg.feedback == "verdict":  # the verifier's verdict on this very attempt, nothing more
-        return [prompts.verdict_text(it.completion.text, correct=it.reward > 0) for it in items], None, {}
-    raise ValueError(f"feedback {cfg.feedback!r} has no teacher context")
-
-
-def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str | None], context: int
-                         ) -> tuple[list[Item], int]:
-    """Step 4: the teacher's prompt x + c of each rollout (y is appended as ids when it is scored); a rollout
-    without a context is skipped. PBSD scores y_T after the STUDENT prompt, so y_T must be in the student's format:
-    its teacher prompt takes the student's thinking mode (departure 7). A rollout whose teacher prompt plus y (plus
-    --max-new-tokens when y_T is sampled from it) exceeds the model's `context` is skipped too; returns (items,
-    how many were skipped for that)."""
-    thinking = cfg.teacher_thinking if cfg.objective == "sd" else cfg.student_thinking
-    sampled = cfg.objective == "pbsd" or cfg.teacher_samples
-    out, too_long = [], 0
-    for it, c in zip(items, contexts, strict=True):
-        if c is None:
-            out.append(dataclasses.replace(it, skipped=True))
-            continue
-        prompt = prompts.render(tokenizer, prompts.teacher_messages(it.problem, cfg.feedback, c, cfg.teacher_layout,
-                                                                  it.completion.text), thinking)
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        y = len(it.completion.token_ids)
-        if len(ids) + (max(y, cfg.max_new_tokens) if sampled else y) > context:
-            too_long += 1
-            out.append(dataclasses.replace(it, skipped=True))
-            continue
-        out.append(dataclasses.replace(it, teacher_prompt=prompt, teacher_ids=ids))
-    return out, too_long
-
-
-def with_teacher_samples(cfg, engine, checker, items: list[Item], step: int, timer) -> list[Item]:
-    """Step 4 (PBSD, --teacher-samples): one sample y_T ~ π_base(·|x, c) per kept rollout, adapter off, graded."""
-    kept = [it for it in items if not it.skipped]
-    seeds = [rollout.sample_seed(cfg.seed, "teacher", step, it.draw, it.problem.id, it.sample) for it in kept]
-    with timer("teacher_sample"):  # called on every rank, even with none kept: vLLM's generate is a collective
-        outs = engine.generate([it.teacher_prompt for it in kept], seeds, n=1, temperature=cfg.temperature,
-                               max_new_tokens=cfg.max_new_tokens, adapter=False)
-    samples = iter(outs)
-    out = []
-    for it in items:
-        if not it.skipped:
-            [y_T] = next(samples)
-            it = dataclasses.replace(it, teacher_sample=y_T, teacher_reward=float(checker.grade(y_T.text,
-                                                                                                 it.problem.answer)))
-        out.append(it)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- step 5: the losses
@@ -370,34 +215,6 @@ def optimizer_step(cfg, model, params: list, optimizer, bad: float, normalizer: 
     return skipped, grad_norm
 
 
-# ---------------------------------------------------------------------------------------------- step 7, evaluation
-def evaluate_policy(cfg, engine, tokenizer, checker, test, step, d: Dist) -> dict | None:
-    """Pass/Maj/Avg@k and length on the held-out problems; each rank samples a slice, rank 0 aggregates."""
-    mine = test[d.rank::d.world]
-    texts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for p in mine]
-    seeds = [rollout.sample_seed(cfg.seed, "eval", step, p.id) for p in mine]
-    # called on every rank, also one with no held-out problem (fewer than ranks): vLLM's generate is a collective
-    outs = engine.generate(texts, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
-                           max_new_tokens=cfg.max_new_tokens)
-    local = [(p.answer, [(c.text, len(c.token_ids)) for c in samples]) for p, samples in zip(mine, outs)]
-    gathered = [local]
-    if d.world > 1:
-        gathered = [None] * d.world
-        dist.all_gather_object(gathered, local)
-    if not d.master:
-        return None
-    samples = [s for part in gathered for s in part]
-    return {"step": step, "feedback": run_name(cfg),
-            **evaluate.evaluate_samples(samples, k=cfg.eval_samples, checker=checker)}
-
-
-def log_eval(cfg, log: Logger, result: dict | None) -> None:
-    if result is not None:
-        log.write("eval.jsonl", result)
-        print(f"[{run_name(cfg)}] eval step {result['step']}: " + "  ".join(
-            f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)), flush=True)
-
-
 # ---------------------------------------------------------------------------------------------- the run
 def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
           vllm_engine: rollout.VLLMEngine | None = None) -> tuple[Path, dict, int]:
@@ -406,7 +223,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
     invocation: the base policy (step 0) is evaluated once, and one engine gets each run's adapter."""
     out_dir = Path(cfg.out_dir)
     train_set, test_set = load_problems(cfg)
-    critic_backend = make_critic(cfg) if cfg.feedback == "stepalign" else None  # before any GPU time is spent
+    critic_backend = make_critic(cfg) if FORMS[form_name(cfg)].needs_critic else None  # before any GPU time is spent
     model, tokenizer, params, optimizer = start_policy(cfg, d)
     context = model.config.max_position_embeddings  # the model's context: every prompt and its sample fit in it
     check_prompt_lengths(cfg, tokenizer, train_set + test_set, context)
@@ -423,8 +240,8 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
         base_eval = {} if base_eval is None else base_eval
         if "result" not in base_eval:
             with sampling(cfg, model):
-                base_eval["result"] = evaluate_policy(cfg, engine, tokenizer, checker, test_set, 0, d)
-        log_eval(cfg, log, base_eval["result"] and {**base_eval["result"], "feedback": run_name(cfg)})
+                base_eval["result"] = evaluate.evaluate_policy(cfg, engine, tokenizer, checker, test_set, 0, d)
+        evaluate.log_eval(cfg, log, base_eval["result"] and {**base_eval["result"], "feedback": run_name(cfg)})
     bar = None
     if d.master and cfg.progress:
         from tqdm import tqdm
@@ -435,22 +252,23 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
         for step in range(start, steps):
             timer, t0 = Timer(), time.perf_counter()
             # 1. problems: this rank's share of the step's seeded draw
-            drawn = step_problems(train_set, cfg, step)
+            drawn = feedback.step_problems(train_set, cfg, step)
             draws = [(i, drawn[i]) for i in range(d.rank, len(drawn), d.world)]
             # 2. rollouts: G samples per problem from the student prompt x, graded
             with sampling(cfg, model):
-                items = collect_rollouts(cfg, engine, tokenizer, checker, draws, step, timer)
+                items = feedback.collect_rollouts(cfg, engine, tokenizer, checker, draws, step, timer)
             # 3. feedback c: GRPO's group advantages, or each rollout's context
             stats = {}
             if cfg.feedback == "grpo":
                 A = grpo.group_advantages(torch.tensor([it.reward for it in items]), group_size(cfg))  # (N·G,)
                 items = [dataclasses.replace(it, advantage=a) for it, a in zip(items, A.tolist())]
             else:
-                contexts, critiques, stats = feedback_contexts(cfg, critic_backend, items, timer)
+                contexts, critiques, stats = feedback.feedback_contexts(cfg, critic_backend, items, timer)
                 # 4. teacher inputs: the prompt x + c (y is appended as ids); PBSD: a sample y_T ~ π_base(·|x, c)
-                items, stats["skipped_context_step"] = with_teacher_prompts(cfg, tokenizer, items, contexts, context)
+                items, stats["skipped_context_step"] = feedback.with_teacher_prompts(cfg, tokenizer, items, contexts,
+                                                                                    context)
                 if cfg.objective == "pbsd" or cfg.teacher_samples:
-                    items = with_teacher_samples(cfg, engine, checker, items, step, timer)
+                    items = feedback.with_teacher_samples(cfg, engine, checker, items, step, timer)
                 if cfg.data == "arithmetic":  # (diagnostics) the exact critic's critiques when the step has them
                     exact = critiques if isinstance(critic_backend, exact_critic.ExactArithmeticCritic) else None
                     items = [dataclasses.replace(it, wrong_claim=claim) for it, claim in
@@ -501,14 +319,14 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.2f}")
             down = None
-            if cfg.feedback == "stepalign":  # one critique per rollout
+            if FORMS[form_name(cfg)].needs_critic:  # one critique per rollout
                 window.append(unusable_as_failures(failures))  # a critique that fails the schema or is empty counts
                 down = critic_down(cfg, run_name(cfg), cfg.prompts_per_step * group_size(cfg), window, done, d,
                                    bar)
             stopping = stop.agreed(d)  # read once: the save below and the exit must agree
             if done % cfg.eval_every == 0 or done == steps:
                 with sampling(cfg, model):
-                    log_eval(cfg, log, evaluate_policy(cfg, engine, tokenizer, checker, test_set, done, d))
+                    evaluate.log_eval(cfg, log, evaluate.evaluate_policy(cfg, engine, tokenizer, checker, test_set, done, d))
                 save_checkpoint(cfg, model, optimizer, done, counters, d)
             elif stopping or down:
                 save_checkpoint(cfg, model, optimizer, done, counters, d)
@@ -545,7 +363,7 @@ def _stopped(out_dir: Path, step: int, d: Dist, stop: StopFlag):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv, description=__doc__.split("\n")[0])
-    forms = PAPER_FEEDBACKS if cfg.feedback == "all" else (cfg.feedback,)
+    forms = PAPER_FORMS if cfg.feedback == "all" else (cfg.feedback,)
     locks = contextlib.ExitStack()  # one run per out-dir (runtime.OutDirLock), held by rank 0 until the exit
     try:
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -563,8 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         vllm_engine = make_vllm_engine(cfg, d) if cfg.engine == "vllm" else None
         with grading.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
-            for feedback in forms:
-                run_cfg = form_config(cfg, feedback)
+            for form in forms:
+                run_cfg = form_config(cfg, form)
                 if d.master:
                     print("config: " + json.dumps(dataclasses.asdict(run_cfg)), flush=True)
                 out_dir, counters, steps = train(run_cfg, d, checker, base_eval, vllm_engine)

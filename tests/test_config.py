@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import config
+import feedback
 import runtime
 import train
 from test_train import ROOT, run_cli, tiny_args, tiny_model_dir  # noqa: F401 (tiny_model_dir is a fixture)
@@ -28,7 +29,7 @@ def test_paper_defaults_and_demo_preset():
             paper.prompts_per_step, paper.max_new_tokens, paper.divergence) == (
         "stepalign", "Qwen/Qwen3-1.7B", 64, 128.0, 1.1, 5e-6, 32, 2048, "forward")
     assert (paper.student_thinking, paper.teacher_thinking) == (False, True)
-    assert config.group_size(paper) == 1 and config.group_size(config.parse_config(["--feedback", "grpo"])) == 8
+    assert feedback.group_size(paper) == 1 and feedback.group_size(config.parse_config(["--feedback", "grpo"])) == 8
     demo = config.parse_config(["--preset", "demo", "--lr", "0.5"])
     assert demo.model == "smollm2-135m-instruct" and demo.critic == "exact" and demo.lr == 0.5
     assert config.parse_config(["--preset", "demo", "--no-stop-at-boxed"]).stop_at_boxed is False
@@ -212,8 +213,8 @@ def test_refsol_style_steps_is_the_format_control():
     cfg = config.parse_config(["--preset", "demo", "--feedback", "refsol", "--refsol-style", "steps"])
     assert config.run_name(cfg) == "refsol_steps" and config.form_config(cfg, "refsol").out_dir.endswith("refsol_steps")
     train_set, _ = config.load_problems(cfg)
-    items = [train.Item(p, [], None) for p in train_set[:3]]
-    contexts, critiques, _ = train.feedback_contexts(cfg, None, items, runtime.Timer())
+    items = [feedback.Item(p, [], None) for p in train_set[:3]]
+    contexts, critiques, _ = feedback.feedback_contexts(cfg, None, items, runtime.Timer())
     assert critiques is None and contexts == [data.step_solution(p) for p in train_set[:3]]
     assert contexts[0].splitlines()[0] == "Step 1: " + train_set[0].steps[0]
     bad = config.parse_config(["--feedback", "refsol", "--refsol-style", "steps", "--data", "x.jsonl"])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import diagnostics
-import train
+import feedback
 from rollout import Completion
 
 
@@ -18,8 +18,8 @@ def test_wrong_claim_advantage_on_a_hand_made_rollout(smol_tokenizer):
     ids = smol_tokenizer(text, add_special_tokens=False).input_ids
     correct_text = f"Step 1: {problem.steps[0]}\n\\boxed{{{problem.answer}}}"
     correct_ids = smol_tokenizer(correct_text, add_special_tokens=False).input_ids
-    items = [train.Item(problem, [1], Completion(ids, text, "stop")),
-             train.Item(problem, [1], Completion(correct_ids, correct_text, "stop"))]
+    items = [feedback.Item(problem, [1], Completion(ids, text, "stop")),
+             feedback.Item(problem, [1], Completion(correct_ids, correct_text, "stop"))]
     claims = diagnostics.wrong_claims(smol_tokenizer, items)
     assert claims[1] is None  # a right answer: no wrong claim to locate
     claim = claims[0]

@@ -11,15 +11,16 @@ MODULES = {p.stem: p for p in sorted(ROOT.glob("*.py"))}
 COPYABLE = ("sd_loss", "grpo", "pbsd", "lora")
 # The layers, bottom first: a module imports only modules of the layers below its own.
 LAYERS = (
-    {"sd_loss", "grpo", "pbsd", "lora", "grading", "data", "report"},  # leaves: no project import
+    {"sd_loss", "grpo", "pbsd", "lora", "grading", "data"},  # leaves: no project import
     {"prompts", "rollout"},  # the prompts (data, grading); the generation engines and scoring (lora)
     {"critic", "runtime"},  # the critic backends (prompts, rollout); models, checkpoints, sampling (rollout)
     {"exact_critic"},  # the exact arithmetic critic (critic)
-    {"config"},  # the run's options, and the problems and the critic they name
-    {"mechanism"},  # the per-token advantage figure (config)
-    {"evaluate", "diagnostics"},  # the metrics and the results table; the step's log line (mechanism)
-    {"train"},  # the training loop
-    {"study", "teacher_gap", "filter_problems"},  # scripts: the study and the teacher's gap (train), the filter
+    {"feedback"},  # the feedback forms and steps 1-4 of a step: problems to teacher inputs (critic, exact_critic)
+    {"config", "report"},  # the run's options, problems and critic; the results table (feedback: names of the forms)
+    {"mechanism"},  # the per-token advantage figure (config, feedback)
+    {"evaluate", "diagnostics"},  # the metrics, a policy's evaluation, the results table; the step's log line
+    {"train", "teacher_gap", "filter_problems"},  # the training loop; the teacher's gap (feedback); the filter
+    {"study"},  # the study: every run of a seed (train)
 )
 
 

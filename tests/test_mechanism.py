@@ -9,6 +9,8 @@ import torch
 import prompts
 from data import Problem
 from exact_critic import ExactArithmeticCritic
+from feedback import Item
+from grading import grade
 from mechanism import (MECHANISM_CONTEXTS, ErrorMarks, advantage_by_position, auroc, error_marks_from_spans,
                        localization_scores, mechanism, plot_advantage_by_position, render_advantage_html,
                        token_char_spans, write_mechanism_report)
@@ -176,9 +178,9 @@ def test_mechanism_driver_matches_direct_forward_passes(tiny_smol, tmp_path):
     wrong_early = _completion(tok, "Step 1: 17 + 25 = 41\n\\boxed{41}", end_of_turn=False)  # shorter: padding
     seen = []
 
-    def attempt(problem, response, critique, layout="paper"):  # a new form plugs in as one more entry
-        seen.append(response)
-        return [{"role": "user", "content": f"{problem.problem}\nAn earlier attempt:\n{response}"}]
+    def attempt(it, critique, layout="paper"):  # another context plugs in as one more entry
+        seen.append(it.completion.text)
+        return [{"role": "user", "content": f"{it.problem.problem}\nAn earlier attempt:\n{it.completion.text}"}]
 
     contexts = {**MECHANISM_CONTEXTS, "attempt": attempt}
     res = mechanism(model, tok, [p], contexts=contexts, completions=[[wrong_late, right, wrong_early]],
@@ -191,12 +193,13 @@ def test_mechanism_driver_matches_direct_forward_passes(tiny_smol, tmp_path):
         assert len(res.advantages[name]) == 2
         for c, q, A in zip(res.completions, res.critiques, res.advantages[name]):
             assert A.shape == (len(c.token_ids),)
-            teacher = tok(prompts.render(tok, contexts[name](p, c.text, q), True), add_special_tokens=False).input_ids
+            it = Item(p, [], c, reward=float(grade(c.text, p.answer)))
+            teacher = tok(prompts.render(tok, contexts[name](it, q), True), add_special_tokens=False).input_ids
             direct = _direct_logprobs(model, teacher, c.token_ids) - _direct_logprobs(model, student, c.token_ids)
             np.testing.assert_allclose(A, direct, atol=1e-4)
     # the stepalign teacher saw this rollout's critique, the refsol teacher the reference solution
     assert prompts.teacher_messages(p, "stepalign", res.critiques[0].text) == \
-        MECHANISM_CONTEXTS["stepalign"](p, wrong_late.text, res.critiques[0])
+        MECHANISM_CONTEXTS["stepalign"](Item(p, [], wrong_late), res.critiques[0])
     assert "42 * 3 = 126" in res.critiques[0].text
     # the teacher layout reaches every context: under "echo" the StepAlignFB teacher holds the corrected solution
     res_echo = mechanism(model, tok, [p], contexts={"stepalign": MECHANISM_CONTEXTS["stepalign"]},
@@ -208,7 +211,7 @@ def test_mechanism_driver_matches_direct_forward_passes(tiny_smol, tmp_path):
                                                                                        wrong_late.token_ids)
     np.testing.assert_allclose(res_echo.advantages["stepalign"][0], direct, atol=1e-4)
     # the verdict teacher saw the grade of this very rollout: its answer and "incorrect", never the gold answer
-    verdict_prompt = MECHANISM_CONTEXTS["verdict"](p, wrong_late.text, res.critiques[0])[0]["content"]
+    verdict_prompt = MECHANISM_CONTEXTS["verdict"](Item(p, [], wrong_late, reward=0.0), res.critiques[0])[0]["content"]
     assert "final answer was 136. This answer is incorrect." in verdict_prompt and "126" not in verdict_prompt
 
     table, record = write_mechanism_report(res, tok, tmp_path, model_name="tiny")
@@ -217,5 +220,5 @@ def test_mechanism_driver_matches_direct_forward_passes(tiny_smol, tmp_path):
     assert json.loads((tmp_path / "localization.json").read_text())["counts"]["kept"] == 2
     assert (tmp_path / "advantage_by_position.png").stat().st_size > 1000
     page = (tmp_path / "advantage.html").read_text()
-    assert page.count('class="tok step claim"') == 4 * (3 + 2)  # 4 contexts × (3 + 2 wrong-result tokens)
+    assert page.count('class="tok step claim"') == len(contexts) * (3 + 2)  # contexts × (3 + 2 wrong-result tokens)
     assert page.count('<p class="caption">p42: Start with 17.') == 2

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
+import config
 import lora
 import rollout
 import runtime
 import teacher_gap
-import train
 from conftest import tiny_llama
 from data import arithmetic_problems
 from prompts import render, teacher_messages, verdict_text
@@ -52,28 +52,28 @@ class ScriptedEngine:
 
 def test_gap_samples_training_teacher_prompts_and_counts_avg_at_k(tiny_model_dir, smol_tokenizer):  # noqa: F811
     problems = arithmetic_problems(3, seed=0, n_ops=1)
-    cfg = train.parse_config(tiny_args(tiny_model_dir, "/tmp/unused"))
+    cfg = config.parse_config(tiny_args(tiny_model_dir, "/tmp/unused"))
     model, _ = runtime.build_model(cfg, runtime.Dist())
     engine = ScriptedEngine(problems, smol_tokenizer, model)
-    res = teacher_gap.teacher_gap(cfg, model, engine, smol_tokenizer, Checker(), train.make_critic(cfg), problems, k=2,
+    res = teacher_gap.teacher_gap(cfg, model, engine, smol_tokenizer, Checker(), config.make_critic(cfg), problems, k=2,
                                   context=512)
     # student: problem 0 has 1 of 2 right, the others 0 of 2 -> Avg@2 = (0.5 + 0 + 0) / 3
     assert res["student"] == {"avg@k": pytest.approx(0.5 / 3), "answered": 1.0, "n_samples": 6}
     assert res["stepalign"]["avg@k"] == 1.0 and res["stepalign"]["gap"] == pytest.approx(100 * (1 - 0.5 / 3))
     assert (res["refsol"]["avg@k"], res["refsol"]["answered"]) == (0.0, 0.0)
     assert (res["verdict"]["avg@k"], res["verdict"]["answered"]) == (0.0, 1.0)
-    assert all(res[f]["skipped"] == 0 and res[f]["n_samples"] == 6 for f in teacher_gap.FORMS)
+    assert all(res[f]["skipped"] == 0 and res[f]["n_samples"] == 6 for f in teacher_gap.DEFAULT_FORMS)
     # the calls: the student prompt (adapter on and merged, as runtime.sampling does, k samples each), then one
     # teacher sample per rollout and form, adapter off and unmerged, from the prompt training renders:
     # teacher_messages + render with --teacher-thinking
     student_call, *teacher_calls = engine.calls
     assert student_call[2:] == (2, True, True) and len(teacher_calls) == 3
     rollouts = [(p, j) for p in problems for j in range(2)]
-    for form, (prompts, seeds, n, adapter, merged) in zip(teacher_gap.FORMS, teacher_calls):
+    for form, (prompts, seeds, n, adapter, merged) in zip(teacher_gap.DEFAULT_FORMS, teacher_calls):
         assert (n, adapter, merged, len(prompts)) == (1, False, False, 6)
         for prompt, (p, j) in zip(prompts, rollouts):
             text = engine_text(engine, p, j)
-            c = {"stepalign": lambda: train.make_critic(cfg).critique([(p, text)])[0].text,
+            c = {"stepalign": lambda: config.make_critic(cfg).critique([(p, text)])[0].text,
                  "refsol": lambda: p.reference_solution,
                  "verdict": lambda: verdict_text(text, correct=Checker().grade(text, p.answer))}[form]()
             assert prompt == render(smol_tokenizer, teacher_messages(p, form, c), cfg.teacher_thinking)
@@ -125,7 +125,7 @@ def test_bf16_student_keeps_a_small_adapter(smol_tokenizer, tmp_path, monkeypatc
     ulp of W in every entry (merged into the bf16 weights, as teacher_gap.py once did, it samples exactly the base).
     Without --adapter (B = 0) the student samples exactly the base: the difference is the adapter's."""
     model = tiny_llama(len(smol_tokenizer))
-    targets = tuple(train.parse_config([]).lora_targets.split(","))
+    targets = tuple(config.parse_config([]).lora_targets.split(","))
     with torch.no_grad():  # every targeted |W| >= 2^-6: a bf16 half-ulp there is >= 2^-14, twice the ΔW below
         for name, p in model.named_parameters():
             if name.rsplit(".", 2)[-2] in targets:

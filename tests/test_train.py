@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 import config
+import evaluate
 import exact_critic
+import feedback
 import grading
 import lora
 import rollout
@@ -70,42 +72,42 @@ def run_cli(args, nproc=None, timeout=240):
 def test_data_order_is_a_seeded_stream_of_epoch_permutations():
     cfg = config.parse_config(["--prompts-per-step", "4", "--seed", "1"])
     items = [f"p{i}" for i in range(6)]
-    steps = [train.step_problems(items, cfg, s) for s in range(3)]  # 12 draws = 2 epochs of 6
-    assert steps[0] == train.step_problems(items, cfg, 0)
+    steps = [feedback.step_problems(items, cfg, s) for s in range(3)]  # 12 draws = 2 epochs of 6
+    assert steps[0] == feedback.step_problems(items, cfg, 0)
     flat = [p for s in steps for p in s]
     assert sorted(flat[:6]) == items and sorted(flat[6:]) == items  # each epoch is a permutation
     assert config.total_steps(cfg, 6) == 7 * 6 // 4
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-@pytest.mark.parametrize("feedback", ["stepalign", "refsol", "grpo"])
-def test_two_steps_log_everything(tiny_model_dir, tmp_path, feedback):
-    out = tmp_path / feedback
-    train.main(tiny_args(tiny_model_dir, out, "--feedback", feedback, "--max-steps", "2"))
+@pytest.mark.parametrize("form", ["stepalign", "refsol", "grpo"])
+def test_two_steps_log_everything(tiny_model_dir, tmp_path, form):
+    out = tmp_path / form
+    train.main(tiny_args(tiny_model_dir, out, "--feedback", form, "--max-steps", "2"))
     log = read_jsonl(out / "log.jsonl")
     assert [r["step"] for r in log] == [1, 2]
     for key in ("loss", "reward", "response_length", "tokens_per_s", "time_rollout", "time_student",
                 "skipped_critic", "skipped_nonfinite", "adv_mean"):
         assert key in log[0]
-    if feedback != "grpo":
+    if form != "grpo":
         assert "time_teacher" in log[0] and "divergence" in log[0] and "adv_neg_frac" in log[0]
         for r in log:  # the diagnostics of a declining run
             assert r["entropy_student"] > 0 and r["entropy_teacher"] > 0
             assert 0.01 <= r["div_top1_share"] <= 1 and 0 <= r["claim_located"] <= 1
             assert "teacher_reward" not in r  # (--teacher-samples is off)
     assert all(0 <= r["answered"] <= 1 for r in log)
-    if feedback == "stepalign":
+    if form == "stepalign":
         assert log[0]["critic_schema_ok"] == 1.0 and "time_critic" in log[0]
         assert log[0]["skipped_unstructured_step"] == log[0]["kept_unstructured_step"] == 0
     evals = read_jsonl(out / "eval.jsonl")
-    assert [e["step"] for e in evals] == [0, 2] and all(e["feedback"] == feedback for e in evals)
+    assert [e["step"] for e in evals] == [0, 2] and all(e["feedback"] == form for e in evals)
     assert {"pass@k", "maj@k", "avg@k", "length"} <= set(evals[0])
     saved = json.loads((out / "checkpoints" / "step_000002" / "config.json").read_text())
-    assert saved["feedback"] == feedback
+    assert saved["feedback"] == form
     # the adapter moved and is in the PEFT layout
     weights = adapter(out, 2)
     assert all(k.startswith("base_model.model.") for k in weights)
-    if feedback != "grpo":  # (the random model never answers, so GRPO's groups have zero advantage)
+    if form != "grpo":  # (the random model never answers, so GRPO's groups have zero advantage)
         assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())
 
 
@@ -175,12 +177,12 @@ def test_resume_refuses_a_checkpoint_that_holds_code(tiny_model_dir, tmp_path, c
     assert str(ckpt / name) in line and "refused" in line and "never code" in line
 
 
-@pytest.mark.parametrize("feedback", ["stepalign"])
-def test_two_ranks_equal_one_process(tiny_model_dir, tmp_path, feedback):
+@pytest.mark.parametrize("form", ["stepalign"])
+def test_two_ranks_equal_one_process(tiny_model_dir, tmp_path, form):
     """torchrun with 2 CPU ranks (gloo) and 1 process over the same global batch: the same LoRA weights after
     2 steps, up to float summation order (tolerance 1e-5 absolute on weights of size ~1e-1)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    args = ("--feedback", feedback, "--max-steps", "2")
+    args = ("--feedback", form, "--max-steps", "2")
     r1 = run_cli(tiny_args(tiny_model_dir, one, *args))
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = run_cli(tiny_args(tiny_model_dir, two, *args), nproc=2)
@@ -366,9 +368,9 @@ def test_unstructured_policy_skip_or_keep(tiny_model_dir, smol_tokenizer, serve)
     for policy, skipped, kept in (("skip", [False, True, True, True], 0), ("keep", [False, False, True, True], 1)):
         cfg = config.parse_config(tiny_args(tiny_model_dir, "/tmp/unused", "--critic", "server", "--critic-url", url,
                                            "--critic-retries", "0", "--critic-unstructured", policy))
-        items = [train.Item(problem, [1], Completion([5], f"{wrong}\n{m}", "stop")) for m in answers]
-        contexts, _, stats = train.feedback_contexts(cfg, config.make_critic(cfg), items, runtime.Timer())
-        items, _ = train.with_teacher_prompts(cfg, smol_tokenizer, items, contexts, 8192)
+        items = [feedback.Item(problem, [1], Completion([5], f"{wrong}\n{m}", "stop")) for m in answers]
+        contexts, _, stats = feedback.feedback_contexts(cfg, config.make_critic(cfg), items, runtime.Timer())
+        items, _ = feedback.with_teacher_prompts(cfg, smol_tokenizer, items, contexts, 8192)
         assert [it.skipped for it in items] == skipped
         assert (stats["critic_failed"], stats["critic_schema_ok"]) == (1.0, 1.0)
         assert (stats["kept_unstructured"], stats["skipped_unstructured"]) == (kept, 2 - kept)
@@ -453,24 +455,24 @@ def test_teacher_context_per_feedback_form(tiny_model_dir, smol_tokenizer):
     from rollout import Completion
     problem = arithmetic_problems(1, seed=0, n_ops=2)[0]
     wrong = "Step 1: " + problem.steps[0].rsplit("=", 1)[0] + "= 1000\n\\boxed{1000}"
-    for feedback, expected in (("stepalign", "Incorrect"), ("refsol", problem.reference_solution),
+    for form, expected in (("stepalign", "Incorrect"), ("refsol", problem.reference_solution),
                                ("verdict", "1000. This answer is incorrect")):
-        cfg = config.parse_config(tiny_args(tiny_model_dir, "/tmp/unused", "--feedback", feedback))
+        cfg = config.parse_config(tiny_args(tiny_model_dir, "/tmp/unused", "--feedback", form))
         ids = smol_tokenizer(wrong, add_special_tokens=False).input_ids  # (the wrong claim is located on them)
-        item = train.Item(problem, [1], Completion(ids, wrong, "stop"), reward=0.0)
-        backend = config.make_critic(cfg) if feedback == "stepalign" else None
-        contexts, _, stats = train.feedback_contexts(cfg, backend, [item], runtime.Timer())
-        [fed], _ = train.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts, 8192)
+        item = feedback.Item(problem, [1], Completion(ids, wrong, "stop"), reward=0.0)
+        backend = config.make_critic(cfg) if form == "stepalign" else None
+        contexts, _, stats = feedback.feedback_contexts(cfg, backend, [item], runtime.Timer())
+        [fed], _ = feedback.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts, 8192)
         teacher_prompt = smol_tokenizer.decode(fed.teacher_ids)
         assert expected in teacher_prompt and problem.problem in teacher_prompt
-        if feedback == "stepalign":
+        if form == "stepalign":
             assert stats["critic_schema_ok"] == 1.0
-        if feedback != "refsol":
+        if form != "refsol":
             assert problem.reference_solution not in teacher_prompt
         # --teacher-layout turns: the attempt y is the assistant's turn, followed by c in a user turn
-        cfg = config.parse_config(tiny_args(tiny_model_dir, "/tmp/unused", "--feedback", feedback,
+        cfg = config.parse_config(tiny_args(tiny_model_dir, "/tmp/unused", "--feedback", form,
                                            "--teacher-layout", "turns"))
-        [fed], _ = train.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts, 8192)
+        [fed], _ = feedback.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts, 8192)
         turns_prompt = smol_tokenizer.decode(fed.teacher_ids)
         assert turns_prompt.index(wrong) < turns_prompt.index(expected)
         assert turns_prompt != teacher_prompt
@@ -480,14 +482,14 @@ def test_a_step_with_nothing_to_learn_leaves_the_weights_alone(tiny_model_dir, t
     """Every rollout of step 2 skipped (e.g. the critic down), after a real step 1 (AdamW has momentum): no AdamW
     step, whose momentum would still move the weights."""
     calls = []
-    real = train.feedback_contexts
+    real = feedback.feedback_contexts
 
     def none_at_step_2(cfg, backend, items, timer):
         calls.append(len(items))
         contexts, critiques, stats = real(cfg, backend, items, timer)
         return (contexts if len(calls) == 1 else [None] * len(items)), critiques, stats
 
-    monkeypatch.setattr(train, "feedback_contexts", none_at_step_2)
+    monkeypatch.setattr(feedback, "feedback_contexts", none_at_step_2)
     out = tmp_path / "run"
     train.main(tiny_args(tiny_model_dir, out, "--feedback", "refsol", "--max-steps", "2", "--eval-every", "1"))
     before, after = adapter(out, 1), adapter(out, 2)
@@ -500,13 +502,13 @@ def test_a_step_with_nothing_to_learn_leaves_the_weights_alone(tiny_model_dir, t
 
 def test_feedback_all_evaluates_the_base_policy_once(tiny_model_dir, tmp_path, monkeypatch):
     calls = []
-    real = train.evaluate_policy
+    real = evaluate.evaluate_policy
 
     def counting(cfg, engine, tokenizer, checker, test, step, d):
         calls.append((cfg.feedback, step))
         return real(cfg, engine, tokenizer, checker, test, step, d)
 
-    monkeypatch.setattr(train, "evaluate_policy", counting)
+    monkeypatch.setattr(evaluate, "evaluate_policy", counting)
     train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "all", "--max-steps", "1",
                          "--eval-every", "1"))
     assert calls == [("stepalign", 0), ("stepalign", 1), ("refsol", 1), ("grpo", 1)]
@@ -532,7 +534,7 @@ def test_a_problem_drawn_twice_in_one_step_gets_two_rollouts(smol_tokenizer):
     cfg = config.parse_config(["--feedback", "grpo", "--grpo-group-size", "2"])
     problem = arithmetic_problems(1, seed=0)[0]
     engine = Engine()
-    items = train.collect_rollouts(cfg, engine, smol_tokenizer, Checker(), [(0, problem), (5, problem)], 7,
+    items = feedback.collect_rollouts(cfg, engine, smol_tokenizer, Checker(), [(0, problem), (5, problem)], 7,
                                    runtime.Timer())
     assert len(set(engine.seeds)) == 2  # (the engine derives one seed per sample from each)
     assert [(it.draw, it.sample) for it in items] == [(0, 0), (0, 1), (5, 0), (5, 1)]
@@ -689,7 +691,7 @@ def pair_items(skip_last: bool = False) -> list:
     from rollout import Completion
     problem = arithmetic_problems(1, seed=0)[0]
     x, xc, y_S, y_T, r_S, r_T = pairs_data()
-    items = [train.Item(problem, x[b], Completion(y_S[b], "", "stop"), reward=r_S[b], teacher_ids=xc[b],
+    items = [feedback.Item(problem, x[b], Completion(y_S[b], "", "stop"), reward=r_S[b], teacher_ids=xc[b],
                         teacher_sample=Completion(y_T[b], "", "stop"), teacher_reward=r_T[b]) for b in range(3)]
     if skip_last:
         items[-1] = dataclasses.replace(items[-1], skipped=True, teacher_ids=None)
@@ -859,8 +861,8 @@ def test_teacher_samples_call_the_engine_once_even_with_every_rollout_skipped(ti
     engine.calls = []
     cfg = config.parse_config(["--feedback", "stepalign", "--objective", "pbsd", "--max-new-tokens", "2"])
     problem = arithmetic_problems(1, seed=0)[0]
-    skipped = train.Item(problem, [1, 2], rollout.Completion([5], "x", "stop"), skipped=True)
-    assert train.with_teacher_samples(cfg, engine, None, [skipped], 0, runtime.Timer()) == [skipped]
+    skipped = feedback.Item(problem, [1, 2], rollout.Completion([5], "x", "stop"), skipped=True)
+    assert feedback.with_teacher_samples(cfg, engine, None, [skipped], 0, runtime.Timer()) == [skipped]
     assert engine.calls == [0]
 
 
