@@ -10,7 +10,9 @@ and the policy minimizes the PPO-style clipped surrogate, per token,
     ρ_t = π_θ(y_t | x, y<t) / π_old(y_t | x, y<t)
     ℓ_t = −min(ρ_t · A, clip(ρ_t, 1 − ε, 1 + ε_high) · A)
 
-optionally plus β · KL_k3(π_θ ‖ π_ref) per token (off by default, as in the paper's setup).
+optionally plus kl_coef · k3_t (off by default, as in the paper's setup), k3 estimating KL(π_θ ‖ π_ref) per token:
+
+    k3_t = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1 ≥ 0
 
 Conventions:
 - Log-probs, advantages (per sequence (B,) or per token (B, T)) and mask are indexed by rollout position.
@@ -43,14 +45,14 @@ class GRPOStats(NamedTuple):
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
-    """A_i = (r_i − mean) / (std + eps) within each group of `group_size` consecutive rollouts: (N·G,) -> (N·G,)."""
+    """A_i within each group of `group_size` consecutive rollouts: (N·G,) -> (N·G,)."""
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards must be 1-D with a length divisible by group_size={group_size}, "
                          f"got shape {tuple(rewards.shape)}")
     r = rewards.float().view(-1, group_size)  # (N, G)
     mean = r.mean(dim=1, keepdim=True)  # (N, 1)
     std = r.std(dim=1, unbiased=False, keepdim=True)  # (N, 1)  population std (see departure 1)
-    # A_i = (r_i − mean) / (std + eps); 0 where the group has no variance (departure 2)
+    # A_i; 0 where the group has no variance (departure 2)
     A = torch.where(std > 0, (r - mean) / (std + eps), torch.zeros_like(r))  # (N, G)
     return A.view(-1)  # (N·G,)
 
@@ -72,21 +74,22 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
               clip_eps: float = 0.2, clip_eps_high: float | None = None, aggregation: str = "token", *,
               ref_logprobs: Tensor | None = None, kl_coef: float = 0.0,
               normalizer: float | None = None) -> tuple[Tensor, GRPOStats]:
-    """Clipped surrogate loss. logprobs, old_logprobs, mask: (B, T); advantages: (B,) or (B, T)."""
+    """ℓ_t (+ kl_coef · k3_t) aggregated over the mask by `aggregation` (departure 3).
+    logprobs, old_logprobs, ref_logprobs, mask: (B, T); advantages: (B,) or (B, T)."""
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     mask = mask.float()
     A = advantages.float()
     if A.dim() == 1:
         A = A.unsqueeze(-1)  # (B, 1)  the sequence's advantage on each of its tokens
     logprobs = logprobs.float()
-    # ρ_t = exp(log π_θ(y_t) − log π_old(y_t))
+    # ρ_t, in log space
     ratio = torch.exp(logprobs - old_logprobs.float().detach())  # (B, T)
-    # ℓ_t = −min(ρ_t·A, clip(ρ_t, 1−ε, 1+ε_high)·A)
+    # ℓ_t
     unclipped = ratio * A  # (B, T)
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high) * A  # (B, T)
     per_token = -torch.min(unclipped, clipped)  # (B, T)
     if ref_logprobs is not None and kl_coef != 0.0:
-        # k3 estimator of KL(π_θ‖π_ref): exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1 ≥ 0
+        # k3_t
         log_r = ref_logprobs.float().detach() - logprobs  # (B, T)
         per_token = per_token + kl_coef * (torch.exp(log_r) - log_r - 1.0)
     if aggregation == "token":

@@ -30,7 +30,7 @@ Departures from the paper (and from PEFT):
    AdamW's small updates (lr 5e-6) from being rounded away in bf16 parameters, and it is what PEFT does by
    default (`autocast_adapter_dtype=True`). Pass `dtype=None` to use the base weight's dtype.
 2. Merge keeps an exact copy of each original weight (a non-persistent buffer, so state_dict is unaffected) and
-   `unmerge` restores it bit for bit instead of subtracting (α/r)·B A, because W + ΔW − ΔW ≠ W in floating point
+   `unmerge` restores it bit for bit instead of subtracting ΔW, because W + ΔW − ΔW ≠ W in floating point
    (in bf16 the error is one ulp on many entries and would accumulate over merge/unmerge cycles, slowly moving
    the self-teacher away from the base policy). Cost: one extra copy of the targeted weights while merged.
    PEFT instead subtracts.
@@ -68,7 +68,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 class LoRALinear(nn.Module):
-    """y = W x + b + (α/r)·B A dropout(x), with W and b the frozen Parameters of the wrapped nn.Linear."""
+    """LoRA Eq. 3 plus the bias b, dropout on the LoRA branch, W and b the wrapped nn.Linear's frozen Parameters."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, dtype: torch.dtype | None):
         super().__init__()
@@ -78,12 +78,12 @@ class LoRALinear(nn.Module):
         self.weight = base.weight  # the same Parameter object: base state_dict keys and tying are unchanged
         self.bias = base.bias
         self.r, self.alpha, self.dropout_p = r, alpha, dropout
-        self.scaling = alpha / r  # LoRA paper, Sec. 4.1: ΔW x is scaled by α/r
+        self.scaling = alpha / r  # α/r of LoRA Eq. 3
         lora_dtype = base.weight.dtype if dtype is None else dtype
         factory = dict(device=base.weight.device, dtype=lora_dtype)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)  # A: (r, in)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # B: (out, r)
-        # LoRA paper, Sec. 4.1: A random, B = 0, so ΔW = 0 at init. A is Kaiming-uniform (a=√5), departure 6.
+        # ΔW = 0 at init (Sec. 4.1); A as in departure 6
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -95,7 +95,7 @@ class LoRALinear(nn.Module):
         self.register_buffer("weight_merged", None, persistent=False)
 
     def delta_weight(self) -> Tensor:
-        """ΔW = (α/r)·B A in fp32, (out, in)."""
+        """ΔW of LoRA Eq. 3 in fp32, (out, in)."""
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # (out, in)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -114,7 +114,7 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return y
         h = self.lora_dropout(x).to(self.lora_A.weight.dtype)  # (..., in), dropout on the LoRA branch only
-        # LoRA Eq. 3: h = W x + (α/r)·B A x
+        # LoRA Eq. 3
         return (y + self.scaling * self.lora_B(self.lora_A(h))).to(y.dtype)  # (..., out)
 
     @torch.no_grad()
@@ -197,7 +197,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """W ← W + (α/r)·B A in every LoRA layer (the original W is kept to unmerge exactly). Idempotent.
+    """W ← W + ΔW in every LoRA layer (the original W is kept to unmerge exactly). Idempotent.
 
     dtype: hold the merged weight in this dtype when it differs from W's: `torch.float32` keeps a small ΔW exact on
     a bf16 base (departure 7); None merges in place in W's dtype."""

@@ -11,7 +11,7 @@ r = β·log(π*/π_base) + const, so (as in DPO) the policy itself defines an im
 
 and is trained on preference pairs with the Bradley–Terry loss
 
-    L = −log σ( r_θ(y_w) − r_θ(y_l) ),
+    L = −log σ( r_θ(y_w) − r_θ(y_l) )                             (per pair)
 
 where each pair is one TEACHER sample y_T ~ π_base(·|x, c) (the self-teacher: adapter disabled, prompt x + c)
 and one on-policy STUDENT sample y_S ~ π_θ(·|x), and the winner y_w is the one with the higher verifier reward.
@@ -29,7 +29,7 @@ Conventions (as in sd_loss.py and grpo.py):
 - The loss is a SUM over the decisive (non-tie) pairs divided by `normalizer`, the number of decisive pairs in
   the whole optimizer step (all micro-batches, all ranks; count it with `decisive_pairs`). Left as None it is
   this call's own count. Passing the global count makes accumulation and DDP take the same step as one batch.
-- The base-model side is detached: no gradient flows into the self-teacher. Math is in fp32.
+- Math is in fp32.
 
 Departures and choices (the published description leaves these open; each is tested):
 1. Ties are dropped. When both samples are right or both are wrong the verifier expresses no preference, so the
@@ -47,14 +47,13 @@ Departures and choices (the published description leaves these open; each is tes
 5. Rewards are the verifier's (final answer correct, 0/1); any real-valued reward works, the winner being the
    strictly higher one.
 6. The loss is the plain sigmoid DPO loss: no label smoothing, no reference-free variant, no SFT term.
-7. Scoring convention (see "Who scores what"): the policy scores BOTH samples after the student prompt x and the
-   base model scores both after x + c, as the objective's π(·|x) and π_base(·|x, c) require. So r_θ is not 0
-   at initialization: r_θ(y) = β·[log π_base(y|x) − log π_base(y|x, c)], which favours the teacher's own sample
+7. Scoring convention ("Who scores what"), as the objective's π(·|x) and π_base(·|x, c) require. So r_θ is
+   not 0 at initialization: it is β·[log π_base(y|x) − log π_base(y|x, c)], which favours the teacher's own sample
    (likelier under x + c), and the first loss is not log 2. The training loop renders the teacher prompt with
    the student's thinking mode for PBSD (train.py, departure 7), so that y_T is in the student's format.
 
-The four log-probs come from the model in train.py (`pbsd_micro_batch`): the two base-model passes run with the
-adapter disabled and no gradient. This file imports nothing from the project: it can be copied alone.
+The four log-probs come from train.py's `pbsd_micro_batch`. This file imports nothing from the project: it can be
+copied alone.
 """
 from __future__ import annotations
 
@@ -82,11 +81,7 @@ class PBSDStats(NamedTuple):
 
 
 def sequence_logprob(token_logprobs: Tensor, mask: Tensor, length_norm: str = "sum") -> Tensor:
-    """log π(y|·) of each row from its per-token log-probs: (B, T), (B, T) -> (B,), fp32.
-
-    length_norm="sum": Σ_t log π(y_t|·, y<t) (the sequence log-prob); "mean": that sum / |y| (departure 4).
-    An empty response (no valid position) has log-prob 0 under both.
-    """
+    """log π(y|·) of each row, (B, T), (B, T) -> (B,), fp32; length_norm: departure 4. An empty response has 0."""
     if token_logprobs.shape != mask.shape:
         raise ValueError(f"token log-probs {tuple(token_logprobs.shape)} and mask {tuple(mask.shape)} must have "
                          "the same shape")
@@ -101,10 +96,10 @@ def sequence_logprob(token_logprobs: Tensor, mask: Tensor, length_norm: str = "s
 
 
 def implicit_reward(policy_seq_logp: Tensor, base_seq_logp: Tensor, beta: float) -> Tensor:
-    """r_θ(y) = β·[log π_θ(y|x) − log π_base(y|x, c)], base side detached: (B,), (B,) -> (B,)."""
+    """r_θ, the base side detached: (B,), (B,) -> (B,)."""
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
-    # r_θ(y) = β·[log π_θ(y|x) − log π_base(y|x, c)]
+    # r_θ
     return beta * (policy_seq_logp.float() - base_seq_logp.float().detach())  # (B,)
 
 
@@ -120,8 +115,7 @@ def pair_outcomes(student_rewards: Tensor, teacher_rewards: Tensor) -> Tensor:
 
 
 def decisive_pairs(student_rewards, teacher_rewards) -> int:
-    """The number of non-tie pairs: the `normalizer` of one optimizer step is this count summed over all
-    micro-batches and ranks (rewards are known before any forward pass)."""
+    """The number of non-tie pairs, from the rewards alone (so before any forward pass)."""
     return int((pair_outcomes(torch.as_tensor(student_rewards), torch.as_tensor(teacher_rewards)) != 0).sum())
 
 
@@ -129,15 +123,8 @@ def pbsd_loss(policy_logp_S: Tensor, base_logp_S: Tensor, mask_S: Tensor,
               policy_logp_T: Tensor, base_logp_T: Tensor, mask_T: Tensor,
               student_rewards: Tensor, teacher_rewards: Tensor, beta: float = 0.1, length_norm: str = "sum",
               normalizer: float | None = None) -> tuple[Tensor, PBSDStats]:
-    """L = Σ_{decisive pairs} −log σ(r_θ(y_w) − r_θ(y_l)) / normalizer.
-
-    policy_logp_S, base_logp_S, mask_S: (B, T_S) per-token log π_θ(y_S,t | x, ·) and log π_base(y_S,t | x, c, ·)
-        of the student sample, and its response mask.
-    policy_logp_T, base_logp_T, mask_T: (B, T_T) the same for the teacher sample y_T (policy under the STUDENT
-        prompt x, base under the TEACHER prompt x + c).
-    student_rewards, teacher_rewards: (B,) verifier rewards of y_S and y_T; the higher one wins, equal = tie.
-    Returns (loss, PBSDStats of this call's pairs).
-    """
+    """L summed over the decisive pairs / normalizer. Per-token log-probs and masks: (B, T_S) for the student
+    sample, (B, T_T) for the teacher sample, scored as "Who scores what" says; rewards: (B,)."""
     if policy_logp_S.shape != base_logp_S.shape or policy_logp_T.shape != base_logp_T.shape:
         raise ValueError(f"policy and base log-probs must match per sample: student {tuple(policy_logp_S.shape)} vs "
                          f"{tuple(base_logp_S.shape)}, teacher {tuple(policy_logp_T.shape)} vs "
@@ -151,10 +138,10 @@ def pbsd_loss(policy_logp_S: Tensor, base_logp_S: Tensor, mask_S: Tensor,
                           sequence_logprob(base_logp_T, mask_T, length_norm), beta)  # (B,)  r_θ(y_T)
     s = pair_outcomes(student_rewards, teacher_rewards).to(r_S.device)  # (B,)  +1 student wins, −1 teacher wins
     decisive = s != 0  # (B,)
-    # margin = r_θ(y_w) − r_θ(y_l) = s·(r_θ(y_S) − r_θ(y_T)) on decisive pairs
+    # r_θ(y_w) − r_θ(y_l) on decisive pairs (s = +1: y_S is y_w)
     margin = s * (r_S - r_T)  # (B,)
-    # Bradley–Terry / DPO: ℓ = −log σ(r_θ(y_w) − r_θ(y_l)); ties contribute 0 (departure 1). where() keeps the loss
-    # attached to the graph even when every pair ties, so every rank can run its backward pass.
+    # L; ties add 0 (departure 1). where() keeps the loss attached to the graph even when every pair ties, so
+    # every rank can run its backward pass.
     per_pair = torch.where(decisive, -F.logsigmoid(margin), torch.zeros_like(margin))  # (B,)
     n = decisive.sum() if normalizer is None else normalizer
     loss = per_pair.sum() / (n.clamp(min=1) if isinstance(n, Tensor) else max(float(n), 1.0))

@@ -363,6 +363,15 @@ class StopFlag:
         flag = torch.tensor([float(self.requested)], device=d.device)
         return bool(all_reduce_sum(flag, d).item() > 0)
 
+    def exit(self, out_dir: Path, step: int, d: Dist):
+        """Once the checkpoint of `step` is written: SIGTERM exits 143, SIGINT 130 (128 + the signal's number); a rank
+        stopped by another rank's signal: 143."""
+        signum = self.signum or signal.SIGTERM
+        if d.master:
+            print(f"{signal.Signals(signum).name}: checkpoint written at step {step} in {out_dir}; continue with "
+                  "--resume", flush=True)
+        raise SystemExit(130 if signum == signal.SIGINT else 143)
+
 
 def strict_json(record: dict) -> dict:
     """The record with every non-finite float (NaN: no step taken, or no token to average over) as null."""

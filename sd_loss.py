@@ -6,7 +6,7 @@ per-token divergence between their next-token distributions over the full vocabu
 positions only:
 
     Eq. 3:  L = mean_t KL( π_base(·|x, c, y<t) ‖ π_θ(·|x, y<t) )
-    A_t     = log π_base(y_t|x, c, y<t) − log π_θ(y_t|x, y<t)
+    A_t     = log π_base(y_t|x, c, y<t) − log π_θ(y_t|x, y<t)                 (detached)
 
 Conventions used by every function here:
 - `*_logits[b, t]` is the distribution over y_t (the caller has already shifted by one), so logits,
@@ -15,15 +15,19 @@ Conventions used by every function here:
 - Losses are a SUM over valid positions divided by `normalizer`, the number of valid tokens in the whole
   optimizer step (all micro-batches, all ranks). Left as None it is this call's own `mask.sum()`. Passing
   the global count is what makes gradient accumulation and DDP take the same step as one big batch.
-- Divergences are computed in fp32 whatever the input dtype.
+- Divergences are computed in fp32 whatever the input dtype. The teacher side is detached: no gradient flows
+  into the self-teacher.
 
 Departures from the paper:
-1. The sampled-token form (kind "sampled", `sampled_token_loss`) is provided next to the full-vocabulary KL.
-   The paper trains with the full-vocabulary forward KL; the sampled form is the on-policy estimator of the
-   per-token *reverse* KL gradient, E_{y_t~π_θ}[−A_t ∇log π_θ(y_t)] = ∇KL(π_θ ‖ π_base) at position t,
-   exact only when y was sampled at temperature 1 (the paper samples at 1.1, the demo at 0.5).
+1. The sampled-token form (kind "sampled", `sampled_token_loss`) is provided next to the full-vocabulary KL:
+       sampled:  L = Σ_t −A_t · log π_θ(y_t|x, y<t) / normalizer
+   GRPO's gradient with a per-token advantage: the on-policy estimator of the per-token *reverse* KL gradient,
+   E_{y_t~π_θ}[−A_t ∇log π_θ(y_t)] = ∇KL(π_θ ‖ π_base) at position t, exact only when y was sampled at
+   temperature 1 (the paper samples at 1.1, the demo at 0.5). Its logged divergence is the exact reverse KL.
 2. `reverse` and `jsd` divergences, and a per-token clip (`clip_terms`, the OPSD code clips at 0.05), are
-   offered for ablations; `forward` without a clip is the paper's and the default.
+   offered for ablations; `forward` without a clip is the paper's and the default:
+       jsd:   β·KL(T‖M) + (1−β)·KL(S‖M),  M = β·T + (1−β)·S,  0 < β < 1 (at the ends it is identically 0)
+       clip:  term_t · min(1, clip / term_t), the factor detached (the gradient is scaled, its direction kept)
 3. `chunked_self_distillation_loss` computes the same loss from final hidden states without ever holding
    (B, T, V) logits: a memory device, not a change to the objective (values and gradients match).
 4. Diagnostics (ours, not the paper's): the mean entropy of the student's and the teacher's next-token
@@ -49,14 +53,8 @@ def _kl(logp_a: Tensor, logp_b: Tensor) -> Tensor:
 
 def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str = "forward",
                      beta: float = 0.5) -> Tensor:
-    """Per-position divergence between teacher and student next-token distributions, (B, T, V) -> (B, T).
-
-    kind="forward": KL(teacher ‖ student), the paper's choice (Eq. 3).
-    kind="reverse": KL(student ‖ teacher).
-    kind="jsd":     β·KL(T‖M) + (1−β)·KL(S‖M), M = β·T + (1−β)·S. β must lie strictly inside (0, 1):
-                    at β = 0 or 1 the mixture M equals one of the two distributions and both terms vanish,
-                    so the "divergence" would be identically 0.
-    """
+    """Per-position divergence of the next-token distributions, (B, T, V) -> (B, T): forward (Eq. 3), reverse
+    or jsd (departure 2)."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape")
@@ -66,16 +64,16 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str =
     logp_s = torch.log_softmax(student_logits.float(), dim=-1).clamp(min=floor)  # (B, T, V)
     logp_t = torch.log_softmax(teacher_logits.float(), dim=-1).clamp(min=floor)  # (B, T, V)
     if kind == "forward":
-        return _kl(logp_t, logp_s)  # (B, T)  KL(teacher‖student)
+        return _kl(logp_t, logp_s)  # (B, T)  Eq. 3: KL(teacher‖student)
     if kind == "reverse":
         return _kl(logp_s, logp_t)  # (B, T)  KL(student‖teacher)
     if kind == "jsd":
         if not 0.0 < beta < 1.0:
             raise ValueError(f"jsd needs 0 < beta < 1 (at the ends it is identically 0), got beta={beta}")
-        # M = β·T + (1−β)·S, in log space
+        # jsd's M (departure 2), in log space
         logp_m = torch.logsumexp(torch.stack([logp_t + math.log(beta),
                                               logp_s + math.log(1.0 - beta)]), dim=0)  # (B, T, V)
-        return beta * _kl(logp_t, logp_m) + (1.0 - beta) * _kl(logp_s, logp_m)  # (B, T)
+        return beta * _kl(logp_t, logp_m) + (1.0 - beta) * _kl(logp_s, logp_m)  # (B, T)  jsd (departure 2)
     raise ValueError(f"unknown divergence kind {kind!r}; expected 'forward', 'reverse' or 'jsd'")
 
 
@@ -83,24 +81,17 @@ LOSS_KINDS = ("forward", "reverse", "jsd", "sampled")
 
 
 def clip_terms(terms: Tensor, clip: float) -> Tensor:
-    """Per-token clip of non-negative loss terms: a term above `clip` counts as `clip`, and its gradient is scaled
-    by the same factor, so no single token moves the step more than `clip` would (direction kept).
-
-        term_t · min(1, clip / term_t),  the factor detached;  clip = 0 leaves the terms as they are."""
+    """Departure 2's clip of non-negative loss terms; clip = 0 leaves them as they are."""
     if clip <= 0:
         return terms
+    # clip (departure 2)
     scale = torch.clamp(clip / terms.detach().clamp(min=torch.finfo(torch.float32).tiny), max=1.0)
     return terms * scale
 
 
 def token_loss_terms(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, kind: str = "forward",
                      beta: float = 0.5, clip: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """What each rollout position adds to the loss, its divergence (the diagnostic) and A_t (detached),
-    (..., V) -> 3 × (...).
-
-    kind forward / reverse / jsd: the term is `token_divergence`, clipped per token by `clip` (0 = off).
-    kind "sampled": the term is −A_t · log π_θ(y_t) with A_t detached (its gradient estimates that of the
-    reverse KL on sampled tokens y_t); the divergence logged for it is the exact reverse KL."""
+    """Each position's loss term, its divergence (logged) and A_t: (..., V) -> 3 × (...)."""
     if kind == "sampled" and clip > 0:
         raise ValueError("clip applies to the full-vocabulary divergences, not to the sampled form")
     with torch.no_grad():
@@ -110,7 +101,7 @@ def token_loss_terms(student_logits: Tensor, teacher_logits: Tensor, tokens: Ten
         A = token_advantage(logp_y_s, logp_y_t)  # (...)  detached
         with torch.no_grad():
             div = token_divergence(student_logits, teacher_logits, "reverse")  # (...)
-        return -A * logp_y_s, div, A
+        return -A * logp_y_s, div, A  # sampled form (departure 1)
     div = token_divergence(student_logits, teacher_logits, kind, beta)  # (...)
     with torch.no_grad():
         A = token_advantage(token_logprobs(student_logits, tokens), logp_y_t)  # (...)
@@ -127,11 +118,7 @@ def token_entropy(logits: Tensor) -> Tensor:
 
 
 def top_share(values: Tensor, frac: float = 0.01) -> float:
-    """Share of Σ values carried by the ceil(frac·N) largest of the N values: (N,) -> float.
-
-    For the per-token divergences of a step: how concentrated its training signal is (0.01 of the tokens
-    carrying 0.01 of the divergence is a flat signal; carrying 0.5 of it, a few tokens decide the step).
-    NaN when the values sum to 0 (no divergence to share)."""
+    """Share of Σ values carried by the ceil(frac·N) largest (departure 4): (N,) -> float, NaN if Σ values = 0."""
     if values.dim() != 1 or values.numel() == 0:
         raise ValueError(f"top_share needs a non-empty 1-D tensor, got shape {tuple(values.shape)}")
     if not 0.0 < frac <= 1.0:
@@ -151,8 +138,8 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
 
 
 def token_advantage(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
-    """Per-token advantage on the sampled tokens, detached: (B, T), (B, T) -> (B, T)."""
-    # A_t = log π_base(y_t | x, c, y<t) − log π_θ(y_t | x, y<t)
+    """(B, T), (B, T) -> (B, T)."""
+    # A_t
     return (teacher_logprobs.float() - student_logprobs.float()).detach()  # (B, T)
 
 
@@ -179,14 +166,10 @@ class SDStats(NamedTuple):
 
 def sampled_token_loss(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor,
                        normalizer: float | None = None) -> tuple[Tensor, Tensor]:
-    """Policy-gradient form of SD: L = Σ_t −A_t · log π_θ(y_t) / normalizer, with A_t detached.
-
-    Its gradient is GRPO's gradient with a per-token advantage A_t instead of a per-sequence one.
-    Returns (loss, A_t (B, T)).
-    """
+    """Departure 1's sampled form from token log-probs (B, T). Returns (loss, A_t (B, T))."""
     mask = mask.float()
     A = token_advantage(student_logprobs, teacher_logprobs)  # (B, T)
-    # −A_t · log π_θ(y_t | x, y<t), summed over rollout tokens
+    # sampled form (departure 1)
     loss = _masked_sum(-A * student_logprobs.float(), mask) / _normalizer(mask, normalizer)
     return loss, A
 
@@ -194,12 +177,7 @@ def sampled_token_loss(student_logprobs: Tensor, teacher_logprobs: Tensor, mask:
 def self_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, mask: Tensor,
                            kind: str = "forward", *, beta: float = 0.5, clip: float = 0.0,
                            normalizer: float | None = None) -> tuple[Tensor, SDStats]:
-    """Eq. 3 on full logits: Σ_t D(π_base(·|x,c,y<t), π_θ(·|x,y<t)) · mask_t / normalizer.
-
-    logits: (B, T, V); tokens (the sampled y_t, for A_t) and mask: (B, T). The teacher side is detached: no
-    gradient flows into the self-teacher. kind and clip: `token_loss_terms`. The reference for
-    `chunked_self_distillation_loss`.
-    """
+    """Eq. 3 (or kind's loss) on logits (B, T, V); tokens, mask: (B, T). The reference for the chunked loss."""
     mask = mask.float()
     terms, div, A = token_loss_terms(student_logits, teacher_logits.detach(), tokens, kind, beta, clip)  # 3 × (B, T)
     loss = _masked_sum(terms, mask) / _normalizer(mask, normalizer)
@@ -219,7 +197,7 @@ def _chunk_terms(h_s: Tensor, h_t: Tensor, y: Tensor, weight: Tensor, kind: str,
     A_t (N,), and the entropies of the student's and the teacher's distributions (N,), (N,)."""
     z_s = (h_s @ weight.T).float()  # (N, V)  student logits
     with torch.no_grad():
-        z_t = (h_t @ weight.T).float()  # (N, V)  teacher logits: no gradient into the self-teacher
+        z_t = (h_t @ weight.T).float()  # (N, V)  teacher logits
     terms, div, A = token_loss_terms(z_s, z_t, y, kind, beta, clip)  # 3 × (N,)
     return terms, div, A, token_entropy(z_s), token_entropy(z_t)  # 5 × (N,)
 
@@ -228,16 +206,10 @@ def chunked_self_distillation_loss(student_hidden: Tensor, teacher_hidden: Tenso
                                    tokens: Tensor, mask: Tensor, kind: str = "forward", *,
                                    chunk_size: int = 1024, beta: float = 0.5, clip: float = 0.0,
                                    normalizer: float | None = None) -> tuple[Tensor, SDStats]:
-    """Eq. 3 from final hidden states, never holding more than (chunk_size, V) logits per model.
+    """Eq. 3 from final (post-norm) hidden states (B, T, D), position t predicting y_t, and the shared head (V, D).
 
-    student_hidden, teacher_hidden: (B, T, D) final (post-norm) hidden states whose position t predicts y_t.
-    lm_head_weight: (V, D), shared by student and teacher (LoRA does not touch the head).
-    tokens, mask: (B, T) sampled y_t and rollout mask.
-
-    Only the valid positions are gathered, then processed in chunks of `chunk_size`. Each chunk runs under
-    activation checkpointing: the forward keeps only the chunk's inputs, and the backward recomputes the
-    chunk's logits, so the extra memory of the loss is O(chunk_size × V), not O(B × T × V).
-    Returns (loss, SDStats).
+    The valid positions are gathered and processed in chunks, each under activation checkpointing (the backward
+    recomputes its logits), so the loss holds O(chunk_size × V) extra memory, not O(B × T × V) (departure 3).
     """
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "

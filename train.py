@@ -11,9 +11,8 @@ One optimizer step, in order:
      every world_size-th of them.
   2. rollouts: G samples per problem from the student prompt x (G = 1 for SD, 8 for GRPO), on-policy,
      seeded by (seed, step, problem, sample).
-  3. feedback c: stepalign → the critic's critique of each rollout; refsol → the problem's reference solution;
-     verdict → the verifier's verdict on the rollout's own answer; grpo → the group advantages of the binary
-     rewards (answer correct).
+  3. feedback c of the run's form (feedback.FORMS): the critic's critique (stepalign), the reference solution
+     (refsol), the verifier's verdict on the rollout (verdict); grpo: the group advantages of the 0/1 rewards.
   4. teacher inputs: the teacher prompt (x + c) followed by the SAME token ids y. With --objective pbsd (or
      --teacher-samples, for the log only), also one sample y_T ~ π_base(·|x, c) per rollout, graded.
   5. loss: SD — Eq. 3 from final hidden states, teacher = adapter disabled, no gradient (sd_loss.py);
@@ -28,13 +27,8 @@ and a checkpoint (adapter, optimizer, RNG, data position), written atomically. S
 same for every form) is evaluated once per invocation and logged in each run.
 Steps 1-4 and the feedback forms: feedback.py; the evaluation: evaluate.py; diagnostics of each step in log.jsonl:
 diagnostics.py. Options and presets: config.py; processes, checkpoints and logs: runtime.py.
-Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes:
-2 bad input (or a checkpoint refused on --resume: it must be data only; or an out-dir in use by a live run), 3 too
-many failed critiques over the last steps (checkpoint written, fix and --resume), 4 no step of a run changed the
-weights, 5 --nonfinite-max steps in a row refused as not finite (checkpoint of the last good weights), 6 no room on
-the out-dir's disk for two checkpoints (at start), or a save that failed (the previous checkpoint intact), 143 SIGTERM
-and 130 SIGINT (Ctrl-C) during the steps: the checkpoint of the last completed step written (a second Ctrl-C: at once,
-no checkpoint).
+Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes: EXIT_*
+below, 143 SIGTERM and 130 SIGINT (runtime.StopFlag); what each leaves on disk: docs/gpu.md.
 
 Departures from the paper:
 1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.
@@ -73,7 +67,6 @@ import copy
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 from collections import deque
@@ -104,7 +97,6 @@ from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, Save
                      policy_finite, sum_over_ranks, unusable_as_failures, warn)
 
 EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_NO_ROOM = 2, 3, 4, 5, 6
-EXIT_SIGTERM, EXIT_SIGINT = 143, 130
 
 
 # ---------------------------------------------------------------------------------------------- step 5: the losses
@@ -275,7 +267,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                              zip(items, diagnostics.wrong_claims(tokenizer, items, exact))]
             if stop.agreed(d):  # no weight has changed in this step yet: a checkpoint of `step` steps is exact
                 save_checkpoint(cfg, model, optimizer, step, counters, d)
-                return _stopped(out_dir, step, d, stop)
+                stop.exit(out_dir, step, d)
             # 5. loss per micro-batch, divided by the count of the whole step (all micro-batches, all ranks)
             normalizer = step_normalizer(cfg, items, d)
             model.train()
@@ -331,7 +323,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             elif stopping or down:
                 save_checkpoint(cfg, model, optimizer, done, counters, d)
             if stopping:
-                return _stopped(out_dir, done, d, stop)
+                stop.exit(out_dir, done, d)
             if diverged >= cfg.nonfinite_max:
                 save_checkpoint(cfg, model, optimizer, done, counters, d)  # the weights of the last good step
                 if d.master:
@@ -350,15 +342,6 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
     if bar is not None:
         bar.close()
     return out_dir, counters, steps
-
-
-def _stopped(out_dir: Path, step: int, d: Dist, stop: StopFlag):
-    """SIGTERM exits 143, SIGINT 130 (128 + the signal's number); a rank stopped by another rank's signal: 143."""
-    signum = stop.signum or signal.SIGTERM
-    if d.master:
-        print(f"{signal.Signals(signum).name}: checkpoint written at step {step} in {out_dir}; continue with --resume",
-              flush=True)
-    raise SystemExit(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> None:
