@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import data
 import lora
 import prompts
@@ -174,11 +175,11 @@ def demo_on_vllm(out_dir, *extra):
 def test_two_ranks_with_one_engine_each_equal_one_process(tmp_path):
     """torchrun, 2 CPU ranks, one vLLM engine per rank (external_launcher, data parallel 2), against 1 process with
     one engine, over the same global batch: the same rollouts (seeded per request), so the same LoRA weights after
-    2 steps up to float summation order. Tolerance: all but 0.1% of the weights within 1e-6, and every weight within
-    1e-4, 1/4 of what 2 AdamW steps at lr 2e-4 can move it. AdamW divides by sqrt(v) + 1e-8, so a weight whose
-    gradient is near 1e-8 turns a summation-order difference into a visible one, up to lr per step (measured: 484
-    of 4.9M weights beyond 1e-6, at most 1.7e-5, with an earlier demo teacher layout; one weight at 5.5e-5 with
-    the repeat layout, all within 1e-4)."""
+    2 steps up to float summation order. Tolerance: all but 0.1% of the weights within 1e-6 (the check that would
+    catch a real difference), and every weight within 4·lr. AdamW divides by sqrt(v) + 1e-8: a weight whose gradient
+    is at the level of summation-order rounding gets a normalized step of size up to lr whose sign is that
+    rounding's, so the two runs can take opposite steps, 2·lr apart per step, 4·lr after two (measured: at most
+    5.5e-5 on the one-operation preset, 1.01e-4 on the two-operation one, one weight of 4.9M each time)."""
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = run_cli(demo_on_vllm(one))
     assert r1.returncode == 0, r1.stderr[-4000:]
@@ -194,8 +195,9 @@ def test_two_ranks_with_one_engine_each_equal_one_process(tmp_path):
     assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-4  # the weights did move
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert (diff > 1e-6).float().mean().item() < 1e-3
+    lr = config.parse_config(demo_on_vllm(one)).lr
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
+        torch.testing.assert_close(a[k], b[k], atol=4 * lr, rtol=0)
     assert read_jsonl(one / "eval.jsonl") == read_jsonl(two / "eval.jsonl")
 
 
@@ -284,9 +286,13 @@ def test_stepalign_against_a_real_vllm_critic_server(critic_server, tmp_path):
                  "--critic-retries", "1", "--max-steps", "2", "--prompts-per-step", "2", "--micro-batch", "2",
                  "--eval-every", "100", "--eval-problems", "1", "--eval-samples", "1", "--no-progress",
                  "--out-dir", str(out)], timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
+    # a step whose critiques were all cut stops the run (exit 3, checkpoint written): the stop rule applies to every
+    # step, and which steps a 135M greedy critic loops on depends on the demo's problems; the server path is the same
+    assert r.returncode in (0, 3), r.stderr[-4000:]
     records = read_jsonl(out / "log.jsonl")
-    assert [rec["step"] for rec in records] == [1, 2]
+    if r.returncode == 3:
+        assert "critiques are cut by --critic-max-tokens" in r.stderr and records[-1]["critic_failed_length"] == 2
+    assert [rec["step"] for rec in records] == [1, 2][:len(records)]
     for rec in records:
         # the server answered every request: the only failures are critiques cut by the budget, counted by kind
         assert {k for k in rec if k.startswith("critic_failed_")} <= {"critic_failed_length"}
@@ -296,12 +302,12 @@ def test_stepalign_against_a_real_vllm_critic_server(critic_server, tmp_path):
         unstructured = rec["kept_unstructured_step"] + rec["skipped_unstructured_step"]
         assert unstructured == round((2 - cut) * (1 - rec["critic_schema_ok"]))
         if rec["skipped_critic_step"] < 2:  # a step with signal takes its AdamW step...
-            assert rec["grad_norm"] == rec["grad_norm"]
-        else:  # ...and a step without none
-            assert rec["grad_norm"] != rec["grad_norm"]
+            assert isinstance(rec["grad_norm"], float)
+        else:  # ...and a step without none (no norm: null in the log)
+            assert rec["grad_norm"] is None
     assert records[-1]["skipped_critic"] == sum(rec.get("critic_failed", 0) for rec in records)
-    # the preflight's one-token completion, then 2 steps × 2 rollouts, one critique each, answered by this server
-    assert chat_posts(log_path) - before == 1 + 4
+    # the preflight's one-token completion, then 2 rollouts per step run, one critique each, answered by this server
+    assert chat_posts(log_path) - before == 1 + 2 * len(records)
 
 
 @pytest.mark.slow
