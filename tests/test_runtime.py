@@ -17,13 +17,19 @@ import train
 from test_train import ROOT, adapter, read_jsonl, run_cli, tiny_args, tiny_model_dir  # noqa: F401 (a fixture)
 
 
-def test_a_kill_during_save_leaves_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+def two_steps_then_a_fresh_policy(tiny_model_dir, tmp_path):
+    """A run of 2 steps in tmp_path/run, its step-2 adapter, and a freshly built policy and optimizer to save with."""
     out = tmp_path / "run"
     train.main(tiny_args(tiny_model_dir, out, "--max-steps", "2"))
     before = adapter(out, 2)
     cfg = config.parse_config(tiny_args(tiny_model_dir, out))
     model, _ = runtime.build_model(cfg, runtime.Dist())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    return out, before, cfg, model, optimizer
+
+
+def test_a_kill_during_save_leaves_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    out, before, cfg, model, optimizer = two_steps_then_a_fresh_policy(tiny_model_dir, tmp_path)
 
     def dies(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-save")
@@ -206,12 +212,7 @@ def test_a_failed_save_names_the_disk_and_keeps_the_previous_checkpoint(tiny_mod
     with EFBIG as on a full disk it fails with ENOSPC) during a save. SaveError names the checkpoint, the disk and
     the previous checkpoint, which is intact; no temporary directory is left."""
     import resource
-    out = tmp_path / "run"
-    train.main(tiny_args(tiny_model_dir, out, "--max-steps", "2"))
-    before = adapter(out, 2)
-    cfg = config.parse_config(tiny_args(tiny_model_dir, out))
-    model, _ = runtime.build_model(cfg, runtime.Dist())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    out, before, cfg, model, optimizer = two_steps_then_a_fresh_policy(tiny_model_dir, tmp_path)
     limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))
     try:
