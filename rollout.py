@@ -172,6 +172,7 @@ class TransformersEngine:
         generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in jobs]
         rows: list[list[int]] = [[] for _ in range(B)]  # y of each sample so far
         ended = [False] * B
+        active = list(range(B))  # the samples still in the batch: an ended one leaves it, with its cache rows
         cache, step_ids = None, input_ids
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, L)
         was_training = self.model.training
@@ -180,24 +181,28 @@ class TransformersEngine:
             out = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
                              past_key_values=cache, use_cache=True)
             cache = out.past_key_values
-            logits = out.logits[:, -1, :].float()  # (B, V)
+            logits = out.logits[:, -1, :].float()  # (A, V)  A = len(active)
             if temperature == 0:
-                token = logits.argmax(-1).tolist()  # (B,)
+                token = logits.argmax(-1).tolist()  # (A,)
             else:
-                probs = torch.softmax(logits / temperature, dim=-1).cpu()  # (B, V)
+                probs = torch.softmax(logits / temperature, dim=-1).cpu()  # (A, V)
                 if not torch.isfinite(probs).all():
                     raise FloatingPointError("sampling: the policy's next-token probabilities are not finite "
                                              "(diverged weights?)")
-                token = [torch.multinomial(probs[b], 1, generator=generators[b]).item() for b in range(B)]
-            for b in range(B):
-                if not ended[b]:
-                    rows[b].append(token[b])
-                    ended[b] = self._is_end(rows[b])
-            if all(ended):
+                token = [torch.multinomial(probs[a], 1, generator=generators[b]).item() for a, b in enumerate(active)]
+            for a, b in enumerate(active):
+                rows[b].append(token[a])
+                ended[b] = self._is_end(rows[b])
+            keep = [a for a, b in enumerate(active) if not ended[b]]
+            if not keep:
                 break
-            step_ids = torch.tensor(token, device=device)[:, None]  # (B, 1)  (ended rows: ignored tokens)
-            attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], -1)
-            positions = positions[:, -1:] + 1  # (B, 1)
+            if len(keep) < len(active):  # the ended samples leave the batch: no more compute spent on them
+                cache.batch_select_indices(torch.tensor(keep, device=device))
+                attention, positions = attention[keep], positions[keep]
+                active, token = [active[a] for a in keep], [token[a] for a in keep]
+            step_ids = torch.tensor(token, device=device)[:, None]  # (A, 1)
+            attention = torch.cat([attention, torch.ones(len(active), 1, dtype=attention.dtype, device=device)], -1)
+            positions = positions[:, -1:] + 1  # (A, 1)
         self.model.train(was_training)
         return [Completion(ids, self.tokenizer.decode(ids, skip_special_tokens=True), "stop" if end else "length")
                 for ids, end in zip(rows, ended)]

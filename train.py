@@ -117,6 +117,7 @@ def sd_micro_batch(cfg, model, mb: list[Item], pad_id: int, normalizer: float, t
         h_t = rollout.final_hidden(model, teacher)  # (B, T, D)  π_base(·|x, c, y<t)
     with timer("student"):
         h_s = rollout.final_hidden(model, student)  # (B, T, D)  π_θ(·|x, y<t)
+    with timer("loss"):
         # Eq. 3: L = Σ_t KL(π_base(·|x, c, y<t) ‖ π_θ(·|x, y<t)) · mask_t / normalizer
         loss, stats = sd_loss.chunked_self_distillation_loss(h_s, h_t, W, student.tokens.to(h_s.device),
                                                              mask.to(h_s.device), cfg.divergence,
@@ -283,17 +284,19 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                     bad = 1.0  # no backward for it; the whole step is dropped below, on every rank
                     continue
                 # 6. backward per micro-batch; then one all-reduce of the LoRA gradients and one AdamW step
-                with timer("student"):
+                with timer("backward"):
                     loss.backward()
                 losses.append((mb, loss.detach(), mb_stats, mask))
             probe = torch.tensor([items[0].prompt_ids + items[0].completion.token_ids])  # (1, L)
-            skipped, grad_norm = optimizer_step(cfg, model, params, optimizer, bad, normalizer, probe, d)
+            with timer("optimizer"):
+                skipped, grad_norm = optimizer_step(cfg, model, params, optimizer, bad, normalizer, probe, d)
             if skipped:
                 counters[skipped] += 1
             diverged = diverged + 1 if skipped == "skipped_nonfinite" else 0
             # 7. the new adapter to the generation engine
             done = step + 1
-            push_adapter(cfg, d, model, engine, done)
+            with timer("push"):
+                push_adapter(cfg, d, model, engine, done)
             sums = diagnostics.metric_sums(cfg, losses) | diagnostics.step_diagnostics(cfg, items, losses, d)
             counts = sum_over_ranks({k: v for k, v in stats.items()
                                      if k.startswith(("critic_failed", "unusable_", "wrong_", "skipped_context"))}, d)

@@ -70,6 +70,23 @@ def test_finish_reason_and_stop_token(tiny_smol):
     assert any(c.finish_reason == "stop" for c in outs)
 
 
+def test_an_ended_sample_leaves_the_batch_and_the_others_decode_as_alone(smollm2):
+    """Samples end at different steps: each leaves the batch when it ends, with its cache rows, and every sample is
+    the one it is when decoded alone. Greedy, so that each token depends on the sample's own cache (a sampled token
+    of a random model barely does); the stop set ends sample i at its token 2 + 3i or earlier."""
+    model, tok = smollm2
+    prompts = [chat_prompt(tok, q) for q in ("What is 2 + 3?", "Name a colour.", "Say hello in French.",
+                                             "Count from one to five.")]
+    alone = TransformersEngine(model, tok, batch_size=1)
+    free = [alone.generate([p], [0], temperature=0, max_new_tokens=12)[0][0].token_ids for p in prompts]
+    alone.stop_ids = {ids[2 + 3 * i] for i, ids in enumerate(free[:3])}
+    together = TransformersEngine(model, tok, batch_size=4)
+    together.stop_ids = alone.stop_ids
+    batched = [c.token_ids for [c] in together.generate(prompts, [0] * 4, temperature=0, max_new_tokens=12)]
+    assert len({len(ids) for ids in batched}) >= 3  # the batch did shrink, more than once
+    assert batched == [alone.generate([p], [0], temperature=0, max_new_tokens=12)[0][0].token_ids for p in prompts]
+
+
 def test_length_finish(tiny_smol):
     model, tok = tiny_smol
     c = TransformersEngine(model, tok).generate(["Once upon a time"], [0], n=1, temperature=1.0,
