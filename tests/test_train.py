@@ -415,8 +415,8 @@ def test_a_diverging_run_is_refused_step_by_step_then_stops_with_the_last_good_w
                              "--nonfinite-max", "2", "--eval-every", "100"))
     err = capsys.readouterr().err
     assert stop.value.code == train.EXIT_DIVERGED, err
-    assert "stopped at step 2: its last 2 steps had a loss, gradient or update that is not finite" in err
-    assert "--lr" in err
+    assert "stopped at step 2: its last 2 steps were refused" in err and "skipped_nonfinite 2: a loss" in err
+    assert "--lr (1e+30)" in err
     log = strict_jsonl(out / "log.jsonl")
     assert [r["skipped_nonfinite"] for r in log] == [1, 2]
     assert all(math.isfinite(r["grad_norm"]) for r in log)  # (the gradients were fine; the updates were not)
@@ -425,6 +425,50 @@ def test_a_diverging_run_is_refused_step_by_step_then_stops_with_the_last_good_w
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert all(v.abs().max() == 0 for k, v in weights.items() if "lora_B" in k)  # the initial B: nothing applied
     strict_jsonl(out / "eval.jsonl")
+
+
+def test_a_finite_divergence_is_refused_and_the_checkpoint_keeps_the_last_good_step(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """--lr 1e6 stays finite (every LoRA weight moves by ~lr; the issue's run exited 0 with |w| ≈ 2.2e6): the update
+    grows the residual stream ~1e20× (past 1/u = 2²⁴ of fp32, runtime.refused_update), is undone and counted as
+    skipped_diverged; the run stops with exit 5 naming --lr. Then a run whose lr explodes after one good step: its
+    last checkpoint holds that step's weights, bit for bit."""
+    out = tmp_path / "huge"
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny_model_dir, out, "--feedback", "refsol", "--lr", "1e6", "--max-steps", "6",
+                             "--nonfinite-max", "2", "--eval-every", "100"))
+    err = capsys.readouterr().err
+    assert stop.value.code == train.EXIT_DIVERGED, err
+    assert "stopped at step 2: its last 2 steps were refused" in err and "skipped_diverged 2: an update" in err
+    assert "Fix: a lower --lr (1000000.0)" in err
+    log = strict_jsonl(out / "log.jsonl")
+    assert [(r["skipped_diverged"], r["skipped_nonfinite"]) for r in log] == [(1, 0), (2, 0)]
+    assert all(v.abs().max() == 0 for k, v in adapter(out, 2).items() if "lora_B" in k)  # the initial B
+
+    real_policy = train.start_policy
+
+    def lr_explodes_after_one_step(cfg, d):
+        model, tokenizer, params, optimizer = real_policy(cfg, d)
+        step = optimizer.step
+
+        def stepped(*a, **k):
+            out = step(*a, **k)
+            for group in optimizer.param_groups:  # (a restored state keeps it: load_state_dict restores lr)
+                group["lr"] = 1e6
+            return out
+        optimizer.step = stepped
+        return model, tokenizer, params, optimizer
+
+    monkeypatch.setattr(train, "start_policy", lr_explodes_after_one_step)
+    out = tmp_path / "explodes"
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny_model_dir, out, "--feedback", "refsol", "--max-steps", "6", "--nonfinite-max", "2",
+                             "--eval-every", "1"))
+    assert stop.value.code == train.EXIT_DIVERGED
+    assert [r["skipped_diverged"] for r in strict_jsonl(out / "log.jsonl")] == [0, 1, 2]
+    good, last = adapter(out, 1), adapter(out, 3)
+    assert any(v.abs().max() > 0 for k, v in good.items() if "lora_B" in k)  # step 1 moved the weights
+    assert all(torch.equal(good[k], last[k]) for k in good)
 
 
 def test_verdict_feedback_and_pbsd_objective_run(tiny_model_dir, tmp_path, capsys):
