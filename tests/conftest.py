@@ -23,6 +23,26 @@ def fp32_rounding(n: int, scale, lam: float = 6.0):
     return 2 * lam * math.sqrt(n) * U32 * scale
 
 
+def log_softmax_rounding(z: torch.Tensor) -> torch.Tensor:
+    """(..., 1) per row of z (..., V): fp32_rounding of log_softmax(z) = z − max z − log Σ_v exp(z_v − max z), whose
+    longest chain is the V-term sum plus the exp, the log and two subtractions (n = V + 4), on terms of magnitude at
+    most 2·max|z| + log V. A rounding of log_softmax is a perturbation of z of that size (its backward error)."""
+    V = z.shape[-1]
+    return fp32_rounding(V + 4, 2 * z.detach().abs().amax(-1, keepdim=True).double() + math.log(V))
+
+
+def first_order_bound(f, inputs: tuple, deltas: tuple) -> torch.Tensor:
+    """|δf| ≤ Σ_i |∂f/∂x_i|·δx_i: how far f(x) (a tensor) moves when each input element is off by up to its δx (the
+    rounding of the path that computed it), to first order; the Jacobian in float64."""
+    J = torch.autograd.functional.jacobian(f, tuple(x.detach().double() for x in inputs))
+    out_dims = f(*(x.detach().double() for x in inputs)).dim()
+    bound = 0.0
+    for j, x, dx in zip(J, inputs, deltas):
+        dx = torch.as_tensor(dx, dtype=torch.float64).expand(x.shape)
+        bound = bound + (j.abs() * dx).sum(dim=tuple(range(out_dims, j.dim())))
+    return bound
+
+
 # The longest accumulation chain of one logit (then log-probability) of conftest.tiny_llama on a sequence of
 # `length` tokens: per layer the RMSNorm (D = 32), the q/k/v projections (32), the scores (head_dim 8), the softmax
 # and weighted sum over the positions (2·length), o_proj (32), RMSNorm (32), gate/up (32), down (64); twice; then
