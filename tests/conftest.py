@@ -8,6 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lora  # noqa: E402  (the project, on the path just set)
 
 
 U32 = 2.0 ** -24  # unit roundoff of float32
@@ -49,6 +50,18 @@ def first_order_bound(f, inputs: tuple, deltas: tuple) -> torch.Tensor:
 # the final norm (32), the LM head (32) and the log-softmax's sum over V: n = 2·(232 + 2·length) + 64 + V.
 def tiny_llama_chain(vocab_size: int, length: int) -> int:
     return 2 * (232 + 2 * length) + 64 + vocab_size
+
+
+def logit_rounding(model, length: int, per_layer: int = 0) -> float:
+    """δz: how far one logit of conftest.tiny_llama (with LoRA) may differ between two fp32 evaluations that block or
+    pad differently, on sequences of at most `length` tokens: fp32_rounding over the matrix-product chain (LoRA adds
+    r + 1 roundings to each of its 7 projections per layer), with the scale M ≥ Σ_i |h_i·W_vi| = √D·max|γ|·max_v ‖W_v‖
+    (h the final RMSNorm's output, γ its weight, W the LM head). per_layer: roundings the architecture adds to each
+    layer's chain (Qwen3's q/k RMSNorm over head_dim: 8)."""
+    W, gamma = model.get_output_embeddings().weight.detach(), model.model.norm.weight.detach()  # (V, D), (D,)
+    r = max((m.lora_A.weight.shape[0] for m in lora.lora_layers(model).values()), default=0)
+    n = tiny_llama_chain(0, length) + 2 * (7 * (r + 1) + per_layer)
+    return fp32_rounding(n, math.sqrt(W.shape[1]) * gamma.abs().max().item() * W.norm(dim=1).max().item())
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ import rollout
 import runtime
 import sd_loss
 import train
-from conftest import fp32_rounding, tiny_llama, tiny_llama_chain
+from conftest import fp32_rounding, logit_rounding, tiny_llama, tiny_llama_chain
 from test_critic import chat_answer, serve  # noqa: F401 (serve is a fixture: a chat-completions server on loopback)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -758,17 +758,6 @@ def test_scoring_with_the_adapter_off_is_the_base_model(models):
         with torch.no_grad():
             assert abs(direct_seq_logp(base, x[b], y_T[b]) - expected_policy) > 1e-2  # LoRA changes the policy
     assert not any(m.disabled for m in lora.lora_layers(model).values())  # the adapter is back on
-
-
-def logit_rounding(model, length: int) -> float:
-    """δz: how far one logit of conftest.tiny_llama (with LoRA) may differ between two fp32 evaluations that block or
-    pad differently, on sequences of at most `length` tokens: fp32_rounding over the matrix-product chain (LoRA adds
-    r + 1 roundings to each of its 7 projections per layer), with the scale M ≥ Σ_i |h_i·W_vi| = √D·max|γ|·max_v ‖W_v‖
-    (h the final RMSNorm's output, γ its weight, W the LM head)."""
-    W, gamma = model.get_output_embeddings().weight.detach(), model.model.norm.weight.detach()  # (V, D), (D,)
-    r = max((m.lora_A.weight.shape[0] for m in lora.lora_layers(model).values()), default=0)
-    n = tiny_llama_chain(0, length) + 2 * 7 * (r + 1)
-    return fp32_rounding(n, math.sqrt(W.shape[1]) * gamma.abs().max().item() * W.norm(dim=1).max().item())
 
 
 @pytest.mark.parametrize("kind", ["forward", "sampled"])
