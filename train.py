@@ -85,6 +85,7 @@ import grading
 import grpo
 import lora
 import pbsd
+import prompts
 import report
 import rollout
 import sd_loss
@@ -174,13 +175,14 @@ def step_normalizer(cfg, items: list[Item], d: Dist) -> float:
     return all_reduce_sum(torch.tensor([float(count)], device=d.device), d).item()
 
 
-def optimizer_step(cfg, model, params: list, optimizer, bad: float, normalizer: float, probe: torch.Tensor, d: Dist
-                   ) -> tuple[str | None, float]:
+def optimizer_step(cfg, model, params: list, optimizer, bad: float, normalizer: float, probe: torch.Tensor,
+                   before: tuple | None, d: Dist) -> tuple[str | None, float, tuple | None]:
     """Step 6 after the backward passes: ONE all-reduce of the LoRA gradients and the `bad` flag, clip, AdamW.
     Returns (None, or the counter of a skipped step: skipped_empty, nothing to learn from on any rank, where AdamW's
     momentum would still move the weights; skipped_nonfinite, a loss or gradient not finite; or an update that
     runtime.refused_update refuses on `probe` (1, L), not finite or diverged: then the weights and AdamW's state are
-    restored) and the norm (or NaN)."""
+    restored), the norm (or NaN) and runtime.probe_policy of the weights it leaves. `before`: that of the weights it
+    starts from (None: computed here), so each step runs one probe forward, after its update."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([bad], device=d.device)])
     all_reduce_sum(flat, d)
@@ -194,18 +196,20 @@ def optimizer_step(cfg, model, params: list, optimizer, bad: float, normalizer: 
             offset += p.numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         weights, state = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
-        before = probe_policy(model, probe, d)
+        before = before or probe_policy(model, probe, d)
         optimizer.step()
-        skipped = refused_update(model, probe, before, d)
-        if skipped:
+        skipped, after = refused_update(model, probe, before, d)
+        if skipped:  # (the restored weights are those `before` was computed on, bit for bit)
             with torch.no_grad():
                 for p, w in zip(params, weights):
                     p.copy_(w)
             optimizer.load_state_dict(state)
+        else:
+            before = after
     else:
         skipped = "skipped_nonfinite"
     optimizer.zero_grad(set_to_none=True)
-    return skipped, grad_norm
+    return skipped, grad_norm, before
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -241,6 +245,11 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
         bar = tqdm(total=steps, initial=start, desc=cfg.feedback, unit="step", dynamic_ncols=True)
     window = deque(maxlen=cfg.critic_fail_window)  # failed critiques of the last steps (all ranks)
     diverged = 0  # consecutive steps refused as not finite or diverged
+    # The divergence probe (1, L): the student prompt of the first training problem, the same in every step and after
+    # --resume, so one step's policy on it is the next step's `before` (one probe forward per step)
+    probe = torch.tensor([tokenizer(prompts.render(tokenizer, prompts.student_messages(train_set[0]),
+                                                   cfg.student_thinking), add_special_tokens=False).input_ids])
+    on_probe = None  # runtime.probe_policy of the current weights, once computed
     with StopFlag() as stop:
         for step in range(start, steps):
             timer, t0 = Timer(), time.perf_counter()
@@ -287,8 +296,8 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 with timer("student"):
                     loss.backward()
                 losses.append((mb, loss.detach(), mb_stats, mask))
-            probe = torch.tensor([items[0].prompt_ids + items[0].completion.token_ids])  # (1, L)
-            skipped, grad_norm = optimizer_step(cfg, model, params, optimizer, bad, normalizer, probe, d)
+            skipped, grad_norm, on_probe = optimizer_step(cfg, model, params, optimizer, bad, normalizer, probe,
+                                                          on_probe, d)
             if skipped:
                 counters[skipped] += 1
             diverged = diverged + 1 if skipped in ("skipped_nonfinite", "skipped_diverged") else 0

@@ -471,6 +471,25 @@ def test_a_finite_divergence_is_refused_and_the_checkpoint_keeps_the_last_good_s
     assert all(torch.equal(good[k], last[k]) for k in good)
 
 
+def test_the_divergence_probe_keeps_k_positions_and_refuses_a_policy_moved_past_log_v():
+    """runtime.probe_policy keeps the last K = PROBE_POSITIONS positions' log-probs (K, V), not (L, V), those of one
+    full forward there within its rounding (the LM head's product on K rows may block otherwise: 2δz, conftest.
+    logit_rounding, plus the log-softmax's); refused_update's criterion (b) alone: with the residual stream unchanged, a
+    `before` whose policy is one-hot where the policy now puts its least mass (π ≤ 1/V there, KL = −log π > log V)
+    is refused as diverged, and the policy itself is not."""
+    from conftest import log_softmax_rounding, logit_rounding, tiny_llama
+    model, d, K = lora.add_lora(tiny_llama(64), r=4, alpha=8), runtime.Dist(), runtime.PROBE_POSITIONS
+    probe = torch.randint(3, 64, (1, K + 20), generator=torch.Generator().manual_seed(0))  # (1, L), L > K
+    logp, residual = runtime.probe_policy(model, probe, d)  # (K, V)
+    assert logp.shape == (K, 64)
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=probe).logits[0, -K:].float(), -1)  # (K, V)
+    assert ((logp - full).abs() <= 2 * logit_rounding(model, K + 20) + log_softmax_rounding(full)).all()
+    assert runtime.refused_update(model, probe, (logp, residual), d)[0] is None
+    one_hot = torch.full_like(logp, -1e4).scatter(-1, logp.argmin(-1, keepdim=True), 0.0)  # (K, V)
+    assert runtime.refused_update(model, probe, (one_hot, residual), d)[0] == "skipped_diverged"
+
+
 def test_verdict_feedback_and_pbsd_objective_run(tiny_model_dir, tmp_path, capsys):
     train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "verdict", "--max-steps", "1",
                          "--teacher-samples"))
