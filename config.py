@@ -121,7 +121,8 @@ class Config:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping (departure 1)")
     nonfinite_max: int = opt(3, "stop (exit 5, checkpoint of the last good weights) after this many steps in a row "
-                             "refused because their loss, gradient or updated weights were not finite")
+                             "refused because their loss, gradient or updated weights were not finite, or their update "
+                             "diverged (runtime.refused_update)")
     prompts_per_step: int = opt(32, "problems per optimizer step, across all ranks")
     micro_batch: int = opt(4, "rollouts per forward/backward pass on one rank")
     loss_chunk: int = opt(1024, "positions per chunk of the memory-bounded loss")

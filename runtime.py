@@ -491,15 +491,59 @@ def critic_down(cfg, name: str, n: int, window: deque, done: int, d: Dist, bar) 
     return None
 
 
-def policy_finite(model, probe: torch.Tensor, d: Dist) -> bool:
-    """Every LoRA weight and ΔW = (α/r)·B A finite in fp32 (what `sampling` merges), and the policy's logits on
-    `probe` (1, L) token ids finite: a finite adapter can still overflow the activations. Agreed over ranks."""
+PROBE_POSITIONS = 64  # K: the probe positions whose next-token distributions refused_update compares
+
+
+def probe_policy(model, probe: torch.Tensor, d: Dist) -> tuple[torch.Tensor, float]:
+    """The policy on `probe` (1, L) token ids, no gradient, in O(K·V) memory: (log π(·|probe<t) in fp32 at the last
+    K = PROBE_POSITIONS positions (K, V), the largest |h| of the residual stream entering each layer and the final
+    norm, over all L positions). Neither the (L, V) logits nor every layer's (L, D) hidden states are kept: at
+    Qwen3's V = 151,936 and L = 4k, the fp32 log-probs alone took 2.5 GB; K = 64 takes 39 MB."""
+    decoder = model.get_decoder()
+    largest = []  # max |h| entering each layer, then the final norm
+
+    def record(module, args):
+        largest.append(args[0].detach().abs().max().float())
+
+    hooks = [m.register_forward_pre_hook(record) for m in [*decoder.layers, decoder.norm]]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=probe.to(d.device), logits_to_keep=PROBE_POSITIONS, use_cache=False).logits[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.log_softmax(logits.float(), -1), torch.stack(largest).max().item()  # (K, V)
+
+
+def refused_update(model, probe: torch.Tensor, before: tuple[torch.Tensor, float], d: Dist
+                   ) -> tuple[str | None, tuple[torch.Tensor, float] | None]:
+    """Why the update just taken must be undone, agreed over ranks, or None; and probe_policy after it (None when a
+    LoRA weight is not finite), the next update's `before` if this one stands. `before`: probe_policy before it.
+    skipped_nonfinite: a LoRA weight, ΔW = (α/r)·B A in fp32 (what `sampling` merges), the residual stream on
+    `probe` (1, L) or the policy's logits there are not finite (a finite adapter can still overflow the activations).
+    skipped_diverged, a finite divergence (at --lr 1e6 every weight moves by ~lr in one AdamW step), either
+    (a) the residual stream grew more than 1/u (u the unit roundoff of the model's dtype): the pretrained model's
+        own part of it is below one rounding, the adapter has replaced the model; or
+    (b) the policy moved farther than the uniform distribution is from it, mean_t KL(π_old ‖ π_new) > log V over
+        the probe's last K positions: for any p, KL(p ‖ uniform) = log V − H(p) ≤ log V, so such a step lost more
+        than forgetting everything would. K positions suffice: the update moves the weights every position passes
+        through, and each of the last K conditions on the whole probe; a divergence confined to earlier positions
+        still shows in (a), which reads every position.
+    A learning step comes nowhere near either: the tests' tiny model grows it ≤ 10× per step at lr 1e-1, 4·10⁴× at lr 1,
+    ~1e8× at lr 1e2 and ~1e20× at 1e6; its policy moves ≤ 0.03 nats per token."""
     ok = all(torch.isfinite(m.lora_A.weight).all() and torch.isfinite(m.lora_B.weight).all()
              and torch.isfinite(m.delta_weight()).all() for m in lora.lora_layers(model).values())
+    far, after = False, None
     if ok:
-        with torch.no_grad():
-            ok = bool(torch.isfinite(model(input_ids=probe.to(d.device)).logits).all())
-    return all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=d.device), d).item() == 0
+        (logp_old, residual_old), after = before, probe_policy(model, probe, d)  # (K, V)
+        logp_new, residual_new = after
+        ok = bool(torch.isfinite(logp_new).all()) and math.isfinite(residual_new)
+        if ok:
+            kl = (logp_old.exp() * (logp_old - logp_new)).sum(-1)  # (K,)  KL(π_old ‖ π_new) per position
+            u = torch.finfo(model.dtype).eps / 2
+            far = residual_new > residual_old / u or kl.mean().item() > math.log(logp_old.shape[-1])
+    flags = all_reduce_sum(torch.tensor([0.0 if ok else 1.0, float(far)], device=d.device), d)
+    return "skipped_nonfinite" if flags[0] > 0 else "skipped_diverged" if flags[1] > 0 else None, after
 
 
 # ---------------------------------------------------------------------------------------------- model and engine
@@ -541,7 +585,8 @@ def start_out_dir(cfg, d: Dist, model, optimizer) -> tuple[int, dict]:
     loaded and the log lines written after it dropped; else fresh logs and config.json. Returns (first step,
     counters)."""
     out_dir = Path(cfg.out_dir)
-    counters = {"skipped_critic": 0, "skipped_nonfinite": 0, "skipped_empty": 0, "skipped_context": 0}
+    counters = {"skipped_critic": 0, "skipped_nonfinite": 0, "skipped_diverged": 0, "skipped_empty": 0,
+                "skipped_context": 0}
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stray in sorted((out_dir / "checkpoints").glob(".tmp_step_*")):  # a save cut by a kill
@@ -619,5 +664,6 @@ def sampling(cfg, model):
 def nothing_learned(run: str, counters: dict, steps: int, log_path: Path) -> str:
     """The error line of a run none of whose steps changed the weights (exit 4), with the counts that say why."""
     return (f"run {run} took no optimizer step in its {steps} steps (skipped_empty {counters['skipped_empty']}: "
-            f"nothing to learn from; skipped_nonfinite {counters['skipped_nonfinite']}; rollouts skipped for the "
+            f"nothing to learn from; skipped_nonfinite {counters['skipped_nonfinite']}; skipped_diverged "
+            f"{counters['skipped_diverged']}; rollouts skipped for the "
             f"critic {counters['skipped_critic']}): its evaluations are of the base policy; see {log_path}")

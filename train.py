@@ -45,8 +45,8 @@ Departures from the paper:
    are masked out of the loss and counted in `skipped_critic`. So is one whose critique fails the schema or is
    empty (`--critic-unstructured skip`, counted per step in `skipped_unstructured_step`): the paper's teacher
    sees only structured corrective feedback (`keep` gives the text to the teacher instead). A step whose loss,
-   gradient or update is not finite is skipped and counted (`skipped_nonfinite`; an update is undone), and so is
-   a step with nothing to learn from (`skipped_empty`). Critiques that fail the schema or are empty count toward
+   gradient or update is not finite is skipped and counted (`skipped_nonfinite`; an update is undone), and so are
+   a diverged update (`skipped_diverged`, runtime.refused_update) and a step with nothing to learn (`skipped_empty`). Critiques that fail the schema or are empty count toward
    --critic-fail-max like failed requests.
 6. DDP without DistributedDataParallel: the LoRA gradients are summed by ONE explicit all-reduce per step after
    the last micro-batch (every rank reaches it every step), not by backward hooks. So a rank may skip the
@@ -85,6 +85,7 @@ import grading
 import grpo
 import lora
 import pbsd
+import prompts
 import report
 import rollout
 import sd_loss
@@ -94,7 +95,7 @@ from feedback import FORMS, PAPER_FORMS, Item, check_prompt_lengths, form_name, 
 from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, SaveError, StopFlag, Timer,
                      all_reduce_sum, check_room, checkpoint_bytes, critic_down, make_vllm_engine, nothing_learned,
                      push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy,
-                     policy_finite, sum_over_ranks, unusable_as_failures, warn)
+                     probe_policy, refused_update, sum_over_ranks, unusable_as_failures, warn)
 
 EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_NO_ROOM = 2, 3, 4, 5, 6
 
@@ -175,13 +176,14 @@ def step_normalizer(cfg, items: list[Item], d: Dist) -> float:
     return all_reduce_sum(torch.tensor([float(count)], device=d.device), d).item()
 
 
-def optimizer_step(cfg, model, params: list, optimizer, bad: float, normalizer: float, probe: torch.Tensor, d: Dist
-                   ) -> tuple[str | None, float]:
+def optimizer_step(cfg, model, params: list, optimizer, bad: float, normalizer: float, probe: torch.Tensor,
+                   before: tuple | None, d: Dist) -> tuple[str | None, float, tuple | None]:
     """Step 6 after the backward passes: ONE all-reduce of the LoRA gradients and the `bad` flag, clip, AdamW.
     Returns (None, or the counter of a skipped step: skipped_empty, nothing to learn from on any rank, where AdamW's
-    momentum would still move the weights; skipped_nonfinite, a loss or gradient not finite, or an update after
-    which a LoRA weight, ΔW or the policy's logits on `probe` (1, L) are not finite: then the weights and AdamW's
-    state are restored) and the norm (or NaN)."""
+    momentum would still move the weights; skipped_nonfinite, a loss or gradient not finite; or an update that
+    runtime.refused_update refuses on `probe` (1, L), not finite or diverged: then the weights and AdamW's state are
+    restored), the norm (or NaN) and runtime.probe_policy of the weights it leaves. `before`: that of the weights it
+    starts from (None: computed here), so each step runs one probe forward, after its update."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([bad], device=d.device)])
     all_reduce_sum(flat, d)
@@ -195,17 +197,20 @@ def optimizer_step(cfg, model, params: list, optimizer, bad: float, normalizer: 
             offset += p.numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         weights, state = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
+        before = before or probe_policy(model, probe, d)
         optimizer.step()
-        if not policy_finite(model, probe, d):
+        skipped, after = refused_update(model, probe, before, d)
+        if skipped:  # (the restored weights are those `before` was computed on, bit for bit)
             with torch.no_grad():
                 for p, w in zip(params, weights):
                     p.copy_(w)
             optimizer.load_state_dict(state)
-            skipped = "skipped_nonfinite"
+        else:
+            before = after
     else:
         skipped = "skipped_nonfinite"
     optimizer.zero_grad(set_to_none=True)
-    return skipped, grad_norm
+    return skipped, grad_norm, before
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -240,7 +245,12 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
         from tqdm import tqdm
         bar = tqdm(total=steps, initial=start, desc=cfg.feedback, unit="step", dynamic_ncols=True)
     window = deque(maxlen=cfg.critic_fail_window)  # failed critiques of the last steps (all ranks)
-    diverged = 0  # consecutive steps refused as not finite
+    diverged = 0  # consecutive steps refused as not finite or diverged
+    # The divergence probe (1, L): the student prompt of the first training problem, the same in every step and after
+    # --resume, so one step's policy on it is the next step's `before` (one probe forward per step)
+    probe = torch.tensor([tokenizer(prompts.render(tokenizer, prompts.student_messages(train_set[0]),
+                                                   cfg.student_thinking), add_special_tokens=False).input_ids])
+    on_probe = None  # runtime.probe_policy of the current weights, once computed
     with StopFlag() as stop:
         for step in range(start, steps):
             timer, t0 = Timer(), time.perf_counter()
@@ -287,12 +297,12 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 with timer("backward"):
                     loss.backward()
                 losses.append((mb, loss.detach(), mb_stats, mask))
-            probe = torch.tensor([items[0].prompt_ids + items[0].completion.token_ids])  # (1, L)
             with timer("optimizer"):
-                skipped, grad_norm = optimizer_step(cfg, model, params, optimizer, bad, normalizer, probe, d)
+                skipped, grad_norm, on_probe = optimizer_step(cfg, model, params, optimizer, bad, normalizer, probe,
+                                                              on_probe, d)
             if skipped:
                 counters[skipped] += 1
-            diverged = diverged + 1 if skipped == "skipped_nonfinite" else 0
+            diverged = diverged + 1 if skipped in ("skipped_nonfinite", "skipped_diverged") else 0
             # 7. the new adapter to the generation engine
             done = step + 1
             with timer("push"):
@@ -330,10 +340,12 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             if diverged >= cfg.nonfinite_max:
                 save_checkpoint(cfg, model, optimizer, done, counters, d)  # the weights of the last good step
                 if d.master:
-                    warn(f"train.py: error: [{run_name(cfg)}] stopped at step {done}: its last {diverged} steps had a "
-                         f"loss, gradient or update that is not finite (--nonfinite-max {cfg.nonfinite_max}); the "
-                         f"weights are those of the last good step, checkpointed in {out_dir}. Fix: a lower --lr "
-                         f"({cfg.lr}) or --max-grad-norm ({cfg.max_grad_norm})", bar)
+                    warn(f"train.py: error: [{run_name(cfg)}] stopped at step {done}: its last {diverged} steps were "
+                         f"refused (--nonfinite-max {cfg.nonfinite_max}; in the run, skipped_nonfinite "
+                         f"{counters['skipped_nonfinite']}: a loss, gradient or update not finite; skipped_diverged "
+                         f"{counters['skipped_diverged']}: an update that grew the residual stream past 1/u or moved "
+                         f"the policy farther than log V); the weights are those of the last good step, checkpointed "
+                         f"in {out_dir}. Fix: a lower --lr ({cfg.lr}) or --max-grad-norm ({cfg.max_grad_norm})", bar)
                 raise SystemExit(EXIT_DIVERGED)
             if down:
                 if d.master:
@@ -373,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
                     print("config: " + json.dumps(dataclasses.asdict(run_cfg)), flush=True)
                 out_dir, counters, steps = train(run_cfg, d, checker, base_eval, vllm_engine)
                 run_dirs.append(out_dir)
-                if counters["skipped_empty"] + counters["skipped_nonfinite"] >= steps:  # no AdamW step at all
+                if sum(counters[k] for k in ("skipped_empty", "skipped_nonfinite", "skipped_diverged")) >= steps:
                     idle.append(nothing_learned(run_name(run_cfg), counters, steps, out_dir / "log.jsonl"))
         if d.master:
             table = report.results_table(report.load_evals(run_dirs))

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import feedback  # noqa: E402
 import grading  # noqa: E402
+import prompts  # noqa: E402
 import runtime  # noqa: E402
 import random_qwen3  # noqa: E402  (bench/, this script's folder)
 import rollout  # noqa: E402
@@ -91,8 +92,9 @@ class PhaseTimer:
 
 
 def one_step(cfg, model, tokenizer, optimizer, params, engine, checker, critic_backend, train_set, step, watch,
-             context):
-    """train.train's steps 1-7 for one SD step of one rank, each phase under the watch."""
+             context, probe: dict):
+    """train.train's steps 1-7 for one SD step of one rank, each phase under the watch. probe: the divergence
+    probe's ids (train.py's: the first training problem's student prompt) and the policy on it after the last step."""
     timer = PhaseTimer(watch)
     drawn = feedback.step_problems(train_set, cfg, step)
     draws = list(enumerate(drawn))
@@ -113,9 +115,9 @@ def one_step(cfg, model, tokenizer, optimizer, params, engine, checker, critic_b
                                           normalizer, timer)
         with watch("backward"):
             loss.backward()
-    probe = torch.tensor([items[0].prompt_ids + items[0].completion.token_ids])  # (1, L)
-    with watch("optimizer"):
-        train.optimizer_step(cfg, model, params, optimizer, 0.0, normalizer, probe, d)
+    with watch("optimizer"):  # (the first step also computes the probe's "before"; train.py does so once per run)
+        _, _, probe["on_probe"] = train.optimizer_step(cfg, model, params, optimizer, 0.0, normalizer, probe["ids"],
+                                                       probe.get("on_probe"), d)
     with watch("push"):
         runtime.push_adapter(cfg, d, model, engine, step + 1)
     return sum(len(it.completion.token_ids) for it in items)
@@ -146,11 +148,13 @@ def main():
     critic_backend = config.make_critic(cfg) if feedback.FORMS[feedback.form_name(cfg)].needs_critic else None
     checker = grading.AnswerChecker()
     rows, peak = [], 0
+    probe = {"ids": torch.tensor([tokenizer(prompts.render(tokenizer, prompts.student_messages(train_set[0]),
+                                                           cfg.student_thinking), add_special_tokens=False).input_ids])}
     for step in range(a.steps):
         watch = Watch(a.profile if step == a.steps - 1 else 0)
         t0 = time.perf_counter()
         tokens = one_step(cfg, model, tokenizer, optimizer, params, engine, checker, critic_backend, train_set, step,
-                          watch, model.config.max_position_embeddings)
+                          watch, model.config.max_position_embeddings, probe)
         watch._stop.set()
         rows.append((time.perf_counter() - t0, watch, tokens))
         peak = max(peak, watch.peak)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lora  # noqa: E402  (the project, on the path just set)
 
 
 U32 = 2.0 ** -24  # unit roundoff of float32
@@ -23,12 +24,44 @@ def fp32_rounding(n: int, scale, lam: float = 6.0):
     return 2 * lam * math.sqrt(n) * U32 * scale
 
 
+def log_softmax_rounding(z: torch.Tensor) -> torch.Tensor:
+    """(..., 1) per row of z (..., V): fp32_rounding of log_softmax(z) = z − max z − log Σ_v exp(z_v − max z), whose
+    longest chain is the V-term sum plus the exp, the log and two subtractions (n = V + 4), on terms of magnitude at
+    most 2·max|z| + log V. A rounding of log_softmax is a perturbation of z of that size (its backward error)."""
+    V = z.shape[-1]
+    return fp32_rounding(V + 4, 2 * z.detach().abs().amax(-1, keepdim=True).double() + math.log(V))
+
+
+def first_order_bound(f, inputs: tuple, deltas: tuple) -> torch.Tensor:
+    """|δf| ≤ Σ_i |∂f/∂x_i|·δx_i: how far f(x) (a tensor) moves when each input element is off by up to its δx (the
+    rounding of the path that computed it), to first order; the Jacobian in float64."""
+    J = torch.autograd.functional.jacobian(f, tuple(x.detach().double() for x in inputs))
+    out_dims = f(*(x.detach().double() for x in inputs)).dim()
+    bound = 0.0
+    for j, x, dx in zip(J, inputs, deltas):
+        dx = torch.as_tensor(dx, dtype=torch.float64).expand(x.shape)
+        bound = bound + (j.abs() * dx).sum(dim=tuple(range(out_dims, j.dim())))
+    return bound
+
+
 # The longest accumulation chain of one logit (then log-probability) of conftest.tiny_llama on a sequence of
 # `length` tokens: per layer the RMSNorm (D = 32), the q/k/v projections (32), the scores (head_dim 8), the softmax
 # and weighted sum over the positions (2·length), o_proj (32), RMSNorm (32), gate/up (32), down (64); twice; then
 # the final norm (32), the LM head (32) and the log-softmax's sum over V: n = 2·(232 + 2·length) + 64 + V.
 def tiny_llama_chain(vocab_size: int, length: int) -> int:
     return 2 * (232 + 2 * length) + 64 + vocab_size
+
+
+def logit_rounding(model, length: int, per_layer: int = 0) -> float:
+    """δz: how far one logit of conftest.tiny_llama (with LoRA) may differ between two fp32 evaluations that block or
+    pad differently, on sequences of at most `length` tokens: fp32_rounding over the matrix-product chain (LoRA adds
+    r + 1 roundings to each of its 7 projections per layer), with the scale M ≥ Σ_i |h_i·W_vi| = √D·max|γ|·max_v ‖W_v‖
+    (h the final RMSNorm's output, γ its weight, W the LM head). per_layer: roundings the architecture adds to each
+    layer's chain (Qwen3's q/k RMSNorm over head_dim: 8)."""
+    W, gamma = model.get_output_embeddings().weight.detach(), model.model.norm.weight.detach()  # (V, D), (D,)
+    r = max((m.lora_A.weight.shape[0] for m in lora.lora_layers(model).values()), default=0)
+    n = tiny_llama_chain(0, length) + 2 * (7 * (r + 1) + per_layer)
+    return fp32_rounding(n, math.sqrt(W.shape[1]) * gamma.abs().max().item() * W.norm(dim=1).max().item())
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import first_order_bound, fp32_rounding, log_softmax_rounding
 from sd_loss import (chunked_self_distillation_loss, clip_terms, sampled_token_loss, self_distillation_loss,
                      token_advantage, token_divergence, token_entropy, token_logprobs, token_loss_terms, top_share)
 
@@ -23,13 +24,31 @@ def brute_divergence(s_logits, t_logits, kind, beta=0.5):
     return out
 
 
+def terms_scale(s_logits, t_logits):
+    """(B, T) Σ_v (p_s + p_t)·|log p_s − log p_t|: bounds the magnitudes of the V terms that forward, reverse and jsd
+    (whose mixture's log lies between the two) sum per position."""
+    ls, lt = torch.log_softmax(s_logits.double(), -1), torch.log_softmax(t_logits.double(), -1)
+    return ((ls.exp() + lt.exp()) * (ls - lt).abs()).sum(-1)
+
+
+def divergence_rounding(s_logits, t_logits, f):
+    """How far an fp32 evaluation of f (the divergence on logits (..., V), or a function of it) may be from the exact
+    value: each log-softmax's rounding as a perturbation of its logits (conftest.log_softmax_rounding), carried to f
+    to first order, plus the rounding of the sum over V (per position; for a mean over positions, take its mean)."""
+    V = s_logits.shape[-1]
+    return (first_order_bound(f, (s_logits, t_logits), (log_softmax_rounding(s_logits),
+                                                         log_softmax_rounding(t_logits)))
+            + fp32_rounding(V, terms_scale(s_logits, t_logits)))
+
+
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
 def test_divergence_matches_brute_force(kind):
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 3, 7, generator=g) * 2, torch.randn(2, 3, 7, generator=g) * 2
     got = token_divergence(s, t, kind, beta=0.3)
     assert got.shape == (2, 3) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), brute_divergence(s, t, kind, beta=0.3), atol=1e-5, rtol=1e-5)
+    bound = divergence_rounding(s, t, lambda a, b: token_divergence(a, b, kind, beta=0.3))  # (2, 3)
+    assert ((got.double() - brute_divergence(s, t, kind, beta=0.3)).abs() <= bound).all()
 
 
 def test_forward_is_teacher_to_student_not_symmetric():
@@ -44,11 +63,14 @@ def test_forward_is_teacher_to_student_not_symmetric():
 def test_forward_kl_zero_iff_equal():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(1, 4, 11, generator=g)
-    assert token_divergence(z, z + 3.0).abs().max() < 1e-6  # a shift of logits is the same distribution
+    # a shift of logits is the same distribution: KL = Σ_v p_v·(log p_v − log q_v) of two roundings of the same
+    # log-probabilities, at most their difference, log_softmax_rounding of the larger logits
+    bound = log_softmax_rounding(z + 3.0)[..., 0]  # (1, 4)
+    assert (token_divergence(z, z + 3.0).abs() <= bound).all()
     other = z.clone()
     other[0, 2, 5] += 0.5
     d = token_divergence(z, other)
-    assert d[0, 2] > 1e-4 and d[0, [0, 1, 3]].abs().max() < 1e-6
+    assert d[0, 2] > 1e-4 and (d[0, [0, 1, 3]].abs() <= bound[0, [0, 1, 3]]).all()
 
 
 def test_fp32_whatever_input_dtype():
@@ -110,8 +132,10 @@ def test_masking_ignores_prompt_and_padding():
     t2[mask == 0] = -100.0
     loss2, _ = self_distillation_loss(s2, t2, y, mask)
     torch.testing.assert_close(loss, loss2)
-    expected = brute_divergence(s, t, "forward")[mask.bool()].mean().float()
-    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    expected = brute_divergence(s, t, "forward")[mask.bool()].mean()
+    n = int(mask.sum())  # the mean over n tokens: one more sum of n roundings
+    bound = divergence_rounding(s, t, lambda a, b: self_distillation_loss(a, b, y, mask)[0])  # (B, T): V-sum per token
+    assert abs(loss.item() - expected.item()) <= bound[mask.bool()].mean().item() + fp32_rounding(n, expected.item())
 
 
 def test_normalizer_makes_micro_batches_sum_to_full_batch():
@@ -134,7 +158,9 @@ def test_metrics_advantage_statistics():
     mask = torch.tensor([[1, 1, 1]])
     _, m = self_distillation_loss(s, t, tokens, mask)
     A = [math.log(0.75 / 0.5), 0.0, math.log(0.4 / 0.8)]
-    assert m.adv_mean.item() == pytest.approx(sum(A) / 3, abs=1e-6)
+    # each A_t: two log-softmaxes (V = 2) of logits that are themselves one rounding of log p; then a mean of 3
+    dA = (log_softmax_rounding(s) + log_softmax_rounding(t) + fp32_rounding(1, s.abs() + t.abs())).max().item()
+    assert m.adv_mean.item() == pytest.approx(sum(A) / 3, abs=dA + fp32_rounding(3, sum(map(abs, A)) / 3))
     assert m.adv_neg_frac.item() == pytest.approx(1 / 3)
 
 
@@ -186,6 +212,75 @@ def sd_inputs(B=2, T=7, D=6, V=13, seed=6):
     return h_s, h_t, W, y, mask
 
 
+def reference_terms(z_s, z_t, y, kind, clip=0.0, beta=0.5):
+    """Float64, neither side detached: (the per-position loss term (B, T), its coefficient c and base b, such that
+    sd_loss's gradient of the term is c·∂b/∂z_s: the divergence with c = 1, clipped c = min(1, clip/div), or
+    sampled b = log π_θ(y), c = −A with A undetached)."""
+    ls, lt = torch.log_softmax(z_s, -1), torch.log_softmax(z_t, -1)  # (B, T, V)
+    kl = lambda a, b: (a.exp() * (a - b)).sum(-1)  # noqa: E731  KL(a‖b)
+    if kind == "sampled":
+        ls_y, lt_y = ls.gather(-1, y[..., None])[..., 0], lt.gather(-1, y[..., None])[..., 0]  # (B, T)
+        return -(lt_y - ls_y) * ls_y, -(lt_y - ls_y), ls_y
+    if kind == "jsd":
+        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), 0)  # (B, T, V)
+        div = beta * kl(lt, lm) + (1 - beta) * kl(ls, lm)  # (B, T)
+    else:
+        div = kl(lt, ls) if kind == "forward" else kl(ls, lt)  # (B, T)
+    c = torch.clamp(clip / div, max=1.0) if clip > 0 else torch.ones_like(div)
+    return div * c, c, div
+
+
+def chunk_rounding(h_s, h_t, W, y, mask, kind, clip=0.0):
+    """How far the chunked and the plain path may differ, as (loss, ∂L/∂h_s, ∂L/∂W, token divergence (B, T)): both
+    round each logit z = h·W (a D-term dot product), the log-softmaxes and the sums over V, over the N valid
+    positions and, in the backward pass, the products G·W (V terms) and Gᵀ·h (N terms) differently. Each rounding
+    of z or of a log-softmax is a perturbation of z (δz), carried to first order (conftest.first_order_bound)
+    through the float64 reference, where the teacher's side, which sd_loss detaches, has its sensitivity too."""
+    h_s, h_t, W = h_s.detach().double(), h_t.double(), W.detach().double()
+    z_s, z_t = h_s @ W.T, h_t @ W.T  # (B, T, V)
+    D, V, N = W.shape[1], W.shape[0], mask.sum().item()
+    dz_s = fp32_rounding(D, h_s.abs() @ W.abs().T) + log_softmax_rounding(z_s)  # (B, T, V)
+    dz_t = fp32_rounding(D, h_t.abs() @ W.abs().T) + log_softmax_rounding(z_t)  # (B, T, V)
+    m = mask.double()
+
+    def loss(a, b):
+        return (reference_terms(a, b, y, kind, clip)[0] * m).sum() / N
+
+    def grad_z(a, b):  # G = ∂L/∂z_s as sd_loss's backward computes it: c · ∂b/∂z_s per position
+        a = a.requires_grad_() if not a.requires_grad else a
+        _, c, base = reference_terms(a, b, y, kind, clip)
+        (g,) = torch.autograd.grad(base.sum(), a, create_graph=True)  # (B, T, V)  positions are independent
+        return (c * m / N)[..., None] * g
+
+    def div(a, b):
+        return reference_terms(a, b, y, "reverse" if kind == "sampled" else kind)[2]
+
+    sum_v = fp32_rounding(V, terms_scale(z_s, z_t))  # (B, T)  the sum over V of each divergence
+    d_loss = first_order_bound(loss, (z_s, z_t), (dz_s, dz_t)) + (sum_v * m).sum() / N \
+        + fp32_rounding(N, (reference_terms(z_s, z_t, y, kind, clip)[0].abs() * m).sum() / N)
+    G = grad_z(z_s.clone(), z_t).detach()  # (B, T, V)
+    dG = first_order_bound(grad_z, (z_s, z_t), (dz_s, dz_t)) + fp32_rounding(V + 4, G.abs().sum(-1, keepdim=True)
+                                                                             + (sum_v * m / N)[..., None])
+    d_h = dG @ W.abs() + fp32_rounding(V, G.abs() @ W.abs())  # (B, T, D)
+    d_W = dG.flatten(0, 1).T @ h_s.abs().flatten(0, 1) \
+        + fp32_rounding(N, G.abs().flatten(0, 1).T @ h_s.abs().flatten(0, 1))  # (V, D)
+    d_div = first_order_bound(div, (z_s, z_t), (dz_s, dz_t)) + sum_v  # (B, T)
+    return d_loss, d_h, d_W, d_div
+
+
+def entropy_rounding(z, dz):
+    """(...) |δH| ≤ Σ_v |∂H/∂z_v|·δz_v, with ∂H/∂z_v = −p_v (log p_v + H) (token_entropy keeps no graph), plus the
+    rounding of its sum over V, whose terms −p_v log p_v add up to H ≤ log V."""
+    lp = torch.log_softmax(z.double(), -1)  # (..., V)
+    p = lp.exp()
+    H = -torch.where(p > 0, p * lp, 0.0).sum(-1, keepdim=True)  # (..., 1)
+    return torch.where(p > 0, p * (lp + H).abs() * dz, 0.0).sum(-1) + fp32_rounding(z.shape[-1], H[..., 0])
+
+
+def within(a, b, bound):
+    return ((a.double() - b.double()).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 10, 1000])
 def test_chunked_equals_plain_values_and_gradients(kind, chunk_size):
@@ -194,17 +289,26 @@ def test_chunked_equals_plain_values_and_gradients(kind, chunk_size):
     g_h, g_W = torch.autograd.grad(plain, (h_s, W))
     chunked, cm = chunked_self_distillation_loss(h_s, h_t, W, y, mask, kind, chunk_size=chunk_size)
     c_h, c_W = torch.autograd.grad(chunked, (h_s, W))
-    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(c_h, g_h, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(c_W, g_W, atol=1e-5, rtol=1e-5)
-    for key in ("divergence", "adv_mean", "adv_neg_frac", "entropy_student", "entropy_teacher"):
-        assert getattr(cm, key).item() == pytest.approx(getattr(pm, key).item(), abs=1e-5)
+    d_loss, d_h, d_W, d_div = chunk_rounding(h_s, h_t, W, y, mask, kind)
+    assert within(chunked, plain, d_loss) and within(c_h, g_h, d_h) and within(c_W, g_W, d_W)
+    valid, n = mask.bool(), mask.sum().item()
+    z_s, z_t = (h_s @ W.T).detach().double(), (h_t @ W.T).double()  # (B, T, V)
+    dz = fp32_rounding(W.shape[1], h_s.detach().abs() @ W.detach().abs().T) + log_softmax_rounding(z_s)
+    dz_t = fp32_rounding(W.shape[1], h_t.abs() @ W.detach().abs().T) + log_softmax_rounding(z_t)
+    dA = (dz + dz_t).amax(-1)  # (B, T)  A_t = log π_T(y_t) − log π_θ(y_t): one log-prob of each
+    entropy = lambda z: token_entropy(z)[valid].double().mean()  # noqa: E731
+    V = z_s.shape[-1]  # (each entropy sums V terms of total magnitude H ≤ log V, then a mean over n)
+    bounds = {"divergence": d_div[valid].mean() + fp32_rounding(n, d_div[valid].abs().mean()),
+              "adv_mean": dA[valid].mean() + fp32_rounding(n, cm.token_advantage.abs()[valid].mean()),
+              "entropy_student": entropy_rounding(z_s, dz)[valid].mean() + fp32_rounding(V + n, math.log(V)),
+              "entropy_teacher": entropy_rounding(z_t, dz_t)[valid].mean() + fp32_rounding(V + n, math.log(V))}
+    for key, bound in bounds.items():
+        assert abs(getattr(cm, key).item() - getattr(pm, key).item()) <= bound, key
+    assert cm.adv_neg_frac == pm.adv_neg_frac  # (no A_t lies within its rounding of 0 here)
     A = token_advantage(token_logprobs(h_s @ W.T, y), token_logprobs(h_t @ W.T, y)) * mask
-    torch.testing.assert_close(cm.token_advantage, A, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pm.token_advantage, A, atol=1e-5, rtol=1e-5)
+    assert within(cm.token_advantage, A, dA) and within(pm.token_advantage, A, dA)
     div = token_divergence(h_s @ W.T, h_t @ W.T, kind).detach() * mask  # (B, T)
-    torch.testing.assert_close(cm.token_divergence, div, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pm.token_divergence, div, atol=1e-5, rtol=1e-5)
+    assert within(cm.token_divergence, div, d_div) and within(pm.token_divergence, div, d_div)
 
 
 @pytest.mark.parametrize("kind,clip", [("sampled", 0.0), ("forward", 0.05), ("reverse", 0.3), ("jsd", 0.02)])
@@ -215,12 +319,11 @@ def test_chunked_equals_plain_for_the_ablation_terms(kind, clip, chunk_size):
     g_h, g_W = torch.autograd.grad(plain, (h_s, W))
     chunked, cm = chunked_self_distillation_loss(h_s, h_t, W, y, mask, kind, chunk_size=chunk_size, clip=clip)
     c_h, c_W = torch.autograd.grad(chunked, (h_s, W))
-    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(c_h, g_h, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(c_W, g_W, atol=1e-5, rtol=1e-5)
+    d_loss, d_h, d_W, d_div = chunk_rounding(h_s, h_t, W, y, mask, kind, clip)
+    assert within(chunked, plain, d_loss) and within(c_h, g_h, d_h) and within(c_W, g_W, d_W)
     # the logged divergence is the unclipped one (sampled: the exact reverse KL the sampled form estimates)
     div = token_divergence(h_s @ W.T, h_t @ W.T, "reverse" if kind == "sampled" else kind).detach() * mask
-    torch.testing.assert_close(cm.token_divergence, div, atol=1e-5, rtol=1e-5)
+    assert within(cm.token_divergence, div, d_div)
 
 
 def test_sampled_form_is_an_unbiased_estimator_of_the_reverse_kl_gradient():
@@ -259,9 +362,15 @@ def test_chunked_bf16_inputs_compute_in_fp32():
     h_s, h_t, W = h_s.detach().bfloat16(), h_t.bfloat16(), W.detach().bfloat16()
     loss, _ = chunked_self_distillation_loss(h_s, h_t, W, y, mask, chunk_size=4)
     assert loss.dtype == torch.float32
-    # the same bf16 logits through the plain path (which also computes in fp32): equal up to bf16 matmul rounding
+    # the same bf16 matmuls through the plain path (which also computes in fp32): each path rounds each logit to
+    # bf16 (unit roundoff 2⁻⁸) of at most Σ_d |h_d·W_vd|, carried to the loss to first order, plus the fp32 rest
     plain, _ = self_distillation_loss(h_s @ W.T, h_t @ W.T, y, mask)
-    torch.testing.assert_close(loss, plain, rtol=2e-2, atol=1e-3)
+    z_s, z_t = h_s.double() @ W.double().T, h_t.double() @ W.double().T  # (B, T, V)
+    dz_s, dz_t = (2 * 2.0 ** -8 * h.double().abs() @ W.double().abs().T for h in (h_s, h_t))  # (B, T, V)
+    n = mask.sum().item()
+    ref = lambda a, b: (reference_terms(a, b, y, "forward")[0] * mask).sum() / n  # noqa: E731
+    bound = first_order_bound(ref, (z_s, z_t), (dz_s, dz_t)) + chunk_rounding(h_s, h_t, W, y, mask, "forward")[0]
+    assert within(loss, plain, bound)
 
 
 def test_chunked_frees_logits_between_chunks():
@@ -287,21 +396,22 @@ def test_entropy_matches_brute_force_and_ignores_masked_vocabulary():
     logits = torch.randn(2, 3, 5, generator=g) * 2
     logits[0, 1, 2] = float("-inf")  # a masked vocabulary entry: probability 0, contributes 0
     H = token_entropy(logits)  # (2, 3)
+    bound = entropy_rounding(logits, log_softmax_rounding(logits.masked_fill(logits.isinf(), 0.0)))  # (2, 3)
     for b in range(2):
         for t in range(3):
             p = torch.softmax(logits[b, t].double(), -1).tolist()
-            assert H[b, t].item() == pytest.approx(-sum(q * math.log(q) for q in p if q > 0), abs=1e-6)
+            assert abs(H[b, t].item() + sum(q * math.log(q) for q in p if q > 0)) <= bound[b, t]
     assert token_entropy(torch.zeros(4)).item() == pytest.approx(math.log(4))  # uniform: log V
-    assert token_entropy(torch.tensor([0.0, -1e4, -1e4])).item() == pytest.approx(0.0, abs=1e-6)  # one-hot
+    assert token_entropy(torch.tensor([0.0, -1e4, -1e4])).item() == 0.0  # one-hot: exp(−1e4) underflows to 0
 
 
 def test_entropy_metrics_are_means_over_valid_tokens_only():
     h_s, h_t, W, y, mask = sd_inputs()
     _, m = self_distillation_loss(h_s @ W.T, h_t @ W.T, y, mask)
     H_s, H_t = token_entropy(h_s @ W.T), token_entropy(h_t @ W.T)  # (B, T)
-    valid = mask.bool()
-    assert m.entropy_student.item() == pytest.approx(H_s[valid].mean().item(), abs=1e-6)
-    assert m.entropy_teacher.item() == pytest.approx(H_t[valid].mean().item(), abs=1e-6)
+    valid, n = mask.bool(), int(mask.sum())  # the same fp32 entropies, averaged in another order
+    assert abs(m.entropy_student.item() - H_s[valid].mean().item()) <= fp32_rounding(n, H_s[valid].mean().item())
+    assert abs(m.entropy_teacher.item() - H_t[valid].mean().item()) <= fp32_rounding(n, H_t[valid].mean().item())
     assert m.entropy_student.item() != pytest.approx(H_s.mean().item(), abs=1e-4)  # (the masked positions differ)
 
 

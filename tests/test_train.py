@@ -26,7 +26,7 @@ import rollout
 import runtime
 import sd_loss
 import train
-from conftest import fp32_rounding, tiny_llama, tiny_llama_chain
+from conftest import fp32_rounding, logit_rounding, tiny_llama, tiny_llama_chain
 from test_critic import chat_answer, serve  # noqa: F401 (serve is a fixture: a chat-completions server on loopback)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -415,8 +415,8 @@ def test_a_diverging_run_is_refused_step_by_step_then_stops_with_the_last_good_w
                              "--nonfinite-max", "2", "--eval-every", "100"))
     err = capsys.readouterr().err
     assert stop.value.code == train.EXIT_DIVERGED, err
-    assert "stopped at step 2: its last 2 steps had a loss, gradient or update that is not finite" in err
-    assert "--lr" in err
+    assert "stopped at step 2: its last 2 steps were refused" in err and "skipped_nonfinite 2: a loss" in err
+    assert "--lr (1e+30)" in err
     log = strict_jsonl(out / "log.jsonl")
     assert [r["skipped_nonfinite"] for r in log] == [1, 2]
     assert all(math.isfinite(r["grad_norm"]) for r in log)  # (the gradients were fine; the updates were not)
@@ -425,6 +425,69 @@ def test_a_diverging_run_is_refused_step_by_step_then_stops_with_the_last_good_w
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert all(v.abs().max() == 0 for k, v in weights.items() if "lora_B" in k)  # the initial B: nothing applied
     strict_jsonl(out / "eval.jsonl")
+
+
+def test_a_finite_divergence_is_refused_and_the_checkpoint_keeps_the_last_good_step(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """--lr 1e6 stays finite (every LoRA weight moves by ~lr; the issue's run exited 0 with |w| ≈ 2.2e6): the update
+    grows the residual stream ~1e20× (past 1/u = 2²⁴ of fp32, runtime.refused_update), is undone and counted as
+    skipped_diverged; the run stops with exit 5 naming --lr. Then a run whose lr explodes after one good step: its
+    last checkpoint holds that step's weights, bit for bit."""
+    out = tmp_path / "huge"
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny_model_dir, out, "--feedback", "refsol", "--lr", "1e6", "--max-steps", "6",
+                             "--nonfinite-max", "2", "--eval-every", "100"))
+    err = capsys.readouterr().err
+    assert stop.value.code == train.EXIT_DIVERGED, err
+    assert "stopped at step 2: its last 2 steps were refused" in err and "skipped_diverged 2: an update" in err
+    assert "Fix: a lower --lr (1000000.0)" in err
+    log = strict_jsonl(out / "log.jsonl")
+    assert [(r["skipped_diverged"], r["skipped_nonfinite"]) for r in log] == [(1, 0), (2, 0)]
+    assert all(v.abs().max() == 0 for k, v in adapter(out, 2).items() if "lora_B" in k)  # the initial B
+
+    real_policy = train.start_policy
+
+    def lr_explodes_after_one_step(cfg, d):
+        model, tokenizer, params, optimizer = real_policy(cfg, d)
+        step = optimizer.step
+
+        def stepped(*a, **k):
+            out = step(*a, **k)
+            for group in optimizer.param_groups:  # (a restored state keeps it: load_state_dict restores lr)
+                group["lr"] = 1e6
+            return out
+        optimizer.step = stepped
+        return model, tokenizer, params, optimizer
+
+    monkeypatch.setattr(train, "start_policy", lr_explodes_after_one_step)
+    out = tmp_path / "explodes"
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny_model_dir, out, "--feedback", "refsol", "--max-steps", "6", "--nonfinite-max", "2",
+                             "--eval-every", "1"))
+    assert stop.value.code == train.EXIT_DIVERGED
+    assert [r["skipped_diverged"] for r in strict_jsonl(out / "log.jsonl")] == [0, 1, 2]
+    good, last = adapter(out, 1), adapter(out, 3)
+    assert any(v.abs().max() > 0 for k, v in good.items() if "lora_B" in k)  # step 1 moved the weights
+    assert all(torch.equal(good[k], last[k]) for k in good)
+
+
+def test_the_divergence_probe_keeps_k_positions_and_refuses_a_policy_moved_past_log_v():
+    """runtime.probe_policy keeps the last K = PROBE_POSITIONS positions' log-probs (K, V), not (L, V), those of one
+    full forward there within its rounding (the LM head's product on K rows may block otherwise: 2δz, conftest.
+    logit_rounding, plus the log-softmax's); refused_update's criterion (b) alone: with the residual stream unchanged, a
+    `before` whose policy is one-hot where the policy now puts its least mass (π ≤ 1/V there, KL = −log π > log V)
+    is refused as diverged, and the policy itself is not."""
+    from conftest import log_softmax_rounding, logit_rounding, tiny_llama
+    model, d, K = lora.add_lora(tiny_llama(64), r=4, alpha=8), runtime.Dist(), runtime.PROBE_POSITIONS
+    probe = torch.randint(3, 64, (1, K + 20), generator=torch.Generator().manual_seed(0))  # (1, L), L > K
+    logp, residual = runtime.probe_policy(model, probe, d)  # (K, V)
+    assert logp.shape == (K, 64)
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=probe).logits[0, -K:].float(), -1)  # (K, V)
+    assert ((logp - full).abs() <= 2 * logit_rounding(model, K + 20) + log_softmax_rounding(full)).all()
+    assert runtime.refused_update(model, probe, (logp, residual), d)[0] is None
+    one_hot = torch.full_like(logp, -1e4).scatter(-1, logp.argmin(-1, keepdim=True), 0.0)  # (K, V)
+    assert runtime.refused_update(model, probe, (one_hot, residual), d)[0] == "skipped_diverged"
 
 
 def test_verdict_feedback_and_pbsd_objective_run(tiny_model_dir, tmp_path, capsys):
@@ -714,17 +777,6 @@ def test_scoring_with_the_adapter_off_is_the_base_model(models):
         with torch.no_grad():
             assert abs(direct_seq_logp(base, x[b], y_T[b]) - expected_policy) > 1e-2  # LoRA changes the policy
     assert not any(m.disabled for m in lora.lora_layers(model).values())  # the adapter is back on
-
-
-def logit_rounding(model, length: int) -> float:
-    """δz: how far one logit of conftest.tiny_llama (with LoRA) may differ between two fp32 evaluations that block or
-    pad differently, on sequences of at most `length` tokens: fp32_rounding over the matrix-product chain (LoRA adds
-    r + 1 roundings to each of its 7 projections per layer), with the scale M ≥ Σ_i |h_i·W_vi| = √D·max|γ|·max_v ‖W_v‖
-    (h the final RMSNorm's output, γ its weight, W the LM head)."""
-    W, gamma = model.get_output_embeddings().weight.detach(), model.model.norm.weight.detach()  # (V, D), (D,)
-    r = max((m.lora_A.weight.shape[0] for m in lora.lora_layers(model).values()), default=0)
-    n = tiny_llama_chain(0, length) + 2 * 7 * (r + 1)
-    return fp32_rounding(n, math.sqrt(W.shape[1]) * gamma.abs().max().item() * W.norm(dim=1).max().item())
 
 
 @pytest.mark.parametrize("kind", ["forward", "sampled"])
