@@ -515,6 +515,16 @@ def probe_policy(model, probe: torch.Tensor, d: Dist) -> tuple[torch.Tensor, flo
     return torch.log_softmax(logits.float(), -1), torch.stack(largest).max().item()  # (K, V)
 
 
+def delta_finite(m: lora.LoRALinear) -> bool:
+    """Whether A, B and ΔW = (α/r)·B A in fp32 are finite, without forming ΔW when a bound proves it: every entry of
+    ΔW, and every partial sum of its r terms, is at most (α/r)·r·max|B|·max|A| in magnitude (computed in float64)."""
+    A, B = m.lora_A.weight, m.lora_B.weight
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        return False
+    bound = m.scaling * m.r * B.abs().max().double().item() * A.abs().max().double().item()
+    return bound < torch.finfo(torch.float32).max or bool(torch.isfinite(m.delta_weight()).all())
+
+
 def refused_update(model, probe: torch.Tensor, before: tuple[torch.Tensor, float], d: Dist
                    ) -> tuple[str | None, tuple[torch.Tensor, float] | None]:
     """Why the update just taken must be undone, agreed over ranks, or None; and probe_policy after it (None when a
@@ -531,8 +541,7 @@ def refused_update(model, probe: torch.Tensor, before: tuple[torch.Tensor, float
         still shows in (a), which reads every position.
     A learning step comes nowhere near either: the tests' tiny model grows it ≤ 10× per step at lr 1e-1, 4·10⁴× at lr 1,
     ~1e8× at lr 1e2 and ~1e20× at 1e6; its policy moves ≤ 0.03 nats per token."""
-    ok = all(torch.isfinite(m.lora_A.weight).all() and torch.isfinite(m.lora_B.weight).all()
-             and torch.isfinite(m.delta_weight()).all() for m in lora.lora_layers(model).values())
+    ok = all(delta_finite(m) for m in lora.lora_layers(model).values())
     far, after = False, None
     if ok:
         (logp_old, residual_old), after = before, probe_policy(model, probe, d)  # (K, V)

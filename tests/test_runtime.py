@@ -228,3 +228,21 @@ def test_a_failed_save_names_the_disk_and_keeps_the_previous_checkpoint(tiny_mod
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]
     after = adapter(out, 2)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_delta_finite_proves_a_finite_delta_by_its_bound_and_forms_it_only_when_the_bound_fails():
+    """ΔW = (α/r)·B A in fp32: finite when (α/r)·r·max|B|·max|A| is below fp32's max; past that, ΔW itself decides."""
+    m = lora.LoRALinear(torch.nn.Linear(6, 5), r=2, alpha=4.0, dropout=0.0, dtype=None)
+    with torch.no_grad():
+        m.lora_B.weight.fill_(0.5)
+    assert runtime.delta_finite(m) and torch.isfinite(m.delta_weight()).all()
+    with torch.no_grad():  # rank 0 of B meets rank 1 of A: max|B|·max|A| = 1e40, yet B A = 0
+        m.lora_A.weight.zero_(), m.lora_B.weight.zero_()
+        m.lora_B.weight[:, 0], m.lora_A.weight[1, :] = 1e20, 1e20
+    assert runtime.delta_finite(m) and torch.equal(m.delta_weight(), torch.zeros(5, 6))
+    with torch.no_grad():  # now they meet: 2·1e40 overflows fp32
+        m.lora_A.weight[0, :] = 1e20
+    assert not runtime.delta_finite(m) and not torch.isfinite(m.delta_weight()).all()
+    with torch.no_grad():
+        m.lora_A.weight[0, 0] = float("nan")
+    assert not runtime.delta_finite(m)
