@@ -379,12 +379,12 @@ def total_steps(cfg: Config, n_train: int) -> int:
 
 
 # options that a resumed run may change: where the critic is and how it is waited for, when to stop and to
-# checkpoint, what is displayed, and memory knobs that leave the step's math as it is (up to float rounding)
+# checkpoint, what is displayed, memory knobs that leave the step's math as it is (up to float rounding), and the
+# step-0 evaluation's file (a resumed run is past step 0)
 RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps", "epochs", "eval_every", "critic_url",
                      "critic_api_key_env", "critic_timeout", "critic_concurrency", "critic_retries",
                      "critic_fail_window", "critic_fail_max", "nonfinite_max", "vllm_gpu_memory", "vllm_kv_cache_gib",
-                     "micro_batch", "loss_chunk", "grad_checkpointing", "teacher_samples",
-                     "base_eval"}
+                     "micro_batch", "loss_chunk", "grad_checkpointing", "teacher_samples", "base_eval"}
 
 
 def same_option(name: str, saved, now) -> bool:
