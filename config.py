@@ -136,6 +136,9 @@ class Config:
     eval_problems: int = opt(0, "evaluate on the first N held-out problems (0 = all)")
     seed: int = opt(0, "run seed: data order and every sampling seed derive from it")
     out_dir: str = opt("runs/{preset}/{feedback}", "output directory ({preset}/{feedback} are filled in)")
+    base_eval: str = opt("", "a JSON file of the step-0 evaluation (the base policy): read when it exists (then not "
+                         "evaluated again), else written; share it only between runs of one model, seed, held-out set "
+                         "and evaluation options (study.py: one per seed)")
     resume: bool = opt(False, "continue from the latest checkpoint in out_dir")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
     progress: bool = opt(True, "progress bars on rank 0")
@@ -286,6 +289,13 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
             need(False, "out_dir", f"{above} is not writable, so the directory cannot be made there")
     except (KeyError, IndexError, ValueError) as e:
         need(False, "out_dir", f"may hold only {{preset}} and {{feedback}} ({type(e).__name__}: {e})")
+    if cfg.base_eval and Path(cfg.base_eval).exists():  # the step-0 evaluation an earlier run wrote
+        try:
+            saved = json.loads(Path(cfg.base_eval).read_text())
+        except (OSError, ValueError):
+            saved = None
+        need(isinstance(saved, dict) and saved.get("step") == 0 and saved.get("k") == cfg.eval_samples, "base_eval",
+             f"must be a step-0 evaluation written by a run (JSON, step 0, k = --eval-samples {cfg.eval_samples})")
     if cfg.objective == "pbsd" and cfg.feedback in ("grpo", "all"):
         bad.append(f"--objective pbsd with --feedback {cfg.feedback}: pbsd needs a teacher context: "
                    "--feedback stepalign, refsol or verdict")
@@ -370,11 +380,12 @@ def total_steps(cfg: Config, n_train: int) -> int:
 
 
 # options that a resumed run may change: where the critic is and how it is waited for, when to stop and to
-# checkpoint, what is displayed, and memory knobs that leave the step's math as it is (up to float rounding)
+# checkpoint, what is displayed, memory knobs that leave the step's math as it is (up to float rounding), and the
+# step-0 evaluation's file (a resumed run is past step 0)
 RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps", "epochs", "eval_every", "critic_url",
                      "critic_api_key_env", "critic_timeout", "critic_concurrency", "critic_retries",
                      "critic_fail_window", "critic_fail_max", "nonfinite_max", "vllm_gpu_memory", "vllm_kv_cache_gib",
-                     "micro_batch", "loss_chunk", "grad_checkpointing", "teacher_samples"}
+                     "micro_batch", "loss_chunk", "grad_checkpointing", "teacher_samples", "base_eval"}
 
 
 def same_option(name: str, saved, now) -> bool:

@@ -20,6 +20,7 @@ Departures from the paper (which does not specify these details):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -135,6 +136,25 @@ def evaluate_policy(cfg, engine, tokenizer, checker, test, step, d: Dist) -> dic
     samples = [s for part in gathered for s in part]
     return {"step": step, "feedback": run_name(cfg),
             **evaluate_samples(samples, k=cfg.eval_samples, checker=checker)}
+
+
+def load_base_eval(cfg, d: Dist) -> dict:
+    """The step-0 evaluation an earlier run wrote to --base-eval, as {"result": ...} (None on ranks other than 0, as
+    evaluate_policy returns it there), or {} when there is none: then the first run evaluates the base policy."""
+    if not cfg.base_eval or not Path(cfg.base_eval).is_file():
+        return {}
+    return {"result": json.loads(Path(cfg.base_eval).read_text()) if d.master else None}
+
+
+def save_base_eval(cfg, result: dict | None) -> None:
+    """Writes the step-0 evaluation to --base-eval (rank 0; none without the option), atomically: a run stopped
+    mid-write leaves no partial file."""
+    if cfg.base_eval and result is not None:
+        path = Path(cfg.base_eval)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result) + "\n")
+        tmp.replace(path)
 
 
 def log_eval(cfg, log, result: dict | None) -> None:

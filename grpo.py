@@ -1,33 +1,23 @@
-"""GRPO, the baseline: group-normalized advantages and the clipped surrogate.
+"""GRPO, the baseline: group-normalized advantages and the clipped surrogate (DeepSeekMath, Shao et al. 2024).
 
-For each problem, G rollouts y_1..y_G are sampled and rewarded with r_i ∈ {0, 1} (final answer correct).
-Every token of rollout i gets the same advantage
+The G rollouts y_1..y_G of a problem get rewards r_i ∈ {0, 1} (final answer correct); every token of rollout i
+gets the advantage A_i, and the policy minimizes the clipped surrogate ℓ_t per token, optionally plus
+kl_coef·k3_t, an estimate of KL(π_θ ‖ π_ref) (off by default, as in the paper's setup):
 
-    A_i = (r_i − mean(r_1..G)) / (std(r_1..G) + eps)
+    Eq. G1:  A_i = (r_i − mean(r_1..G)) / (std(r_1..G) + eps)
+    Eq. G2:  ρ_t = π_θ(y_t | x, y<t) / π_old(y_t | x, y<t),   ℓ_t = −min(ρ_t·A, clip(ρ_t, 1 − ε, 1 + ε_high)·A)
+    Eq. G3:  k3_t = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1 ≥ 0
 
-and the policy minimizes the PPO-style clipped surrogate, per token,
+Losses are a SUM divided by `normalizer`, the valid tokens (aggregation "token") or sequences ("sequence") of
+the whole optimizer step, all micro-batches and ranks, so that accumulation and DDP equal one big batch (None:
+this call's own count).
 
-    ρ_t = π_θ(y_t | x, y<t) / π_old(y_t | x, y<t)
-    ℓ_t = −min(ρ_t · A, clip(ρ_t, 1 − ε, 1 + ε_high) · A)
-
-optionally plus kl_coef · k3_t (off by default, as in the paper's setup), k3 estimating KL(π_θ ‖ π_ref) per token:
-
-    k3_t = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1 ≥ 0
-
-Conventions:
-- Log-probs, advantages (per sequence (B,) or per token (B, T)) and mask are indexed by rollout position.
-- Losses are a SUM divided by `normalizer`: for aggregation "token" the number of valid tokens in the whole
-  optimizer step, for "sequence" the number of sequences in it (all micro-batches, all ranks). Left as None,
-  it is this call's own count. Passing the global count makes accumulation and DDP equal one big batch.
-
-Departures from the published GRPO (DeepSeekMath, Shao et al. 2024):
-1. std is the population std (divide by G), not Bessel's (divide by G − 1): the group is the whole set being
-   normalized, not a sample, and then every non-constant group has mean(A²) = 1 up to eps. Bessel's version
-   only rescales A by sqrt((G − 1)/G) (0.935 at G = 8), i.e. it is a learning-rate change.
+Departures from the published GRPO:
+1. std is the population std (divide by G): every non-constant group then has mean(A²) = 1 up to eps.
+   Bessel's version only rescales A by sqrt((G − 1)/G) (0.935 at G = 8): a learning-rate change.
 2. A group whose rewards are all equal gets A = 0 exactly (no signal), never NaN, whatever eps is.
-3. The default aggregation is "token" (sum over all valid tokens of the batch / their count, as in DAPO);
-   GRPO's original per-sequence mean is aggregation="sequence".
-4. ε_high (the DAPO "clip-higher" bound) defaults to ε, which is the symmetric PPO clip.
+3. The default aggregation is "token" (as in DAPO); GRPO's per-sequence mean is aggregation="sequence".
+4. ε_high (DAPO's "clip-higher" bound) defaults to ε: the symmetric PPO clip.
 """
 from __future__ import annotations
 
@@ -45,14 +35,14 @@ class GRPOStats(NamedTuple):
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
-    """A_i within each group of `group_size` consecutive rollouts: (N·G,) -> (N·G,)."""
+    """Eq. G1: A_i within each group of `group_size` consecutive rollouts: (N·G,) -> (N·G,)."""
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards must be 1-D with a length divisible by group_size={group_size}, "
                          f"got shape {tuple(rewards.shape)}")
     r = rewards.float().view(-1, group_size)  # (N, G)
     mean = r.mean(dim=1, keepdim=True)  # (N, 1)
     std = r.std(dim=1, unbiased=False, keepdim=True)  # (N, 1)  population std (see departure 1)
-    # A_i; 0 where the group has no variance (departure 2)
+    # Eq. G1; 0 where the group has no variance (departure 2)
     A = torch.where(std > 0, (r - mean) / (std + eps), torch.zeros_like(r))  # (N, G)
     return A.view(-1)  # (N·G,)
 
@@ -74,7 +64,7 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
               clip_eps: float = 0.2, clip_eps_high: float | None = None, aggregation: str = "token", *,
               ref_logprobs: Tensor | None = None, kl_coef: float = 0.0,
               normalizer: float | None = None) -> tuple[Tensor, GRPOStats]:
-    """ℓ_t (+ kl_coef · k3_t) aggregated over the mask by `aggregation` (departure 3).
+    """Eq. G2 ℓ_t (+ kl_coef · Eq. G3 k3_t) aggregated over the mask by `aggregation` (departure 3).
     logprobs, old_logprobs, ref_logprobs, mask: (B, T); advantages: (B,) or (B, T)."""
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     mask = mask.float()
@@ -82,14 +72,13 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
     if A.dim() == 1:
         A = A.unsqueeze(-1)  # (B, 1)  the sequence's advantage on each of its tokens
     logprobs = logprobs.float()
-    # ρ_t, in log space
+    # Eq. G2, ρ_t in log space
     ratio = torch.exp(logprobs - old_logprobs.float().detach())  # (B, T)
-    # ℓ_t
     unclipped = ratio * A  # (B, T)
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high) * A  # (B, T)
     per_token = -torch.min(unclipped, clipped)  # (B, T)
     if ref_logprobs is not None and kl_coef != 0.0:
-        # k3_t
+        # Eq. G3
         log_r = ref_logprobs.float().detach() - logprobs  # (B, T)
         per_token = per_token + kl_coef * (torch.exp(log_r) - log_r - 1.0)
     if aggregation == "token":
@@ -100,8 +89,7 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
         raise ValueError(f"unknown aggregation {aggregation!r}; expected 'token' or 'sequence'")
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        # the clipped branch is the active (gradient-free) one
-        clipped_active = (clipped < unclipped).float()  # (B, T)
+        clipped_active = (clipped < unclipped).float()  # (B, T)  the clipped branch (no gradient) is active
         A_tok = A.expand_as(mask)  # (B, T)
         stats = GRPOStats(clip_frac=(clipped_active * mask).sum() / n, ratio_mean=(ratio * mask).sum() / n,
                           adv_mean=(A_tok * mask).sum() / n)

@@ -1,59 +1,33 @@
 """Preference-based self-distillation (PBSD): a DPO-style loss on (teacher sample, student sample) pairs.
 
-The objective is reward-regularized self-distillation,
+The optimum of reward-regularized self-distillation, max_π E_{y~π(·|x)}[r] − β·KL(π(·|x) ‖ π_base(·|x, c)), is
+π* ∝ π_base(·|x, c)·exp(r/β); inverted as in DPO, the policy defines the implicit reward of Eq. P1, trained on
+pairs with the Bradley–Terry loss of Eq. P2 (y_w: the sample with the higher verifier reward):
 
-    max_π  E_{y~π(·|x)}[r(x, y)] − β·KL( π(·|x) ‖ π_base(·|x, c) ),
+    Eq. P1:  r_θ(y) = β·[log π_θ(y|x) − log π_base(y|x, c)]      (sequence log-probs: sums over y's tokens)
+    Eq. P2:  L = −log σ(r_θ(y_w) − r_θ(y_l))                     (per pair)
 
-whose optimum is the reward-reweighted self-teacher π*(y|x) ∝ π_base(y|x, c)·exp(r(x, y)/β). Inverting it,
-r = β·log(π*/π_base) + const, so (as in DPO) the policy itself defines an implicit reward
-
-    r_θ(y) = β·[ log π_θ(y|x) − log π_base(y|x, c) ]          (sequence log-probs: sums over y's tokens)
-
-and is trained on preference pairs with the Bradley–Terry loss
-
-    L = −log σ( r_θ(y_w) − r_θ(y_l) )                             (per pair)
-
-where each pair is one TEACHER sample y_T ~ π_base(·|x, c) (the self-teacher: adapter disabled, prompt x + c)
-and one on-policy STUDENT sample y_S ~ π_θ(·|x), and the winner y_w is the one with the higher verifier reward.
-
-Who scores what (the four sequence log-probs of a pair):
-    log π_θ(y_S | x)        policy, STUDENT prompt x, with gradient
-    log π_θ(y_T | x)        policy, STUDENT prompt x (no c!), with gradient: the teacher's sample is scored as if
-                            the student had written it
-    log π_base(y_S | x, c)  base (adapter disabled), TEACHER prompt x + c, no gradient
-    log π_base(y_T | x, c)  base (adapter disabled), TEACHER prompt x + c, no gradient
-
-Conventions (as in sd_loss.py and grpo.py):
-- Token log-probs and masks are (B, T) indexed by response position t; row b is pair b. The student and teacher
-  samples of a pair have their own (B, T_S) and (B, T_T) tensors.
-- The loss is a SUM over the decisive (non-tie) pairs divided by `normalizer`, the number of decisive pairs in
-  the whole optimizer step (all micro-batches, all ranks; count it with `decisive_pairs`). Left as None it is
-  this call's own count. Passing the global count makes accumulation and DDP take the same step as one batch.
-- Math is in fp32.
+A pair is one TEACHER sample y_T ~ π_base(·|x, c) (adapter disabled, prompt x + c) and one STUDENT sample
+y_S ~ π_θ(·|x). π_θ scores both after the student prompt x (with gradient: y_T as if the student had written it),
+π_base both after x + c (no gradient); train.pbsd_micro_batch computes the four. The loss is a SUM over the
+decisive (non-tie) pairs divided by `normalizer`, their number in the whole optimizer step (all micro-batches and
+ranks, `decisive_pairs`; None: this call's own), so that accumulation and DDP take the same step as one batch.
 
 Departures and choices (the published description leaves these open; each is tested):
-1. Ties are dropped. When both samples are right or both are wrong the verifier expresses no preference, so the
-   pair is masked out of the loss (no gradient) and counted in `tie_frac`; the normalizer counts decisive pairs
-   only. Any other rule (e.g. "prefer the teacher on ties") would inject a preference the verifier did not
-   give. Like GRPO's all-equal groups, a problem with a tie contributes no signal in that step.
-2. β = 0.1 by default, DPO's usual value. Sequence log-ratios of long answers are tens of nats, so with β = 0.1
-   the margin is O(1–10): the sigmoid is neither flat nor saturated for most pairs.
-3. One pair per (student sample, teacher sample) at the same index: with the paper's G = 1, one teacher sample
-   and one student sample per problem. With G samples of each, sample i is paired with sample i (G pairs, each
-   sample used once), not all G² combinations.
-4. Length normalization: `length_norm="sum"` (default) uses sequence log-probs, the quantity in the derivation
-   (π* ∝ π_base·exp(r/β) holds for sums only). `"mean"` divides each sequence's log-prob by its length (as in
-   SimPO): it removes the bias towards short answers but optimizes a different, length-normalized objective.
-5. Rewards are the verifier's (final answer correct, 0/1); any real-valued reward works, the winner being the
-   strictly higher one.
-6. The loss is the plain sigmoid DPO loss: no label smoothing, no reference-free variant, no SFT term.
-7. Scoring convention ("Who scores what"), as the objective's π(·|x) and π_base(·|x, c) require. So r_θ is
-   not 0 at initialization: it is β·[log π_base(y|x) − log π_base(y|x, c)], which favours the teacher's own sample
-   (likelier under x + c), and the first loss is not log 2. The training loop renders the teacher prompt with
-   the student's thinking mode for PBSD (train.py, departure 7), so that y_T is in the student's format.
+1. Ties (both samples right, or both wrong) are masked out (no gradient) and counted in `tie_frac`, not in the
+   normalizer: the verifier gives no preference, and a rule such as "prefer the teacher" would invent one.
+2. β = 0.1, DPO's usual value: sequence log-ratios are tens of nats, so margins are O(1–10) and the sigmoid is
+   neither flat nor saturated for most pairs.
+3. Student sample i is paired with teacher sample i (G = 1 in the paper: one pair per problem), not all G² pairs.
+4. length_norm "sum" (default) is the derivation's (π* holds for sums only); "mean" divides each sequence's
+   log-prob by its length (as in SimPO): no bias towards short answers, but another objective.
+5. Any real-valued reward works (the verifier's is 0/1); the winner is the strictly higher one.
+6. The plain sigmoid DPO loss: no label smoothing, no reference-free variant, no SFT term.
+7. As π_base scores after x + c, r_θ is not 0 at initialization: β·[log π_base(y|x) − log π_base(y|x, c)]
+   favours the teacher's own sample, and the first loss is not log 2. train.py renders the teacher prompt with
+   the student's thinking mode (its departure 7), so that y_T is in the student's format.
 
-The four log-probs come from train.py's `pbsd_micro_batch`. This file imports nothing from the project: it can be
-copied alone.
+This file imports nothing from the project: it can be copied alone.
 """
 from __future__ import annotations
 
@@ -96,10 +70,10 @@ def sequence_logprob(token_logprobs: Tensor, mask: Tensor, length_norm: str = "s
 
 
 def implicit_reward(policy_seq_logp: Tensor, base_seq_logp: Tensor, beta: float) -> Tensor:
-    """r_θ, the base side detached: (B,), (B,) -> (B,)."""
+    """Eq. P1, the base side detached: (B,), (B,) -> (B,)."""
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
-    # r_θ
+    # Eq. P1
     return beta * (policy_seq_logp.float() - base_seq_logp.float().detach())  # (B,)
 
 
@@ -123,8 +97,8 @@ def pbsd_loss(policy_logp_S: Tensor, base_logp_S: Tensor, mask_S: Tensor,
               policy_logp_T: Tensor, base_logp_T: Tensor, mask_T: Tensor,
               student_rewards: Tensor, teacher_rewards: Tensor, beta: float = 0.1, length_norm: str = "sum",
               normalizer: float | None = None) -> tuple[Tensor, PBSDStats]:
-    """L summed over the decisive pairs / normalizer. Per-token log-probs and masks: (B, T_S) for the student
-    sample, (B, T_T) for the teacher sample, scored as "Who scores what" says; rewards: (B,)."""
+    """Eq. P2 summed over the decisive pairs / normalizer. Per-token log-probs and masks: (B, T_S) for the student
+    sample, (B, T_T) for the teacher sample, scored as the module docstring says; rewards: (B,)."""
     if policy_logp_S.shape != base_logp_S.shape or policy_logp_T.shape != base_logp_T.shape:
         raise ValueError(f"policy and base log-probs must match per sample: student {tuple(policy_logp_S.shape)} vs "
                          f"{tuple(base_logp_S.shape)}, teacher {tuple(policy_logp_T.shape)} vs "
@@ -138,10 +112,10 @@ def pbsd_loss(policy_logp_S: Tensor, base_logp_S: Tensor, mask_S: Tensor,
                           sequence_logprob(base_logp_T, mask_T, length_norm), beta)  # (B,)  r_θ(y_T)
     s = pair_outcomes(student_rewards, teacher_rewards).to(r_S.device)  # (B,)  +1 student wins, −1 teacher wins
     decisive = s != 0  # (B,)
-    # r_θ(y_w) − r_θ(y_l) on decisive pairs (s = +1: y_S is y_w)
+    # Eq. P2's margin r_θ(y_w) − r_θ(y_l) (s = +1: y_S is y_w)
     margin = s * (r_S - r_T)  # (B,)
-    # L; ties add 0 (departure 1). where() keeps the loss attached to the graph even when every pair ties, so
-    # every rank can run its backward pass.
+    # Eq. P2; ties add 0 (departure 1), through where(), which keeps the loss in the graph when every pair ties
+    # (every rank runs its backward pass)
     per_pair = torch.where(decisive, -F.logsigmoid(margin), torch.zeros_like(margin))  # (B,)
     n = decisive.sum() if normalizer is None else normalizer
     loss = per_pair.sum() / (n.clamp(min=1) if isinstance(n, Tensor) else max(float(n), 1.0))

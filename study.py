@@ -4,13 +4,13 @@
     python study.py --seeds 20 21 --out runs/study-dev  # any other seeds (e.g. your own, to check the claim)
     python study.py --report runs/study                 # only the table, from runs already done
 
-For each seed, one worker process runs the demo preset (`python train.py --preset demo`) once per row of RUNS:
+For each seed, the demo preset runs (`python train.py --preset demo`, a process each) once per row of RUNS:
 StepAlignFB, RefSol and the format control (RefSol with `--refsol-style steps`: a correct solution in the student's
 step format that never copies the student's steps) under the demo's teacher layout and under the paper's, and GRPO
-(no teacher, one row for both layouts). The runs of a seed share its step-0 evaluation (the base policy). Each worker
-uses one torch thread, so a run's numbers do not depend on how many workers share the machine; a run already
-finished is not run again, and one cut short continues from its last checkpoint. Then it writes OUT/study.md and
-OUT/study.json:
+(no teacher, one row for both layouts), one run after the other; `--jobs` seeds at once. The runs of a seed share its
+step-0 evaluation (the base policy) through OUT/seedS/base_eval.json (train.py --base-eval). Each run uses one torch
+thread, so its numbers do not depend on how many runs share the machine; a run already finished is not run again,
+and one cut short continues from its last checkpoint. Then it writes OUT/study.md and OUT/study.json:
   1. Avg@k at the last step per form, layout and seed; across seeds the mean ± standard error (sample std/√n);
   2. per seed, StepAlignFB minus RefSol and minus the format control (same seed, same layout), mean ± standard error
      of those paired differences;
@@ -25,7 +25,6 @@ A seed whose held-out result has been seen is spent: report it as seen, never ch
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -36,13 +35,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-import grading
-import train
-from config import Config, form_config, load_problems, parse_config, preflight, total_steps
+from config import Config, load_problems, parse_config, total_steps
 from feedback import FORMS, form_options
-from runtime import checkpoint_dirs, setup_distributed
+from runtime import checkpoint_dirs
 
 SEEDS = (101, 102, 103)  # pre-registered evaluation seeds: no run had used them when this line was committed
 LAYOUTS = ("repeat", "paper")  # the demo preset's teacher layout, then the paper's
@@ -50,6 +46,7 @@ ROWS = ("stepalign", "refsol", "refsol_steps", "grpo")  # forms of feedback.FORM
 # (row name, train.py options) of the forms with a teacher, run once per layout; GRPO has no teacher and runs once
 RUNS = tuple((row, form_options(row)) for row in ROWS if row != "grpo")
 DISPLAY = {row: FORMS[row].display + (" (control)" if row == "refsol_steps" else "") for row in ROWS}
+TRAIN = Path(__file__).resolve().parent / "train.py"
 
 
 def run_dirs(out: Path, seed: int) -> list[tuple[str, str, Path, list[str]]]:
@@ -71,33 +68,54 @@ def last_eval_step(run_dir: Path) -> int:
     return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()), default=-1)
 
 
-def worker(seed: int, out: Path, extra: list[str]) -> None:
-    """Every run of one seed, in one process with one torch thread; the step-0 evaluation is shared."""
-    torch.set_num_threads(1)
-    d = setup_distributed()
-    base_eval: dict = {}  # the step-0 evaluation, the same for every run of the seed: taken from a run that logged it
-    for _, _, run_dir, _ in run_dirs(out, seed):
-        logged = _evals(run_dir) if (run_dir / "eval.jsonl").is_file() else []
-        if logged and logged[0]["step"] == 0:
-            base_eval["result"] = logged[0]
-            break
-    with grading.AnswerChecker() as checker:
-        for layout, row, run_dir, options in run_dirs(out, seed):
-            argv = ["--preset", "demo", "--seed", str(seed), "--out-dir", str(run_dir), "--no-progress",
-                    *options, *extra]
-            cfg = parse_config(argv + (["--resume"] if checkpoint_dirs(run_dir) else []))
+def train_commands(out: Path, seed: int, extra: list[str]) -> list[tuple[str, list[str]]]:
+    """(layout/row, train.py command) of each unfinished run of one seed, in the order they run. A run with a
+    checkpoint continues from it (--resume); one cut short before its first checkpoint is removed, to start again."""
+    commands = []
+    for layout, row, run_dir, options in run_dirs(out, seed):
+        argv = ["--preset", "demo", "--seed", str(seed), "--out-dir", str(run_dir), "--no-progress",
+                "--base-eval", str(out / f"seed{seed}" / "base_eval.json"), *options, *extra]
+        if checkpoint_dirs(run_dir):
+            argv.append("--resume")
+            cfg = parse_config(argv)
             if last_eval_step(run_dir) == total_steps(cfg, len(load_problems(cfg)[0])):
                 print(f"[seed {seed}] {layout}/{row}: done already", flush=True)
                 continue
-            if run_dir.exists() and not checkpoint_dirs(run_dir):  # cut short before its first checkpoint
-                print(f"[seed {seed}] {layout}/{row}: no checkpoint from an earlier start; starting it again",
-                      flush=True)
-                shutil.rmtree(run_dir)
-            preflight(cfg, 1)
-            run_cfg = dataclasses.replace(form_config(cfg, cfg.feedback), out_dir=str(run_dir))
-            t0 = time.perf_counter()
-            train.train(run_cfg, d, checker, base_eval)
-            print(f"[seed {seed}] {layout}/{row}: {time.perf_counter() - t0:.0f} s", flush=True)
+        elif run_dir.exists():
+            print(f"[seed {seed}] {layout}/{row}: no checkpoint from an earlier start; starting it again", flush=True)
+            shutil.rmtree(run_dir)
+        commands.append((f"{layout}/{row}", [sys.executable, str(TRAIN), *argv]))
+    return commands
+
+
+def run_all(out: Path, seeds: list[int], jobs: int, extra: list[str]) -> None:
+    """Every unfinished run, as train.py processes with one torch thread (output appended to OUT/seedS.log): the runs
+    of a seed one after the other, `jobs` seeds at once. A failed run ends the others (SIGTERM: each checkpoints
+    and exits); the same command continues them."""
+    todo = {seed: train_commands(out, seed, extra) for seed in seeds}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running: dict[int, tuple[subprocess.Popen, str, float]] = {}  # seed -> (its run's process, layout/row, start)
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    while any(todo.values()) or running:
+        for seed in [s for s in seeds if todo[s] and s not in running][:jobs - len(running)]:
+            name, cmd = todo[seed].pop(0)
+            with (out / f"seed{seed}.log").open("a") as log:  # the process keeps its own copy of the descriptor
+                running[seed] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), name,
+                                 time.perf_counter())
+            print(f"[seed {seed}] {name}: started (log {out / f'seed{seed}.log'})", flush=True)
+        time.sleep(5)
+        for seed, (proc, name, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[seed]
+            if proc.returncode != 0:
+                for other, _, _ in running.values():
+                    other.terminate()
+                raise SystemExit(f"study.py: error: seed {seed}, {name} failed (exit {proc.returncode}); see "
+                                 f"{out / f'seed{seed}.log'}; run the same command again to continue")
+            print(f"[seed {seed}] {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"all runs: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -210,38 +228,12 @@ def main(argv: list[str] | None = None) -> None:
                                  epilog="Any further option goes to every run (python train.py --help).")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="run seeds (default: the pre-registered)")
     ap.add_argument("--out", default="runs/study", help="output directory")
-    ap.add_argument("--jobs", type=int, default=3, help="seeds run at once, one process and one torch thread each")
+    ap.add_argument("--jobs", type=int, default=3, help="seeds run at once, one train.py process and torch thread each")
     ap.add_argument("--report", action="store_true", help="only write the report from the runs in --out")
-    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one seed, in this process
     args, extra = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
-    if args.worker is not None:
-        worker(args.worker, out, extra)
-        return
     if not args.report:
-        t0, pending, running = time.perf_counter(), list(args.seeds), []
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        while pending or running:
-            while pending and len(running) < args.jobs:
-                seed = pending.pop(0)
-                out.mkdir(parents=True, exist_ok=True)
-                log = (out / f"seed{seed}.log").open("a")
-                cmd = [sys.executable, __file__, "--worker", str(seed), "--out", str(out), *extra]
-                running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-                print(f"seed {seed}: started (log {out / f'seed{seed}.log'})", flush=True)
-            time.sleep(5)
-            for entry in list(running):
-                seed, proc, log = entry
-                if proc.poll() is not None:
-                    running.remove(entry)
-                    log.close()
-                    if proc.returncode != 0:
-                        for _, other, _ in running:
-                            other.terminate()
-                        raise SystemExit(f"study.py: error: seed {seed} failed (exit {proc.returncode}); see "
-                                         f"{out / f'seed{seed}.log'}; run the same command again to continue")
-                    print(f"seed {seed}: done ({time.perf_counter() - t0:.0f} s since the start)", flush=True)
-        print(f"all runs: {time.perf_counter() - t0:.0f} s", flush=True)
+        run_all(out, args.seeds, args.jobs, extra)
     result = collect(out, args.seeds)
     table = report(result)
     (out / "study.json").write_text(json.dumps(result, indent=1) + "\n")

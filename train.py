@@ -24,7 +24,7 @@ One optimizer step, in order:
      vLLM: saved in PEFT layout and loaded under a fresh name and id, prefix cache reset).
 Every `eval_every` steps: n = 12 samples per held-out problem → Pass/Maj/Avg@12 and length in eval.jsonl,
 and a checkpoint (adapter, optimizer, RNG, data position), written atomically. Step 0 (the base policy, the
-same for every form) is evaluated once per invocation and logged in each run.
+same for every form) is evaluated once per invocation (or read from --base-eval) and logged in each run.
 Steps 1-4 and the feedback forms: feedback.py; the evaluation: evaluate.py; diagnostics of each step in log.jsonl:
 diagnostics.py. Options and presets: config.py; processes, checkpoints and logs: runtime.py.
 Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes: EXIT_*
@@ -218,7 +218,8 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
           vllm_engine: rollout.VLLMEngine | None = None) -> tuple[Path, dict, int]:
     """One run of one feedback form: steps 1–7 of the module docstring in a loop. Returns its output directory, its
     counters and its number of steps. base_eval and vllm_engine (--engine vllm) are shared by the runs of one
-    invocation: the base policy (step 0) is evaluated once, and one engine gets each run's adapter."""
+    invocation: the base policy (step 0) is evaluated once (or read from --base-eval), one engine gets each run's
+    adapter."""
     out_dir = Path(cfg.out_dir)
     train_set, test_set = load_problems(cfg)
     critic_backend = make_critic(cfg) if FORMS[form_name(cfg)].needs_critic else None  # before any GPU time is spent
@@ -234,11 +235,12 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
     check_room(out_dir, checkpoint_bytes(params, optimizer))  # before any step: room for two checkpoints
     steps = total_steps(cfg, len(train_set))
     push_adapter(cfg, d, model, engine, start)
-    if start == 0:  # the base policy (B = 0), the same for every form: evaluated once per invocation
+    if start == 0:  # the base policy (B = 0), the same for every form: evaluated once per invocation or --base-eval
         base_eval = {} if base_eval is None else base_eval
         if "result" not in base_eval:
             with sampling(cfg, model):
                 base_eval["result"] = evaluate.evaluate_policy(cfg, engine, tokenizer, checker, test_set, 0, d)
+            evaluate.save_base_eval(cfg, base_eval["result"])
         evaluate.log_eval(cfg, log, base_eval["result"] and {**base_eval["result"], "feedback": run_name(cfg)})
     bar = None
     if d.master and cfg.progress:
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"train.py: error: {line}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT) from None
     d = setup_distributed()
-    run_dirs, base_eval, idle, vllm_engine = [], {}, [], None
+    run_dirs, base_eval, idle, vllm_engine = [], evaluate.load_base_eval(cfg, d), [], None
     try:
         vllm_engine = make_vllm_engine(cfg, d) if cfg.engine == "vllm" else None
         with grading.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit

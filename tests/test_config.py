@@ -66,6 +66,7 @@ BAD_VALUES = {
     "max_steps": "-1", "eval_every": "0", "eval_samples": "0", "eval_temperature": "-0.5", "eval_problems": "-1",
     "seed": "-1", "out_dir": "runs/{model}", "model": "/nonexistent/model", "data": "/nonexistent/data.jsonl",
     "critic_model": ("/nonexistent/critic", "--critic", "local"), "div_clip": "-0.05",
+    "base_eval": "/",
 }
 
 

@@ -1,8 +1,9 @@
 """The import graph of the project's modules (the *.py files of the repository root): one way, imports at the top.
 
-Every module has its place in LAYERS and imports only modules of lower layers (so no cycle); no project import hides
-inside a function (where it would hide a cycle); the copyable files (sd_loss.py, grpo.py, pbsd.py, lora.py) import
-no project module at all."""
+Every module has its place in LAYERS and imports only modules of lower layers (so no cycle); nothing imports the
+scripts of the top layer (train.py among them: study.py runs it as a process); no project import hides inside a
+function (where it would hide a cycle); the copyable files (sd_loss.py, grpo.py, pbsd.py, lora.py) import no project
+module at all."""
 import ast
 from pathlib import Path
 
@@ -19,9 +20,11 @@ LAYERS = (
     {"config", "report"},  # the run's options, problems and critic; the results table (feedback: names of the forms)
     {"mechanism"},  # the per-token advantage figure (config, feedback)
     {"evaluate", "diagnostics"},  # the metrics, a policy's evaluation, the results table; the step's log line
-    {"train", "teacher_gap", "filter_problems"},  # the training loop; the teacher's gap (feedback); the filter
-    {"study"},  # the study: every run of a seed (train)
+    # the scripts, which nothing imports: the training loop; the teacher's gap (feedback); the filter; the study,
+    # which runs train.py as a process per run (config: its options)
+    {"train", "teacher_gap", "filter_problems", "study"},
 )
+SCRIPTS = LAYERS[-1]
 
 
 def imported_modules(node: ast.AST) -> set[str]:
@@ -67,6 +70,11 @@ def test_each_module_imports_only_lower_layers():
     upward = {f"{name} (layer {level[name]}) imports {dep} (layer {level[dep]})"
               for name, (top, inside) in GRAPH.items() for dep in top | inside if level[dep] >= level[name]}
     assert upward == set()
+
+
+def test_nothing_imports_a_script():
+    found = {(name, dep) for name, (top, inside) in GRAPH.items() for dep in top | inside if dep in SCRIPTS}
+    assert found == set(), "a script (train.py, study.py, ...) is imported; move what is shared into a module below"
 
 
 def test_no_project_import_inside_a_function():

@@ -581,6 +581,28 @@ def test_feedback_all_evaluates_the_base_policy_once(tiny_model_dir, tmp_path, m
                                                                     if k != "feedback"} for e in step0)
 
 
+def test_base_eval_file_is_written_by_the_first_run_and_read_by_the_next(tiny_model_dir, tmp_path, monkeypatch):
+    """--base-eval (study.py: one per seed): the first run evaluates the base policy and writes it; a later run, in
+    another invocation, logs the same step 0 without evaluating it again."""
+    calls = []
+    real = evaluate.evaluate_policy
+
+    def counting(cfg, engine, tokenizer, checker, test, step, d):
+        calls.append((cfg.feedback, step))
+        return real(cfg, engine, tokenizer, checker, test, step, d)
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", counting)
+    path = tmp_path / "base_eval.json"
+    for form in ("refsol", "grpo"):
+        train.main(tiny_args(tiny_model_dir, tmp_path / form, "--feedback", form, "--max-steps", "1",
+                             "--eval-every", "1", "--base-eval", str(path)))
+        assert path.is_file()
+    assert calls == [("refsol", 0), ("refsol", 1), ("grpo", 1)]
+    step0 = [read_jsonl(tmp_path / f / "eval.jsonl")[0] for f in ("refsol", "grpo")]
+    assert [e["feedback"] for e in step0] == ["refsol", "grpo"]
+    assert step0[1] == {**step0[0], "feedback": "grpo"} == {**json.loads(path.read_text()), "feedback": "grpo"}
+
+
 def test_a_problem_drawn_twice_in_one_step_gets_two_rollouts(smol_tokenizer):
     from data import arithmetic_problems
     from rollout import Completion
