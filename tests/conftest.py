@@ -12,6 +12,7 @@ import lora  # noqa: E402  (the project, on the path just set)
 
 
 U32 = 2.0 ** -24  # unit roundoff of float32
+U64 = 2.0 ** -53  # unit roundoff of float64
 
 
 def fp32_rounding(n: int, scale, lam: float = 6.0):
@@ -22,6 +23,11 @@ def fp32_rounding(n: int, scale, lam: float = 6.0):
     bound holds with probability ≥ 1 − 2n·exp(−λ²/2), for λ = 6: 1 − n·3e-8). Two evaluations: twice that.
     `scale` may be a tensor (an elementwise bound)."""
     return 2 * lam * math.sqrt(n) * U32 * scale
+
+
+def fp64_rounding(n: int, scale, lam: float = 6.0):
+    """fp32_rounding for two float64 evaluations (numpy's pairwise sums against Python's left-to-right ones)."""
+    return 2 * lam * math.sqrt(n) * U64 * scale
 
 
 def log_softmax_rounding(z: torch.Tensor) -> torch.Tensor:

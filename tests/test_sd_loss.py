@@ -337,7 +337,21 @@ def test_sampled_form_is_an_unbiased_estimator_of_the_reverse_kl_gradient():
         term, _, _ = token_loss_terms(z_s, z_t, torch.tensor([[v]]), "sampled")
         expected += p[v] * torch.autograd.grad(term.sum(), z_s)[0]
     (reverse_grad,) = torch.autograd.grad(token_divergence(z_s, z_t, "reverse").sum(), z_s)
-    torch.testing.assert_close(expected, reverse_grad, atol=1e-6, rtol=1e-5)
+    # An exact expectation, no sampling: both sides are p ⊙ (log p − log q − KL) in exact arithmetic, and differ by
+    # their float32 roundings. Each side's log-softmaxes (and the weights p, computed apart) are perturbations of
+    # z_s and z_t (conftest.log_softmax_rounding), carried to first order through float64; then each side sums
+    # V terms p_v·|A_v|·(e_v + p) (the loop here, KL's backward there) with the backward's few roundings.
+    def grad_of(w, a, b):  # Σ_v p_v(w) · ∇_z[−A_v log π_θ(v)] with A_v = log π_T(v) − log π_θ(v)
+        A = torch.log_softmax(b, -1) - torch.log_softmax(a, -1)  # (1, 1, V)
+        return -torch.softmax(w, -1) * (A - (torch.softmax(a, -1) * A).sum(-1, keepdim=True))  # (1, 1, V)
+
+    V = z_s.shape[-1]
+    dz_s, dz_t = log_softmax_rounding(z_s), log_softmax_rounding(z_t)  # (1, 1, 1)
+    bound = 2 * first_order_bound(grad_of, (z_s, z_s, z_t), (dz_s, dz_s, dz_t))  # (1, 1, V)  two sides
+    lp, lq = torch.log_softmax(z_s.detach().double(), -1), torch.log_softmax(z_t.double(), -1)  # (1, 1, V)
+    pA = lp.exp() * (lq - lp).abs()  # (1, 1, V)
+    bound = bound + fp32_rounding(V + 4, pA + lp.exp() * pA.sum(-1, keepdim=True))
+    assert ((expected - reverse_grad).abs() <= bound).all()
     # and its value is the per-token policy-gradient loss of `sampled_token_loss`
     y = torch.tensor([[2]])
     term, _, _ = token_loss_terms(z_s, z_t, y, "sampled")
