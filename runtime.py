@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 import lora
+import prompts
 import rollout
 
 
@@ -404,6 +405,14 @@ class Logger:
                     self.tb.add_scalar(f"{name.split('.')[0]}/{k}", v, record["step"])
 
 
+def progress_bar(cfg, d: Dist, steps: int, start: int):
+    """A tqdm bar of the run's steps on rank 0 with --progress; None otherwise."""
+    if not (d.master and cfg.progress):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=steps, initial=start, desc=cfg.feedback, unit="step", dynamic_ncols=True)
+
+
 def warn(message: str, bar=None) -> None:
     """A line on stderr, through the progress bar when there is one (so that the bar does not overwrite it)."""
     if bar is not None:
@@ -492,6 +501,13 @@ def critic_down(cfg, name: str, n: int, window: deque, done: int, d: Dist, bar) 
 
 
 PROBE_POSITIONS = 64  # K: the probe positions whose next-token distributions refused_update compares
+
+
+def divergence_probe(cfg, tokenizer, problem) -> torch.Tensor:
+    """The probe of refused_update, (1, L) ids: `problem`'s student prompt (train.py: the first training problem's),
+    the same in every step and after --resume, so one step's probe_policy after its update is the next one's before."""
+    text = prompts.render(tokenizer, prompts.student_messages(problem), cfg.student_thinking)
+    return torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])  # (1, L)
 
 
 def probe_policy(model, probe: torch.Tensor, d: Dist) -> tuple[torch.Tensor, float]:
@@ -668,6 +684,15 @@ def sampling(cfg, model):
         yield
     finally:
         lora.unmerge(model)
+
+
+def diverged_stop(cfg, done: int, diverged: int, counters: dict) -> str:
+    """Why a run stopped after --nonfinite-max refused steps in a row (exit 5), and the fix."""
+    return (f"stopped at step {done}: its last {diverged} steps were refused (--nonfinite-max {cfg.nonfinite_max}; "
+            f"in the run, skipped_nonfinite {counters['skipped_nonfinite']}: a loss, gradient or update not finite; "
+            f"skipped_diverged {counters['skipped_diverged']}: an update that grew the residual stream past 1/u or "
+            f"moved the policy farther than log V); the weights are those of the last good step, checkpointed in "
+            f"{cfg.out_dir}. Fix: a lower --lr ({cfg.lr}) or --max-grad-norm ({cfg.max_grad_norm})")
 
 
 def nothing_learned(run: str, counters: dict, steps: int, log_path: Path) -> str:

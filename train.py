@@ -46,8 +46,8 @@ Departures from the paper:
    empty (`--critic-unstructured skip`, counted per step in `skipped_unstructured_step`): the paper's teacher
    sees only structured corrective feedback (`keep` gives the text to the teacher instead). A step whose loss,
    gradient or update is not finite is skipped and counted (`skipped_nonfinite`; an update is undone), and so are
-   a diverged update (`skipped_diverged`, runtime.refused_update) and a step with nothing to learn (`skipped_empty`). Critiques that fail the schema or are empty count toward
-   --critic-fail-max like failed requests.
+   a diverged update (`skipped_diverged`, runtime.refused_update) and a step with nothing to learn
+   (`skipped_empty`). Critiques that fail the schema or are empty count toward --critic-fail-max.
 6. DDP without DistributedDataParallel: the LoRA gradients are summed by ONE explicit all-reduce per step after
    the last micro-batch (every rank reaches it every step), not by backward hooks. So a rank may skip the
    backward pass of a micro-batch with no valid rollout, or with a non-finite loss (then every rank drops the
@@ -85,7 +85,6 @@ import grading
 import grpo
 import lora
 import pbsd
-import prompts
 import report
 import rollout
 import sd_loss
@@ -93,9 +92,10 @@ from config import (Config, ConfigError, form_config, load_problems, make_critic
                     total_steps)
 from feedback import FORMS, PAPER_FORMS, Item, check_prompt_lengths, form_name, group_size
 from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, SaveError, StopFlag, Timer,
-                     all_reduce_sum, check_room, checkpoint_bytes, critic_down, make_vllm_engine, nothing_learned,
-                     push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy,
-                     probe_policy, refused_update, sum_over_ranks, unusable_as_failures, warn)
+                     all_reduce_sum, check_room, checkpoint_bytes, critic_down, divergence_probe, diverged_stop,
+                     make_vllm_engine, nothing_learned, probe_policy, progress_bar, push_adapter, refused_update,
+                     sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy, sum_over_ranks,
+                     unusable_as_failures, warn)
 
 EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_NO_ROOM = 2, 3, 4, 5, 6
 
@@ -242,17 +242,10 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 base_eval["result"] = evaluate.evaluate_policy(cfg, engine, tokenizer, checker, test_set, 0, d)
             evaluate.save_base_eval(cfg, base_eval["result"])
         evaluate.log_eval(cfg, log, base_eval["result"] and {**base_eval["result"], "feedback": run_name(cfg)})
-    bar = None
-    if d.master and cfg.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, initial=start, desc=cfg.feedback, unit="step", dynamic_ncols=True)
+    bar = progress_bar(cfg, d, steps, start)  # rank 0 with --progress; else None
     window = deque(maxlen=cfg.critic_fail_window)  # failed critiques of the last steps (all ranks)
     diverged = 0  # consecutive steps refused as not finite or diverged
-    # The divergence probe (1, L): the student prompt of the first training problem, the same in every step and after
-    # --resume, so one step's policy on it is the next step's `before` (one probe forward per step)
-    probe = torch.tensor([tokenizer(prompts.render(tokenizer, prompts.student_messages(train_set[0]),
-                                                   cfg.student_thinking), add_special_tokens=False).input_ids])
-    on_probe = None  # runtime.probe_policy of the current weights, once computed
+    probe, on_probe = divergence_probe(cfg, tokenizer, train_set[0]), None  # on_probe: probe_policy, once computed
     with StopFlag() as stop:
         for step in range(start, steps):
             timer, t0 = Timer(), time.perf_counter()
@@ -342,12 +335,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             if diverged >= cfg.nonfinite_max:
                 save_checkpoint(cfg, model, optimizer, done, counters, d)  # the weights of the last good step
                 if d.master:
-                    warn(f"train.py: error: [{run_name(cfg)}] stopped at step {done}: its last {diverged} steps were "
-                         f"refused (--nonfinite-max {cfg.nonfinite_max}; in the run, skipped_nonfinite "
-                         f"{counters['skipped_nonfinite']}: a loss, gradient or update not finite; skipped_diverged "
-                         f"{counters['skipped_diverged']}: an update that grew the residual stream past 1/u or moved "
-                         f"the policy farther than log V); the weights are those of the last good step, checkpointed "
-                         f"in {out_dir}. Fix: a lower --lr ({cfg.lr}) or --max-grad-norm ({cfg.max_grad_norm})", bar)
+                    warn(f"train.py: error: [{run_name(cfg)}] {diverged_stop(cfg, done, diverged, counters)}", bar)
                 raise SystemExit(EXIT_DIVERGED)
             if down:
                 if d.master:
@@ -394,12 +382,10 @@ def main(argv: list[str] | None = None) -> None:
             print(table)
             for line in idle:
                 print(f"train.py: error: {line}", file=sys.stderr, flush=True)
-    except (CheckpointError, data.DataError) as e:  # a checkpoint that is not data only, or a prompt longer than the
-        print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)  # context: one line, no traceback
-        raise SystemExit(EXIT_BAD_INPUT) from None
-    except SaveError as e:  # no room for checkpoints, or a save that failed: one line naming the path and disk
+    except (CheckpointError, data.DataError, SaveError) as e:  # a checkpoint that is not data only, a prompt longer
+        # than the context; no room for checkpoints, or a failed save: one line naming the file or disk, no traceback
         print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_NO_ROOM) from None
+        raise SystemExit(EXIT_NO_ROOM if isinstance(e, SaveError) else EXIT_BAD_INPUT) from None
     finally:
         if vllm_engine is not None:
             vllm_engine.close()  # under torchrun this also ends the process group (rollout.VLLMEngine.close)
