@@ -2,7 +2,7 @@
 
     python study.py                                     # the pre-registered seeds (SEEDS), runs/study
     python study.py --seeds 20 21 --out runs/study-dev  # any other seeds (e.g. your own, to check the claim)
-    python study.py --report runs/study                 # only the table, from runs already done
+    python study.py --report                            # only the table, from the runs already in --out
 
 For each seed, the demo preset runs (`python train.py --preset demo`, a process each) once per row of RUNS:
 StepAlignFB, RefSol and the format control (RefSol with `--refsol-style steps`: a correct solution in the student's
