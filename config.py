@@ -361,16 +361,17 @@ def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
     return train, (test[:cfg.eval_problems] if cfg.eval_problems else test)
 
 
-def make_critic(cfg: Config):
-    """The stepalign critic backend named by --critic, built from its options."""
+def make_critic(cfg: Config, interrupt=None):
+    """The stepalign critic backend named by --critic, built from its options. `interrupt` (train.py:
+    runtime.StopFlag.check) is polled while a server or local critic works, and raises to abandon its batch."""
     if cfg.critic == "exact":
         return exact_critic.ExactArithmeticCritic()
     if cfg.critic == "server":
         return critic.ServerCritic(cfg.critic_url, cfg.critic_model, api_key_env=cfg.critic_api_key_env,
                                    max_tokens=cfg.critic_max_tokens, timeout_s=cfg.critic_timeout,
                                    max_workers=cfg.critic_concurrency, max_retries=cfg.critic_retries,
-                                   think_in_prompt=cfg.critic_think_in_prompt)
-    return critic.LocalCritic(cfg.critic_model, max_new_tokens=cfg.critic_max_tokens)
+                                   think_in_prompt=cfg.critic_think_in_prompt, interrupt=interrupt)
+    return critic.LocalCritic(cfg.critic_model, max_new_tokens=cfg.critic_max_tokens, interrupt=interrupt)
 
 
 def total_steps(cfg: Config, n_train: int) -> int:

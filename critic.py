@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import data
@@ -49,6 +50,7 @@ import rollout
 # it still fits a 32k-token context. An answer cut by this limit is a failure (error_kind "length"), never a
 # critique.
 MAX_TOKENS = 16384
+POLL_S = 0.1  # how often a waiting ServerCritic batch calls its `interrupt` (a stop signal): seconds
 
 
 @dataclass
@@ -151,15 +153,18 @@ def _network_failure(e: Exception, url: str) -> _RequestFailed:
 class _Deadline:
     """A wall-clock limit on one HTTP exchange: at `timeout_s` a daemon timer shuts the connection's socket down, which
     ends a blocked read at once. A socket timeout alone restarts with each byte, so a server that drips its answer
-    would never reach it."""
+    would never reach it. `batch`: the _Batch it belongs to, which cuts it the same way when the batch is abandoned."""
 
-    def __init__(self, conn: http.client.HTTPConnection, timeout_s: float):
-        self.conn, self.expired = conn, False
-        self.timer = threading.Timer(timeout_s, self._cut)
+    def __init__(self, conn: http.client.HTTPConnection, timeout_s: float, batch: _Batch | None = None):
+        self.conn, self.batch, self.expired, self.abandoned = conn, batch, False, False
+        self.timer = threading.Timer(timeout_s, self.cut)
         self.timer.daemon = True  # (and cancelled when the exchange ends first)
 
-    def _cut(self):
-        self.expired = True
+    def cut(self, abandoned: bool = False):
+        if abandoned:
+            self.abandoned = True
+        else:
+            self.expired = True
         sock = self.conn.sock
         if sock is not None:
             try:
@@ -169,18 +174,47 @@ class _Deadline:
 
     def __enter__(self):
         self.timer.start()
+        if self.batch is not None:
+            self.batch.enter(self)
         return self
 
     def __exit__(self, *exc):
         self.timer.cancel()
+        if self.batch is not None:
+            self.batch.leave(self)
         self.conn.close()
 
 
-def _request(url: str, body: bytes | None, key: str | None, timeout_s: float) -> bytes:
+class _Batch:
+    """The exchanges in flight for one ServerCritic.complete, so that abandoning the batch (a stop signal, or its
+    worst case reached) cuts them all at once: their threads end within a moment, none is left waiting on a server."""
+
+    def __init__(self):
+        self.lock, self.live, self.abandoned = threading.Lock(), set(), threading.Event()
+
+    def enter(self, deadline: _Deadline) -> None:
+        with self.lock:
+            self.live.add(deadline)
+            if self.abandoned.is_set():  # abandoned before this exchange began: cut (its connect sees it below)
+                deadline.cut(abandoned=True)
+
+    def leave(self, deadline: _Deadline) -> None:
+        with self.lock:
+            self.live.discard(deadline)
+
+    def abandon(self) -> None:
+        with self.lock:
+            self.abandoned.set()
+            for deadline in self.live:
+                deadline.cut(abandoned=True)
+
+
+def _request(url: str, body: bytes | None, key: str | None, timeout_s: float, batch: _Batch | None = None) -> bytes:
     """The raw answer to one request: POST of a JSON `body`, or GET when it is None; at most `timeout_s` seconds of
-    wall clock for the whole exchange (_Deadline). Redirects are never followed: the key goes to `url`'s server only.
-    Raises _RequestFailed: kind "http_<status>" (retryable for 5xx, 408, 429, detail = the start of its body; a 3xx
-    names where it pointed), or "refused" / "timeout" / "connection" (retryable)."""
+    wall clock for the whole exchange (_Deadline), less if `batch` is abandoned. Redirects are never followed: the
+    key goes to `url`'s server only. Raises _RequestFailed: kind "http_<status>" (retryable for 5xx, 408, 429,
+    detail = the start of its body; a 3xx names where it pointed), "refused" / "timeout" / "connection"
+    (retryable), or "abandoned" (not retried)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _RequestFailed(f"{url} is not an http(s) URL", False, "malformed")
@@ -190,15 +224,20 @@ def _request(url: str, body: bytes | None, key: str | None, timeout_s: float) ->
     connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = connection(parts.hostname, parts.port, timeout=timeout_s)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    deadline = _Deadline(conn, timeout_s)
+    deadline = _Deadline(conn, timeout_s, batch)
     try:
         with deadline:
+            conn.connect()
+            if deadline.abandoned:  # (cut before its socket existed)
+                raise OSError("abandoned")
             conn.request("GET" if body is None else "POST", path, body=body, headers=headers)
             response = conn.getresponse()
             raw = response.read()
-            if deadline.expired:  # (a read cut at the deadline may look like a complete, shorter answer)
+            if deadline.expired or deadline.abandoned:  # (a cut read may look like a complete, shorter answer)
                 raise OSError("cut at the deadline")
     except (OSError, http.client.HTTPException) as e:  # refused, reset, timeout, cut
+        if deadline.abandoned:
+            raise _RequestFailed(f"abandoned: the run is stopping (request to {url})", False, "abandoned") from None
         if deadline.expired:
             raise _RequestFailed(f"timed out after {timeout_s} s: no complete answer from {url}", True,
                                  "timeout") from None
@@ -225,7 +264,8 @@ class ServerCritic:
     Each request: at most `timeout_s` seconds per attempt, `max_retries` retries with exponential backoff
     (`backoff_s * 2**attempt`) on connection errors, timeouts, HTTP 5xx/408/429 and malformed answers.
     A batch never waits longer than its worst case of all attempts; an item that fails comes back as a
-    Critique with `error` set.
+    Critique with `error` set. `interrupt` (train.py: runtime.StopFlag.check) is called every POLL_S seconds while a
+    batch waits; when it raises, the batch is abandoned (its connections cut, no retry) and the exception propagates.
 
     An answer is used only when its finish_reason is "stop": one cut by `max_tokens` ("length") is a failure
     with error_kind "length" and is not retried (greedy decoding would cut it again); any other finish_reason
@@ -235,13 +275,14 @@ class ServerCritic:
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_tokens: int = MAX_TOKENS,
                  timeout_s: float = 600.0, max_retries: int = 1, backoff_s: float = 2.0, max_workers: int = 32,
-                 temperature: float = 0.0, think_in_prompt: bool = False):
+                 temperature: float = 0.0, think_in_prompt: bool = False,
+                 interrupt: Callable[[], None] | None = None):
         base = base_url.rstrip("/")
         self.url = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
         self.model, self.api_key_env, self.max_tokens = model, api_key_env, max_tokens
         self.timeout_s, self.max_retries, self.backoff_s, self.max_workers = timeout_s, max_retries, backoff_s, max_workers
         self.temperature = temperature  # 0: greedy, the paper's critic; the difficulty filter may sample
-        self.think_in_prompt = think_in_prompt
+        self.think_in_prompt, self.interrupt = think_in_prompt, interrupt
 
     def __repr__(self) -> str:
         return (f"ServerCritic(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
@@ -263,7 +304,8 @@ class ServerCritic:
         request. The text is the raw answer (think trace included); error_kind "length": cut by max_tokens.
         The requests run on daemon threads (none keeps the process alive after it exits); each attempt has a hard
         wall-clock deadline, so the batch ends within its worst case: rounds of `max_workers` requests, each at most
-        (max_retries + 1)·timeout_s plus its backoff."""
+        (max_retries + 1)·timeout_s plus its backoff. Then, or when `interrupt` raises, whatever is still in flight
+        is cut (_Batch.abandon), so no thread outlives the batch by more than a moment."""
         n = len(messages_batch)
         if n == 0:
             return []
@@ -272,42 +314,49 @@ class ServerCritic:
         worst_case = math.ceil(n / workers) * per_request + 5
         results: list = [None] * n
         queue = iter(range(n))
-        lock = threading.Lock()
+        lock, batch = threading.Lock(), _Batch()
 
         def work():
-            while True:
+            while not batch.abandoned.is_set():
                 with lock:
                     i = next(queue, None)
                 if i is None:
                     return
-                results[i] = self._complete_one(messages_batch[i])  # returns errors, does not raise
+                results[i] = self._complete_one(messages_batch[i], batch)  # returns errors, does not raise
 
         threads = [threading.Thread(target=work, daemon=True, name=f"critic-{j}") for j in range(workers)]
         for t in threads:
             t.start()
         end = time.monotonic() + worst_case
-        for t in threads:
-            t.join(max(0.0, end - time.monotonic()))
-        return [r if r is not None else (None, f"no answer within {worst_case:.0f} s", "timeout") for r in results]
+        try:
+            for t in threads:
+                while t.is_alive() and time.monotonic() < end:
+                    t.join(min(POLL_S, max(0.0, end - time.monotonic())))
+                    if self.interrupt is not None:
+                        self.interrupt()  # raises to abandon the batch (a stop signal)
+            answers = list(results)
+        finally:
+            batch.abandon()
+        return [r if r is not None else (None, f"no answer within {worst_case:.0f} s", "timeout") for r in answers]
 
-    def _complete_one(self, messages: list[dict]) -> tuple[str | None, str | None, str | None]:
+    def _complete_one(self, messages: list[dict], batch: _Batch) -> tuple[str | None, str | None, str | None]:
         key = os.environ.get(self.api_key_env) or None
         error, kind = "no attempt made", None
         for attempt in range(self.max_retries + 1):
-            if attempt > 0:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            if attempt > 0 and batch.abandoned.wait(self.backoff_s * 2 ** (attempt - 1)):
+                break  # (the backoff, cut short when the batch is abandoned)
             try:
-                return self._post(messages, key), None, None
+                return self._post(messages, key, batch), None, None
             except _RequestFailed as e:
                 error, kind = _redact(f"{e} (attempt {attempt + 1} of {self.max_retries + 1})", key), e.kind
                 if not e.retryable:
                     break
         return None, error, kind
 
-    def _post(self, messages: list[dict], key: str | None) -> str:
+    def _post(self, messages: list[dict], key: str | None, batch: _Batch) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
                            "max_tokens": self.max_tokens}).encode("utf-8")
-        raw = _request(self.url, body, key, self.timeout_s)
+        raw = _request(self.url, body, key, self.timeout_s, batch)
         try:
             answer = json.loads(raw)
             choice = answer["choices"][0]
@@ -379,16 +428,17 @@ class LocalCritic:
     `model` is a hub id or local path (loaded by rollout.load_model), or a (model, tokenizer) pair.
     An answer that reaches `max_new_tokens` without an end-of-turn token is a failure with error_kind "length",
     as in ServerCritic. Whether the prompt opened a <think> block is read from the rendered prompt itself.
+    `interrupt` is called once per generated token; it raises to abandon the batch (rollout.TransformersEngine).
     """
 
     def __init__(self, model, max_new_tokens: int = MAX_TOKENS, batch_size: int = 8, thinking: bool = True,
-                 dtype=None, device: str = "cpu"):
+                 dtype=None, device: str = "cpu", interrupt: Callable[[], None] | None = None):
         if isinstance(model, (tuple, list)):
             self.model, self.tokenizer = model
         else:
             self.model, self.tokenizer = rollout.load_model(model, dtype=dtype, device=device)
         self.max_new_tokens, self.thinking = max_new_tokens, thinking
-        self.engine = rollout.TransformersEngine(self.model, self.tokenizer, batch_size=batch_size)
+        self.engine = rollout.TransformersEngine(self.model, self.tokenizer, batch_size=batch_size, interrupt=interrupt)
 
     def critique(self, batch: list[tuple[data.Problem, str]]) -> list[Critique]:
         texts = [prompts.render(self.tokenizer, prompts.critic_messages(p, r), self.thinking) for p, r in batch]

@@ -35,7 +35,7 @@ import prompts
 import report
 import rollout
 from config import run_name
-from runtime import Dist
+from runtime import Dist, StopFlag, Stopped, sampling
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -155,6 +155,19 @@ def save_base_eval(cfg, result: dict | None) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(result) + "\n")
         tmp.replace(path)
+
+
+def evaluate_in_training(cfg, model, engine, tokenizer, checker, test, step: int, d: Dist, log,
+                         stop: StopFlag) -> None:
+    """The policy after `step` steps evaluated (evaluate_policy, sampled from the merged adapter) and logged. A signal
+    during it (runtime.Stopped) ends the run: train.py wrote the checkpoint of `step` before, and --resume runs this
+    evaluation first (runtime.evaluation_pending)."""
+    try:
+        with sampling(cfg, model):
+            result = evaluate_policy(cfg, engine, tokenizer, checker, test, step, d)
+    except Stopped:
+        stop.exit(Path(cfg.out_dir), step, d)
+    log_eval(cfg, log, result)
 
 
 def log_eval(cfg, log, result: dict | None) -> None:

@@ -20,6 +20,9 @@ Departures from the paper's setup:
    ends its answers with an end-of-turn token; the 135M demo model keeps writing after its answer. vLLM has no
    such stop rule: its samples are cut after the token that closes the box, which gives the same tokens (a
    sample's prefix does not depend on what follows it), at the cost of the discarded tail.
+4. A stop signal abandons the transformers engine's batch at the next token (its `interrupt`, train.py's
+   runtime.StopFlag.check, raises); vLLM's `LLM.generate` cannot be interrupted mid-call: a signal takes effect
+   when its batch is done.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import importlib.util
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,11 +139,13 @@ class TransformersEngine:
     """Batched sampling with left padding and a KV cache; one torch.Generator per (prompt, sample).
 
     stop_at_boxed: also stop a sample right after its first complete \\boxed{...} (finish_reason "stop").
-    Small models tend to ramble after their answer; this keeps the demo's rollouts short (departure 3)."""
+    Small models tend to ramble after their answer; this keeps the demo's rollouts short (departure 3).
+    interrupt: called once per generated token; it raises to abandon the batch (departure 4)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 32, stop_at_boxed: bool = False):
+    def __init__(self, model, tokenizer, batch_size: int = 32, stop_at_boxed: bool = False,
+                 interrupt: Callable[[], None] | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.stop_at_boxed = stop_at_boxed
+        self.stop_at_boxed, self.interrupt = stop_at_boxed, interrupt
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -177,33 +183,38 @@ class TransformersEngine:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, L)
         was_training = self.model.training
         self.model.eval()
-        for _ in range(max_new_tokens):
-            out = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
-                             past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :].float()  # (A, V)  A = len(active)
-            if temperature == 0:
-                token = logits.argmax(-1).tolist()  # (A,)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1).cpu()  # (A, V)
-                if not torch.isfinite(probs).all():
-                    raise FloatingPointError("sampling: the policy's next-token probabilities are not finite "
-                                             "(diverged weights?)")
-                token = [torch.multinomial(probs[a], 1, generator=generators[b]).item() for a, b in enumerate(active)]
-            for a, b in enumerate(active):
-                rows[b].append(token[a])
-                ended[b] = self._is_end(rows[b])
-            keep = [a for a, b in enumerate(active) if not ended[b]]
-            if not keep:
-                break
-            if len(keep) < len(active):  # the ended samples leave the batch: no more compute spent on them
-                cache.batch_select_indices(torch.tensor(keep, device=device))
-                attention, positions = attention[keep], positions[keep]
-                active, token = [active[a] for a in keep], [token[a] for a in keep]
-            step_ids = torch.tensor(token, device=device)[:, None]  # (A, 1)
-            attention = torch.cat([attention, torch.ones(len(active), 1, dtype=attention.dtype, device=device)], -1)
-            positions = positions[:, -1:] + 1  # (A, 1)
-        self.model.train(was_training)
+        try:
+            for _ in range(max_new_tokens):
+                if self.interrupt is not None:
+                    self.interrupt()
+                out = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits = out.logits[:, -1, :].float()  # (A, V)  A = len(active)
+                if temperature == 0:
+                    token = logits.argmax(-1).tolist()  # (A,)
+                else:
+                    probs = torch.softmax(logits / temperature, dim=-1).cpu()  # (A, V)
+                    if not torch.isfinite(probs).all():
+                        raise FloatingPointError("sampling: the policy's next-token probabilities are not finite "
+                                                 "(diverged weights?)")
+                    token = [torch.multinomial(probs[a], 1, generator=generators[b]).item()
+                             for a, b in enumerate(active)]
+                for a, b in enumerate(active):
+                    rows[b].append(token[a])
+                    ended[b] = self._is_end(rows[b])
+                keep = [a for a, b in enumerate(active) if not ended[b]]
+                if not keep:
+                    break
+                if len(keep) < len(active):  # the ended samples leave the batch: no more compute spent on them
+                    cache.batch_select_indices(torch.tensor(keep, device=device))
+                    attention, positions = attention[keep], positions[keep]
+                    active, token = [active[a] for a in keep], [token[a] for a in keep]
+                step_ids = torch.tensor(token, device=device)[:, None]  # (A, 1)
+                attention = torch.cat([attention, torch.ones(len(active), 1, dtype=attention.dtype, device=device)], -1)
+                positions = positions[:, -1:] + 1  # (A, 1)
+        finally:
+            self.model.train(was_training)
         return [Completion(ids, self.tokenizer.decode(ids, skip_special_tokens=True), "stop" if end else "length")
                 for ids, end in zip(rows, ended)]
 
@@ -331,10 +342,12 @@ class VLLMEngine:
 
 def make_engine(kind: str, model_name: str, model=None, tokenizer=None, *, dtype: str = "bfloat16", seed: int = 0,
                 max_lora_rank: int = 64, gpu_memory_utilization: float = 0.35, kv_cache_gib: float = 0.0,
-                world_size: int = 1, stop_at_boxed: bool = False, batch_size: int = 64):
+                world_size: int = 1, stop_at_boxed: bool = False, batch_size: int = 64,
+                interrupt: Callable[[], None] | None = None):
     """The generation engine from the options train.py and the difficulty filter share (--engine, --dtype, ...).
 
-    "transformers": samples from `model`, already loaded (in its dtype, on its device) with `tokenizer`.
+    "transformers": samples from `model`, already loaded (in its dtype, on its device) with `tokenizer`; it calls
+    `interrupt` once per token (TransformersEngine). vLLM's generate cannot be interrupted (departure 4).
     "vllm": loads its own copy of `model_name` in `dtype` on the platform of the installed vLLM build (CUDA, or
     vLLM's CPU build); a LoRA adapter reaches it through `set_adapter`, none is needed for the base policy.
     """
@@ -345,7 +358,8 @@ def make_engine(kind: str, model_name: str, model=None, tokenizer=None, *, dtype
     if kind == "transformers":
         if model is None or tokenizer is None:
             raise ValueError("make_engine('transformers', ...): pass the loaded model and its tokenizer")
-        return TransformersEngine(model, tokenizer, batch_size=batch_size, stop_at_boxed=stop_at_boxed)
+        return TransformersEngine(model, tokenizer, batch_size=batch_size, stop_at_boxed=stop_at_boxed,
+                                  interrupt=interrupt)
     raise ValueError(f"unknown engine {kind!r}; expected 'vllm' or 'transformers'")
 
 

@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -337,14 +338,25 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> tuple[int, dict]:
 
 
 # ---------------------------------------------------------------------------------------------- the run
+class Stopped(Exception):
+    """Raised by StopFlag.check once a stop signal has arrived: the engine (once per token) and the critic client
+    (while a batch waits) abandon their work with it; train.py catches it where no weight has changed since the
+    last completed step, checkpoints that step and exits."""
+
+
 class StopFlag:
-    """Set by SIGTERM or SIGINT (Ctrl-C) while the run is inside `with StopFlag()`; checked by every rank at step
-    boundaries (all-reduced, so all ranks stop together). `signum` is the first signal this process received. A
-    second SIGINT raises KeyboardInterrupt at once (no checkpoint; the last one written stays intact)."""
+    """Set by SIGTERM or SIGINT (Ctrl-C) while the run is inside `with StopFlag()`; `check` (passed to the engine and
+    the critic as their `interrupt`) raises Stopped once it is set, so in-flight generation and critic requests end
+    within moments; `agreed` reads it at step boundaries (all-reduced, so all ranks stop together). Under torchrun
+    the signal must reach every rank (torchrun forwards SIGTERM; Ctrl-C reaches the process group). `signum` is the
+    first signal this process received. A second SIGINT raises KeyboardInterrupt at once (no checkpoint; the last
+    one written stays intact)."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+    def __init__(self):
+        self.event, self.signum, self.interrupts = threading.Event(), None, 0
+
     def __enter__(self):
-        self.requested, self.signum, self.interrupts = False, None, 0
         self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
@@ -357,8 +369,16 @@ class StopFlag:
             self.interrupts += 1
             if self.interrupts > 1:
                 raise KeyboardInterrupt("a second SIGINT: stopping without a checkpoint")
-        self.requested = True
         self.signum = self.signum or signum
+        self.event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise Stopped(signal.Signals(self.signum).name)
 
     def agreed(self, d: Dist) -> bool:
         flag = torch.tensor([float(self.requested)], device=d.device)
@@ -372,6 +392,23 @@ class StopFlag:
             print(f"{signal.Signals(signum).name}: checkpoint written at step {step} in {out_dir}; continue with "
                   "--resume", flush=True)
         raise SystemExit(130 if signum == signal.SIGINT else 143)
+
+
+def evaluation_due(cfg, done: int, steps: int) -> bool:
+    """Whether the policy after `done` of `steps` steps is evaluated: every --eval-every steps, and the last."""
+    return done % cfg.eval_every == 0 or done == steps
+
+
+def evaluation_pending(cfg, start: int, steps: int, d: Dist) -> bool:
+    """Whether a run resumed at `start` owes the evaluation of that step: an evaluation step with no record in
+    eval.jsonl (a signal or a kill at that boundary came after its checkpoint, written first, and before the
+    evaluation ended). Read by rank 0, agreed by every rank (the evaluation is a collective)."""
+    missing = 0.0
+    path = Path(cfg.out_dir) / "eval.jsonl"
+    if d.master and start > 0 and evaluation_due(cfg, start, steps):
+        logged = {json.loads(line)["step"] for line in path.read_text().splitlines()} if path.exists() else set()
+        missing = float(start not in logged)
+    return all_reduce_sum(torch.tensor([missing], device=d.device), d).item() > 0
 
 
 def strict_json(record: dict) -> dict:
@@ -500,14 +537,32 @@ def critic_down(cfg, name: str, n: int, window: deque, done: int, d: Dist, bar) 
     return None
 
 
+def diverged_error(cfg, name: str, done: int, diverged: int, counters: dict) -> str:
+    """The error line of a run stopped after --nonfinite-max refused steps in a row (exit 5)."""
+    return (f"train.py: error: [{name}] stopped at step {done}: its last {diverged} steps were refused "
+            f"(--nonfinite-max {cfg.nonfinite_max}; in the run, skipped_nonfinite {counters['skipped_nonfinite']}: a "
+            f"loss, gradient or update not finite; skipped_diverged {counters['skipped_diverged']}: an update that "
+            f"grew the residual stream past 1/u or moved the policy farther than log V); the weights are those of the "
+            f"last good step, checkpointed in {Path(cfg.out_dir)}. Fix: a lower --lr ({cfg.lr}) or --max-grad-norm "
+            f"({cfg.max_grad_norm})")
+
+
+def critic_down_error(cfg, name: str, done: int, steps: int, down: str) -> str:
+    """The error line of a run stopped by the critic's stop rule (critic_down's reason; exit 3)."""
+    then = ("continue with the same command and --resume" if done < steps else
+            "this was the last step: its evaluation used these steps' weights")
+    return (f"train.py: error: [{name}] stopped at step {done}: {down}. A checkpoint of step {done} is in "
+            f"{Path(cfg.out_dir)}: {then}.")
+
+
+def divergence_probe(tokenizer, problem, thinking: bool) -> torch.Tensor:
+    """(1, L) token ids of the divergence probe: the student prompt of `problem` (train.py: the first training
+    problem, the same in every step and after --resume, so one step's probe_policy is the next step's `before`)."""
+    text = prompts.render(tokenizer, prompts.student_messages(problem), thinking)
+    return torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+
+
 PROBE_POSITIONS = 64  # K: the probe positions whose next-token distributions refused_update compares
-
-
-def divergence_probe(cfg, tokenizer, problem) -> torch.Tensor:
-    """The probe of refused_update, (1, L) ids: `problem`'s student prompt (train.py: the first training problem's),
-    the same in every step and after --resume, so one step's probe_policy after its update is the next one's before."""
-    text = prompts.render(tokenizer, prompts.student_messages(problem), cfg.student_thinking)
-    return torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])  # (1, L)
 
 
 def probe_policy(model, probe: torch.Tensor, d: Dist) -> tuple[torch.Tensor, float]:
@@ -684,15 +739,6 @@ def sampling(cfg, model):
         yield
     finally:
         lora.unmerge(model)
-
-
-def diverged_stop(cfg, done: int, diverged: int, counters: dict) -> str:
-    """Why a run stopped after --nonfinite-max refused steps in a row (exit 5), and the fix."""
-    return (f"stopped at step {done}: its last {diverged} steps were refused (--nonfinite-max {cfg.nonfinite_max}; "
-            f"in the run, skipped_nonfinite {counters['skipped_nonfinite']}: a loss, gradient or update not finite; "
-            f"skipped_diverged {counters['skipped_diverged']}: an update that grew the residual stream past 1/u or "
-            f"moved the policy farther than log V); the weights are those of the last good step, checkpointed in "
-            f"{cfg.out_dir}. Fix: a lower --lr ({cfg.lr}) or --max-grad-norm ({cfg.max_grad_norm})")
 
 
 def nothing_learned(run: str, counters: dict, steps: int, log_path: Path) -> str:

@@ -91,11 +91,11 @@ import sd_loss
 from config import (Config, ConfigError, form_config, load_problems, make_critic, parse_config, preflight, run_name,
                     total_steps)
 from feedback import FORMS, PAPER_FORMS, Item, check_prompt_lengths, form_name, group_size
-from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, SaveError, StopFlag, Timer,
-                     all_reduce_sum, check_room, checkpoint_bytes, critic_down, divergence_probe, diverged_stop,
-                     make_vllm_engine, nothing_learned, probe_policy, progress_bar, push_adapter, refused_update,
-                     sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy, sum_over_ranks,
-                     unusable_as_failures, warn)
+from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, SaveError, StopFlag, Stopped, Timer,
+                     all_reduce_sum, check_room, checkpoint_bytes, critic_down, critic_down_error, divergence_probe,
+                     diverged_error, evaluation_due, evaluation_pending, make_vllm_engine, nothing_learned,
+                     progress_bar, push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy,
+                     probe_policy, refused_update, sum_over_ranks, unusable_as_failures, warn)
 
 EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_NO_ROOM = 2, 3, 4, 5, 6
 
@@ -222,14 +222,15 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
     adapter."""
     out_dir = Path(cfg.out_dir)
     train_set, test_set = load_problems(cfg)
-    critic_backend = make_critic(cfg) if FORMS[form_name(cfg)].needs_critic else None  # before any GPU time is spent
+    stop = StopFlag()  # the engine and the critic poll stop.check: a signal abandons their work (runtime.Stopped)
+    critic_backend = make_critic(cfg, stop.check) if FORMS[form_name(cfg)].needs_critic else None  # before GPU time
     model, tokenizer, params, optimizer = start_policy(cfg, d)
     context = model.config.max_position_embeddings  # the model's context: every prompt and its sample fit in it
     check_prompt_lengths(cfg, tokenizer, train_set + test_set, context)
     if cfg.engine == "vllm" and vllm_engine is None:
         raise ValueError("--engine vllm: train takes the process's engine (make_vllm_engine)")
     engine = vllm_engine if cfg.engine == "vllm" else rollout.make_engine(
-        "transformers", cfg.model, model, tokenizer, stop_at_boxed=cfg.stop_at_boxed)
+        "transformers", cfg.model, model, tokenizer, stop_at_boxed=cfg.stop_at_boxed, interrupt=stop.check)
     log = Logger(out_dir, d.master, cfg.tensorboard)
     start, counters = start_out_dir(cfg, d, model, optimizer)
     check_room(out_dir, checkpoint_bytes(params, optimizer))  # before any step: room for two checkpoints
@@ -245,32 +246,36 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
     bar = progress_bar(cfg, d, steps, start)  # rank 0 with --progress; else None
     window = deque(maxlen=cfg.critic_fail_window)  # failed critiques of the last steps (all ranks)
     diverged = 0  # consecutive steps refused as not finite or diverged
-    probe, on_probe = divergence_probe(cfg, tokenizer, train_set[0]), None  # on_probe: probe_policy, once computed
-    with StopFlag() as stop:
+    probe = divergence_probe(tokenizer, train_set[0], cfg.student_thinking)  # (1, L), the same after --resume
+    on_probe = None  # runtime.probe_policy of the current weights, once computed
+    with stop:
+        if evaluation_pending(cfg, start, steps, d):  # stopped at this boundary before its evaluation: run it first
+            evaluate.evaluate_in_training(cfg, model, engine, tokenizer, checker, test_set, start, d, log, stop)
         for step in range(start, steps):
             timer, t0 = Timer(), time.perf_counter()
             # 1. problems: this rank's share of the step's seeded draw
             drawn = feedback.step_problems(train_set, cfg, step)
             draws = [(i, drawn[i]) for i in range(d.rank, len(drawn), d.world)]
-            # 2. rollouts: G samples per problem from the student prompt x, graded
-            with sampling(cfg, model):
-                items = feedback.collect_rollouts(cfg, engine, tokenizer, checker, draws, step, timer)
-            # 3. feedback c: GRPO's group advantages, or each rollout's context
-            stats = {}
-            if cfg.feedback == "grpo":
-                A = grpo.group_advantages(torch.tensor([it.reward for it in items]), group_size(cfg))  # (N·G,)
-                items = [dataclasses.replace(it, advantage=a) for it, a in zip(items, A.tolist())]
-            else:
-                contexts, critiques, stats = feedback.feedback_contexts(cfg, critic_backend, items, timer)
-                # 4. teacher inputs: the prompt x + c (y is appended as ids); PBSD: a sample y_T ~ π_base(·|x, c)
-                items, stats["skipped_context_step"] = feedback.with_teacher_prompts(cfg, tokenizer, items, contexts,
-                                                                                    context)
-                if cfg.objective == "pbsd" or cfg.teacher_samples:
-                    items = feedback.with_teacher_samples(cfg, engine, checker, items, step, timer)
-                if cfg.data == "arithmetic":  # (diagnostics) the exact critic's critiques when the step has them
-                    exact = critiques if isinstance(critic_backend, exact_critic.ExactArithmeticCritic) else None
-                    items = [dataclasses.replace(it, wrong_claim=claim) for it, claim in
-                             zip(items, diagnostics.wrong_claims(tokenizer, items, exact))]
+            with contextlib.suppress(Stopped):  # a signal abandons steps 2-4 at once (runtime.StopFlag.check)
+                # 2. rollouts: G samples per problem from the student prompt x, graded
+                with sampling(cfg, model):
+                    items = feedback.collect_rollouts(cfg, engine, tokenizer, checker, draws, step, timer)
+                # 3. feedback c: GRPO's group advantages, or each rollout's context
+                stats = {}
+                if cfg.feedback == "grpo":
+                    A = grpo.group_advantages(torch.tensor([it.reward for it in items]), group_size(cfg))  # (N·G,)
+                    items = [dataclasses.replace(it, advantage=a) for it, a in zip(items, A.tolist())]
+                else:
+                    contexts, critiques, stats = feedback.feedback_contexts(cfg, critic_backend, items, timer)
+                    # 4. teacher inputs: the prompt x + c (y is appended as ids); PBSD: a sample y_T ~ π_base(·|x, c)
+                    items, stats["skipped_context_step"] = feedback.with_teacher_prompts(
+                        cfg, tokenizer, items, contexts, context)
+                    if cfg.objective == "pbsd" or cfg.teacher_samples:
+                        items = feedback.with_teacher_samples(cfg, engine, checker, items, step, timer)
+                    if cfg.data == "arithmetic":  # (diagnostics) the exact critic's critiques when the step has them
+                        exact = critiques if isinstance(critic_backend, exact_critic.ExactArithmeticCritic) else None
+                        items = [dataclasses.replace(it, wrong_claim=claim) for it, claim in
+                                 zip(items, diagnostics.wrong_claims(tokenizer, items, exact))]
             if stop.agreed(d):  # no weight has changed in this step yet: a checkpoint of `step` steps is exact
                 save_checkpoint(cfg, model, optimizer, step, counters, d)
                 stop.exit(out_dir, step, d)
@@ -323,26 +328,21 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 window.append(unusable_as_failures(failures))  # a critique that fails the schema or is empty counts
                 down = critic_down(cfg, run_name(cfg), cfg.prompts_per_step * group_size(cfg), window, done, d,
                                    bar)
-            stopping = stop.agreed(d)  # read once: the save below and the exit must agree
-            if done % cfg.eval_every == 0 or done == steps:
-                with sampling(cfg, model):
-                    evaluate.log_eval(cfg, log, evaluate.evaluate_policy(cfg, engine, tokenizer, checker, test_set, done, d))
+            stopping, evaluating = stop.agreed(d), evaluation_due(cfg, done, steps)  # (the save and exit agree)
+            if stopping or evaluating or down:  # the checkpoint before the evaluation: a signal does not wait for it
                 save_checkpoint(cfg, model, optimizer, done, counters, d)
-            elif stopping or down:
-                save_checkpoint(cfg, model, optimizer, done, counters, d)
-            if stopping:
+            if stopping:  # (an evaluation step's evaluation runs after --resume)
                 stop.exit(out_dir, done, d)
+            if evaluating:
+                evaluate.evaluate_in_training(cfg, model, engine, tokenizer, checker, test_set, done, d, log, stop)
             if diverged >= cfg.nonfinite_max:
                 save_checkpoint(cfg, model, optimizer, done, counters, d)  # the weights of the last good step
                 if d.master:
-                    warn(f"train.py: error: [{run_name(cfg)}] {diverged_stop(cfg, done, diverged, counters)}", bar)
+                    warn(diverged_error(cfg, run_name(cfg), done, diverged, counters), bar)
                 raise SystemExit(EXIT_DIVERGED)
             if down:
                 if d.master:
-                    then = ("continue with the same command and --resume" if done < steps else
-                            "this was the last step: its evaluation used these steps' weights")
-                    warn(f"train.py: error: [{run_name(cfg)}] stopped at step {done}: {down}. A checkpoint of step "
-                         f"{done} is in {out_dir}: {then}.", bar)
+                    warn(critic_down_error(cfg, run_name(cfg), done, steps, down), bar)
                 raise SystemExit(EXIT_CRITIC_DOWN)
     if bar is not None:
         bar.close()

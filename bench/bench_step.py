@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import feedback  # noqa: E402
 import grading  # noqa: E402
-import prompts  # noqa: E402
 import runtime  # noqa: E402
 import random_qwen3  # noqa: E402  (bench/, this script's folder)
 import rollout  # noqa: E402
@@ -148,8 +147,7 @@ def main():
     critic_backend = config.make_critic(cfg) if feedback.FORMS[feedback.form_name(cfg)].needs_critic else None
     checker = grading.AnswerChecker()
     rows, peak = [], 0
-    probe = {"ids": torch.tensor([tokenizer(prompts.render(tokenizer, prompts.student_messages(train_set[0]),
-                                                           cfg.student_thinking), add_special_tokens=False).input_ids])}
+    probe = {"ids": runtime.divergence_probe(tokenizer, train_set[0], cfg.student_thinking)}
     for step in range(a.steps):
         watch = Watch(a.profile if step == a.steps - 1 else 0)
         t0 = time.perf_counter()

@@ -509,3 +509,37 @@ def test_reasoning_parser_reply_shapes(serve):
         for marker in ("EMPTY", "NONE"):
             assert got[marker].error_kind == "empty" and "empty content" in got[marker].error
     assert sum("EMPTY" in r[2]["messages"][0]["content"] for r in server.requests) == 2  # once per critic
+
+
+def test_an_interrupt_abandons_a_hung_batch_and_its_threads(serve):
+    """A server that holds every request for 30 s, a client allowed 600 s per attempt and one retry: once its
+    `interrupt` raises (train.py: a stop signal), the batch ends with that exception within a poll, its connections
+    are cut, the retries are skipped, and no request thread is left (limits: 0.5 s until the interrupt; the asserts
+    allow 5 s, against the 1,200 s the batch could take)."""
+    release = threading.Event()
+
+    def hang(body, headers):
+        release.wait(30)
+        return 200, chat_answer("too late")
+
+    class Stop(Exception):
+        pass
+
+    t0 = time.monotonic()
+
+    def interrupt():
+        if time.monotonic() - t0 > 0.5:
+            raise Stop
+
+    server, url = serve(hang)
+    critic = ServerCritic(url, "m", timeout_s=600, max_retries=1, backoff_s=0.01, max_workers=2, interrupt=interrupt)
+    try:
+        with pytest.raises(Stop):
+            critic.critique([(PROBLEM, "Step 1: x")] * 3)
+        assert time.monotonic() - t0 < 5
+        while time.monotonic() - t0 < 5 and [t for t in threading.enumerate() if t.name.startswith("critic-")]:
+            time.sleep(0.05)
+        assert not [t for t in threading.enumerate() if t.name.startswith("critic-")]
+        assert len(server.requests) == 2  # the two first requests, neither retried, the third never sent
+    finally:
+        release.set()

@@ -5,15 +5,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
 import config
+import evaluate
 import lora
 import runtime
 import train
+from test_critic import serve  # noqa: F401 (a fixture: a chat-completions server on loopback)
 from test_train import ROOT, adapter, read_jsonl, run_cli, tiny_args, tiny_model_dir  # noqa: F401 (a fixture)
 
 
@@ -246,3 +249,169 @@ def test_delta_finite_proves_a_finite_delta_by_its_bound_and_forms_it_only_when_
     with torch.no_grad():
         m.lora_A.weight[0, 0] = float("nan")
     assert not runtime.delta_finite(m)
+
+
+# ---------------------------------------------------------------------------------------------- a signal stops a run in seconds
+def untimed(record):
+    """A log record without its wall-clock fields (seconds, tokens_per_s, time_<phase>): what a resume reproduces."""
+    return {k: v for k, v in record.items() if not (k.startswith("time_") or k in ("seconds", "tokens_per_s"))}
+
+
+def same_run(straight, resumed, steps):
+    """The resumed run's adapter, step log and evaluations equal the uninterrupted run's, bit for bit."""
+    a, b = adapter(straight, steps), adapter(resumed, steps)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [untimed(r) for r in read_jsonl(straight / "log.jsonl")] == [untimed(r) for r in read_jsonl(resumed / "log.jsonl")]
+    assert read_jsonl(straight / "eval.jsonl") == read_jsonl(resumed / "eval.jsonl")
+
+
+def stopped_process(argv, out, ready, signum, bound_s):
+    """Start `argv` (a train.py process, one thread), wait until `ready()` (a generous 120 s limit that turns a hang
+    into a failure), send `signum`, and return (its output, its exit code). The exit must come
+    within `bound_s`, far less than the work the process is stuck in would take (else TimeoutExpired)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.1)
+        assert proc.poll() is None and ready(), "the process ended or never reached the point to signal"
+        proc.send_signal(signum)
+        return proc.communicate(timeout=bound_s)[0], proc.returncode
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# the rollouts of step 2 and later crawl: 0.2 s per sampled token, so that step's rollouts (4 samples of 200 tokens)
+# would take 160 s; the run is train.py's main in a process of its own, under a real signal
+SLOW_ROLLOUTS = """import sys, time
+sys.path.insert(0, {root!r})
+import rollout, runtime, train
+slow, write, is_end = [False], runtime.Logger.write, rollout.TransformersEngine._is_end
+def write_then_slow(self, name, record):
+    write(self, name, record)
+    slow[0] = slow[0] or name == "log.jsonl"
+def crawl(self, ids):
+    if slow[0]:
+        print("generating slowly", flush=True) if len(ids) == 1 else None
+        time.sleep(0.2)
+    return is_end(self, ids)
+runtime.Logger.write, rollout.TransformersEngine._is_end = write_then_slow, crawl
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_during_rollouts_stops_the_run_in_seconds_and_resume_is_exact(tiny_model_dir, tmp_path):
+    """Ctrl-C (SIGINT) while step 2's rollouts are being sampled: the engine polls the stop flag once per token, so
+    the batch is dropped at once (not after its 160 s), step 1's checkpoint is written, exit 130; --resume then ends
+    where an uninterrupted run ends, bit for bit."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+
+    def args(out, *extra):
+        return tiny_args(tiny_model_dir, out, "--max-steps", "3", "--eval-every", "100", "--max-new-tokens", "200",
+                         *extra)
+
+    r = run_cli(args(straight))
+    assert r.returncode == 0, r.stderr[-2000:]
+    script = tmp_path / "slow_rollouts.py"
+    script.write_text(SLOW_ROLLOUTS.format(root=str(ROOT)))
+    log = stopped / "log.jsonl"
+    output, code = stopped_process([sys.executable, str(script), *args(stopped)], stopped,
+                                         lambda: log.exists() and log.read_text().count("\n") == 1, signal.SIGINT,
+                                         bound_s=20)
+    assert code == 130, output[-2000:]
+    assert "SIGINT: checkpoint written at step 1" in output and "Traceback" not in output
+    assert [p.name for p in runtime.checkpoint_dirs(stopped)] == ["step_000001"]
+    r = run_cli(args(stopped, "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    same_run(straight, stopped, 3)
+
+
+def test_a_signal_during_a_hung_critic_request_stops_the_run_in_seconds_and_resume_is_exact(tiny_model_dir, tmp_path,
+                                                                                            serve):
+    """A critic server on loopback that answers step 1's critiques, then holds every request open for 600 s (the
+    --critic-timeout): SIGTERM during that wait ends the run within seconds (the critic client polls the stop flag,
+    cuts its connections, retries nothing), with step 1's checkpoint and exit 143; with the server answering again,
+    --resume ends where an uninterrupted run ends, bit for bit."""
+    from test_critic import MODELS, ModelsHandler, chat_answer
+
+    release, asked = threading.Event(), []
+
+    def respond(body, headers):
+        if body is None or body["max_tokens"] == 1:  # the preflight: the model list, one token
+            return 200, MODELS if body is None else chat_answer("OK")
+        asked.append(body)
+        if len(asked) > 4 and hang[0]:  # step 1 asks 4 critiques
+            release.wait(600)
+        return 200, chat_answer("Step 1 is wrong.")
+
+    hang = [False]
+    _, url = serve(respond, ModelsHandler)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+
+    def args(out, *extra):
+        return tiny_args(tiny_model_dir, out, "--max-steps", "3", "--eval-every", "100", "--critic", "server",
+                         "--critic-url", url + "/v1", "--critic-model", "critic", "--critic-timeout", "600",
+                         "--critic-retries", "0", "--critic-unstructured", "keep", "--no-critic-think-in-prompt",
+                         *extra)
+
+    try:
+        r = run_cli(args(straight))
+        assert r.returncode == 0, r.stderr[-2000:]
+        asked.clear()
+        hang[0] = True
+        output, code = stopped_process([sys.executable, str(ROOT / "train.py"), *args(stopped)], stopped,
+                                             lambda: len(asked) > 4, signal.SIGTERM, bound_s=20)
+        assert code == 143, output[-2000:]
+        assert "SIGTERM: checkpoint written at step 1" in output and "Traceback" not in output
+        assert [p.name for p in runtime.checkpoint_dirs(stopped)] == ["step_000001"]
+        hang[0] = False
+        r = run_cli(args(stopped, "--resume"))
+        assert r.returncode == 0, r.stderr[-2000:]
+    finally:
+        release.set()
+    same_run(straight, stopped, 3)
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_signal_at_an_evaluation_boundary_checkpoints_first_and_resume_evaluates(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch, when):
+    """A real SIGTERM to this process right after step 2's log line (`before` its evaluation, --eval-every 2), or
+    once step 2's evaluation has begun (`during`: the engine drops it at its first token): exit 143 with step 2's
+    checkpoint and no evaluation of step 2 in eval.jsonl; --resume runs that evaluation first, then the rest, and
+    the logs, evaluations and weights equal an uninterrupted run's."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+
+    def args(out, *extra):
+        return tiny_args(tiny_model_dir, out, "--max-steps", "4", "--eval-every", "2", *extra)
+
+    train.main(args(straight))
+    write, evaluate_policy = runtime.Logger.write, evaluate.evaluate_policy
+
+    def write_then_signal(self, name, record):
+        write(self, name, record)
+        if name == "log.jsonl" and record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def signal_then_evaluate(cfg, engine, tokenizer, checker, test, step, d):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate_policy(cfg, engine, tokenizer, checker, test, step, d)
+
+    if when == "before":
+        monkeypatch.setattr(runtime.Logger, "write", write_then_signal)
+    else:
+        monkeypatch.setattr(evaluate, "evaluate_policy", signal_then_evaluate)
+    with pytest.raises(SystemExit) as stop:
+        train.main(args(stopped))
+    assert stop.value.code == 143
+    monkeypatch.undo()
+    assert [p.name for p in runtime.checkpoint_dirs(stopped)] == ["step_000002"]
+    assert [r["step"] for r in read_jsonl(stopped / "eval.jsonl")] == [0]
+    train.main(args(stopped, "--resume"))
+    assert [r["step"] for r in read_jsonl(stopped / "eval.jsonl")] == [0, 2, 4]
+    same_run(straight, stopped, 4)
