@@ -227,15 +227,17 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def table(measured: dict[str, dict], warmup: int) -> str:
-    """Medians per side over the kept steps, and the ratio ours / TRL of each column."""
-    cols = ["seconds", *PHASES, "response_length"]
-    head = ("| side | steps kept | step s | rollout s | teacher s | student s | other s | tokens/rollout | "
+def table(measured: dict[str, dict], warmup: int, rollouts: int) -> str:
+    """Medians per side over the kept steps, and the ratio ours / TRL of each column. The two sides' rollouts differ
+    in length (departure 1): ms/token, the step's time over its rollout tokens (`rollouts` per step), compares them
+    per token of work."""
+    cols = ["seconds", *PHASES, "response_length", "ms_per_token"]
+    head = ("| side | steps kept | step s | rollout s | teacher s | student s | other s | tokens/rollout | ms/token | "
             "peak RSS MiB |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     med = {}
     for side, m in measured.items():
-        kept = m["steps"]
+        kept = [s | {"ms_per_token": 1000 * s["seconds"] / (rollouts * s["response_length"])} for s in m["steps"]]
         med[side] = {c: median([s[c] for s in kept if c in s]) for c in cols} | {"rss": median(m["rss"])}
         cells = [f"{med[side][c]:.2f}" if c != "response_length" else f"{med[side][c]:.1f}" for c in cols]
         lines.append(f"| {side} | {len(kept)} | " + " | ".join(cells) + f" | {med[side]['rss']:.0f} |")
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="training steps per subprocess")
     parser.add_argument("--warmup", type=int, default=1, help="first steps of every subprocess left out of the "
                         "medians")
+    parser.add_argument("--ours", nargs="*", default=[], metavar="OPTION", help="more train.py options for our "
+                        "side, e.g. --ours=--grad-checkpointing (a setting that changes no result: memory against time)")
     parser.add_argument("--trl-worker", type=Path, default=None, help="(internal) run the TRL side in this process "
                         "and write its measurements to this JSON file")
     args = parser.parse_args(argv)
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
     command = " ".join([Path(sys.executable).name, *sys.argv])
-    print(f"command: OMP_NUM_THREADS=1 {command}\nours: python train.py {' '.join(OURS)} --max-steps {args.steps} "
+    print(f"command: OMP_NUM_THREADS=1 {command}\nours: python train.py {' '.join(OURS + args.ours)} --max-steps {args.steps} "
           f"--out-dir DIR", flush=True)
     measured = {side: {"steps": [], "rss": [], "wall": []} for side in ("ours (train.py)", "TRL SDFTTrainer")}
     checks = []
@@ -277,8 +281,8 @@ def main(argv: list[str] | None = None) -> None:
                 log_path = Path(tmp) / f"{side}_{r}.log"
                 if side == "ours":
                     out_dir = Path(tmp) / f"ours_{r}"
-                    cmd = [sys.executable, "train.py", *OURS, "--max-steps", str(args.steps), "--out-dir",
-                           str(out_dir)]
+                    cmd = [sys.executable, "train.py", *OURS, *args.ours, "--max-steps", str(args.steps),
+                           "--out-dir", str(out_dir)]
                     code, rss, wall = run_child(cmd, log_path)
                     if code:
                         fail(side, code, log_path)
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
                 measured[key]["wall"].append(wall)
                 print(f"round {r + 1}/{args.rounds} {key}: steps (s) " + " ".join(f"{s['seconds']:.2f}" for s in steps)
                       + f"; peak RSS {rss:.0f} MiB; process {wall:.0f} s", flush=True)
-    print(table(measured, args.warmup))
+    print(table(measured, args.warmup, workload(args.steps).prompts_per_step))
     c = checks[-1]
     print(f"TRL side: torch threads {c['threads']}; student prompt ids identical to ours: "
           f"{all(x['student_ids_match'] for x in checks)}, teacher prompt ids identical: "
