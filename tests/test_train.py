@@ -403,6 +403,17 @@ def strict_jsonl(path):
     return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines()]
 
 
+def diverging_run(tiny_model_dir, out, lr: str, capsys) -> tuple[str, list[dict]]:
+    """A refsol run at `lr` that must stop at step 2 with exit 5 (--nonfinite-max 2): its stderr and log.jsonl."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny_model_dir, out, "--feedback", "refsol", "--lr", lr, "--max-steps", "6",
+                             "--nonfinite-max", "2", "--eval-every", "100"))
+    err = capsys.readouterr().err
+    assert stop.value.code == train.EXIT_DIVERGED, err
+    assert "stopped at step 2: its last 2 steps were refused" in err
+    return err, strict_jsonl(out / "log.jsonl")
+
+
 def test_a_diverging_run_is_refused_step_by_step_then_stops_with_the_last_good_weights(tiny_model_dir, tmp_path,
                                                                                         capsys):
     """--lr 1e30: AdamW's first step moves every LoRA weight by ~lr, so ΔW = (α/r)·B A overflows fp32. Each such
@@ -410,14 +421,8 @@ def test_a_diverging_run_is_refused_step_by_step_then_stops_with_the_last_good_w
     (exit 5) with a checkpoint holding the last good weights (here the initial ones: B = 0). Sampling never sees
     the diverged weights; log.jsonl stays strict JSON."""
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as stop:
-        train.main(tiny_args(tiny_model_dir, out, "--feedback", "refsol", "--lr", "1e30", "--max-steps", "6",
-                             "--nonfinite-max", "2", "--eval-every", "100"))
-    err = capsys.readouterr().err
-    assert stop.value.code == train.EXIT_DIVERGED, err
-    assert "stopped at step 2: its last 2 steps were refused" in err and "skipped_nonfinite 2: a loss" in err
-    assert "--lr (1e+30)" in err
-    log = strict_jsonl(out / "log.jsonl")
+    err, log = diverging_run(tiny_model_dir, out, "1e30", capsys)
+    assert "skipped_nonfinite 2: a loss" in err and "--lr (1e+30)" in err
     assert [r["skipped_nonfinite"] for r in log] == [1, 2]
     assert all(math.isfinite(r["grad_norm"]) for r in log)  # (the gradients were fine; the updates were not)
     assert [p.name for p in runtime.checkpoint_dirs(out)] == ["step_000002"]
@@ -434,14 +439,8 @@ def test_a_finite_divergence_is_refused_and_the_checkpoint_keeps_the_last_good_s
     skipped_diverged; the run stops with exit 5 naming --lr. Then a run whose lr explodes after one good step: its
     last checkpoint holds that step's weights, bit for bit."""
     out = tmp_path / "huge"
-    with pytest.raises(SystemExit) as stop:
-        train.main(tiny_args(tiny_model_dir, out, "--feedback", "refsol", "--lr", "1e6", "--max-steps", "6",
-                             "--nonfinite-max", "2", "--eval-every", "100"))
-    err = capsys.readouterr().err
-    assert stop.value.code == train.EXIT_DIVERGED, err
-    assert "stopped at step 2: its last 2 steps were refused" in err and "skipped_diverged 2: an update" in err
-    assert "Fix: a lower --lr (1000000.0)" in err
-    log = strict_jsonl(out / "log.jsonl")
+    err, log = diverging_run(tiny_model_dir, out, "1e6", capsys)
+    assert "skipped_diverged 2: an update" in err and "Fix: a lower --lr (1000000.0)" in err
     assert [(r["skipped_diverged"], r["skipped_nonfinite"]) for r in log] == [(1, 0), (2, 0)]
     assert all(v.abs().max() == 0 for k, v in adapter(out, 2).items() if "lora_B" in k)  # the initial B
 
@@ -563,15 +562,20 @@ def test_a_step_with_nothing_to_learn_leaves_the_weights_alone(tiny_model_dir, t
     assert log[1]["grad_norm"] is None  # no step taken (NaN, written as null: log.jsonl is strict JSON)
 
 
-def test_feedback_all_evaluates_the_base_policy_once(tiny_model_dir, tmp_path, monkeypatch):
-    calls = []
-    real = evaluate.evaluate_policy
+def count_evaluations(monkeypatch) -> list[tuple[str, int]]:
+    """(form, step) of every evaluate_policy call from now on; the evaluations still run."""
+    calls, real = [], evaluate.evaluate_policy
 
     def counting(cfg, engine, tokenizer, checker, test, step, d):
         calls.append((cfg.feedback, step))
         return real(cfg, engine, tokenizer, checker, test, step, d)
 
     monkeypatch.setattr(evaluate, "evaluate_policy", counting)
+    return calls
+
+
+def test_feedback_all_evaluates_the_base_policy_once(tiny_model_dir, tmp_path, monkeypatch):
+    calls = count_evaluations(monkeypatch)
     train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "all", "--max-steps", "1",
                          "--eval-every", "1"))
     assert calls == [("stepalign", 0), ("stepalign", 1), ("refsol", 1), ("grpo", 1)]
@@ -584,14 +588,7 @@ def test_feedback_all_evaluates_the_base_policy_once(tiny_model_dir, tmp_path, m
 def test_base_eval_file_is_written_by_the_first_run_and_read_by_the_next(tiny_model_dir, tmp_path, monkeypatch):
     """--base-eval (study.py: one per seed): the first run evaluates the base policy and writes it; a later run, in
     another invocation, logs the same step 0 without evaluating it again."""
-    calls = []
-    real = evaluate.evaluate_policy
-
-    def counting(cfg, engine, tokenizer, checker, test, step, d):
-        calls.append((cfg.feedback, step))
-        return real(cfg, engine, tokenizer, checker, test, step, d)
-
-    monkeypatch.setattr(evaluate, "evaluate_policy", counting)
+    calls = count_evaluations(monkeypatch)
     path = tmp_path / "base_eval.json"
     for form in ("refsol", "grpo"):
         train.main(tiny_args(tiny_model_dir, tmp_path / form, "--feedback", form, "--max-steps", "1",
