@@ -211,8 +211,10 @@ def ours_steps(out_dir: Path) -> list[dict]:
     steps = []
     for line in (out_dir / "log.jsonl").read_text().splitlines():
         r = json.loads(line)
+        # student: its forward, Eq. 3 and the backward pass, as TRL's compute_loss (less the teacher) and backward
+        student = sum(r.get(f"time_{k}", 0.0) for k in ("student", "loss", "backward"))
         rec = {"seconds": r["seconds"], "rollout": r.get("time_rollout", 0.0), "teacher": r.get("time_teacher", 0.0),
-               "student": r.get("time_student", 0.0), "response_length": r["response_length"]}
+               "student": student, "response_length": r["response_length"]}
         rec["other"] = rec["seconds"] - rec["rollout"] - rec["teacher"] - rec["student"]
         steps.append(rec)
     return steps
