@@ -194,9 +194,11 @@ def load_data(path: Path):
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # the line of torch's message that names what was refused, not its advice to load with weights_only=False
+        lines = [x for x in str(e).strip().splitlines() if x.strip() and "weights_only" not in x]
+        what = lines[0].strip() if lines else type(e).__name__
         raise CheckpointError(f"{path}: refused, it holds more than tensors and numbers (a checkpoint is data, never "
-                              f"code; written by another program or an older version?): {first}") from None
+                              f"code; written by another program or an older version?): {what}") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
 

@@ -175,6 +175,7 @@ def test_resume_refuses_a_checkpoint_that_holds_code(tiny_model_dir, tmp_path, c
     assert not marker.exists()
     [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train.py: error:")]
     assert str(ckpt / name) in line and "refused" in line and "never code" in line
+    assert "mkdir" in line and "weights_only" not in line  # names the object, never advises weights_only=False
 
 
 @pytest.mark.parametrize("form", ["stepalign"])

@@ -1,0 +1,673 @@
+"""Fault injection by hand: each fault of issue 21's run, with variations, against a real `train.py` process.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/faults.py            # ~5 min on one core; prints one row per fault
+    OMP_NUM_THREADS=1 .venv/bin/python bench/faults.py critic     # only the faults whose name holds "critic"
+
+Each fault runs train.py (a tiny random 2-layer Llama with SmolLM2's tokenizer, 1-4 steps of 2 problems, a few
+tokens) in a process of its own, under a timeout (a hang is a FAIL), and checks what docs/reliability.md promises:
+the exit code (train.py's EXIT_*: 2 bad input, 3 critic down, 4 nothing learned, 5 diverged, 6 no room; 143
+SIGTERM, 130 SIGINT), a message naming the cause, no traceback, and nothing lost that a checkpoint had (a resumed
+run ends on the same adapter as an uninterrupted one, bit for bit). Critic servers are http.server on loopback in
+threads of this script. Not in CI: each fault has its pytest test (docs/reliability.md names them); this script
+repeats them end to end as a new user's processes would meet them.
+
+Departures from the tests: the signal faults that need a slow rollout or evaluation run train.main in a wrapper
+process that slows the engine (as tests/test_runtime.py's SLOW_ROLLOUTS does); the HTML figure is rendered in this
+process (mechanism.render_advantage_html: evaluate.py mechanism needs the demo model).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+KEY = "sk-fault-injection-secret"
+ROWS: list[tuple] = []  # (fault, expected, happened, ok)
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+def env():
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    e.update(OMP_NUM_THREADS="1", FAULT_KEY=KEY, TOKENIZERS_PARALLELISM="false")
+    return e
+
+
+def run(cmd: list[str], timeout: float = 120) -> tuple[int | str, str, float]:
+    """(exit code or 'hang', stdout + stderr, seconds) of one process, killed past `timeout`."""
+    t0 = time.time()
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, out, time.time() - t0
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+        return "hang", out, time.time() - t0
+
+
+def train_cmd(*args) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *args]
+
+
+def tiny(model, out, *extra) -> list[str]:
+    return ["--model", str(model), "--data", "arithmetic", "--arith-train", "4", "--arith-test", "2",
+            "--arith-ops", "1", "--arith-max-operand", "9", "--critic", "exact", "--engine", "transformers",
+            "--max-new-tokens", "6", "--prompts-per-step", "2", "--micro-batch", "2", "--lr", "1e-2",
+            "--dtype", "float32", "--no-grad-checkpointing", "--eval-every", "1", "--eval-samples", "1",
+            "--lora-r", "4", "--lora-alpha", "8", "--grpo-group-size", "2", "--no-progress", "--seed", "3",
+            "--max-steps", "1", "--out-dir", str(out), *extra]
+
+
+def errors(out: str) -> str:
+    """The lines that name the cause: train.py's errors and warnings, and a signal's line."""
+    keep = [x for x in out.splitlines() if x.startswith(("train.py:", "SIG", "Traceback", "resumed from"))
+            or "Error" in x or "taken over" in x]
+    return " | ".join(keep)[-240:]
+
+
+def record(fault: str, want_code, want_msg: str, got, out: str, secs: float, extra_ok: bool = True,
+           extra: str = ""):
+    ok = got == want_code and want_msg in out and "Traceback" not in out and extra_ok
+    tail = errors(out) or " / ".join(out.strip().splitlines()[-2:])[-160:]
+    happened = f"exit {got} in {secs:.1f}s; {tail}" + (f"; {extra}" if extra else "")
+    ROWS.append((fault, f"exit {want_code}, '{want_msg}'", happened, ok))
+    print(f"{'PASS' if ok else 'FAIL'}  {fault}: {happened}", flush=True)
+
+
+def fault(fault_name: str, want_code, want_msg: str, args: list[str], timeout: float = 120, cmd=None):
+    got, out, secs = run(cmd or train_cmd(*args), timeout)
+    record(fault_name, want_code, want_msg, got, out, secs)
+    return got, out
+
+
+def adapter(out, step):
+    from safetensors.torch import load_file
+    return load_file(Path(out) / "checkpoints" / f"step_{step:06d}" / "adapter_model.safetensors")
+
+
+def same_adapter(a, b, step) -> bool:
+    try:
+        x, y = adapter(a, step), adapter(b, step)
+    except OSError:
+        return False
+    return x.keys() == y.keys() and all(bool((x[k] == y[k]).all()) for k in x)
+
+
+def ckpts(out) -> list[str]:
+    d = Path(out) / "checkpoints"
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+# ------------------------------------------------------------------------------------------------ loopback servers
+MODELS = {"object": "list", "data": [{"id": "critic", "object": "model"}]}
+
+
+def chat(text):
+    return {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
+
+
+class Critic:
+    """A chat-completions server on 127.0.0.1 whose misbehaviour is `mode` (preflight: the model list and the
+    one-token probe; train: every other request). `answered`: how many training requests reached it;
+    `auth`: the Authorization headers it saw."""
+
+    def __init__(self, host="127.0.0.1"):
+        critic = self
+        self.preflight, self.train, self.redirect_to, self.answered, self.auth = "ok", "ok", "", 0, []
+        self.release, self.hang_after = threading.Event(), 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # noqa: N802
+                critic.auth.append(self.headers.get("Authorization"))
+                self.act(critic.preflight, MODELS, 307)
+
+            def do_POST(self):  # noqa: N802
+                critic.auth.append(self.headers.get("Authorization"))
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if body.get("max_tokens") == 1:
+                    return self.act(critic.preflight, chat("OK"), 307)
+                critic.answered += 1
+                mode = critic.train
+                if mode == "hang_after":
+                    mode = "hang" if critic.answered > critic.hang_after else "text"
+                if mode == "huge_first":
+                    mode = "huge" if critic.answered == 1 else "text"
+                self.act(mode, chat("Step 1 is wrong."), 307)
+
+            def act(self, mode, payload, redirect_status):
+                try:
+                    if mode in ("ok", "text"):
+                        return self.send(200, json.dumps(payload).encode())
+                    if mode == "schema":
+                        return self.send(200, json.dumps(chat("ok</think>\n\nLooks fine to me.")).encode())
+                    if mode == "empty":
+                        return self.send(200, json.dumps(chat("")).encode())
+                    if mode == "huge":
+                        return self.send(200, json.dumps(chat("Step 1 is wrong. " * 60000)).encode())  # 1 MB
+                    if mode == "500":
+                        return self.send(500, b'{"error": "internal"}')
+                    if mode == "401":
+                        return self.send(401, b'{"error": "unauthorized"}')
+                    if mode == "garbage":
+                        return self.send(200, b"\x00<html>not json}{")
+                    if mode == "wrong_model":
+                        return self.send(200, json.dumps({"data": [{"id": "another"}]}).encode())
+                    if mode == "redirect":
+                        self.send_response(redirect_status)
+                        self.send_header("Location", critic.redirect_to + self.path)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    if mode == "hang":
+                        critic.release.wait(300)
+                        return
+                    if mode == "drip":  # one byte of a valid answer every 0.3 s: 100 s for the whole of it
+                        data = json.dumps(payload).encode()
+                        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}"
+                                "\r\n\r\n").encode()
+                        for b in head + data:
+                            if critic.release.is_set():
+                                return
+                            self.wfile.write(bytes([b]))
+                            self.wfile.flush()
+                            time.sleep(0.3)
+                        return
+                    raise ValueError(mode)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def send(self, status, data):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.url = f"http://{host}:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def critic_args(url, *extra):
+    return ["--critic", "server", "--critic-url", url, "--critic-model", "critic", "--critic-api-key-env",
+            "FAULT_KEY", "--critic-timeout", "3", "--critic-retries", "0", *extra]
+
+
+# --------------------------------------------------------------------------------------------- slow-engine wrapper
+# train.main in a process of its own whose sampling crawls (0.2 s per token) once the first step is logged: a signal
+# then lands in step 2's rollouts, or (--eval-every 1) in step 1's evaluation
+SLOW = """import sys, time
+sys.path.insert(0, {root!r})
+import rollout, runtime, train
+slow, write, is_end = [False], runtime.Logger.write, rollout.TransformersEngine._is_end
+def write_then_slow(self, name, record):
+    write(self, name, record)
+    slow[0] = slow[0] or name == "log.jsonl"
+def crawl(self, ids):
+    if slow[0]:
+        time.sleep(0.2)
+    return is_end(self, ids)
+runtime.Logger.write, rollout.TransformersEngine._is_end = write_then_slow, crawl
+train.main(sys.argv[1:])
+"""
+
+# train.py under a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored): a write past it fails with EFBIG, as a full disk
+# fails with ENOSPC
+FSIZE = """import resource, runpy, signal, sys
+sys.path.insert(0, {root!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.argv = [{train!r}, *sys.argv[1:]]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def signalled(cmd, when, signum, bound_s=20.0, start_timeout=120.0):
+    """Start cmd, send `signum` once when() holds, and return (exit code or 'hang', output, seconds after the
+    signal)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t_end = time.time() + start_timeout
+    while time.time() < t_end and p.poll() is None and not when():
+        time.sleep(0.02)
+    t0 = time.time()
+    if p.poll() is None:
+        p.send_signal(signum)
+    try:
+        out, _ = p.communicate(timeout=bound_s)
+        return p.returncode, out, time.time() - t0
+    except subprocess.TimeoutExpired:
+        p.kill()
+        return "hang", p.communicate()[0], time.time() - t0
+
+
+def log_lines(out) -> int:
+    f = Path(out) / "log.jsonl"
+    return f.read_text().count("\n") if f.exists() else 0
+
+
+# -------------------------------------------------------------------------------------------------------- faults
+def bad_options(model, tmp):
+    out = tmp / "opt"
+    cases = [("option: --lr -1", ["--lr", "-1"], "--lr -1.0: must be > 0"),
+             ("option: --lr nan", ["--lr", "nan"], "--lr nan"),
+             ("option: --lr abc (not a number)", ["--lr", "abc"], "argument --lr: invalid"),
+             ("option: --feedback bogus", ["--feedback", "bogus"], "argument --feedback: invalid choice"),
+             ("option: --max-new-tokens 0", ["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
+             ("option: --prompts-per-step 0", ["--prompts-per-step", "0"], "--prompts-per-step 0: must be >= 1"),
+             ("option: --eval-every 0", ["--eval-every", "0"], "--eval-every 0: must be >= 1"),
+             ("option: --critic-url ftp://x", ["--feedback", "stepalign", "--critic", "server", "--critic-url",
+                                               "ftp://x"], "must be http(s)://HOST[:PORT]/v1"),
+             ("option: --critic-api-key-env '1 BAD'", ["--critic-api-key-env", "1 BAD"],
+              "must be the name of an environment variable"),
+             ("option: --model /no/such/dir", ["--model", "/no/such/dir"], "no such directory"),
+             ("option: --data /no/such.jsonl", ["--data", "/no/such.jsonl"], "no such file")]
+    for name, extra, msg in cases:
+        fault(name, 2, msg, tiny(model, out, *extra))
+    (tmp / "a_file").write_text("x")
+    fault("option: --out-dir under a file", 2, "is a file, so no directory can be made under it",
+          tiny(model, tmp / "a_file" / "run"))
+    ro = tmp / "readonly"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        fault("option: --out-dir in an unwritable directory", 2, "is not writable", tiny(model, ro / "run"))
+    done = tmp / "done"
+    run(train_cmd(*tiny(model, done)))
+    fault("option: a fresh run on an out-dir with checkpoints", 2, "holds checkpoints of an earlier run",
+          tiny(model, done))
+    fault("option: --resume with a changed --lora-r", 2, "continues a run only with the options it started with",
+          tiny(model, done, "--lora-r", "8", "--resume"))
+
+
+def manifests(model, tmp):
+    def write(name, rows, raw=None):
+        p = tmp / f"{name}.jsonl"
+        p.write_text(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in rows))
+        return p
+
+    def row(i, split, problem=None, **kw):
+        return {"id": i, "problem": problem or f"What is {len(i)} + 1?", "answer": "2", "split": split,
+                "reference_solution": "1 + 1 = 2", **kw}
+    good = [row("a", "train"), row("b", "train", "What is 3 + 3?"), row("t", "test", "What is 4 + 4?")]
+    cases = [("manifest: duplicate id in train", [*good, row("a", "train", "What is 9 + 9?")],
+              "id 'a' is twice in train"),
+             ("manifest: duplicate id in test", [*good, row("t", "test", "What is 8 + 8?")],
+              "id 't' is twice in test"),
+             ("manifest: an id in train and test", [*good, row("a", "test", "What is 7 + 7?")],
+              "id 'a' is in both train and test"),
+             ("manifest: the same problem text in both splits", [*good, row("u", "test", good[1]["problem"])],
+              "hold the same problem"),
+             ("manifest: a row without 'answer'", [*good, {k: v for k, v in row("z", "train").items()
+                                                          if k != "answer"}], "field 'answer' is missing"),
+             ("manifest: split 'valid'", [*good, row("z", "valid", "What is 6 + 6?")], "field 'split' is 'valid'"),
+             ("manifest: no held-out problem", good[:2], "")]
+    for name, rows, msg in cases:
+        p = write(name.split(": ")[1].replace(" ", "_").replace("'", ""), rows)
+        fault(name, 2, msg or str(p), tiny(model, tmp / "m", "--data", str(p), "--feedback", "refsol"))
+    lines = "".join(json.dumps(r) + "\n" for r in good)
+    p = write("malformed", None, lines + '{"id": "x", "problem": \n')
+    fault("manifest: malformed JSONL line", 2, "row 4: not a JSON object",
+          tiny(model, tmp / "m", "--data", str(p), "--feedback", "refsol"))
+    p = tmp / "binary.jsonl"
+    p.write_bytes(lines.encode() + b"\xff\xfe\x00garbage\n")
+    fault("manifest: bytes that are not UTF-8", 2, "row 4: not UTF-8 text",
+          tiny(model, tmp / "m", "--data", str(p), "--feedback", "refsol"))
+
+
+def critic_preflight(model, tmp):
+    out = tmp / "cp"
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{port.getsockname()[1]}/v1"
+    port.close()
+    fault("critic preflight: nothing listening", 2, "connection refused", tiny(model, out, *critic_args(url)))
+    for mode, msg in [("500", "HTTP 500"), ("garbage", "not an OpenAI-compatible answer"),
+                      ("401", "refused"), ("wrong_model", "not 'critic' (--critic-model)"),
+                      ("hang", "no answer within 3.0 s"), ("drip", "no answer within 3.0 s")]:
+        c = Critic()
+        c.preflight = mode
+        got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url))), 60)
+        c.close()
+        record(f"critic preflight: {mode}", 2, msg, got, o, secs, secs < 25 and KEY not in o,
+               "key printed" if KEY in o else "")
+    # a redirect to another host: the key must not reach it (GET of the model list, and POST of the probe)
+    for what in ("GET", "POST"):
+        other, c = Critic("127.0.0.2"), Critic()
+        c.preflight, c.redirect_to = ("redirect" if what == "GET" else "ok"), other.url.removesuffix("/v1")
+        if what == "POST":  # the model list answers, the probe is redirected
+            c.preflight = "ok"
+
+            def redirect_post(h):
+                h.rfile.read(int(h.headers["Content-Length"]))
+                h.act("redirect", None, 307)
+            c.server.RequestHandlerClass.do_POST = redirect_post
+        got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url))), 60)
+        leaked = [a for a in other.auth if a and KEY in a]
+        c.close()
+        other.close()
+        record(f"critic preflight: {what} redirected to another host", 2, "HTTP 307", got, o, secs,
+               not leaked and KEY not in o, f"key sent to the other host {len(leaked)} times")
+
+
+def critic_training(model, tmp):
+    """The preflight passes; then the critic misbehaves on every training request: the stop rule (exit 3) at the
+    last step, with its checkpoint."""
+    for mode, msg, extra in [("schema", "(schema 2)", []), ("empty", "critiques failed", []),
+                             ("500", "critiques failed", []), ("garbage", "critiques failed", []),
+                             ("hang", "critiques failed", []), ("drip", "critiques failed", [])]:
+        c = Critic()
+        c.train = mode
+        out = tmp / f"ct_{mode}"
+        got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url), *extra)), 90)
+        c.close()
+        record(f"critic in training: {mode}", 3, msg, got, o, secs,
+               ckpts(out) == ["step_000001"] and KEY not in o, f"checkpoints {ckpts(out)}")
+    c = Critic()
+    c.train = "huge_first"
+    out = tmp / "ct_huge"
+    got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url, "--critic-unstructured", "keep",
+                                                                 "--no-critic-think-in-prompt"))), 120)
+    c.close()
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] if (out / "log.jsonl").exists() \
+        else [{}]
+    record("hostile text: a 1 MB critique (kept as text)", 0, "exceed the context", got, o, secs,
+           log[-1].get("skipped_context") == 1, f"skipped_context {log[-1].get('skipped_context')}")
+
+
+def hostile_text(model, tmp):
+    huge = "seven " * 175000  # ~1 MB
+    rows = [{"id": f"p{i}", "problem": f"What is {i} + 1?", "answer": str(i + 1), "split": "train",
+             "reference_solution": f"{i} + 1 = {i + 1}. \\boxed{{{i + 1}}}"} for i in range(2)]
+    test = {"id": "t", "problem": "What is 5 + 1?", "answer": "6", "split": "test", "reference_solution": "6"}
+    p = tmp / "huge_problem.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in
+                         [*rows, {"id": "huge", "problem": huge, "answer": "7", "split": "train",
+                                     "reference_solution": "7"}, test]))
+    fault("hostile text: a 1 MB problem", 2, "problem 'huge': its student prompt of",
+          tiny(model, tmp / "ht1", "--data", str(p), "--feedback", "refsol"))
+    p = tmp / "huge_ref.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in
+                         [rows[0], {"id": "big", "problem": "What is 6 + 1?", "answer": "7", "split": "train",
+                                    "reference_solution": huge}, test]))
+    fault("hostile text: a 1 MB reference solution (refsol)", 0, "exceed the context",
+          tiny(model, tmp / "ht2", "--data", str(p), "--feedback", "refsol"))
+    # the mechanism figure: model text with HTML and a script, rendered in this process
+    import numpy as np
+    from mechanism import render_advantage_html
+    toks = [["<script>alert(1)</script>", "<img src=x onerror=alert(2)>", '" onmouseover="x', "&amp;"]]
+    t0 = time.time()
+    page = render_advantage_html(toks, {"StepAlignFB": [np.zeros(4)]}, [None], title="<script>t</script>",
+                                 captions=["<iframe src=//evil>"])
+    bad = [s for s in ("<script>", "<img", "<iframe", '" onmouseover') if s in page]
+    record("hostile text: HTML/script in model text (the figure)", 0, "", 0 if not bad else 1, "", time.time() - t0,
+           not bad, f"unescaped {bad}" if bad else "all escaped")
+
+
+def signals(model, tmp):
+    wrapper = tmp / "slow.py"
+    wrapper.write_text(SLOW.format(root=str(ROOT)))
+    base = ["--max-steps", "3", "--eval-every", "100", "--max-new-tokens", "200"]
+    straight = tmp / "sig_straight"
+    run(train_cmd(*tiny(model, straight, *base)), 300)
+    for name, signum, code in (("SIGTERM", signal.SIGTERM, 143), ("SIGINT", signal.SIGINT, 130)):
+        out = tmp / f"sig_roll_{name}"
+        got, o, secs = signalled([sys.executable, str(wrapper), *tiny(model, out, *base)],
+                                 lambda out=out: log_lines(out) == 1, signum)
+        r = run(train_cmd(*tiny(model, out, *base, "--resume")), 300)
+        same = r[0] == 0 and same_adapter(straight, out, 3)
+        record(f"signal: {name} during rollouts (slowed to 160 s), then --resume", code,
+               f"{name}: checkpoint written at step 1", got, o, secs, secs < 20 and same,
+               f"resume exit {r[0]}, final adapter {'==' if same else '!='} uninterrupted")
+    # during a hung critic request: step 1 answered (2 critiques), then every request held for 300 s
+    cbase = ["--max-steps", "3", "--eval-every", "100", "--critic-unstructured", "keep",
+             "--no-critic-think-in-prompt", "--critic-timeout", "600"]
+    c = Critic()
+    c.train = "text"
+    url_args = critic_args(c.url)[:-4] + ["--critic-retries", "0"]
+    straight_c = tmp / "sigc_straight"
+    run(train_cmd(*tiny(model, straight_c, *url_args, *cbase)), 300)
+    for name, signum, code in (("SIGTERM", signal.SIGTERM, 143), ("SIGINT", signal.SIGINT, 130)):
+        out = tmp / f"sig_critic_{name}"
+        c.train, c.answered, c.hang_after = "hang_after", 0, 2
+        c.release.clear()
+        got, o, secs = signalled(train_cmd(*tiny(model, out, *url_args, *cbase)), lambda c=c: c.answered > 2,
+                                 signum)
+        c.release.set()
+        c.train = "text"
+        r = run(train_cmd(*tiny(model, out, *url_args, *cbase, "--resume")), 300)
+        same = r[0] == 0 and same_adapter(straight_c, out, 3)
+        record(f"signal: {name} during a hung critic request (timeout 600 s), then --resume", code,
+               f"{name}: checkpoint written at step 1", got, o, secs, secs < 20 and same,
+               f"resume exit {r[0]}, final adapter {'==' if same else '!='} uninterrupted")
+    c.close()
+    # at an evaluation boundary: step 1 logged, its checkpoint written, its (slowed) evaluation under way
+    ebase = ["--max-steps", "2", "--eval-every", "1", "--max-new-tokens", "200"]
+    straight_e = tmp / "sige_straight"
+    run(train_cmd(*tiny(model, straight_e, *ebase)), 300)
+    out = tmp / "sig_eval"
+
+    def evaluating():
+        if log_lines(out) == 1:
+            time.sleep(1.0)  # into the evaluation
+            return True
+        return False
+    got, o, secs = signalled([sys.executable, str(wrapper), *tiny(model, out, *ebase)], evaluating, signal.SIGTERM)
+    evals = [json.loads(x)["step"] for x in (out / "eval.jsonl").read_text().splitlines()]
+    r = run(train_cmd(*tiny(model, out, *ebase, "--resume")), 300)
+    evals_after = [json.loads(x)["step"] for x in (out / "eval.jsonl").read_text().splitlines()]
+    same = r[0] == 0 and same_adapter(straight_e, out, 2)
+    record("signal: SIGTERM during step 1's evaluation, then --resume", 143, "SIGTERM: checkpoint written at step 1",
+           got, o, secs, secs < 20 and same and 1 not in evals and 1 in evals_after,
+           f"eval steps {evals} -> after --resume {evals_after}; final adapter {'==' if same else '!='}")
+
+
+def kills(model, tmp):
+    """kill -9 while a checkpoint is being written (its .tmp_step_* directory exists), then --resume."""
+    base = ["--max-steps", "4", "--eval-every", "1"]
+    straight = tmp / "kill_straight"
+    run(train_cmd(*tiny(model, straight, *base)), 300)
+    for k in (1, 2, 3):
+        out = tmp / f"kill_{k}"
+        seen = []
+
+        def saving(out=out, k=k, seen=seen):
+            d = out / "checkpoints"
+            tmps = list(d.glob(f".tmp_step_{k:06d}")) if d.is_dir() else []
+            seen.append(bool(tmps))
+            return bool(tmps) or (d / f"step_{k:06d}").exists()
+        got, o, secs = signalled(train_cmd(*tiny(model, out, *base)), saving, signal.SIGKILL)
+        stray = [p.name for p in (out / "checkpoints").glob(".tmp_*")] if (out / "checkpoints").is_dir() else []
+        before = ckpts(out)
+        r = run(train_cmd(*tiny(model, out, *base, "--resume")), 300)
+        same = r[0] == 0 and same_adapter(straight, out, 4)
+        record(f"kill -9 during the save of step {k}, then --resume", -9, "", got, o + r[1], secs, same,
+               f"{'mid-save' if seen and seen[-1] else 'after the save'}; left {before} {stray}; resume exit "
+               f"{r[0]}: {errors(r[1])[-120:]}; final adapter {'==' if same else '!='} uninterrupted")
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def corrupt_checkpoints(model, tmp):
+    import torch
+    base = ["--max-steps", "4", "--eval-every", "2"]
+    straight = tmp / "ck_straight"
+    run(train_cmd(*tiny(model, straight, *base)), 300)
+
+    def truncate(p):
+        p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2])
+    cases = [("optimizer.pt truncated", "optimizer.pt", truncate),
+             ("adapter truncated", "adapter_model.safetensors", truncate),
+             ("adapter garbage", "adapter_model.safetensors", lambda p: p.write_bytes(os.urandom(4096))),
+             ("adapter empty", "adapter_model.safetensors", lambda p: p.write_bytes(b"")),
+             ("state.json missing", "state.json", lambda p: p.unlink()),
+             ("state.json garbage", "state.json", lambda p: p.write_text("{\"step\": ")),
+             ("rng garbage", "rng_rank0.pt", lambda p: p.write_bytes(os.urandom(512))),
+             ("config.json garbage", "config.json", lambda p: p.write_text("{not json"))]
+    for name, f, corrupt in cases:
+        out = tmp / f"ck_{f}_{name.split()[-1]}"
+        shutil.copytree(straight, out)
+        corrupt(out / "checkpoints" / "step_000004" / f)
+        got, o, secs = run(train_cmd(*tiny(model, out, *base, "--resume")), 300)
+        same = same_adapter(straight, out, 4)
+        record(f"corrupt checkpoint: {name}, --resume", 0, "passes over a checkpoint that does not load", got, o,
+               secs, same and "resumed from" in o and "step_000002" in o,
+               f"final adapter {'==' if same else '!='} uninterrupted")
+    # a pickled payload: never run; passed over like any file that is not data (an older checkpoint loads), or
+    # exit 2 when it is in the only checkpoint
+    for f in ("rng_rank0.pt", "optimizer.pt"):
+        for only in (False, True):
+            out = tmp / f"ck_payload_{f}_{only}"
+            shutil.copytree(straight, out)
+            if only:
+                shutil.rmtree(out / "checkpoints" / "step_000002")
+            marker = tmp / f"payload_ran_{f}_{only}"
+            torch.save({"state": Payload(str(marker)), "t": torch.zeros(2)}, out / "checkpoints" / "step_000004" / f)
+            got, o, secs = run(train_cmd(*tiny(model, out, *base, "--resume")), 300)
+            same = only or same_adapter(straight, out, 4)
+            record(f"corrupt checkpoint: a pickled payload in {f}{' (the only checkpoint)' if only else ''}, "
+                   "--resume", 2 if only else 0, "never code", got, o, secs,
+                   not marker.exists() and same and "weights_only" not in o,
+                   f"the payload {'ran' if marker.exists() else 'did not run'}" +
+                   ("" if only else f"; final adapter {'==' if same else '!='} uninterrupted"))
+    out = tmp / "ck_all_bad"
+    shutil.copytree(straight, out)
+    for s in (2, 4):
+        truncate(out / "checkpoints" / f"step_{s:06d}" / "optimizer.pt")
+    fault("corrupt checkpoint: every checkpoint truncated, --resume", 2, "none of the checkpoints in",
+          tiny(model, out, *base, "--resume"))
+
+
+def disk(model, tmp):
+    wrapper = tmp / "fsize.py"
+    wrapper.write_text(FSIZE.format(limit=32768, root=str(ROOT), train=str(ROOT / "train.py")))
+    out = tmp / "disk1"
+    got, o, secs = run([sys.executable, str(wrapper), *tiny(model, out)], 120)
+    record("full disk (RLIMIT_FSIZE 32 KB) at the first save", 6, "could not be written", got, o, secs,
+           not list((out / "checkpoints").glob(".tmp_*")) if (out / "checkpoints").is_dir() else True)
+    out = tmp / "disk2"
+    run(train_cmd(*tiny(model, out, "--max-steps", "2", "--eval-every", "2")), 120)
+    before = adapter(out, 2)
+    got, o, secs = run([sys.executable, str(wrapper), *tiny(model, out, "--max-steps", "4", "--eval-every", "2",
+                                                            "--resume")], 120)
+    after = adapter(out, 2)
+    intact = before.keys() == after.keys() and all(bool((before[k] == after[k]).all()) for k in before)
+    record("full disk at a later save (resumed run)", 6, "step_000002 is intact", got, o, secs,
+           intact and ckpts(out) == ["step_000002"], f"checkpoints {ckpts(out)}, step 2 intact: {intact}")
+
+
+def out_dir_sharing(model, tmp):
+    out = tmp / "shared"
+    lock = out / ".lock"
+    holder = subprocess.Popen(train_cmd(*tiny(model, out, "--max-steps", "200", "--eval-every", "1000",
+                                              "--arith-train", "400")),
+                              cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t_end = time.time() + 120
+    while time.time() < t_end and holder.poll() is None and not (lock.exists() and lock.read_text()):
+        time.sleep(0.05)
+    got, o, secs = run(train_cmd(*tiny(model, out)), 60)
+    record("two runs on one out-dir: the second", 2, f"in use by another run (pid {holder.pid}", got, o, secs,
+           holder.poll() is None, "the holder still runs" if holder.poll() is None else "the holder died")
+    holder.kill()
+    holder.wait()
+    got, o, secs = run(train_cmd(*tiny(model, out, "--arith-train", "400")), 120)
+    record("two runs on one out-dir: after the holder is killed (-9)", 0, f"taken over from a run", got, o, secs)
+
+
+def divergence(model, tmp):
+    for lr, msg, form in (("1e6", "a lower --lr (1000000.0)", "refsol"), ("1e30", "--lr (1e+30)", "refsol"),
+                          ("1e30", "--lr (1e+30)", "stepalign"), ("1e12", "--lr", "refsol")):
+        out = tmp / f"div_{lr}_{form}"
+        got, o, secs = run(train_cmd(*tiny(model, out, "--feedback", form, "--lr", lr, "--max-steps", "4",
+                                           "--nonfinite-max", "2", "--eval-every", "100")), 120)
+        ok = False
+        try:
+            w = adapter(out, 2)
+            ok = all(bool(v.isfinite().all()) for v in w.values()) and \
+                all(float(v.abs().max()) == 0 for k, v in w.items() if "lora_B" in k)
+            for line in (out / "log.jsonl").read_text().splitlines():
+                json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+        except (OSError, ValueError):
+            ok = False
+        record(f"divergence: --lr {lr} ({form})", 5, msg, got, o, secs, ok,
+               f"checkpoint {ckpts(out)} holds the initial weights, log strict JSON: {ok}")
+
+
+def resume_spellings(model, tmp):
+    for how in ("trailing slash", "relative path", "moved directory", "via a symlink"):
+        out = tmp / f"sp_{how.split()[0]}"
+        run(train_cmd(*tiny(model, out)), 120)
+        spelled = str(out) + "/"
+        if how == "relative path":
+            spelled = os.path.relpath(out, ROOT)
+        elif how == "moved directory":
+            moved = tmp / "sp_moved_here"
+            out.rename(moved)
+            spelled = out = moved
+        elif how == "via a symlink":
+            (tmp / "sp_link").symlink_to(out)
+            spelled = tmp / "sp_link"
+        fault(f"resume: --out-dir spelled as a {how}", 0, "resumed from",
+              tiny(model, spelled, "--max-steps", "2", "--resume"))
+
+
+GROUPS = [bad_options, manifests, critic_preflight, critic_training, hostile_text, signals, kills,
+          corrupt_checkpoints, disk, out_dir_sharing, divergence, resume_spellings]
+
+
+def main(argv):
+    from conftest import tiny_llama
+    from rollout import smollm2_path
+    from transformers import AutoTokenizer
+    only = argv[0] if argv else ""
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="faults_") as d:
+        tmp = Path(d)
+        model = tmp / "tiny_model"
+        tok = AutoTokenizer.from_pretrained(smollm2_path())  # the tokenizer only: the model is random, 2 layers
+        tiny_llama(len(tok), seed=0).save_pretrained(model)
+        tok.save_pretrained(model)
+        for group in GROUPS:
+            if only and only not in group.__name__:
+                continue
+            group(model, tmp)
+        (tmp / "readonly").exists() and (tmp / "readonly").chmod(0o700)
+    print(f"\n| fault | expected | what happened | |\n|---|---|---|---|")
+    for name, want, got, ok in ROWS:
+        print(f"| {name} | {want} | {got.replace('|', '/')} | {'PASS' if ok else 'FAIL'} |")
+    survived = sum(ok for *_, ok in ROWS)
+    print(f"\nsurvived {survived} / {len(ROWS)} faults in {time.time() - t0:.0f} s")
+    return 0 if survived == len(ROWS) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
