@@ -1031,3 +1031,17 @@ def test_prompts_and_contexts_longer_than_the_model_context_are_refused_or_skipp
     assert record["skipped_critic_step"] == 1 and record["skipped_empty"] == 0  # the other 3 rollouts trained
     assert "step 1: 1 rollouts skipped: their teacher prompt (x + c) and y exceed the context of" in \
         capsys.readouterr().err
+
+
+def test_activation_checkpointing_changes_no_bit(tiny_model_dir, tmp_path):
+    """--grad-checkpointing recomputes each layer's forward in backward with the same kernels on the same inputs: the
+    same gradients, so the same adapter and step values bit for bit (a setting of memory against time only;
+    bench/bench_step.py measures both)."""
+    for flag in ("--grad-checkpointing", "--no-grad-checkpointing"):
+        train.main(tiny_args(tiny_model_dir, tmp_path / flag, "--feedback", "refsol", "--max-steps", "2", flag))
+    on, off = adapter(tmp_path / "--grad-checkpointing", 2), adapter(tmp_path / "--no-grad-checkpointing", 2)
+    assert any(v.abs().max() > 0 for k, v in on.items() if "lora_B" in k)  # the steps moved the weights
+    assert all(torch.equal(on[k], off[k]) for k in on)
+    values = [[(r["loss"], r["grad_norm"], r["divergence"]) for r in read_jsonl(tmp_path / flag / "log.jsonl")]
+              for flag in ("--grad-checkpointing", "--no-grad-checkpointing")]
+    assert values[0] == values[1]
