@@ -94,8 +94,8 @@ from feedback import FORMS, PAPER_FORMS, Item, check_prompt_lengths, form_name, 
 from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, SaveError, StopFlag, Stopped, Timer,
                      all_reduce_sum, check_room, checkpoint_bytes, critic_down, critic_down_error, divergence_probe,
                      diverged_error, evaluation_due, evaluation_pending, make_vllm_engine, nothing_learned,
-                     progress_bar, push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir, start_policy,
-                     probe_policy, refused_update, sum_over_ranks, unusable_as_failures, warn)
+                     progress_bar, push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir,
+                     start_policy, probe_policy, refused_update, sum_over_ranks, unusable_as_failures, warn)
 
 EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_NO_ROOM = 2, 3, 4, 5, 6
 

@@ -127,7 +127,8 @@ def main():
     ap.add_argument("--feedback", default="refsol", help="an SD form of the demo (not grpo)")
     ap.add_argument("--steps", type=int, default=3, help="steps; the first is a warm-up, left out of the medians")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--paper-tiny", action="store_true", help="the paper's preset on a random Qwen3 (bench/random_qwen3)")
+    ap.add_argument("--paper-tiny", action="store_true",
+                    help="the paper's defaults on a tiny random Qwen3 (bench/random_qwen3)")
     ap.add_argument("--profile", type=int, default=0, help="print the top N operators of each phase (last step)")
     ap.add_argument("option", nargs="*", help="more train.py options, after --, e.g. -- --micro-batch 3")
     a = ap.parse_args()

@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
     command = " ".join([Path(sys.executable).name, *sys.argv])
-    print(f"command: OMP_NUM_THREADS=1 {command}\nours: python train.py {' '.join(OURS + args.ours)} --max-steps {args.steps} "
+    ours = " ".join(OURS + args.ours)
+    print(f"command: OMP_NUM_THREADS=1 {command}\nours: python train.py {ours} --max-steps {args.steps} "
           f"--out-dir DIR", flush=True)
     measured = {side: {"steps": [], "rss": [], "wall": []} for side in ("ours (train.py)", "TRL SDFTTrainer")}
     checks = []
