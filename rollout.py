@@ -188,7 +188,7 @@ class TransformersEngine:
                 if self.interrupt is not None:
                     self.interrupt()
                 out = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
-                                 past_key_values=cache, use_cache=True)
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)  # the prompt's: unused
                 cache = out.past_key_values
                 logits = out.logits[:, -1, :].float()  # (A, V)  A = len(active)
                 if temperature == 0:
