@@ -63,6 +63,10 @@ class Watch:
         while not self._stop.wait(0.002):
             self._max = max(self._max, rss())
 
+    def close(self):
+        """Ends the sampling thread."""
+        self._stop.set()
+
     @contextlib.contextmanager
     def __call__(self, name: str):
         start_rss = self._max = rss()
@@ -154,7 +158,7 @@ def main():
         t0 = time.perf_counter()
         tokens = one_step(cfg, model, tokenizer, optimizer, params, engine, checker, critic_backend, train_set, step,
                           watch, model.config.max_position_embeddings, probe)
-        watch._stop.set()
+        watch.close()
         rows.append((time.perf_counter() - t0, watch, tokens))
         peak = max(peak, watch.peak)
         print(f"step {step + 1}: {rows[-1][0]:.2f} s, {tokens} rollout tokens, peak RSS {peak / 2**30:.2f} GiB",

@@ -12,7 +12,7 @@ threads of this script. Not in CI: each fault has its pytest test (docs/reliabil
 repeats them end to end as a new user's processes would meet them.
 
 Departures from the tests: the signal faults that need a slow rollout or evaluation run train.main in a wrapper
-process that slows the engine (as tests/test_runtime.py's SLOW_ROLLOUTS does); the HTML figure is rendered in this
+process that slows the engine (tests/test_runtime.py's SLOW_ROLLOUTS); the HTML figure is rendered in this
 process (mechanism.render_advantage_html: evaluate.py mechanism needs the demo model).
 """
 from __future__ import annotations
@@ -217,24 +217,6 @@ def critic_args(url, *extra):
             "FAULT_KEY", "--critic-timeout", "3", "--critic-retries", "0", *extra]
 
 
-# --------------------------------------------------------------------------------------------- slow-engine wrapper
-# train.main in a process of its own whose sampling crawls (0.2 s per token) once the first step is logged: a signal
-# then lands in step 2's rollouts, or (--eval-every 1) in step 1's evaluation
-SLOW = """import sys, time
-sys.path.insert(0, {root!r})
-import rollout, runtime, train
-slow, write, is_end = [False], runtime.Logger.write, rollout.TransformersEngine._is_end
-def write_then_slow(self, name, record):
-    write(self, name, record)
-    slow[0] = slow[0] or name == "log.jsonl"
-def crawl(self, ids):
-    if slow[0]:
-        time.sleep(0.2)
-    return is_end(self, ids)
-runtime.Logger.write, rollout.TransformersEngine._is_end = write_then_slow, crawl
-train.main(sys.argv[1:])
-"""
-
 # train.py under a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored): a write past it fails with EFBIG, as a full disk
 # fails with ENOSPC
 FSIZE = """import resource, runpy, signal, sys
@@ -429,7 +411,10 @@ def hostile_text(model, tmp):
 
 def signals(model, tmp):
     wrapper = tmp / "slow.py"
-    wrapper.write_text(SLOW.format(root=str(ROOT)))
+    # train.main in a process of its own whose sampling crawls (0.2 s per token) once the first step is logged: a
+    # signal then lands in step 2's rollouts, or (--eval-every 1) in step 1's evaluation
+    from test_runtime import SLOW_ROLLOUTS
+    wrapper.write_text(SLOW_ROLLOUTS.format(root=str(ROOT)))
     base = ["--max-steps", "3", "--eval-every", "100", "--max-new-tokens", "200"]
     straight = tmp / "sig_straight"
     run(train_cmd(*tiny(model, straight, *base)), 300)
