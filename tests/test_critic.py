@@ -238,7 +238,7 @@ def test_one_failing_item_does_not_affect_the_others(serve):
         [(PROBLEM, response), (failing, response), (PROBLEM, response)])
     assert [c.error is None for c in got] == [True, False, True]
     assert got[0].schema_ok and got[0].text == good and (got[0].case, got[0].pivot_step) == ("C", 2)
-    assert critique_metrics(got)["critic_schema_ok"] == pytest.approx(2 / 3)
+    assert critique_metrics(got)["critic_schema_ok"] == 2 / 3  # a count over a count: the same one division
 
 
 def test_api_key_is_sent_but_never_leaked(serve, monkeypatch, capsys, caplog):

@@ -1,5 +1,4 @@
 """diagnostics.py: the exact critic's wrong claim mapped to the rollout's tokens, and the mean A_t on it."""
-import pytest
 import torch
 
 import diagnostics
@@ -37,6 +36,9 @@ def test_wrong_claim_advantage_on_a_hand_made_rollout(smol_tokenizer):
     m = diagnostics.wrong_claim_metrics(A, mask, claims)
     on = [t for t in range(len(ids)) if expected[t]]
     off = [t for t in range(len(ids)) if not expected[t]]  # (row 1 has no located claim: left out)
-    assert m["adv_claim"] == pytest.approx(sum(on) / len(on)) and m["n_claim_tokens"] == len(on)
-    assert m["adv_off_claim"] == pytest.approx(sum(off) / len(off)) and m["n_off_claim_tokens"] == len(off)
+    # exact: A holds small integers, whose fp32 sum is exact in any order, and torch's mean on the CPU is that sum
+    # divided by the count, one correctly rounded fp32 division, as here
+    fp32_mean = lambda ts: (torch.tensor(float(sum(ts))) / len(ts)).item()  # noqa: E731
+    assert m["adv_claim"] == fp32_mean(on) and m["n_claim_tokens"] == len(on)
+    assert m["adv_off_claim"] == fp32_mean(off) and m["n_off_claim_tokens"] == len(off)
     assert diagnostics.wrong_claim_metrics(A, mask, [None, None]) == {}

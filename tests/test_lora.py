@@ -124,7 +124,10 @@ def test_adapters_disabled_is_exactly_the_base_model_after_training():
     model = lora.add_lora(copy.deepcopy(base), r=4, alpha=8, dropout=0.1)
     train_steps(model)
     x = ids()
-    assert not torch.allclose(logits(model, x), logits(base, x), atol=1e-3)
+    # the trained adapter moves a logit by more than any rounding (logit_rounding, the bound test_merge_unmerge
+    # allows this model): what makes the exact equalities below say that the adapter is off, not that it is small
+    dz = logit_rounding(model, x.shape[1], per_layer=8)
+    assert (logits(model, x) - logits(base, x)).abs().max() > dz
     for train_mode in (False, True):  # dropout acts only on the LoRA branch, which is off
         model.train(train_mode)
         with lora.adapters_disabled(model):
@@ -289,7 +292,8 @@ def test_llama():
     x = ids()
     assert torch.equal(logits(model, x), logits(base, x))
     train_steps(model, n=2)
-    assert not torch.allclose(logits(model, x), logits(base, x), atol=1e-3)
+    # the trained adapter moves a logit by more than the rounding the merge check below allows
+    assert (logits(model, x) - logits(base, x)).abs().max() > logit_rounding(model, x.shape[1])
     with lora.adapters_disabled(model):
         assert torch.equal(logits(model, x), logits(base, x))
     with torch.no_grad():
@@ -306,9 +310,9 @@ def test_peft_loads_our_adapter(tmp_path):
     lora.save_adapter(model, str(tmp_path))
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     x = ids()
-    torch.testing.assert_close(logits(peft_model, x), logits(model, x), rtol=0,
-                               atol=logit_rounding(model, x.shape[1], per_layer=8))
-    assert not torch.allclose(logits(model, x), logits(base, x), atol=1e-3)
+    dz = logit_rounding(model, x.shape[1], per_layer=8)
+    torch.testing.assert_close(logits(peft_model, x), logits(model, x), rtol=0, atol=dz)
+    assert (logits(model, x) - logits(base, x)).abs().max() > dz  # the adapter matters beyond that rounding
 
 
 def test_we_load_peft_adapter(tmp_path):
@@ -321,7 +325,7 @@ def test_we_load_peft_adapter(tmp_path):
     model = lora.load_adapter(copy.deepcopy(base), str(tmp_path))
     assert {n.rsplit(".", 1)[-1] for n in lora.lora_layers(model)} == {"q_proj", "o_proj", "up_proj"}
     x = ids()
-    torch.testing.assert_close(logits(model, x), logits(peft_model, x), rtol=0,
-                               atol=logit_rounding(model, x.shape[1], per_layer=8))
-    assert not torch.allclose(logits(model, x), logits(base, x), atol=1e-3)
+    dz = logit_rounding(model, x.shape[1], per_layer=8)
+    torch.testing.assert_close(logits(model, x), logits(peft_model, x), rtol=0, atol=dz)
+    assert (logits(model, x) - logits(base, x)).abs().max() > dz  # the adapter matters beyond that rounding
     assert os.path.isfile(tmp_path / "adapter_config.json")
