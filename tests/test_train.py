@@ -26,7 +26,8 @@ import rollout
 import runtime
 import sd_loss
 import train
-from conftest import fp32_rounding, logit_rounding, tiny_llama, tiny_llama_chain
+from conftest import (U64, first_order_bound, fp32_rounding, log_softmax_rounding, logit_rounding, tiny_llama,
+                      tiny_llama_chain)
 from test_critic import chat_answer, serve  # noqa: F401 (serve is a fixture: a chat-completions server on loopback)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -725,8 +726,9 @@ def test_micro_batches_take_the_same_step_as_one_batch(tiny_model_dir, tmp_path,
     assert abs(logs[1]["adv_neg_frac"] - logs[4]["adv_neg_frac"]) <= flipped + fp32_rounding(8, 1.0)
     assert logs[1]["answered"] == logs[4]["answered"]
     assert len(per_rollout) == 4
-    # the same fp32 divergences, summed in float64 by top_share in both: at most N·2⁻⁵³ apart (N ≤ 24 tokens)
-    assert logs[1]["div_top1_share"] == pytest.approx(top_share(torch.cat(per_rollout)), rel=1e-12)
+    # the same fp32 divergences in the same order through the same top_share; diagnostics.step_record carries it in
+    # float64 and divides it by its weight 1.0, and JSON round-trips a float: bit-identical
+    assert logs[1]["div_top1_share"] == top_share(torch.cat(per_rollout))
     mean_of_shares = sum(top_share(v) for v in per_rollout) / len(per_rollout)
     assert abs(logs[1]["div_top1_share"] - mean_of_shares) > 1e-3  # (the test tells the two apart)
 
@@ -753,10 +755,36 @@ def direct_logits(model, prompt: list[int], y: list[int]) -> torch.Tensor:
     return logits[len(prompt) - 1:len(prompt) - 1 + len(y)].float()  # (|y|, V)
 
 
-def direct_seq_logp(model, prompt: list[int], y: list[int]) -> torch.Tensor:
-    """log π(y | prompt) from one unpadded forward of prompt + y."""
-    logp = torch.log_softmax(direct_logits(model, prompt, y), -1)  # (|y|, V)
-    return logp.gather(-1, torch.tensor(y)[:, None]).sum()
+def direct_token_logp(model, prompt: list[int], y: list[int], dz: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|y|,) log π(y_t | prompt, y<t) from one unpadded forward of prompt + y, and (|y|,) how far
+    rollout.score_sequences' (batched, padded) may be from each: its logits are within δz of these
+    (conftest.logit_rounding), so z_y − logsumexp(z) within 2δz, plus the two log-softmaxes' own rounding."""
+    z = direct_logits(model, prompt, y)  # (|y|, V)
+    logp_y = torch.log_softmax(z, -1).gather(-1, torch.tensor(y)[:, None]).squeeze(-1)  # (|y|,)
+    return logp_y, 2 * dz + log_softmax_rounding(z).squeeze(-1)  # (|y|,), (|y|,) float64
+
+
+def sum_rounding(logp_y: torch.Tensor, bound: torch.Tensor) -> float:
+    """How far two fp32 sums over y's tokens (pbsd.sequence_logprob over the padded row, whose padding adds exact
+    zeros, and .sum() over the |y| tokens) may be apart when each term is within its `bound`: Σ_t bound_t plus the
+    two sums' own rounding."""
+    return (bound.sum() + fp32_rounding(len(logp_y), logp_y.detach().abs().sum().double())).item()
+
+
+def direct_seq_logp(model, prompt: list[int], y: list[int], dz: float) -> tuple[float, float]:
+    """log π(y | prompt) from one unpadded forward of prompt + y, and how far the batched, padded scoring's sum
+    (pbsd.sequence_logprob of rollout.score_sequences) may be from it."""
+    logp_y, bound = direct_token_logp(model, prompt, y, dz)  # (|y|,), (|y|,)
+    return logp_y.sum().item(), sum_rounding(logp_y, bound)
+
+
+def token_grad_abs(logp_y: torch.Tensor, params: list) -> list[torch.Tensor]:
+    """Σ_t |∂ log π(y_t)/∂p| per parameter, one backward pass per token: the scale of the gradient's sum."""
+    total = [torch.zeros_like(p) for p in params]
+    for t in range(len(logp_y)):
+        for acc, g in zip(total, torch.autograd.grad(logp_y[t], params, retain_graph=True)):
+            acc += g.abs()
+    return total
 
 
 def pairs_data():
@@ -785,20 +813,26 @@ def pair_items(skip_last: bool = False) -> list:
 
 
 def test_scoring_with_the_adapter_off_is_the_base_model(models):
+    """rollout.score_sequences (batched, padded) summed by pbsd.sequence_logprob against one unpadded forward per row:
+    with the adapter disabled, the base model's log π(y|x, c); with it on, the policy's log π_θ(y|x). Each within
+    the sum of its tokens' bounds (direct_token_logp) and the two sums' rounding (sum_rounding)."""
     model, base = models
     from pbsd import sequence_logprob
     x, xc, y_S, y_T, _, _ = pairs_data()
     with torch.no_grad(), lora.adapters_disabled(model):
         teacher_logp, mask = rollout.score_sequences(model, xc, y_T, pad_id=0)  # (B, T)
     policy_logp, _ = rollout.score_sequences(model, x, y_T, pad_id=0)
+    dz = logit_rounding(model, max(len(p) + len(y) for p, y in zip(xc, y_T)))  # (x + c is the longer prompt)
     for b in range(len(x)):
         with torch.no_grad():
-            expected_base = direct_seq_logp(base, xc[b], y_T[b])
-            expected_policy = direct_seq_logp(model, x[b], y_T[b])
-        assert sequence_logprob(teacher_logp, mask)[b].item() == pytest.approx(expected_base.item(), abs=1e-4)
-        assert sequence_logprob(policy_logp, mask)[b].item() == pytest.approx(expected_policy.item(), abs=1e-4)
-        with torch.no_grad():
-            assert abs(direct_seq_logp(base, x[b], y_T[b]) - expected_policy) > 1e-2  # LoRA changes the policy
+            expected_base, bound_base = direct_seq_logp(base, xc[b], y_T[b], dz)
+            expected_policy, bound_policy = direct_seq_logp(model, x[b], y_T[b], dz)
+            base_x, bound_base_x = direct_seq_logp(base, x[b], y_T[b], dz)
+        assert abs(sequence_logprob(teacher_logp, mask)[b].item() - expected_base) <= bound_base
+        assert abs(sequence_logprob(policy_logp, mask)[b].item() - expected_policy) <= bound_policy
+        # LoRA changes the policy by more than the bounds: scoring that left the adapter off (within bound_base_x of
+        # base_x) would fail the check above
+        assert abs(base_x - expected_policy) > bound_base_x + bound_policy
     assert not any(m.disabled for m in lora.lora_layers(model).values())  # the adapter is back on
 
 
@@ -856,6 +890,9 @@ def test_sd_micro_batch_is_eq3_on_the_model_logits(models, kind):
 
 
 def test_pbsd_micro_batch_against_direct_computation(models):
+    """train.pbsd_micro_batch against Eq. P1–P2 written out here, one unpadded forward per sequence: the policy = the
+    model with its adapter after x, the base = the model without LoRA after x + c. Loss and LoRA gradients within the
+    fp32 rounding of the two paths, carried from the sequence log-probabilities' bounds (direct_token_logp)."""
     model, base = models
     items = pair_items()
     beta = 0.5
@@ -863,27 +900,66 @@ def test_pbsd_micro_batch_against_direct_computation(models):
                                "--loss-chunk", "5"])
     loss, stats, _ = train.pbsd_micro_batch(cfg, model, items, 0, 4, runtime.Timer())
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.clone() for n, p in params.items()}
     model.zero_grad()
-    # direct: policy = the LoRA model under x, base = the model without LoRA under x + c, one sequence at a time
-    terms = []
+    length = max(len(it.teacher_ids) + max(len(it.completion.token_ids), len(it.teacher_sample.token_ids))
+                 for it in items)  # the longest sequence scored (the base scores both samples after x + c)
+    dz = logit_rounding(model, length)
+    # direct, per pair: log π_θ(y_S|x), log π_base(y_S|x, c), log π_θ(y_T|x), log π_base(y_T|x, c), each with its
+    # bound, and Σ_t |∇ log π_θ(y_t|x)| over the tokens of y_S and y_T (one backward pass per token)
+    seq, seq_bound, grad_abs = [], [], []  # (3 pairs, 4), (3 pairs, 4), (3 pairs, params)
+    n_positions = 0  # of every sequence the policy scores: the weight gradient sums over all of them
     for it in items:
-        y_S, y_T = it.completion.token_ids, it.teacher_sample.token_ids
-        with torch.no_grad():
-            base_S, base_T = direct_seq_logp(base, it.teacher_ids, y_S), direct_seq_logp(base, it.teacher_ids, y_T)
-        r_S = beta * (direct_seq_logp(model, it.prompt_ids, y_S) - base_S)
-        r_T = beta * (direct_seq_logp(model, it.prompt_ids, y_T) - base_T)
-        s = (it.reward > it.teacher_reward) - (it.reward < it.teacher_reward)
-        if s != 0:
-            terms.append(-torch.nn.functional.logsigmoid(s * (r_S - r_T)))
-    expected = torch.stack(terms).sum() / 4
+        row, row_bound, row_abs = [], [], [torch.zeros_like(p) for p in params.values()]
+        for y in (it.completion.token_ids, it.teacher_sample.token_ids):  # y_S, y_T
+            policy, d_policy = direct_token_logp(model, it.prompt_ids, y, dz)  # (|y|,) with gradient
+            with torch.no_grad():
+                base_y, d_base = direct_token_logp(base, it.teacher_ids, y, dz)  # (|y|,)
+            row += [policy.sum(), base_y.sum()]
+            row_bound += [sum_rounding(policy, d_policy), sum_rounding(base_y, d_base)]
+            row_abs = [a + g for a, g in zip(row_abs, token_grad_abs(policy, list(params.values())))]
+            n_positions += len(it.prompt_ids) + len(y)
+        seq.append(row)
+        seq_bound.append(row_bound)
+        grad_abs.append(row_abs)
+    s = [(it.reward > it.teacher_reward) - (it.reward < it.teacher_reward) for it in items]  # +1 y_S wins, −1 y_T
+
+    def pbsd_value(P_S, B_S, P_T, B_T):  # (3,) each -> (): Eq. P2 over the decisive pairs / 4
+        r_S, r_T = beta * (P_S - B_S), beta * (P_T - B_T)  # (3,)  Eq. P1
+        terms = [-torch.nn.functional.logsigmoid(s[b] * (r_S[b] - r_T[b])) for b in range(len(s)) if s[b] != 0]
+        return torch.stack(terms).sum() / 4
+
+    X = tuple(torch.stack([row[k] for row in seq]) for k in range(4))  # P_S, B_S, P_T, B_T: (3,) each
+    expected = pbsd_value(*X)
     expected.backward()
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
+    # the loss, to first order: each sequence log-prob X within its bound δX, |du/dX| = β on the margin u and
+    # |d(−log σ(u))/du| = σ(−u) ≤ 1; the margin's subtractions each round by at most 2⁻²⁴·(|P_S| + |B_S| + |P_T| +
+    # |B_T|), a perturbation of P_S of that size (β = 0.5 and the division by 4 are exact); then log σ and the sum of
+    # the pairs round, on per-pair losses > 0 whose sum / 4 is the loss
+    X = tuple(x.detach().double() for x in X)
+    dX = [torch.tensor([row[k] for row in seq_bound], dtype=torch.float64) for k in range(4)]  # (3,) each
+    dX[0] = dX[0] + fp32_rounding(2, sum(x.abs() for x in X))
+    tol_loss = (first_order_bound(pbsd_value, X, tuple(dX)) + fp32_rounding(4, expected.item())).item()
+    assert abs(loss.item() - expected.item()) <= tol_loss
+    # the gradient: Σ over the decisive pairs of s·c·(∇ log π_θ(y_T|x) − ∇ log π_θ(y_S|x)), c = β·σ(−u)/4 (0 for a
+    # tie). Each token's term runs the forward and backward chains, and the weight gradient sums over every
+    # position; c itself is off by at most (β/4)·max σ'·δu = (β/16)·δu, δu = β·Σ δX (to first order), plus its own
+    # few roundings
+    sign = torch.tensor(s, dtype=torch.float64)  # (3,)
+    u = sign * beta * ((X[0] - X[1]) - (X[2] - X[3]))  # (3,)  the margins
+    c = sign.abs() * beta * torch.sigmoid(-u) / 4  # (3,)  |∂loss/∂ log π_θ(y|x)|
+    dc = sign.abs() * beta / 16 * beta * sum(dX) + fp32_rounding(4, c)  # (3,)
+    for i, n in enumerate(params):
+        scale = sum(c[b].item() * grad_abs[b][i] for b in range(len(s)))  # Σ_t |∂term_t/∂p|
+        drift = sum(dc[b].item() * grad_abs[b][i] for b in range(len(s)))
+        bound = fp32_rounding(2 * tiny_llama_chain(0, length) + n_positions, scale) + drift
+        assert ((grads[n] - params[n].grad).abs() <= bound).all(), n
     assert any(g.abs().max() > 0 for g in grads.values())
-    assert (stats.n_pairs.item(), stats.n_decisive.item(), stats.tie_frac.item()) == (3.0, 2.0, pytest.approx(1 / 3))
+    assert (stats.n_pairs.item(), stats.n_decisive.item()) == (3.0, 2.0)
+    # one tie among 3 pairs: tie_frac = 1 − k/B in float64, whose division and subtraction each round by ≤ U64
+    # (values ≤ 1), and 1/3 here by ≤ U64/3
+    assert abs(stats.tie_frac.item() - 1 / 3) <= 3 * U64
 
 
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
@@ -891,16 +967,21 @@ def test_grpo_micro_batch_against_direct_computation(models, aggregation):
     """train.grpo_micro_batch with non-zero advantages against the clipped surrogate written out here, one unpadded
     forward per rollout: ρ_t = π_θ(y_t)/π_old(y_t) = 1 in value (π_old = π_θ, one optimizer step per batch), so the
     loss is −Σ A_i·(tokens or 1) / normalizer and its gradient −Σ A_i·∇log π_θ(y_t) / normalizer. A sign flip of A
-    flips both."""
+    flips both. The values are exact: ρ_t = exp(x − x) = 1 exactly, the advantages are dyadic (1.5, −0.5, −0.25) so
+    every sum and mean of them is exact in fp32 in any order, and the one division by the normalizer (−6.5/16,
+    −0.75/4) is exact too. The gradients: within the fp32 rounding of the two paths."""
     model, _ = models
     items = [dataclasses.replace(it, advantage=a) for it, a in zip(pair_items(), [1.5, -0.5, -0.25])]
     cfg = config.parse_config(["--feedback", "grpo", "--grpo-aggregation", aggregation, "--loss-chunk", "5"])
-    normalizer = 13.0 if aggregation == "token" else 3.0  # the rollouts' 6 + 3 + 4 tokens, or the 3 sequences
+    # the step's count over all micro-batches: these rollouts' 6 + 3 + 4 tokens or 3 sequences, plus another
+    # micro-batch's 3 tokens or 1 sequence (so that a loss divided by its own count would show)
+    normalizer = 16.0 if aggregation == "token" else 4.0
     loss, stats, _ = train.grpo_micro_batch(cfg, model, items, 0, normalizer, runtime.Timer())
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.clone() for n, p in params.items()}
     model.zero_grad()
-    terms = []
+    terms, scale = [], [torch.zeros_like(p) for p in params.values()]  # scale: Σ_t |∂term_t/∂p|
     for it in items:
         y = it.completion.token_ids
         logp = torch.log_softmax(direct_logits(model, it.prompt_ids, y), -1)  # (|y|, V)
@@ -908,17 +989,23 @@ def test_grpo_micro_batch_against_direct_computation(models, aggregation):
         ratio = torch.exp(logp_y - logp_y.detach())  # (|y|,)  ρ_t, π_old = π_θ
         per_token = -ratio * it.advantage  # (|y|,)  −min(ρ_t·A, clip(ρ_t)·A) = −ρ_t·A at ρ_t = 1
         terms.append(per_token.sum() if aggregation == "token" else per_token.mean())
+        c = abs(it.advantage) / normalizer / (1 if aggregation == "token" else len(y))  # |∂loss/∂ log π_θ(y_t)|
+        scale = [a + c * g for a, g in zip(scale, token_grad_abs(logp_y, list(params.values())))]
     expected = torch.stack(terms).sum() / normalizer
     expected.backward()
     lengths = [len(it.completion.token_ids) for it in items]
     value = -sum(it.advantage * (n if aggregation == "token" else 1) for it, n in zip(items, lengths)) / normalizer
-    assert expected.item() == pytest.approx(value, abs=1e-6) and abs(value) > 0.1
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
+    assert expected.item() == value and abs(value) > 0.1
+    assert loss.item() == value
+    # each token's term runs the forward and backward chains, the weight gradient sums over every position, and the
+    # coefficient −A_i/normalizer (/|y_i|) takes up to 2 roundings
+    length = max(len(it.prompt_ids) + n for it, n in zip(items, lengths))
+    n_grad = 2 * tiny_llama_chain(0, length) + sum(len(it.prompt_ids) + n for it, n in zip(items, lengths)) + 2
+    for (n, p), a in zip(params.items(), scale):
+        assert ((grads[n] - p.grad).abs() <= fp32_rounding(n_grad, a)).all(), n
     assert max(g.abs().max() for g in grads.values()) > 1e-2
-    assert stats.ratio_mean.item() == pytest.approx(1.0) and stats.clip_frac.item() == 0.0
+    # ρ_t = 1 exactly on every valid token, so ratio_mean is the token count divided by itself
+    assert stats.ratio_mean.item() == 1.0 and stats.clip_frac.item() == 0.0
 
 
 def test_teacher_samples_call_the_engine_once_even_with_every_rollout_skipped(tiny_smol):
