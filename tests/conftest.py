@@ -50,23 +50,38 @@ def first_order_bound(f, inputs: tuple, deltas: tuple) -> torch.Tensor:
     return bound
 
 
-# The longest accumulation chain of one logit (then log-probability) of conftest.tiny_llama on a sequence of
-# `length` tokens: per layer the RMSNorm (D = 32), the q/k/v projections (32), the scores (head_dim 8), the softmax
-# and weighted sum over the positions (2·length), o_proj (32), RMSNorm (32), gate/up (32), down (64); twice; then
-# the final norm (32), the LM head (32) and the log-softmax's sum over V: n = 2·(232 + 2·length) + 64 + V.
+# conftest.tiny_llama's sizes (SmolLM2's architecture, scaled down)
+TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+
+
+def llama_chain(config, length: int, vocab_size: int = 0) -> int:
+    """The longest accumulation chain of one logit (then log-probability, with the log-softmax's sum over
+    `vocab_size`) of a Llama-architecture model (`config`: a transformers config) on a sequence of `length` tokens:
+    per layer the RMSNorm (D), the q/k/v projections (D), the scores (head_dim), the softmax and weighted sum over
+    the positions (2·length), o_proj (D), RMSNorm (D), gate/up (D), down (intermediate size I); then the final norm
+    (D) and the LM head (D): n = layers·(5D + head_dim + 2·length + I) + 2D + vocab_size."""
+    D = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or D // config.num_attention_heads
+    return config.num_hidden_layers * (5 * D + head_dim + 2 * length + config.intermediate_size) + 2 * D + vocab_size
+
+
 def tiny_llama_chain(vocab_size: int, length: int) -> int:
-    return 2 * (232 + 2 * length) + 64 + vocab_size
+    """llama_chain of conftest.tiny_llama: 2·(232 + 2·length) + 64 + vocab_size."""
+    from transformers import LlamaConfig
+    return llama_chain(LlamaConfig(**TINY_LLAMA), length, vocab_size)
 
 
 def logit_rounding(model, length: int, per_layer: int = 0) -> float:
-    """δz: how far one logit of conftest.tiny_llama (with LoRA) may differ between two fp32 evaluations that block or
-    pad differently, on sequences of at most `length` tokens: fp32_rounding over the matrix-product chain (LoRA adds
-    r + 1 roundings to each of its 7 projections per layer), with the scale M ≥ Σ_i |h_i·W_vi| = √D·max|γ|·max_v ‖W_v‖
-    (h the final RMSNorm's output, γ its weight, W the LM head). per_layer: roundings the architecture adds to each
-    layer's chain (Qwen3's q/k RMSNorm over head_dim: 8)."""
+    """δz: how far one logit of a Llama-architecture model (with LoRA) may differ between two fp32 evaluations that
+    block or pad differently, on sequences of at most `length` tokens: fp32_rounding over the matrix-product chain
+    (llama_chain; LoRA adds r + 1 roundings to each of its 7 projections per layer), with the scale
+    M ≥ Σ_i |h_i·W_vi| = √D·max|γ|·max_v ‖W_v‖ (h the final RMSNorm's output, γ its weight, W the LM head).
+    per_layer: roundings the architecture adds to each layer's chain (Qwen3's q/k RMSNorm over head_dim: 8 in the
+    tiny Qwen3)."""
     W, gamma = model.get_output_embeddings().weight.detach(), model.model.norm.weight.detach()  # (V, D), (D,)
     r = max((m.lora_A.weight.shape[0] for m in lora.lora_layers(model).values()), default=0)
-    n = tiny_llama_chain(0, length) + 2 * (7 * (r + 1) + per_layer)
+    n = llama_chain(model.config, length) + model.config.num_hidden_layers * (7 * (r + 1) + per_layer)
     return fp32_rounding(n, math.sqrt(W.shape[1]) * gamma.abs().max().item() * W.norm(dim=1).max().item())
 
 
@@ -94,9 +109,8 @@ def tiny_llama(vocab_size: int, seed: int = 0):
     """A 2-layer random Llama (SmolLM2's architecture) with the given vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(vocab_size=vocab_size, **TINY_LLAMA, max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
     return LlamaForCausalLM(config).eval()
 
 

@@ -1,7 +1,6 @@
 """runtime.py: checkpoints written atomically (an exception or a kill -9 during a save), the log cut back on resume,
 and sampling from a bf16 model that keeps a small adapter."""
 import contextlib
-import math
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import evaluate
 import lora
 import runtime
 import train
-from conftest import fp32_rounding, log_softmax_rounding
+from conftest import fp32_rounding, log_softmax_rounding, logit_rounding
 from test_critic import serve  # noqa: F401 (a fixture: a chat-completions server on loopback)
 from test_train import ROOT, adapter, read_jsonl, run_cli, tiny_args, tiny_model_dir  # noqa: F401 (a fixture)
 
@@ -98,18 +97,11 @@ def test_bf16_sampling_keeps_a_small_adapter():
 
     d32 = change(m32, contextlib.nullcontext)  # (B, L - 1)
     cfg = config.parse_config(["--engine", "transformers", "--data", "arithmetic"])
-    # fp32, merged in place: x·(W + ΔW)ᵀ against x·Wᵀ + s·B(A·x). Each logit moves by at most δz, conftest's
-    # logit_rounding on this model's sizes (the chain per layer: RMSNorm, q/k/v, o_proj, RMSNorm, gate/up over D, the
-    # scores over head_dim, softmax and weighted sum over 2L, down over I, LoRA's r + 1 on 7 projections; then the
-    # final norm and the head over D), so each log π(y_t) by 2δz plus two log-softmaxes' rounding; the base log-probs
-    # are the same ops on the same (saved) W, exactly; then the change's own subtraction rounds once more.
-    c, L = m32.config, ids.shape[1]
-    D, r = c.hidden_size, max(m.lora_A.weight.shape[0] for m in lora.lora_layers(m32).values())
-    n = c.num_hidden_layers * (5 * D + D // c.num_attention_heads + 2 * L + c.intermediate_size + 7 * (r + 1)) + 2 * D
-    W, gamma = m32.get_output_embeddings().weight.detach(), m32.model.norm.weight.detach()  # (V, D), (D,)
-    dz = fp32_rounding(n, math.sqrt(D) * gamma.abs().max().item() * W.norm(dim=1).max().item())
+    # fp32, merged in place: x·(W + ΔW)ᵀ against x·Wᵀ + s·B(A·x). Each logit moves by at most δz (conftest's
+    # logit_rounding on this model's sizes), so each log π(y_t) by 2δz plus two log-softmaxes' rounding; the base
+    # log-probs are the same ops on the same (saved) W, exactly; then the change's own subtraction rounds once more.
     with torch.no_grad():
-        e_max = 2 * dz + log_softmax_rounding(m32(input_ids=ids).logits).max().item()
+        e_max = 2 * logit_rounding(m32, ids.shape[1]) + log_softmax_rounding(m32(input_ids=ids).logits).max().item()
     d = change(m32, lambda: runtime.sampling(cfg, m32))  # (B, L - 1)
     assert ((d - d32).abs() <= e_max + fp32_rounding(1, d32.abs())).all()
     # bf16 with an fp32 copy: measured, not derived (the rounding bound of one bf16 forward, λ√n·2⁻⁸ of the logits'
