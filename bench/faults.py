@@ -27,12 +27,13 @@ import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from test_critic import Handler as ReplyHandler  # noqa: E402
 
 KEY = "sk-fault-injection-secret"
 ROWS: list[tuple] = []  # (fault, expected, happened, ok)
@@ -129,7 +130,7 @@ class Critic:
         self.preflight, self.train, self.redirect_to, self.answered, self.auth = "ok", "ok", "", 0, []
         self.release, self.hang_after = threading.Event(), 0
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(ReplyHandler):  # tests/test_critic.py's: its reply() and quiet log
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):  # noqa: N802
@@ -152,21 +153,21 @@ class Critic:
             def act(self, mode, payload, redirect_status):
                 try:
                     if mode in ("ok", "text"):
-                        return self.send(200, json.dumps(payload).encode())
+                        return self.reply(200, json.dumps(payload).encode())
                     if mode == "schema":
-                        return self.send(200, json.dumps(chat("ok</think>\n\nLooks fine to me.")).encode())
+                        return self.reply(200, json.dumps(chat("ok</think>\n\nLooks fine to me.")).encode())
                     if mode == "empty":
-                        return self.send(200, json.dumps(chat("")).encode())
+                        return self.reply(200, json.dumps(chat("")).encode())
                     if mode == "huge":
-                        return self.send(200, json.dumps(chat("Step 1 is wrong. " * 60000)).encode())  # 1 MB
+                        return self.reply(200, json.dumps(chat("Step 1 is wrong. " * 60000)).encode())  # 1 MB
                     if mode == "500":
-                        return self.send(500, b'{"error": "internal"}')
+                        return self.reply(500, b'{"error": "internal"}')
                     if mode == "401":
-                        return self.send(401, b'{"error": "unauthorized"}')
+                        return self.reply(401, b'{"error": "unauthorized"}')
                     if mode == "garbage":
-                        return self.send(200, b"\x00<html>not json}{")
+                        return self.reply(200, b"\x00<html>not json}{")
                     if mode == "wrong_model":
-                        return self.send(200, json.dumps({"data": [{"id": "another"}]}).encode())
+                        return self.reply(200, json.dumps({"data": [{"id": "another"}]}).encode())
                     if mode == "redirect":
                         self.send_response(redirect_status)
                         self.send_header("Location", critic.redirect_to + self.path)
@@ -190,16 +191,6 @@ class Critic:
                     raise ValueError(mode)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
-
-            def send(self, status, data):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True

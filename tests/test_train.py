@@ -28,7 +28,7 @@ import sd_loss
 import train
 from conftest import (U64, first_order_bound, fp32_rounding, log_softmax_rounding, logit_rounding, tiny_llama,
                       tiny_llama_chain)
-from test_critic import chat_answer, serve  # noqa: F401 (serve is a fixture: a chat-completions server on loopback)
+from test_critic import Handler as ReplyHandler, chat_answer, serve  # noqa: F401 (serve: a fixture, a server on loopback)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -235,27 +235,16 @@ class CriticServer:
     the same port. Its critiques are free text (the schema is not under test here)."""
 
     def __init__(self, content: str = "Step 1 is wrong."):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import ThreadingHTTPServer
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(ReplyHandler):  # tests/test_critic.py's: its reply() and quiet log
             def do_GET(self):  # noqa: N802
-                self.answer({"object": "list", "data": [{"id": "critic", "object": "model"}]})
+                self.reply(200, {"object": "list", "data": [{"id": "critic", "object": "model"}]})
 
             def do_POST(self):  # noqa: N802
                 self.rfile.read(int(self.headers["Content-Length"]))
-                self.answer({"choices": [{"index": 0, "finish_reason": "stop",
-                                          "message": {"role": "assistant", "content": content}}]})
-
-            def answer(self, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
+                self.reply(200, {"choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": content}}]})
 
         self.handler, self.server_class, self.server, self.port = Handler, ThreadingHTTPServer, None, 0
         self.start()
