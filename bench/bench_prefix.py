@@ -31,36 +31,20 @@ import prompts  # noqa: E402
 import rollout  # noqa: E402
 
 
-def common_prefix(rows: list[list[int]]) -> int:
-    n = 0
-    while all(len(r) > n and r[n] == rows[0][n] for r in rows):
-        n += 1
-    return n
+def whole(model, prompt_ids: list[list[int]], ys: list[list[int]], pad_id: int, prefix: int) -> torch.Tensor:
+    """Final hidden states of every row (prompt + y, padded as rollout.score_positions pads) past the prefix, each
+    row run whole: (B, L - prefix, D)."""
+    batch = rollout.score_positions(prompt_ids, ys, pad_id)
+    return model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state[:, prefix:]
 
 
-def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids and attention mask, right padded."""
-    L = max(map(len, rows))
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), 1
-    return ids, mask
-
-
-def whole(model, rows: list[list[int]], pad_id: int, prefix: int) -> torch.Tensor:
-    """Final hidden states of every row past the prefix, each row run whole: (B, L - prefix, D)."""
-    ids, mask = right_padded(rows, pad_id)
-    return model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, prefix:]
-
-
-def shared(model, rows: list[list[int]], pad_id: int, prefix: int) -> torch.Tensor:
+def shared(model, prompt_ids: list[list[int]], ys: list[list[int]], pad_id: int, prefix: int) -> torch.Tensor:
     """The same with the prefix run once and its KV cache repeated over the rows."""
-    cache = model.model(input_ids=torch.tensor([rows[0][:prefix]]), use_cache=True).past_key_values
-    cache.batch_repeat_interleave(len(rows))
-    ids, mask = right_padded([r[prefix:] for r in rows], pad_id)
-    mask = torch.cat([torch.ones(len(rows), prefix, dtype=torch.long), mask], 1)
-    return model.model(input_ids=ids, attention_mask=mask, past_key_values=cache).last_hidden_state
+    cache = model.model(input_ids=torch.tensor([prompt_ids[0][:prefix]]), use_cache=True).past_key_values
+    cache.batch_repeat_interleave(len(prompt_ids))
+    batch = rollout.score_positions([p[prefix:] for p in prompt_ids], ys, pad_id)
+    mask = torch.cat([torch.ones(len(prompt_ids), prefix, dtype=torch.long), batch.attention_mask], 1)
+    return model.model(input_ids=batch.input_ids, attention_mask=mask, past_key_values=cache).last_hidden_state
 
 
 def main() -> None:
@@ -78,29 +62,29 @@ def main() -> None:
     problems = config.load_problems(cfg)[0][:cfg.prompts_per_step]
     ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     y = [torch.randint(0, len(tokenizer), (48,)).tolist() for _ in problems]  # stand-in rollouts
-    student = [ids(prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking)) + y_
-               for p, y_ in zip(problems, y)]
+    student = [ids(prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking)) for p in problems]
     teacher = [ids(prompts.render(tokenizer, prompts.teacher_messages(p, "refsol", p.reference_solution, "repeat",
                                                                       tokenizer.decode(y_)), cfg.teacher_thinking))
-               + y_ for p, y_ in zip(problems, y)]
-    prefix = common_prefix(student + teacher)
+               for p, y_ in zip(problems, y)]
+    prefix = len(os.path.commonprefix(student + teacher))
     pad = tokenizer.pad_token_id
-    print(f"{len(problems)} rows; shared prefix {prefix} tokens; student rows {min(map(len, student))}-"
-          f"{max(map(len, student))} tokens, teacher rows {min(map(len, teacher))}-{max(map(len, teacher))}")
+    rows = lambda prompt_ids: [len(p) + len(y_) for p, y_ in zip(prompt_ids, y)]  # noqa: E731
+    print(f"{len(problems)} rows; shared prefix {prefix} tokens; student rows {min(rows(student))}-"
+          f"{max(rows(student))} tokens, teacher rows {min(rows(teacher))}-{max(rows(teacher))}")
 
     def student_step(run):
-        h = run(model, student, pad, prefix)
+        h = run(model, student, y, pad, prefix)
         h.pow(2).mean().backward()
         model.zero_grad(set_to_none=True)
 
     def teacher_pass(run):
         with torch.no_grad(), lora.adapters_disabled(model):
-            run(model, teacher, pad, prefix)
+            run(model, teacher, y, pad, prefix)
 
     with torch.no_grad():
-        for name, rows in (("student", student), ("teacher", teacher)):
-            a, b = whole(model, rows, pad, prefix), shared(model, rows, pad, prefix)
-            _, mask = right_padded([r[prefix:] for r in rows], pad)
+        for name, prompt_ids in (("student", student), ("teacher", teacher)):
+            a, b = whole(model, prompt_ids, y, pad, prefix), shared(model, prompt_ids, y, pad, prefix)
+            mask = rollout.score_positions([p[prefix:] for p in prompt_ids], y, pad).attention_mask  # (B, L - prefix)
             diff = ((a - b).abs() * mask[..., None]).max().item()
             print(f"{name}: max |h_whole − h_shared| {diff:.2e} (largest |h| {a.abs().max().item():.1f})")
     times = {(part, way): [] for part in ("student", "teacher") for way in ("whole", "shared")}
