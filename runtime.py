@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,14 +193,18 @@ def load_data(path: Path):
     """torch.load with weights_only=True: tensors, numbers, strings and containers only. Anything else (a pickled
     object, whose unpickling could run code) is refused with CheckpointError."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # garbage reads as an odd pickle protocol: the error below says it once
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         # the line of torch's message that names what was refused, not its advice to load with weights_only=False
         lines = [x for x in str(e).strip().splitlines() if x.strip() and "weights_only" not in x]
         what = lines[0].strip() if lines else type(e).__name__
         raise CheckpointError(f"{path}: refused, it holds more than tensors and numbers (a checkpoint is data, never "
                               f"code; written by another program or an older version?): {what}") from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # truncated or garbage bytes: the unpickler may raise any type of error
+        # (EOFError, IndexError, KeyError, struct.error, UnicodeDecodeError, ...: pickle's documentation lists
+        # no closed set), and each means the same thing here: this file does not load
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -1041,7 +1042,7 @@ CORRUPTIONS = {  # name: (file of the latest checkpoint, what is done to it)
     "adapter truncated": ("adapter_model.safetensors", _truncate),
     "adapter missing": ("adapter_model.safetensors", lambda p: p.unlink()),
     "state missing": ("state.json", lambda p: p.unlink()),
-    "rng garbage": ("rng_rank0.pt", lambda p: p.write_bytes(os.urandom(512))),
+    "rng garbage": ("rng_rank0.pt", lambda p: p.write_bytes(random.Random(0).randbytes(512))),
     "config garbage": ("config.json", lambda p: p.write_text("{not json")),
 }
 
