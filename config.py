@@ -292,7 +292,7 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
     if cfg.base_eval and Path(cfg.base_eval).exists():  # the step-0 evaluation an earlier run wrote
         try:
             saved = json.loads(Path(cfg.base_eval).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # (RecursionError: JSON nested too deep)
             saved = None
         need(isinstance(saved, dict) and saved.get("step") == 0 and saved.get("k") == cfg.eval_samples, "base_eval",
              f"must be a step-0 evaluation written by a run (JSON, step 0, k = --eval-samples {cfg.eval_samples})")

@@ -374,7 +374,7 @@ class ServerCritic:
                 raise TypeError(f"content is {type(text).__name__}")
             if finish_reason != "stop":
                 raise ValueError(f"finish_reason is {finish_reason!r}, expected 'stop'")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
             raise _RequestFailed(f"malformed answer from {self.url}: {type(e).__name__}: {e}; "
                                  f"body starts {raw[:120]!r}", True, "malformed") from None
         if isinstance(message.get("reasoning_content"), str):  # a reasoning parser took the trace out of content:
@@ -408,7 +408,7 @@ class ServerCritic:
                     served = [m["id"] for m in answer["data"]]
                 elif not isinstance(answer["choices"][0]["message"]["content"], str):
                     raise TypeError("the completion's content is not a string")
-            except (ValueError, KeyError, IndexError, TypeError) as e:
+            except (ValueError, KeyError, IndexError, TypeError, RecursionError) as e:
                 what = f"not an OpenAI-compatible answer ({type(e).__name__}: {e}); body starts {raw[:80]!r}"
                 raise CriticUnavailable(_redact(f"critic server {url}: {what}", key)) from None
             if body is None and self.model not in served:

@@ -304,7 +304,7 @@ def iter_rows(path: str | Path, skip_bad: bool = False, stats: LoadStats | None 
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError(f"a JSON {type(row).__name__}, not an object")
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
+            except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError; nested too deep
                 if not skip_bad:
                     what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "not a JSON object"
                     raise DataError(f"{path}: row {lineno}: {what} ({e})") from e

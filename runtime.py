@@ -283,7 +283,7 @@ def load_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
     """A JSON object of a checkpoint with the given keys, or CheckpointError naming the file and what is wrong."""
     try:
         value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
     if not isinstance(value, dict) or any(k not in value for k in keys):
         raise CheckpointError(f"{path}: not a JSON object with the keys {list(keys)}")

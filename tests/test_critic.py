@@ -216,8 +216,8 @@ def test_server_400_is_not_retried(serve):
 
 
 @pytest.mark.parametrize("payload", [b"{this is not json", {"choices": []}, {"choices": [{"message": {}}]},
-                                     {"choices": [{"message": {"content": None}}]}])
-def test_malformed_answer_gives_error(serve, payload):
+                                     {"choices": [{"message": {"content": None}}]}, b"[" * 100_000])
+def test_malformed_answer_gives_error(serve, payload):  # (the last: JSON nested past Python's recursion limit)
     server, url = serve(lambda body, headers: (200, payload))
     [c] = ServerCritic(url, "m", timeout_s=5, max_retries=1, backoff_s=0.01).critique([(PROBLEM, "x")])
     assert "malformed answer" in c.error and len(server.requests) == 2 and c.error_kind == "malformed"

@@ -178,6 +178,9 @@ def test_bad_json_line_and_skip_bad_counts(tmp_path):
     path2 = write_jsonl(tmp_path / "bad2.jsonl", [omr_row("a")], raw_lines=["{oops"])
     with pytest.raises(DataError, match=r"bad2.jsonl: row 2: not a JSON object"):
         load_openmathreasoning(path2)
+    deep = write_jsonl(tmp_path / "deep.jsonl", [omr_row("a")], raw_lines=["[" * 100_000])  # nested past recursion
+    with pytest.raises(DataError, match=r"deep.jsonl: row 2: not a JSON object \(maximum recursion depth"):
+        load_openmathreasoning(deep)
 
 
 def test_unreadable_files(tmp_path):
