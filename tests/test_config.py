@@ -114,7 +114,8 @@ def test_options_that_depend_on_each_other(tiny_model_dir, tmp_path, capsys):
     assert "--critic exact only knows arithmetic" in expect_refusal(capsys, [*base, "--data", str(manifest)])
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000)  # JSON nested past Python's recursion limit
-    assert f"--base-eval {deep}: must be a step-0 evaluation" in expect_refusal(capsys, [*base, "--base-eval", str(deep)])
+    assert f"--base-eval {deep}: must be a step-0 evaluation" in expect_refusal(capsys,
+                                                                              [*base, "--base-eval", str(deep)])
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):
