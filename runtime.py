@@ -191,7 +191,9 @@ class CheckpointError(Exception):
 
 def load_data(path: Path):
     """torch.load with weights_only=True: tensors, numbers, strings and containers only. Anything else (a pickled
-    object, whose unpickling could run code) is refused with CheckpointError."""
+    object, whose unpickling could run code) is refused with CheckpointError, naming the object; a file that is not
+    one torch.save wrote whole (truncated, garbage) is CheckpointError "cannot be read", whatever the unpickler
+    raised."""
     try:
         with warnings.catch_warnings():  # garbage reads as an odd pickle protocol: the error below says it once
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
@@ -200,6 +202,9 @@ def load_data(path: Path):
         # the line of torch's message that names what was refused, not its advice to load with weights_only=False
         lines = [x for x in str(e).strip().splitlines() if x.strip() and "weights_only" not in x]
         what = lines[0].strip() if lines else type(e).__name__
+        if not any(word in what for word in ("GLOBAL", "global", "reduce", "allowlisted")):  # no object named:
+            # garbage, e.g. "Unsupported operand 218" (a byte that is no opcode the weights-only unpickler knows)
+            raise CheckpointError(f"{path}: cannot be read (not a file of torch.save: {what[:200]})") from None
         raise CheckpointError(f"{path}: refused, it holds more than tensors and numbers (a checkpoint is data, never "
                               f"code; written by another program or an older version?): {what}") from None
     except Exception as e:  # truncated or garbage bytes: the unpickler may raise any type of error

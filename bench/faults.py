@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -501,16 +502,22 @@ def corrupt_checkpoints(model, tmp):
 
     def truncate(p):
         p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2])
+
+    def garbage(seed, n):
+        return random.Random(seed).randbytes(n)
     cases = [("optimizer.pt truncated", "optimizer.pt", truncate),
              ("adapter truncated", "adapter_model.safetensors", truncate),
-             ("adapter garbage", "adapter_model.safetensors", lambda p: p.write_bytes(os.urandom(4096))),
+             ("adapter garbage", "adapter_model.safetensors", lambda p: p.write_bytes(garbage(0, 4096))),
              ("adapter empty", "adapter_model.safetensors", lambda p: p.write_bytes(b"")),
              ("state.json missing", "state.json", lambda p: p.unlink()),
              ("state.json garbage", "state.json", lambda p: p.write_text("{\"step\": ")),
-             ("rng garbage", "rng_rank0.pt", lambda p: p.write_bytes(os.urandom(512))),
+             # seeded garbage on which the unpickler fails in each of four ways
+             *[(f"rng garbage ({kind})", "rng_rank0.pt", lambda p, s=seed: p.write_bytes(garbage(s, 512)))
+               for kind, seed in (("bad opcode", 0), ("IndexError", 2), ("KeyError", 20), ("UnicodeDecodeError", 195))],
+             ("state.json nested too deep", "state.json", lambda p: p.write_text("[" * 100_000)),
              ("config.json garbage", "config.json", lambda p: p.write_text("{not json"))]
     for name, f, corrupt in cases:
-        out = tmp / f"ck_{f}_{name.split()[-1]}"
+        out = tmp / ("ck_" + "".join(c if c.isalnum() else "_" for c in name))
         shutil.copytree(straight, out)
         corrupt(out / "checkpoints" / "step_000004" / f)
         got, o, secs = run(train_cmd(*tiny(model, out, *base, "--resume")), 300)

@@ -1042,7 +1042,7 @@ CORRUPTIONS = {  # name: (file of the latest checkpoint, what is done to it)
     "adapter truncated": ("adapter_model.safetensors", _truncate),
     "adapter missing": ("adapter_model.safetensors", lambda p: p.unlink()),
     "state missing": ("state.json", lambda p: p.unlink()),
-    "rng garbage": ("rng_rank0.pt", lambda p: p.write_bytes(random.Random(0).randbytes(512))),
+    "rng garbage": ("rng_rank0.pt", lambda p: p.write_bytes(random.Random(2).randbytes(512))),  # (IndexError)
     "config garbage": ("config.json", lambda p: p.write_text("{not json")),
     "state nested too deep": ("state.json", lambda p: p.write_text("[" * 100_000)),  # past Python's recursion limit
 }
