@@ -51,6 +51,10 @@ import rollout
 # critique.
 MAX_TOKENS = 16384
 POLL_S = 0.1  # how often a waiting ServerCritic batch calls its `interrupt` (a stop signal): seconds
+# The most bytes read of one answer. A completion of MAX_TOKENS tokens, each at most a few characters that JSON may
+# escape to 6 bytes each, and the same again as reasoning_content, is a few MB; a server that sends more is not
+# answering a chat completion, and reading on would let it fill memory (times --critic-concurrency).
+MAX_ANSWER_BYTES = 16 * 2 ** 20
 
 
 @dataclass
@@ -214,7 +218,8 @@ def _request(url: str, body: bytes | None, key: str | None, timeout_s: float, ba
     wall clock for the whole exchange (_Deadline), less if `batch` is abandoned. Redirects are never followed: the
     key goes to `url`'s server only. Raises _RequestFailed: kind "http_<status>" (retryable for 5xx, 408, 429,
     detail = the start of its body; a 3xx names where it pointed), "refused" / "timeout" / "connection"
-    (retryable), or "abandoned" (not retried)."""
+    (retryable), "abandoned", or "malformed" (not an http(s) URL, an answer over MAX_ANSWER_BYTES; neither
+    retried)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _RequestFailed(f"{url} is not an http(s) URL", False, "malformed")
@@ -232,7 +237,7 @@ def _request(url: str, body: bytes | None, key: str | None, timeout_s: float, ba
                 raise OSError("abandoned")
             conn.request("GET" if body is None else "POST", path, body=body, headers=headers)
             response = conn.getresponse()
-            raw = response.read()
+            raw = response.read(MAX_ANSWER_BYTES + 1)
             if deadline.expired or deadline.abandoned:  # (a cut read may look like a complete, shorter answer)
                 raise OSError("cut at the deadline")
     except (OSError, http.client.HTTPException) as e:  # refused, reset, timeout, cut
@@ -243,6 +248,9 @@ def _request(url: str, body: bytes | None, key: str | None, timeout_s: float, ba
                                  "timeout") from None
         raise _network_failure(e, url) from None
     status = response.status
+    if len(raw) > MAX_ANSWER_BYTES:  # (read no further: the connection is closed)
+        raise _RequestFailed(f"HTTP {status} from {url}: an answer of more than {MAX_ANSWER_BYTES} bytes, not a chat "
+                             f"completion; body starts {raw[:80]!r}", False, "malformed")
     if 300 <= status < 400:
         target = urllib.parse.urlsplit(response.getheader("Location") or "")
         where = f"{target.scheme}://{target.netloc}" if target.netloc else "the same server"

@@ -223,6 +223,15 @@ def test_malformed_answer_gives_error(serve, payload):  # (the last: JSON nested
     assert "malformed answer" in c.error and len(server.requests) == 2 and c.error_kind == "malformed"
 
 
+def test_an_oversized_answer_is_cut_and_not_retried(serve):
+    """A server that sends more than MAX_ANSWER_BYTES (here one byte more) cannot fill the client's memory: the
+    read stops there, the critique is a "malformed" failure naming the limit, and the request is not repeated."""
+    server, url = serve(lambda body, headers: (200, b"{" + b" " * critic_module.MAX_ANSWER_BYTES))
+    [c] = ServerCritic(url, "m", timeout_s=30, max_retries=3, backoff_s=0.01).critique([(PROBLEM, "x")])
+    assert c.error_kind == "malformed" and len(server.requests) == 1
+    assert f"an answer of more than {critic_module.MAX_ANSWER_BYTES} bytes" in c.error
+
+
 def test_one_failing_item_does_not_affect_the_others(serve):
     response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136"
     good = ExactArithmeticCritic().critique_one(PROBLEM, response).text
