@@ -202,7 +202,7 @@ def load_data(path: Path):
         # the line of torch's message that names what was refused, not its advice to load with weights_only=False
         lines = [x for x in str(e).strip().splitlines() if x.strip() and "weights_only" not in x]
         what = lines[0].strip() if lines else type(e).__name__
-        if not any(word in what for word in ("GLOBAL", "global", "reduce", "allowlisted")):  # no object named:
+        if not any(word in what.lower() for word in ("global", "reduce", "allowlisted")):  # no object named:
             # garbage, e.g. "Unsupported operand 218" (a byte that is no opcode the weights-only unpickler knows)
             raise CheckpointError(f"{path}: cannot be read (not a file of torch.save: {what[:200]})") from None
         raise CheckpointError(f"{path}: refused, it holds more than tensors and numbers (a checkpoint is data, never "

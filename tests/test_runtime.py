@@ -2,11 +2,13 @@
 and sampling from a bf16 model that keeps a small adapter."""
 import contextlib
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -217,8 +219,6 @@ def test_garbage_and_truncated_checkpoint_files_are_refused_by_name(tmp_path):
     that escaped would end --resume with a traceback instead of falling back to an earlier checkpoint (struct.error
     reads "error"). Seeded: every run tries the same 500 files, among which each of those types occurs. No warning
     escapes either."""
-    import random
-    import warnings
     path = tmp_path / "rng_rank0.pt"
     torch.save(runtime.rng_state(), path)
     whole = path.read_bytes()
