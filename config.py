@@ -19,15 +19,14 @@ from pathlib import Path
 
 import critic
 import data
-import exact_critic
 import feedback
 import prompts
 import rollout
 import sd_loss
 from critic import MAX_TOKENS as CRITIC_MAX_TOKENS  # a name of its own: in Config, `critic` is a field
-from runtime import checkpoint_dirs, resumable_checkpoint
-
+from demo import exact_critic
 from feedback import FEEDBACKS, FORMS, PAPER_FORMS
+from infra.checkpoint import checkpoint_dirs, resumable_checkpoint
 TEACHER_LAYOUTS = prompts.TEACHER_LAYOUTS  # (Config has a field named `critic`)
 
 
@@ -54,7 +53,7 @@ class Config:
                                 "(demo, measured: 20 to 70 percent more time per SD step), so it is off in both presets")
     model: str = opt("Qwen/Qwen3-1.7B", "solver (and self-teacher) weights: hub id, local path, or "
                      "'smollm2-135m-instruct' (the packaged demo model)")
-    data: str = opt("data/omr_hard.jsonl", "problems: a manifest written by `python filter_problems.py` "
+    data: str = opt("data/omr_hard.jsonl", "problems: a manifest written by `python -m scripts.filter_problems` "
                     "(train/test splits), or 'arithmetic'")
     arith_train: int = opt(282, "arithmetic data: number of training problems")
     arith_test: int = opt(30, "arithmetic data: number of held-out problems")
@@ -122,7 +121,7 @@ class Config:
     max_grad_norm: float = opt(1.0, "gradient clipping (departure 1)")
     nonfinite_max: int = opt(3, "stop (exit 5, checkpoint of the last good weights) after this many steps in a row "
                              "refused because their loss, gradient or updated weights were not finite, or their update "
-                             "diverged (runtime.refused_update)")
+                             "diverged (infra.stop_rules.refused_update)")
     prompts_per_step: int = opt(32, "problems per optimizer step, across all ranks")
     micro_batch: int = opt(4, "rollouts per forward/backward pass on one rank")
     loss_chunk: int = opt(1024, "positions per chunk of the memory-bounded loss")
@@ -138,7 +137,7 @@ class Config:
     out_dir: str = opt("runs/{preset}/{feedback}", "output directory ({preset}/{feedback} are filled in)")
     base_eval: str = opt("", "a JSON file of the step-0 evaluation (the base policy): read when it exists (then not "
                          "evaluated again), else written; share it only between runs of one model, seed, held-out set "
-                         "and evaluation options (study.py: one per seed)")
+                         "and evaluation options (scripts/study.py: one per seed)")
     resume: bool = opt(False, "continue from the latest checkpoint in out_dir")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
     progress: bool = opt(True, "progress bars on rank 0")
@@ -149,7 +148,7 @@ PRESETS: dict[str, dict] = {
     # SmolLM2-135M on two-operation chains with a worked example (Avg@4 about 10% at step 0, temperature 0.5, on
     # training problems of a development seed): a wrong attempt can hold correct work before its first wrong claim.
     # max_new_tokens fits every form's context solution (tests/test_config.py); 48 held-out problems × 4 samples,
-    # evaluated at steps 0 and 5 (study.py runs this preset on its pre-registered seeds)
+    # evaluated at steps 0 and 5 (scripts/study.py runs this preset on its pre-registered seeds)
     "demo": dict(feedback="all", model=rollout.SMOLLM2, data="arithmetic", arith_train=30, arith_test=52,
                  eval_problems=48, arith_ops=2, arith_max_operand=9, arith_operators="+-", arith_example=True,
                  critic="exact", engine="transformers", stop_at_boxed=True, vllm_gpu_memory=0.25, lora_r=16,
@@ -300,7 +299,7 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
         bad.append(f"--objective pbsd with --feedback {cfg.feedback}: pbsd needs a teacher context: "
                    "--feedback stepalign, refsol or verdict")
     if cfg.data != "arithmetic" and not Path(cfg.data).is_file():
-        bad.append(f"--data {cfg.data}: no such file (write one with `python filter_problems.py ...` "
+        bad.append(f"--data {cfg.data}: no such file (write one with `python -m scripts.filter_problems ...` "
                    "or use --data arithmetic)")
     local_critic = cfg.feedback in ("stepalign", "all") and cfg.critic == "local"
     for name, used in (("model", True), ("critic_model", local_critic)):
@@ -363,7 +362,7 @@ def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
 
 def make_critic(cfg: Config, interrupt=None):
     """The stepalign critic backend named by --critic, built from its options. `interrupt` (train.py:
-    runtime.StopFlag.check) is polled while a server or local critic works, and raises to abandon its batch."""
+    infra.signals.StopFlag.check) is polled while a server or local critic works, and raises to abandon its batch."""
     if cfg.critic == "exact":
         return exact_critic.ExactArithmeticCritic()
     if cfg.critic == "server":
@@ -410,7 +409,7 @@ def form_config(cfg: Config, form: str) -> Config:
 def preflight(cfg: Config, world: int) -> None:
     """Everything checkable before a model loads: the options, the data of each run (at least one training and
     one held-out problem, at least one step), its output directory, and the critic server (its model list, then
-    a one-token completion). Raises ConfigError, data.DataError or critic.CriticUnavailable."""
+    a one-token completion). Raises ConfigError, data.DataError or infra.chat_client.CriticUnavailable."""
     check_inputs(cfg, world)
     forms = PAPER_FORMS if cfg.feedback == "all" else (cfg.feedback,)
     for form in forms:

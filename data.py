@@ -1,5 +1,4 @@
-"""Problems: the record used everywhere, OpenMathReasoning loading, the difficulty filter's selection and its
-manifest, arithmetic tasks for CPU-sized runs, and the step format the solver is asked to follow.
+"""Problems: the record used everywhere, OpenMathReasoning loading, the difficulty filter's manifest, arithmetic tasks for CPU-sized runs, and the step format the solver is asked to follow.
 
 - `Problem` is the one record: id, problem text, gold answer, optional reference solution (the RefSol
   context), optional ground-truth steps (arithmetic tasks; the exact critic checks against them), source.
@@ -9,10 +8,8 @@ manifest, arithmetic tasks for CPU-sized runs, and the step format the solver is
   problem wins; a later row only fills a missing reference solution), and take the reference solution from
   `generated_solution` with its `<think>` trace removed. Bad rows raise `DataError` naming the file, row
   and field, unless `skip_bad=True`, in which case they are counted in `LoadStats.skipped_bad`.
-- The paper's difficulty filter (`python filter_problems.py`, which samples the models) keeps problems with
-  Avg@16 < 5/16 that the critic solves (`select_hard`), splits them deterministically by seed into train and
-  test (`split_train_test`; paper: 312 → 282 / 30) and writes them to a JSONL manifest (`write_manifest`,
-  read back by `load_manifest`).
+- The paper's difficulty filter (`python -m scripts.filter_problems`) writes the problems it keeps to a JSONL
+  manifest (`write_manifest`), split into train and test, read back by `load_manifest`.
 - `arithmetic_problems(n, seed, ...)` makes left-to-right chained integer problems
   ("Start with 17. Add 25, then multiply the result by 3. What is the final number?") with exact steps
   ("17 + 25 = 42", "42 * 3 = 126") and a reference solution worded differently (prose, the × sign, and the
@@ -441,39 +438,6 @@ def load_openmathreasoning_hub(split: str = "cot", skip_bad: bool = False, limit
 
 
 # ---------------------------------------------------------------------------------------------- difficulty filter
-def select_hard(problems: list[Problem], solver_correct_counts: list[int], critic_correct: list[bool],
-                n: int = 16, threshold: int = 5) -> list[dict]:
-    """The paper's filter: keep problems with Avg@n < threshold/n (i.e. fewer than `threshold` of `n` solver
-    samples correct) that the critic solves. Returns manifest rows with the measured pass rates."""
-    if not len(problems) == len(solver_correct_counts) == len(critic_correct):
-        raise ValueError(f"{len(problems)} problems, {len(solver_correct_counts)} solver counts and "
-                         f"{len(critic_correct)} critic results: they must match")
-    if not 0 < threshold <= n:
-        raise ValueError(f"threshold must lie in 1..n={n}, got {threshold}")
-    kept = []
-    for p, c, ok in zip(problems, solver_correct_counts, critic_correct):
-        if not 0 <= c <= n:
-            raise ValueError(f"problem {p.id}: {c} correct out of n={n} samples is impossible")
-        # Avg@n = c / n < threshold / n  ⇔  c < threshold
-        if c < threshold and ok:
-            kept.append({"id": p.id, "problem": p.problem, "answer": p.answer,
-                         "reference_solution": p.reference_solution, "source": p.source,
-                         "solver_correct": c, "n_samples": n, "solver_pass_rate": c / n,
-                         "critic_correct": bool(ok)})
-    return kept
-
-
-def split_train_test(rows: list[dict], n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic split by seed, independent of the input order (rows are sorted by id first)."""
-    if not 0 <= n_test <= len(rows):
-        raise ValueError(f"n_test={n_test} but only {len(rows)} rows")
-    ids = [r["id"] for r in rows]
-    if len(set(ids)) != len(ids):
-        raise ValueError("rows have duplicate ids; a split by id would be ambiguous")
-    ordered = sorted(rows, key=lambda r: r["id"])
-    random.Random(seed).shuffle(ordered)
-    test, train = ordered[:n_test], ordered[n_test:]
-    return sorted(train, key=lambda r: r["id"]), sorted(test, key=lambda r: r["id"])
 
 
 def write_manifest(path: str | Path, train: list[dict], test: list[dict], settings: dict | None = None) -> None:
@@ -490,7 +454,7 @@ SPLITS = ("train", "test")
 
 
 def load_manifest(path: str | Path, split: str | None = None) -> list[Problem]:
-    """Problems of a manifest written by `python filter_problems.py` (optionally one split: 'train' or 'test').
+    """Problems of a manifest written by `python -m scripts.filter_problems` (optionally one split: 'train' or 'test').
     A row whose split is neither is an error naming the row: it would otherwise drop out of both splits. So is an
     id on two rows (every row is read, whatever `split`): twice in one split it would be trained or graded twice;
     in both splits a held-out problem would be trained on; the same problem text in both splits likewise."""

@@ -1,5 +1,5 @@
 """Pass@k, Maj@k, Avg@k of sampled solutions, a policy's evaluation during training, and the command line of the results
-table and the mechanism figure.
+table.
 
 Metrics (`evaluate_samples`), per problem over its n samples, then averaged over problems:
     Avg@k   mean correctness c / n;
@@ -8,8 +8,7 @@ Metrics (`evaluate_samples`), per problem over its n samples, then averaged over
     length  mean number of generated tokens.
 A sample is correct when grading.grade accepts its last \\boxed{} answer.
 
-    python evaluate.py RUN_DIR [RUN_DIR ...] [--out DIR]     # the results table and plots (report.py)
-    python evaluate.py mechanism --out docs/mechanism         # the per-token advantage figure (mechanism.py)
+    python evaluate.py RUN_DIR [RUN_DIR ...] [--out DIR]     # the results table and plots (infra/report.py)
 
 Departures from the paper (which does not specify these details):
 1. Maj@k ties: among the answer groups with the most votes, the one whose first member comes earliest in
@@ -30,12 +29,13 @@ import numpy as np
 import torch.distributed as dist
 
 import grading
-import mechanism
 import prompts
-import report
 import rollout
 from config import run_name
-from runtime import Dist, StopFlag, Stopped, sampling
+from infra import report
+from infra.dist import Dist
+from infra.signals import StopFlag, Stopped
+from policy import sampling
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -160,8 +160,8 @@ def save_base_eval(cfg, result: dict | None) -> None:
 def evaluate_in_training(cfg, model, engine, tokenizer, checker, test, step: int, d: Dist, log,
                          stop: StopFlag) -> None:
     """The policy after `step` steps evaluated (evaluate_policy, sampled from the merged adapter) and logged. A signal
-    during it (runtime.Stopped) ends the run: train.py wrote the checkpoint of `step` before, and --resume runs this
-    evaluation first (runtime.evaluation_pending)."""
+    during it (infra.signals.Stopped) ends the run: train.py wrote the checkpoint of `step` before, and --resume runs this
+    evaluation first (infra.stop_rules.evaluation_pending)."""
     try:
         with sampling(cfg, model):
             result = evaluate_policy(cfg, engine, tokenizer, checker, test, step, d)
@@ -171,7 +171,7 @@ def evaluate_in_training(cfg, model, engine, tokenizer, checker, test, step: int
 
 
 def log_eval(cfg, log, result: dict | None) -> None:
-    """One evaluation: a line of eval.jsonl (runtime.Logger) and a line on stdout; none on ranks other than 0."""
+    """One evaluation: a line of eval.jsonl (infra.logs.Logger) and a line on stdout; none on ranks other than 0."""
     if result is not None:
         log.write("eval.jsonl", result)
         print(f"[{run_name(cfg)}] eval step {result['step']}: " + "  ".join(
@@ -179,10 +179,8 @@ def log_eval(cfg, log, result: dict | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def main(argv: Sequence[str] | None = None) -> str | dict:
+def main(argv: Sequence[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["mechanism"]:  # python evaluate.py mechanism --out DIR
-        return mechanism.main(argv[1:])
     ap = argparse.ArgumentParser(description="The paper-style results table from the evaluations a run logged.")
     ap.add_argument("runs", nargs="+", help="run directories (each with eval.jsonl) or parents of run directories")
     ap.add_argument("--out", default=None, help="where to write results.md and the PNGs (default: the first path)")

@@ -1,8 +1,8 @@
 """From problems to the self-teacher's inputs: the feedback forms, and steps 1-4 of a training step.
 
 FORMS is the one list of feedback forms: per form, how its teacher context c is built from a rollout (and its
-critique), its display name, and whether it needs a critic. train.py (steps 1-4 of every step), teacher_gap.py
-(the teacher's samples from the same prompts) and mechanism.py (A_t under each context) all build c and the teacher
+critique), its display name, and whether it needs a critic. train.py (steps 1-4 of every step), scripts/teacher_gap.py
+(the teacher's samples from the same prompts) and scripts/mechanism.py (A_t under each context) all build c and the teacher
 prompt here. The steps, as train.py's docstring numbers them:
   1. `step_problems`: the step's problems, a seeded stream of per-epoch permutations.
   2. `collect_rollouts`: G samples per problem from the student prompt x, graded.
@@ -21,9 +21,9 @@ import numpy as np
 
 import critic
 import data
-import exact_critic
 import prompts
 import rollout
+from demo import exact_critic
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,12 @@ class Form:
     needs_critic: bool  # c is built from the critic's critique of each rollout
     context: Callable[[Item, critic.Critique | None], str] | None  # (rollout, its critique) -> c; None: no teacher
     refsol_style: str = "reference"  # its --refsol-style (refsol only)
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether the form trains toward a self-teacher prompted with c (SD, PBSD); else it is GRPO: a group of G
+        rollouts per problem, a reward each, group-normalized advantages."""
+        return self.context is not None
 
 
 def stepalign_context(it: Item, critique: critic.Critique | None) -> str:
@@ -96,6 +102,11 @@ def form_name(cfg) -> str:
     return next(name for name, f in FORMS.items() if (f.feedback, f.refsol_style) == (cfg.feedback, style))
 
 
+def form_of(cfg) -> Form:
+    """The config's form, the object every other place asks (has_teacher, needs_critic, display)."""
+    return FORMS[form_name(cfg)]
+
+
 def form_options(name: str) -> list[str]:
     """The train.py options that select form `name`."""
     form = FORMS[name]
@@ -116,7 +127,8 @@ def form_messages(name: str, it: Item, critique: critic.Critique | None, layout:
 
 
 def group_size(cfg) -> int:
-    return cfg.grpo_group_size if cfg.feedback == "grpo" else cfg.sd_samples
+    """G, the rollouts per problem: GRPO's group, or SD's samples (1 in the paper)."""
+    return cfg.sd_samples if form_of(cfg).has_teacher else cfg.grpo_group_size
 
 
 # ---------------------------------------------------------------------------------------------- steps 1-4
@@ -149,20 +161,21 @@ def collect_rollouts(cfg, engine, tokenizer, checker, draws: list[tuple[int, dat
     return items
 
 
-def check_prompt_lengths(cfg, tokenizer, problems: list[data.Problem], context: int) -> None:
-    """DataError naming the problems whose student prompt plus --max-new-tokens exceeds the model's context (its
-    max_position_embeddings): refused before the first step, not an allocation failure in the middle of one."""
+def check_prompt_lengths(cfg, tokenizer, problems: list[data.Problem], max_positions: int) -> None:
+    """DataError naming the problems whose student prompt plus --max-new-tokens exceeds the model's window of
+    `max_positions` tokens (its max_position_embeddings): refused before the first step, not an allocation failure
+    in the middle of one."""
     long = []
     for p in problems:
         n = len(tokenizer(prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking),
                           add_special_tokens=False).input_ids)
-        if n + cfg.max_new_tokens > context:
+        if n + cfg.max_new_tokens > max_positions:
             long.append((p.id, n))
     if long:
         (first, n), more = long[0], f" (and {len(long) - 1} more problems)" if len(long) > 1 else ""
         raise data.DataError(f"{cfg.data}: problem {first!r}{more}: its student prompt of {n} tokens plus "
-                             f"--max-new-tokens {cfg.max_new_tokens} exceeds the context of {cfg.model} ({context} "
-                             "tokens, max_position_embeddings): lower --max-new-tokens or remove the problem")
+                             f"--max-new-tokens {cfg.max_new_tokens} exceeds the window of {cfg.model} "
+                             f"({max_positions} tokens, max_position_embeddings): lower --max-new-tokens or remove the problem")
 
 
 def critique_usable(c: critic.Critique, policy: str) -> bool:
@@ -189,7 +202,7 @@ def critique_stats(items: list[Item], critiques: list[critic.Critique], usable: 
     stats["wrong_correct_prefix"] = float(sum(exact_critic.copied_correct_equations(
         it.completion.text, prompts.corrected_solution(c.text)) > 0 for it, c in wrong))
     stats["skipped_unstructured"] = float(sum(not ok for ok in unstructured))
-    # the skipped ones count toward the stop rule like failed requests (runtime.unusable_as_failures)
+    # the skipped ones count toward the stop rule like failed requests (infra.stop_rules.unusable_as_failures)
     stats["unusable_empty"] = float(sum(not ok and not c.text.strip() for c, ok in zip(critiques, usable)
                                         if c.error is None and not c.schema_ok))
     stats["unusable_schema"] = stats["skipped_unstructured"] - stats["unusable_empty"]
@@ -214,12 +227,12 @@ def feedback_contexts(cfg, critic_backend, items: list[Item], timer
     return contexts, critiques, critique_stats(items, critiques, usable)
 
 
-def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str | None], context: int
+def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str | None], max_positions: int
                          ) -> tuple[list[Item], int]:
     """Step 4: the teacher's prompt x + c of each rollout (y is appended as ids when it is scored); a rollout
     without a context is skipped. PBSD scores y_T after the STUDENT prompt, so y_T must be in the student's format:
     its teacher prompt takes the student's thinking mode (train.py, departure 7). A rollout whose teacher prompt
-    plus y (plus --max-new-tokens when y_T is sampled from it) exceeds the model's `context` is skipped too; returns
+    plus y (plus --max-new-tokens when y_T is sampled from it) exceeds the model's window of `max_positions` tokens is skipped too; returns
     (items, how many were skipped for that)."""
     thinking = cfg.teacher_thinking if cfg.objective == "sd" else cfg.student_thinking
     sampled = cfg.objective == "pbsd" or cfg.teacher_samples
@@ -232,7 +245,7 @@ def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str |
                                                                   it.completion.text), thinking)
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         y = len(it.completion.token_ids)
-        if len(ids) + (max(y, cfg.max_new_tokens) if sampled else y) > context:
+        if len(ids) + (max(y, cfg.max_new_tokens) if sampled else y) > max_positions:
             too_long += 1
             out.append(dataclasses.replace(it, skipped=True))
             continue

@@ -21,7 +21,7 @@ Departures from the paper's setup:
    such stop rule: its samples are cut after the token that closes the box, which gives the same tokens (a
    sample's prefix does not depend on what follows it), at the cost of the discarded tail.
 4. A stop signal abandons the transformers engine's batch at the next token (its `interrupt`, train.py's
-   runtime.StopFlag.check, raises); vLLM's `LLM.generate` cannot be interrupted mid-call: a signal takes effect
+   infra.signals.StopFlag.check, raises); vLLM's `LLM.generate` cannot be interrupted mid-call: a signal takes effect
    when its batch is done.
 """
 from __future__ import annotations

@@ -26,9 +26,10 @@ Every `eval_every` steps: n = 12 samples per held-out problem → Pass/Maj/Avg@1
 and a checkpoint (adapter, optimizer, RNG, data position), written atomically. Step 0 (the base policy, the
 same for every form) is evaluated once per invocation (or read from --base-eval) and logged in each run.
 Steps 1-4 and the feedback forms: feedback.py; the evaluation: evaluate.py; diagnostics of each step in log.jsonl:
-diagnostics.py. Options and presets: config.py; processes, checkpoints and logs: runtime.py.
+infra/diagnostics.py. Options and presets: config.py; the policy (model, LoRA, AdamW, the engine's adapter): policy.py;
+processes, checkpoints, logs, signals and stop rules: infra/.
 Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes: EXIT_*
-below, 143 SIGTERM and 130 SIGINT (runtime.StopFlag); what each leaves on disk: docs/gpu.md.
+in infra/stop_rules.py, 143 SIGTERM and 130 SIGINT (infra.signals.StopFlag); what each leaves on disk: docs/gpu.md.
 
 Departures from the paper:
 1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.
@@ -46,7 +47,7 @@ Departures from the paper:
    empty (`--critic-unstructured skip`, counted per step in `skipped_unstructured_step`): the paper's teacher
    sees only structured corrective feedback (`keep` gives the text to the teacher instead). A step whose loss,
    gradient or update is not finite is skipped and counted (`skipped_nonfinite`; an update is undone), and so are
-   a diverged update (`skipped_diverged`, runtime.refused_update) and a step with nothing to learn
+   a diverged update (`skipped_diverged`, infra.stop_rules.refused_update) and a step with nothing to learn
    (`skipped_empty`). Critiques that fail the schema or are empty count toward --critic-fail-max.
 6. DDP without DistributedDataParallel: the LoRA gradients are summed by ONE explicit all-reduce per step after
    the last micro-batch (every rank reaches it every step), not by backward hooks. So a rank may skip the
@@ -69,35 +70,35 @@ import json
 import os
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-import critic
 import data
-import diagnostics
 import evaluate
-import exact_critic
 import feedback
 import grading
 import grpo
 import lora
 import pbsd
-import report
 import rollout
 import sd_loss
 from config import (Config, ConfigError, form_config, load_problems, make_critic, parse_config, preflight, run_name,
                     total_steps)
-from feedback import FORMS, PAPER_FORMS, Item, check_prompt_lengths, form_name, group_size
-from runtime import (CheckpointError, Dist, Logger, OutDirBusy, OutDirLock, SaveError, StopFlag, Stopped, Timer,
-                     all_reduce_sum, check_room, checkpoint_bytes, critic_down, critic_down_error, divergence_probe,
-                     diverged_error, evaluation_due, evaluation_pending, make_vllm_engine, nothing_learned,
-                     progress_bar, push_adapter, sampling, save_checkpoint, setup_distributed, start_out_dir,
-                     start_policy, probe_policy, refused_update, sum_over_ranks, unusable_as_failures, warn)
-
-EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_NO_ROOM = 2, 3, 4, 5, 6
+from demo import exact_critic
+from feedback import PAPER_FORMS, Item, check_prompt_lengths, form_of, group_size
+from infra import diagnostics, report
+from infra.bookkeeping import Bookkeeping
+from infra.chat_client import CriticUnavailable
+from infra.checkpoint import (CheckpointError, OutDirBusy, OutDirLock, SaveError, check_room, checkpoint_bytes,
+                              save_checkpoint, start_out_dir)
+from infra.dist import Dist, all_reduce_sum, setup_distributed
+from infra.logs import Logger, Timer
+from infra.signals import StopFlag, Stopped
+from infra.stop_rules import (EXIT_BAD_INPUT, EXIT_NO_ROOM, EXIT_NOTHING_LEARNED, divergence_probe,
+                              evaluation_pending, nothing_learned, probe_policy, refused_update)
+from policy import make_vllm_engine, push_adapter, sampling, start_policy
 
 
 # ---------------------------------------------------------------------------------------------- step 5: the losses
@@ -169,7 +170,7 @@ def step_normalizer(cfg, items: list[Item], d: Dist) -> float:
     kept = [it for it in items if not it.skipped]
     if cfg.objective == "pbsd":
         count = pbsd.decisive_pairs([it.reward for it in kept], [it.teacher_reward for it in kept])
-    elif cfg.feedback == "grpo" and cfg.grpo_aggregation == "sequence":
+    elif not form_of(cfg).has_teacher and cfg.grpo_aggregation == "sequence":
         count = len(kept)
     else:
         count = sum(len(it.completion.token_ids) for it in kept)
@@ -181,8 +182,8 @@ def optimizer_step(cfg, model, params: list, optimizer, bad: float, normalizer: 
     """Step 6 after the backward passes: ONE all-reduce of the LoRA gradients and the `bad` flag, clip, AdamW.
     Returns (None, or the counter of a skipped step: skipped_empty, nothing to learn from on any rank, where AdamW's
     momentum would still move the weights; skipped_nonfinite, a loss or gradient not finite; or an update that
-    runtime.refused_update refuses on `probe` (1, L), not finite or diverged: then the weights and AdamW's state are
-    restored), the norm (or NaN) and runtime.probe_policy of the weights it leaves. `before`: that of the weights it
+    infra.stop_rules.refused_update refuses on `probe` (1, L), not finite or diverged: then the weights and AdamW's state are
+    restored), the norm (or NaN) and infra.stop_rules.probe_policy of the weights it leaves. `before`: that of the weights it
     starts from (None: computed here), so each step runs one probe forward, after its update."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([bad], device=d.device)])
@@ -222,11 +223,12 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
     adapter."""
     out_dir = Path(cfg.out_dir)
     train_set, test_set = load_problems(cfg)
-    stop = StopFlag()  # the engine and the critic poll stop.check: a signal abandons their work (runtime.Stopped)
-    critic_backend = make_critic(cfg, stop.check) if FORMS[form_name(cfg)].needs_critic else None  # before GPU time
+    form = form_of(cfg)
+    stop = StopFlag()  # the engine and the critic poll stop.check: a signal abandons their work (infra.signals.Stopped)
+    critic_backend = make_critic(cfg, stop.check) if form.needs_critic else None  # before any GPU time
     model, tokenizer, params, optimizer = start_policy(cfg, d)
-    context = model.config.max_position_embeddings  # the model's context: every prompt and its sample fit in it
-    check_prompt_lengths(cfg, tokenizer, train_set + test_set, context)
+    max_positions = model.config.max_position_embeddings  # the model's window: every prompt and its sample fit in it
+    check_prompt_lengths(cfg, tokenizer, train_set + test_set, max_positions)
     if cfg.engine == "vllm" and vllm_engine is None:
         raise ValueError("--engine vllm: train takes the process's engine (make_vllm_engine)")
     engine = vllm_engine if cfg.engine == "vllm" else rollout.make_engine(
@@ -243,11 +245,9 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 base_eval["result"] = evaluate.evaluate_policy(cfg, engine, tokenizer, checker, test_set, 0, d)
             evaluate.save_base_eval(cfg, base_eval["result"])
         evaluate.log_eval(cfg, log, base_eval["result"] and {**base_eval["result"], "feedback": run_name(cfg)})
-    bar = progress_bar(cfg, d, steps, start)  # rank 0 with --progress; else None
-    window = deque(maxlen=cfg.critic_fail_window)  # failed critiques of the last steps (all ranks)
-    diverged = 0  # consecutive steps refused as not finite or diverged
+    books = Bookkeeping(cfg, run_name(cfg), d, log, counters, start, steps, max_positions)
     probe = divergence_probe(tokenizer, train_set[0], cfg.student_thinking)  # (1, L), the same after --resume
-    on_probe = None  # runtime.probe_policy of the current weights, once computed
+    on_probe = None  # infra.stop_rules.probe_policy of the current weights, once computed
     with stop:
         if evaluation_pending(cfg, start, steps, d):  # stopped at this boundary before its evaluation: run it first
             evaluate.evaluate_in_training(cfg, model, engine, tokenizer, checker, test_set, start, d, log, stop)
@@ -256,20 +256,20 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             # 1. problems: this rank's share of the step's seeded draw
             drawn = feedback.step_problems(train_set, cfg, step)
             draws = [(i, drawn[i]) for i in range(d.rank, len(drawn), d.world)]
-            with contextlib.suppress(Stopped):  # a signal abandons steps 2-4 at once (runtime.StopFlag.check)
+            with contextlib.suppress(Stopped):  # a signal abandons steps 2-4 at once (infra.signals.StopFlag.check)
                 # 2. rollouts: G samples per problem from the student prompt x, graded
                 with sampling(cfg, model):
                     items = feedback.collect_rollouts(cfg, engine, tokenizer, checker, draws, step, timer)
                 # 3. feedback c: GRPO's group advantages, or each rollout's context
                 stats = {}
-                if cfg.feedback == "grpo":
+                if not form.has_teacher:
                     A = grpo.group_advantages(torch.tensor([it.reward for it in items]), group_size(cfg))  # (N·G,)
                     items = [dataclasses.replace(it, advantage=a) for it, a in zip(items, A.tolist())]
                 else:
                     contexts, critiques, stats = feedback.feedback_contexts(cfg, critic_backend, items, timer)
                     # 4. teacher inputs: the prompt x + c (y is appended as ids); PBSD: a sample y_T ~ π_base(·|x, c)
                     items, stats["skipped_context_step"] = feedback.with_teacher_prompts(
-                        cfg, tokenizer, items, contexts, context)
+                        cfg, tokenizer, items, contexts, max_positions)
                     if cfg.objective == "pbsd" or cfg.teacher_samples:
                         items = feedback.with_teacher_samples(cfg, engine, checker, items, step, timer)
                     if cfg.data == "arithmetic":  # (diagnostics) the exact critic's critiques when the step has them
@@ -277,14 +277,14 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                         items = [dataclasses.replace(it, wrong_claim=claim) for it, claim in
                                  zip(items, diagnostics.wrong_claims(tokenizer, items, exact))]
             if stop.agreed(d):  # no weight has changed in this step yet: a checkpoint of `step` steps is exact
-                save_checkpoint(cfg, model, optimizer, step, counters, d)
+                save_checkpoint(cfg, model, optimizer, step, books.counters, d)
                 stop.exit(out_dir, step, d)
             # 5. loss per micro-batch, divided by the count of the whole step (all micro-batches, all ranks)
             normalizer = step_normalizer(cfg, items, d)
             model.train()
             losses, bad = [], 0.0
             micro_batch_loss = (pbsd_micro_batch if cfg.objective == "pbsd" else
-                                grpo_micro_batch if cfg.feedback == "grpo" else sd_micro_batch)
+                                sd_micro_batch if form.has_teacher else grpo_micro_batch)
             for i in range(0, len(items), cfg.micro_batch):
                 mb = items[i:i + cfg.micro_batch]
                 if all(it.skipped for it in mb):
@@ -300,65 +300,29 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
             with timer("optimizer"):
                 skipped, grad_norm, on_probe = optimizer_step(cfg, model, params, optimizer, bad, normalizer, probe,
                                                               on_probe, d)
-            if skipped:
-                counters[skipped] += 1
-            diverged = diverged + 1 if skipped in ("skipped_nonfinite", "skipped_diverged") else 0
             # 7. the new adapter to the generation engine
             done = step + 1
             with timer("push"):
                 push_adapter(cfg, d, model, engine, done)
-            sums = diagnostics.metric_sums(cfg, losses) | diagnostics.step_diagnostics(cfg, items, losses, d)
-            counts = sum_over_ranks({k: v for k, v in stats.items()
-                                     if k.startswith(("critic_failed", "unusable_", "wrong_", "skipped_context"))}, d)
-            failures = {k: v for k, v in counts.items() if not k.startswith(("wrong_", "skipped_context"))}
-            counters["skipped_critic"] += int(unusable_as_failures(failures).get("critic_failed", 0))  # all ranks
-            if counts.get("skipped_context_step"):  # (all ranks) loudly, each step it happens
-                counters["skipped_context"] += int(counts["skipped_context_step"])
-                if d.master:
-                    warn(f"[{run_name(cfg)}] step {done}: {counts['skipped_context_step']:.0f} rollouts skipped: their "
-                         f"teacher prompt (x + c) and y exceed the context of {cfg.model} ({context} tokens)", bar)
-            record = diagnostics.step_record(cfg, done, items, sums, stats, counters, timer,
-                                             time.perf_counter() - t0, grad_norm, d) | counts
-            log.write("log.jsonl", record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.2f}")
-            down = None
-            if FORMS[form_name(cfg)].needs_critic:  # one critique per rollout
-                window.append(unusable_as_failures(failures))  # a critique that fails the schema or is empty counts
-                down = critic_down(cfg, run_name(cfg), cfg.prompts_per_step * group_size(cfg), window, done, d,
-                                   bar)
-            stopping, evaluating = stop.agreed(d), evaluation_due(cfg, done, steps)  # (the save and exit agree)
-            if stopping or evaluating or down:  # the checkpoint before the evaluation: a signal does not wait for it
-                save_checkpoint(cfg, model, optimizer, done, counters, d)
-            if stopping:  # (an evaluation step's evaluation runs after --resume)
-                stop.exit(out_dir, done, d)
-            if evaluating:
-                evaluate.evaluate_in_training(cfg, model, engine, tokenizer, checker, test_set, done, d, log, stop)
-            if diverged >= cfg.nonfinite_max:
-                save_checkpoint(cfg, model, optimizer, done, counters, d)  # the weights of the last good step
-                if d.master:
-                    warn(diverged_error(cfg, run_name(cfg), done, diverged, counters), bar)
-                raise SystemExit(EXIT_DIVERGED)
-            if down:
-                if d.master:
-                    warn(critic_down_error(cfg, run_name(cfg), done, steps, down), bar)
-                raise SystemExit(EXIT_CRITIC_DOWN)
-    if bar is not None:
-        bar.close()
-    return out_dir, counters, steps
+            # the log line; the checkpoint, a signal's exit, the evaluation, the stop rules (infra/bookkeeping.py)
+            books.after_step(done, items, losses, stats, skipped, grad_norm, timer, time.perf_counter() - t0, stop,
+                             save=lambda: save_checkpoint(cfg, model, optimizer, done, books.counters, d),
+                             evaluate=lambda: evaluate.evaluate_in_training(cfg, model, engine, tokenizer, checker,
+                                                                            test_set, done, d, log, stop))
+    books.close()
+    return out_dir, books.counters, steps
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv, description=__doc__.split("\n")[0])
     forms = PAPER_FORMS if cfg.feedback == "all" else (cfg.feedback,)
-    locks = contextlib.ExitStack()  # one run per out-dir (runtime.OutDirLock), held by rank 0 until the exit
+    locks = contextlib.ExitStack()  # one run per out-dir (infra.checkpoint.OutDirLock), held by rank 0 until the exit
     try:
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         if os.environ.get("RANK", "0") == "0":
-            for feedback in forms:
-                locks.enter_context(OutDirLock(Path(form_config(cfg, feedback).out_dir)))
-    except (ConfigError, data.DataError, critic.CriticUnavailable, OutDirBusy) as e:  # one line each, no traceback
+            for name in forms:
+                locks.enter_context(OutDirLock(Path(form_config(cfg, name).out_dir)))
+    except (ConfigError, data.DataError, CriticUnavailable, OutDirBusy) as e:  # one line each, no traceback
         locks.close()
         if os.environ.get("RANK", "0") == "0":
             for line in str(e).splitlines():
@@ -369,8 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         vllm_engine = make_vllm_engine(cfg, d) if cfg.engine == "vllm" else None
         with grading.AnswerChecker() as checker:  # math-verify in a worker process, with our own time limit
-            for form in forms:
-                run_cfg = form_config(cfg, form)
+            for name in forms:
+                run_cfg = form_config(cfg, name)
                 if d.master:
                     print("config: " + json.dumps(dataclasses.asdict(run_cfg)), flush=True)
                 out_dir, counters, steps = train(run_cfg, d, checker, base_eval, vllm_engine)

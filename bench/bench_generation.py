@@ -26,7 +26,8 @@ sys.path.insert(0, ROOT)
 import config  # noqa: E402
 import prompts  # noqa: E402
 import rollout  # noqa: E402
-import runtime  # noqa: E402
+import policy  # noqa: E402
+from infra import dist  # noqa: E402
 
 
 def rollout_at(rev: str):
@@ -54,7 +55,7 @@ def main():
     cfg = config.parse_config(["--preset", "demo", "--feedback", "refsol", "--seed", "50"])
     _, test_set = config.load_problems(cfg)
     problems = test_set[:a.problems]
-    model, tokenizer, _, _ = runtime.start_policy(cfg, runtime.Dist())
+    model, tokenizer, _, _ = policy.start_policy(cfg, dist.Dist())
     texts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for p in problems]
     seeds = [rollout.sample_seed(cfg.seed, "eval", 0, p.id) for p in problems]
     engines = {"before": rollout_at(a.before), "this tree": rollout}
@@ -63,7 +64,7 @@ def main():
         for name, module in engines.items():
             engine = module.TransformersEngine(model, tokenizer, batch_size=32, stop_at_boxed=cfg.stop_at_boxed)
             start = time.perf_counter()
-            with runtime.sampling(cfg, model):
+            with policy.sampling(cfg, model):
                 out = engine.generate(texts, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
                                       max_new_tokens=cfg.max_new_tokens)
             seconds[name].append(time.perf_counter() - start)

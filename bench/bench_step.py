@@ -7,7 +7,7 @@
 
 A step is train.py's steps 1-7, called through the same functions train.train calls, with a clock and a memory
 watch around each phase:
-  generation  — `collect_rollouts` (step 2), with the adapter merged for sampling (`runtime.sampling`; the merge
+  generation  — `collect_rollouts` (step 2), with the adapter merged for sampling (`policy.sampling`; the merge
                 and the unmerge are their own phase, "merge")
   feedback    — the context c and the teacher prompt (steps 3-4)
   teacher     — the self-teacher's forward, adapter off, no gradient (train.sd_micro_batch)
@@ -35,10 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import feedback  # noqa: E402
 import grading  # noqa: E402
-import runtime  # noqa: E402
 import random_qwen3  # noqa: E402  (bench/, this script's folder)
 import rollout  # noqa: E402
 import train  # noqa: E402
+import policy  # noqa: E402
+from infra import dist, logs, stop_rules  # noqa: E402
 
 PHASES = ("merge", "generation", "feedback", "teacher", "student", "loss", "backward", "optimizer", "push")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -95,22 +96,22 @@ class PhaseTimer:
 
 
 def one_step(cfg, model, tokenizer, optimizer, params, engine, checker, critic_backend, train_set, step, watch,
-             context, probe: dict):
+             max_positions, probe: dict):
     """train.train's steps 1-7 for one SD step of one rank, each phase under the watch. probe: the divergence
     probe's ids (train.py's: the first training problem's student prompt) and the policy on it after the last step."""
     timer = PhaseTimer(watch)
     drawn = feedback.step_problems(train_set, cfg, step)
     draws = list(enumerate(drawn))
-    sampling = runtime.sampling(cfg, model)
+    sampling = policy.sampling(cfg, model)
     with watch("merge"):  # the adapter merged for sampling: its time and memory, apart from the generation's
         sampling.__enter__()
     items = feedback.collect_rollouts(cfg, engine, tokenizer, checker, draws, step, timer)
     with watch("merge"):
         sampling.__exit__(None, None, None)
     with watch("feedback"):
-        contexts, _, _ = feedback.feedback_contexts(cfg, critic_backend, items, runtime.Timer())
-        items, _ = feedback.with_teacher_prompts(cfg, tokenizer, items, contexts, context)
-    d = runtime.Dist()
+        contexts, _, _ = feedback.feedback_contexts(cfg, critic_backend, items, logs.Timer())
+        items, _ = feedback.with_teacher_prompts(cfg, tokenizer, items, contexts, max_positions)
+    d = dist.Dist()
     normalizer = train.step_normalizer(cfg, items, d)
     model.train()
     for i in range(0, len(items), cfg.micro_batch):
@@ -122,7 +123,7 @@ def one_step(cfg, model, tokenizer, optimizer, params, engine, checker, critic_b
         _, _, probe["on_probe"] = train.optimizer_step(cfg, model, params, optimizer, 0.0, normalizer, probe["ids"],
                                                        probe.get("on_probe"), d)
     with watch("push"):
-        runtime.push_adapter(cfg, d, model, engine, step + 1)
+        policy.push_adapter(cfg, d, model, engine, step + 1)
     return sum(len(it.completion.token_ids) for it in items)
 
 
@@ -145,14 +146,14 @@ def main():
                 "--critic", "exact", "--engine", "transformers", "--prompts-per-step", "8", "--max-new-tokens", "128",
                 *a.option]
     cfg = config.parse_config(argv)
-    d = runtime.Dist()
+    d = dist.Dist()
     train_set, _ = config.load_problems(cfg)
-    model, tokenizer, params, optimizer = runtime.start_policy(cfg, d)
+    model, tokenizer, params, optimizer = policy.start_policy(cfg, d)
     engine = rollout.make_engine("transformers", cfg.model, model, tokenizer, stop_at_boxed=cfg.stop_at_boxed)
     critic_backend = config.make_critic(cfg) if feedback.FORMS[feedback.form_name(cfg)].needs_critic else None
     checker = grading.AnswerChecker()
     rows, peak = [], 0
-    probe = {"ids": runtime.divergence_probe(tokenizer, train_set[0], cfg.student_thinking)}
+    probe = {"ids": stop_rules.divergence_probe(tokenizer, train_set[0], cfg.student_thinking)}
     for step in range(a.steps):
         watch = Watch(a.profile if step == a.steps - 1 else 0)
         t0 = time.perf_counter()

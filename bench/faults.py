@@ -12,8 +12,8 @@ threads of this script. Not in CI: each fault has its pytest test (docs/reliabil
 repeats them end to end as a new user's processes would meet them.
 
 Departures from the tests: the signal faults that need a slow rollout or evaluation run train.main in a wrapper
-process that slows the engine (tests/test_runtime.py's SLOW_ROLLOUTS); the HTML figure is rendered in this
-process (mechanism.render_advantage_html: evaluate.py mechanism needs the demo model).
+process that slows the engine (tests/test_infra.py's SLOW_ROLLOUTS); the HTML figure is rendered in this
+process (mechanism.render_advantage_html: python -m scripts.mechanism needs the demo model).
 """
 from __future__ import annotations
 
@@ -391,7 +391,7 @@ def hostile_text(model, tmp):
           tiny(model, tmp / "ht2", "--data", str(p), "--feedback", "refsol"))
     # the mechanism figure: model text with HTML and a script, rendered in this process
     import numpy as np
-    from mechanism import render_advantage_html
+    from scripts.mechanism import render_advantage_html
     toks = [["<script>alert(1)</script>", "<img src=x onerror=alert(2)>", '" onmouseover="x', "&amp;"]]
     t0 = time.time()
     page = render_advantage_html(toks, {"StepAlignFB": [np.zeros(4)]}, [None], title="<script>t</script>",
@@ -405,7 +405,7 @@ def signals(model, tmp):
     wrapper = tmp / "slow.py"
     # train.main in a process of its own whose sampling crawls (0.2 s per token) once the first step is logged: a
     # signal then lands in step 2's rollouts, or (--eval-every 1) in step 1's evaluation
-    from test_runtime import SLOW_ROLLOUTS
+    from test_infra import SLOW_ROLLOUTS
     wrapper.write_text(SLOW_ROLLOUTS.format(root=str(ROOT)))
     base = ["--max-steps", "3", "--eval-every", "100", "--max-new-tokens", "200"]
     straight = tmp / "sig_straight"

@@ -47,7 +47,7 @@ def test_trl_teacher_prompt_is_ours(smol_tokenizer):
     y = rollout.Completion([28, 29], "Step 1: 8 + 7 = 15", "length")
     items = [Item(p, [], y) for p in problems]
     contexts = [feedback.FORMS[feedback.form_name(cfg)].context(it, None) for it in items]
-    items, too_long = feedback.with_teacher_prompts(cfg, smol_tokenizer, items, contexts, context=8192)
+    items, too_long = feedback.with_teacher_prompts(cfg, smol_tokenizer, items, contexts, max_positions=8192)
     assert too_long == 0
     for row, it in zip(rows, items):
         assert row["prompt"] == prompts.render(smol_tokenizer, prompts.student_messages(it.problem),

@@ -9,9 +9,9 @@ import pytest
 
 import config
 import feedback
-import runtime
 import train
 from test_train import ROOT, run_cli, tiny_args, tiny_model_dir  # noqa: F401 (tiny_model_dir is a fixture)
+from infra import logs
 
 
 
@@ -192,9 +192,9 @@ def test_demo_budget_fits_every_context_and_a_correct_answer(smol_tokenizer):
     \\boxed{}: a student that imitates its teacher is never cut off before it answers. Over the demo preset's
     problems of seed 0 and of the study's seeds, train and held-out."""
     import data
-    import exact_critic
+    from demo import exact_critic
     import prompts
-    import study
+    from scripts import study
     critic = exact_critic.ExactArithmeticCritic()
     lengths = []
     for seed in (0, *study.SEEDS):
@@ -219,7 +219,7 @@ def test_refsol_style_steps_is_the_format_control():
     assert config.run_name(cfg) == "refsol_steps" and config.form_config(cfg, "refsol").out_dir.endswith("refsol_steps")
     train_set, _ = config.load_problems(cfg)
     items = [feedback.Item(p, [], None) for p in train_set[:3]]
-    contexts, critiques, _ = feedback.feedback_contexts(cfg, None, items, runtime.Timer())
+    contexts, critiques, _ = feedback.feedback_contexts(cfg, None, items, logs.Timer())
     assert critiques is None and contexts == [data.step_solution(p) for p in train_set[:3]]
     assert contexts[0].splitlines()[0] == "Step 1: " + train_set[0].steps[0]
     bad = config.parse_config(["--feedback", "refsol", "--refsol-style", "steps", "--data", "x.jsonl"])

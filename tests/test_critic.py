@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import critic as critic_module
 from critic import Critique, LocalCritic, ServerCritic, critique_metrics, parse_critique
 from data import Problem
-from exact_critic import ExactArithmeticCritic
+from demo.exact_critic import ExactArithmeticCritic
+from infra import chat_client
 from prompts import format_critique, render
 from rollout import load_model
 
@@ -226,10 +226,10 @@ def test_malformed_answer_gives_error(serve, payload):  # (the last: JSON nested
 def test_an_oversized_answer_is_cut_and_not_retried(serve):
     """A server that sends more than MAX_ANSWER_BYTES (here one byte more) cannot fill the client's memory: the
     read stops there, the critique is a "malformed" failure naming the limit, and the request is not repeated."""
-    server, url = serve(lambda body, headers: (200, b"{" + b" " * critic_module.MAX_ANSWER_BYTES))
+    server, url = serve(lambda body, headers: (200, b"{" + b" " * chat_client.MAX_ANSWER_BYTES))
     [c] = ServerCritic(url, "m", timeout_s=30, max_retries=3, backoff_s=0.01).critique([(PROBLEM, "x")])
     assert c.error_kind == "malformed" and len(server.requests) == 1
-    assert f"an answer of more than {critic_module.MAX_ANSWER_BYTES} bytes" in c.error
+    assert f"an answer of more than {chat_client.MAX_ANSWER_BYTES} bytes" in c.error
 
 
 def test_one_failing_item_does_not_affect_the_others(serve):
@@ -367,7 +367,7 @@ def test_preflight_names_the_url_and_what_failed(serve, monkeypatch, case):
         _, url = serve(respond, ModelsHandler)
     critic = ServerCritic(url + "/v1", "critic", api_key_env="SDCF_TEST_CRITIC_KEY")
     try:
-        with pytest.raises(critic_module.CriticUnavailable) as failure:
+        with pytest.raises(chat_client.CriticUnavailable) as failure:
             critic.check(timeout_s=0.5)
     finally:
         release.set()
@@ -412,7 +412,7 @@ def test_the_api_key_never_follows_a_redirect(serve, monkeypatch):
                           backoff_s=0.01)
     [c] = critic.critique([(PROBLEM, "Step 1: x")])
     assert c.error_kind == "http_302" and other_url in c.error and "not followed" in c.error
-    with pytest.raises(critic_module.CriticUnavailable, match="not followed") as failure:
+    with pytest.raises(chat_client.CriticUnavailable, match="not followed") as failure:
         critic.check(timeout_s=5)
     assert secret not in str(failure.value) and secret not in c.error
     assert other.requests == []
@@ -459,7 +459,7 @@ def test_a_dripping_server_cannot_extend_the_deadline(serve, where):
     assert time.monotonic() - t0 < 2 * 4.0  # two attempts of 1 s
     assert c.error_kind == "timeout" and "timed out after 1.0 s" in c.error and len(server.requests) == 2
     t0 = time.monotonic()
-    with pytest.raises(critic_module.CriticUnavailable, match="no answer within 1.0 s"):
+    with pytest.raises(chat_client.CriticUnavailable, match="no answer within 1.0 s"):
         critic.check(timeout_s=1.0)
     assert time.monotonic() - t0 < 4.0
 

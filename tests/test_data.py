@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from data import (DataError, Problem, arithmetic_problems, apply_op, load_manifest,
-                  load_openmathreasoning, load_openmathreasoning_hub, select_hard, split_steps,
-                  split_train_test, step_spans, strip_think, write_manifest)
+                  load_openmathreasoning, load_openmathreasoning_hub, split_steps,
+                  step_spans, strip_think, write_manifest)
+from scripts.filter_problems import select_hard, split_train_test
 
 
 # ---------------------------------------------------------------------------------------------- step format

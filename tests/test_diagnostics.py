@@ -1,8 +1,8 @@
-"""diagnostics.py: the exact critic's wrong claim mapped to the rollout's tokens, and the mean A_t on it."""
+"""infra/diagnostics.py: the exact critic's wrong claim mapped to the rollout's tokens, and the mean A_t on it."""
 import torch
 
-import diagnostics
 import feedback
+from infra import diagnostics
 from rollout import Completion
 
 

@@ -84,10 +84,3 @@ def test_evaluate_samples_by_hand(checker):
     assert full["k"] == 4 and full["maj@k"] == (0 + 1 + 0) / 3
     with pytest.raises(ValueError, match="same positive number"):
         evaluate_samples([("1", [box(1)]), ("2", [box(2), box(2)])], checker=checker)
-
-
-def test_command_line_dispatches_on_its_first_argument(monkeypatch):
-    calls = []
-    monkeypatch.setattr(evaluate.mechanism, "main", lambda argv: calls.append(argv) or {"ok": True})
-    assert evaluate.main(["mechanism", "--out", "somewhere"]) == {"ok": True}
-    assert calls == [["--out", "somewhere"]]

@@ -1,15 +1,14 @@
-"""Tests of exact_critic.py: cases A-D, verbatim copies of correct steps, the corrected claim in the student's
+"""Tests of demo/exact_critic.py: cases A-D, verbatim copies of correct steps, the corrected claim in the student's
 style, and the final answer read as the grader reads it."""
 import pytest
 
+import data
+import prompts
 from critic import Critique, parse_critique
 from data import Problem, arithmetic_problems, split_steps
-from exact_critic import ExactArithmeticCritic
+from demo import exact_critic
+from demo.exact_critic import ExactArithmeticCritic
 from grading import extract_answer
-
-import data
-import exact_critic
-import prompts
 
 PROBLEM = Problem("t1", "Start with 17. Add 25, then multiply the result by 3, then subtract 4. "
                   "What is the final number?", "122", reference_solution="((17 + 25) × 3) − 4 = 122, \\boxed{122}",

@@ -1,4 +1,4 @@
-"""Tests of filter_problems.py: the command's wiring (solver counts and critic results -> manifest), its engine
+"""Tests of scripts/filter_problems.py: the command's wiring (solver counts and critic results -> manifest), its engine
 options shared with train.py, counting correct samples, and one-line errors for bad rows."""
 import importlib.util
 import json
@@ -7,11 +7,11 @@ import types
 import pytest
 import torch
 
-import filter_problems
+from scripts import filter_problems
 import rollout
 from conftest import tiny_llama
 from data import load_manifest
-from filter_problems import count_correct
+from scripts.filter_problems import count_correct
 from rollout import TransformersEngine
 
 
@@ -26,7 +26,7 @@ def write_jsonl(path, rows):
 
 
 def test_filter_command_selects_splits_and_writes_the_manifest(tmp_path, monkeypatch, tiny_smol, capsys):
-    """`python filter_problems.py`: solver counts and critic results -> kept problems -> seeded split -> manifest.
+    """`python -m scripts.filter_problems`: solver counts and critic results -> kept problems -> seeded split -> manifest.
     The models are a tiny random one (the wiring is under test here; sampling is tested in test_rollout.py)."""
     rows = [omr_row(f"problem {i}", answer=str(i)) for i in range(5)]
     write_jsonl(tmp_path / "omr.jsonl", rows)

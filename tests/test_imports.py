@@ -1,40 +1,51 @@
-"""The import graph of the project's modules (the *.py files of the repository root): one way, imports at the top.
+"""The import graph of the project's modules: one way, imports at the top, and the tree a reader opens.
 
-Every module has its place in LAYERS and imports only modules of lower layers (so no cycle); nothing imports the
-scripts of the top layer (train.py among them: study.py runs it as a process); no project import hides inside a
-function (where it would hide a cycle); the copyable files (sd_loss.py, grpo.py, pbsd.py, lora.py) import no project
-module at all."""
+The modules are the *.py files of the root (the paper's path), of infra/ (the run's plumbing), demo/ (the demo's
+stand-ins) and scripts/ (the analyses), named as they are imported ("infra.dist"). Every module has its place in
+LAYERS and imports only modules of lower layers (so no cycle); nothing imports a script (train.py and scripts/);
+no project import hides inside a function (where it would hide a cycle); the copyable files (sd_loss.py, grpo.py,
+pbsd.py, lora.py) import no project module at all; the root holds at most 14 modules of at most 500 lines, none of
+them plumbing or an analysis, and the folders are one level deep."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = {p.stem: p for p in sorted(ROOT.glob("*.py"))}
+FOLDERS = ("infra", "demo", "scripts")
+MODULES = {p.stem: p for p in sorted(ROOT.glob("*.py"))} | {
+    f"{folder}.{p.stem}": p for folder in FOLDERS for p in sorted((ROOT / folder).glob("*.py"))
+    if p.stem != "__init__"}
 COPYABLE = ("sd_loss", "grpo", "pbsd", "lora")
 # The layers, bottom first: a module imports only modules of the layers below its own.
 LAYERS = (
-    {"sd_loss", "grpo", "pbsd", "lora", "grading", "data"},  # leaves: no project import
-    {"prompts", "rollout"},  # the prompts (data, grading); the generation engines and scoring (lora)
-    {"critic", "runtime"},  # the critic backends (prompts, rollout); models, checkpoints, sampling (rollout)
-    {"exact_critic"},  # the exact arithmetic critic (critic)
-    {"feedback"},  # the feedback forms and steps 1-4 of a step: problems to teacher inputs (critic, exact_critic)
-    {"config", "report"},  # the run's options, problems and critic; the results table (feedback: names of the forms)
-    {"mechanism"},  # the per-token advantage figure (config, feedback)
-    {"evaluate", "diagnostics"},  # the metrics, a policy's evaluation, the results table; the step's log line
-    # the scripts, which nothing imports: the training loop; the teacher's gap (feedback); the filter; the study,
-    # which runs train.py as a process per run (config: its options)
-    {"train", "teacher_gap", "filter_problems", "study"},
+    # leaves: no project import. The math, grading, data; ranks; the hardened HTTP client
+    {"sd_loss", "grpo", "pbsd", "lora", "grading", "data", "infra.dist", "infra.chat_client"},
+    # the prompts (data, grading); the engines and scoring (lora); logs and signals (ranks); checkpoints (lora)
+    {"prompts", "rollout", "infra.logs", "infra.signals", "infra.checkpoint"},
+    # the critic (prompts, rollout, the client); the policy (lora, rollout); the stop rules (prompts: the probe)
+    {"critic", "policy", "infra.stop_rules"},
+    {"demo.exact_critic"},  # the exact arithmetic critic (critic)
+    {"feedback"},  # the feedback forms and steps 1-4 of a step: problems to teacher inputs (critic, exact critic)
+    # the options, problems and critic of a run (feedback); the step's log line; the results table (feedback)
+    {"config", "infra.diagnostics", "infra.report"},
+    # a policy's evaluation (config, policy); the bookkeeping after a step (diagnostics, stop rules)
+    {"evaluate", "infra.bookkeeping"},
+    # the scripts, which nothing imports: the training loop; the analyses (the study runs train.py as a process)
+    {"train", "scripts.teacher_gap", "scripts.filter_problems", "scripts.study", "scripts.mechanism"},
 )
 SCRIPTS = LAYERS[-1]
+ROOT_MAX_MODULES, ROOT_MAX_LINES = 14, 500
 
 
 def imported_modules(node: ast.AST) -> set[str]:
-    """Project modules named by an import statement (its top-level package name)."""
+    """Project modules named by an import statement: `import a.b`, `from a.b import c`, `from a import b` (b a
+    module), each as its dotted name."""
+    names = set()
     if isinstance(node, ast.Import):
-        names = {alias.name.split(".")[0] for alias in node.names}
+        names = {alias.name for alias in node.names}
     elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-        names = {node.module.split(".")[0]}
-    else:
-        names = set()
+        names = {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    elif isinstance(node, ast.ImportFrom):
+        raise AssertionError("a relative import: the project imports by absolute names")
     return names & MODULES.keys()
 
 
@@ -56,8 +67,8 @@ GRAPH = {name: imports(path) for name, path in MODULES.items()}
 
 
 def test_the_modules_are_found():
-    assert {"train", "rollout", "config", "runtime", "grading", "prompts", "exact_critic", "mechanism", "report",
-            *COPYABLE} <= MODULES.keys()
+    assert {"train", "rollout", "config", "policy", "grading", "prompts", "demo.exact_critic", "scripts.mechanism",
+            "infra.report", "infra.checkpoint", *COPYABLE} <= MODULES.keys()
 
 
 def test_each_module_has_one_layer():
@@ -105,3 +116,22 @@ def test_the_copyable_files_import_no_project_module():
     for name in COPYABLE:
         top, inside = GRAPH[name]
         assert top | inside == set(), f"{name}.py imports {sorted(top | inside)}"
+
+
+def test_the_root_is_the_paper():
+    """At most 14 modules at the root, each at most 500 lines: the paper's path; the rest in one-level folders."""
+    root = [p for p in sorted(ROOT.glob("*.py"))]
+    assert len(root) <= ROOT_MAX_MODULES, [p.name for p in root]
+    long = {p.name: n for p in root if (n := len(p.read_text().splitlines())) > ROOT_MAX_LINES}
+    assert long == {}
+    for folder in FOLDERS:
+        assert (ROOT / folder / "__init__.py").read_text().startswith('"""'), f"{folder}/ says what it holds"
+        assert not [p for p in (ROOT / folder).iterdir() if p.is_dir() and p.name != "__pycache__"]
+
+
+def test_the_scripts_run_as_modules_from_the_root():
+    """Each analysis in scripts/ has a main guard (python -m scripts.NAME) and a docstring naming that command."""
+    for name in sorted(m for m in MODULES if m.startswith("scripts.")):
+        text = MODULES[name].read_text()
+        assert 'if __name__ == "__main__":' in text, name
+        assert f"python -m {name}" in ast.get_docstring(ast.parse(text)), name

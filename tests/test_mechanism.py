@@ -1,4 +1,4 @@
-"""Tests of mechanism.py: the localization scores (AUROC, top-1, negative mass), the position profile, the HTML
+"""Tests of scripts/mechanism.py: the localization scores (AUROC, top-1, negative mass), the position profile, the HTML
 page, token/character span mapping, and the driver's A_t against a direct forward pass on a tiny model."""
 import json
 
@@ -9,13 +9,12 @@ import torch
 import prompts
 from conftest import fp32_rounding, fp64_rounding, log_softmax_rounding, logit_rounding
 from data import Problem
-from exact_critic import ExactArithmeticCritic
+from demo.exact_critic import ErrorMarks, ExactArithmeticCritic, error_marks_from_spans, token_char_spans
 from feedback import Item
 from grading import grade
-from mechanism import (MECHANISM_CONTEXTS, ErrorMarks, advantage_by_position, auroc, error_marks_from_spans,
-                       localization_scores, mechanism, plot_advantage_by_position, render_advantage_html,
-                       token_char_spans, write_mechanism_report)
 from rollout import Completion
+from scripts.mechanism import (MECHANISM_CONTEXTS, advantage_by_position, auroc, localization_scores, mechanism,
+                               plot_advantage_by_position, render_advantage_html, write_mechanism_report)
 
 
 def _marks(T, start, end, claim, earlier):

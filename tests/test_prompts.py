@@ -3,7 +3,7 @@ and the think-tag reading of a rendered prompt."""
 import pytest
 
 from data import STEP_FORMAT, Problem
-from exact_critic import ExactArithmeticCritic
+from demo.exact_critic import ExactArithmeticCritic
 from prompts import (corrected_solution, critic_messages, prompt_opens_think, render, student_messages, teacher_messages,
                      verdict_text)
 

@@ -1,11 +1,11 @@
-"""Tests of report.py: the best-per-metric table, the per-step table and the plots, through the command line,
+"""Tests of infra/report.py: the best-per-metric table, the per-step table and the plots, through the command line,
 and bad rows of eval.jsonl."""
 import json
 
 import pytest
 
 from evaluate import main
-from report import best_by_metric, load_evals
+from infra.report import best_by_metric, load_evals
 
 
 def _write_run(path, feedback, rows):

@@ -1,9 +1,9 @@
-"""study.py's runs: each a train.py command of the demo preset sharing the seed's step-0 evaluation through one
+"""scripts/study.py's runs: each a train.py command of the demo preset sharing the seed's step-0 evaluation through one
 file; a finished run is not run again, one with a checkpoint continues, one cut short before it starts again."""
 import json
 
 import config
-import study
+from scripts import study
 
 
 def commands(tmp_path, seed=101, extra=()):
@@ -15,7 +15,7 @@ def test_a_fresh_seed_runs_every_row_in_order_sharing_one_base_eval(tmp_path):
     assert [name for name, _ in runs] == ["repeat/stepalign", "repeat/refsol", "repeat/refsol_steps", "-/grpo",
                                           "paper/stepalign", "paper/refsol", "paper/refsol_steps"]
     for name, cmd in runs:
-        assert cmd[1] == str(study.TRAIN) and "--resume" not in cmd
+        assert cmd[1] == str(study.TRAIN) and study.TRAIN.is_file() and "--resume" not in cmd
         cfg = config.parse_config(cmd[2:])  # train.py's own parser takes every command
         assert (cfg.preset, cfg.seed, cfg.max_steps) == ("demo", 101, 1)
         assert cfg.base_eval == str(tmp_path / "seed101" / "base_eval.json")

@@ -9,13 +9,14 @@ import torch
 import config
 import lora
 import rollout
-import runtime
-import teacher_gap
+from scripts import teacher_gap
 from conftest import tiny_llama
 from data import arithmetic_problems
 from prompts import render, teacher_messages, verdict_text
 from rollout import Completion
 from test_train import tiny_args, tiny_model_dir  # noqa: F401  (a fixture)
+from infra import dist
+import policy
 
 
 class Checker:
@@ -53,7 +54,7 @@ class ScriptedEngine:
 def test_gap_samples_training_teacher_prompts_and_counts_avg_at_k(tiny_model_dir, smol_tokenizer):  # noqa: F811
     problems = arithmetic_problems(3, seed=0, n_ops=1)
     cfg = config.parse_config(tiny_args(tiny_model_dir, "/tmp/unused"))
-    model, _ = runtime.build_model(cfg, runtime.Dist())
+    model, _ = policy.build_model(cfg, dist.Dist())
     engine = ScriptedEngine(problems, smol_tokenizer, model)
     res = teacher_gap.teacher_gap(cfg, model, engine, smol_tokenizer, Checker(), config.make_critic(cfg), problems, k=2,
                                   context=512)
@@ -65,7 +66,7 @@ def test_gap_samples_training_teacher_prompts_and_counts_avg_at_k(tiny_model_dir
     assert (res["refsol"]["avg@k"], res["refsol"]["answered"]) == (0.0, 0.0)
     assert (res["verdict"]["avg@k"], res["verdict"]["answered"]) == (0.0, 1.0)
     assert all(res[f]["skipped"] == 0 and res[f]["n_samples"] == 6 for f in teacher_gap.DEFAULT_FORMS)
-    # the calls: the student prompt (adapter on and merged, as runtime.sampling does, k samples each), then one
+    # the calls: the student prompt (adapter on and merged, as policy.sampling does, k samples each), then one
     # teacher sample per rollout and form, adapter off and unmerged, from the prompt training renders:
     # teacher_messages + render with --teacher-thinking
     student_call, *teacher_calls = engine.calls

@@ -19,17 +19,17 @@ from safetensors.torch import load_file
 
 import config
 import evaluate
-import exact_critic
+from demo import exact_critic
 import feedback
 import grading
 import lora
 import rollout
-import runtime
 import sd_loss
 import train
 from conftest import (U64, first_order_bound, fp32_rounding, log_softmax_rounding, logit_rounding, tiny_llama,
                       tiny_llama_chain)
 from test_critic import Handler as ReplyHandler, chat_answer, serve  # noqa: F401 (serve: a fixture, a server on loopback)
+from infra import checkpoint, dist, logs, stop_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,7 +129,7 @@ def test_grpo_with_scripted_rewards_moves_the_weights(tiny_model_dir, tmp_path):
     cfg = config.form_config(config.parse_config(tiny_args(tiny_model_dir, out, "--feedback", "grpo",
                                                            "--max-steps", "2")), "grpo")
     with Alternating() as checker:
-        _, counters, steps = train.train(cfg, runtime.Dist(), checker)
+        _, counters, steps = train.train(cfg, dist.Dist(), checker)
     assert steps == 2 and counters["skipped_empty"] == counters["skipped_nonfinite"] == 0
     assert [r["reward"] for r in read_jsonl(out / "log.jsonl")] == [0.5, 0.5]
     weights = adapter(out, 2)
@@ -168,12 +168,12 @@ def test_resume_refuses_a_checkpoint_that_holds_code(tiny_model_dir, tmp_path, c
     """A `__reduce__` payload planted in a checkpoint file never runs: --resume exits 2, one line naming the file."""
     out = tmp_path / "run"
     train.main(tiny_args(tiny_model_dir, out, "--max-steps", "1", "--eval-every", "1"))
-    [ckpt] = runtime.checkpoint_dirs(out)
+    [ckpt] = checkpoint.checkpoint_dirs(out)
     marker = tmp_path / "payload_ran"
     torch.save({"state": Payload(str(marker)), "tensor": torch.zeros(2)}, ckpt / name)
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tiny_model_dir, out, "--max-steps", "2", "--eval-every", "1", "--resume"))
-    assert stop.value.code == train.EXIT_BAD_INPUT
+    assert stop.value.code == stop_rules.EXIT_BAD_INPUT
     assert not marker.exists()
     [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train.py: error:")]
     assert str(ckpt / name) in line and "refused" in line and "never code" in line
@@ -224,7 +224,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_model_dir, tmp_pat
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == code, output[-2000:]
     assert f"{signal.Signals(signum).name}: checkpoint written at step" in output and "Traceback" not in output
-    steps = [int(p.name.split("_")[1]) for p in runtime.checkpoint_dirs(out)]
+    steps = [int(p.name.split("_")[1]) for p in checkpoint.checkpoint_dirs(out)]
     assert len(steps) == 1 and 1 <= steps[0] < 40
     assert not list((out / "checkpoints").glob(".tmp_*"))
     train.main(tiny_args(tiny_model_dir, out, "--max-steps", str(steps[0] + 1), "--resume", "--eval-every", "100"))
@@ -273,7 +273,7 @@ def test_a_critic_that_dies_mid_run_warns_then_stops_with_a_checkpoint(tiny_mode
     so the run checkpoints step 5 and exits 3. With the server back, --resume finishes the run."""
     server = CriticServer()
     out = tmp_path / "run"
-    real_write = runtime.Logger.write
+    real_write = logs.Logger.write
 
     def write_then_act(self, name, record):  # the loop's own step boundary: kill or revive the real server
         real_write(self, name, record)
@@ -282,7 +282,7 @@ def test_a_critic_that_dies_mid_run_warns_then_stops_with_a_checkpoint(tiny_mode
         elif name == "log.jsonl" and record["step"] == 3:
             server.start()
 
-    monkeypatch.setattr(runtime.Logger, "write", write_then_act)
+    monkeypatch.setattr(logs.Logger, "write", write_then_act)
     args = tiny_args(tiny_model_dir, out, "--max-steps", "6", "--eval-every", "100", "--critic", "server",
                      "--critic-url", server.url, "--critic-model", "critic", "--critic-retries", "0",
                      "--critic-fail-window", "4", "--critic-fail-max", "0.5",
@@ -291,14 +291,14 @@ def test_a_critic_that_dies_mid_run_warns_then_stops_with_a_checkpoint(tiny_mode
         with pytest.raises(SystemExit) as stop:
             train.main(args)
         err = capsys.readouterr().err
-        assert stop.value.code == train.EXIT_CRITIC_DOWN, err
+        assert stop.value.code == stop_rules.EXIT_CRITIC_DOWN, err
         warnings = [line for line in err.splitlines() if "the critic failed on" in line]
         assert warnings == [f"[stepalign] step {s}: the critic failed on 4 of 4 rollouts (refused 4); they are "
                             "skipped" for s in (3, 5)]
         assert (f"stopped at step 5: 8 of 16 critiques failed over the last 4 steps (refused 8), at least "
                 f"--critic-fail-max 0.5. Fix: the critic server at {server.url} does not answer") in err
         assert "continue with the same command and --resume" in err
-        assert [p.name for p in runtime.checkpoint_dirs(out)] == ["step_000005"]
+        assert [p.name for p in checkpoint.checkpoint_dirs(out)] == ["step_000005"]
         log = read_jsonl(out / "log.jsonl")
         assert [r["critic_failed"] for r in log] == [0, 0, 4, 0, 4]
         assert [r.get("critic_failed_refused", 0) for r in log] == [0, 0, 4, 0, 4]
@@ -329,7 +329,7 @@ def test_unusable_critiques_are_skipped_counted_and_stop_the_run(tiny_model_dir,
     finally:
         server.stop()
     err = capsys.readouterr().err
-    assert stop.value.code == train.EXIT_CRITIC_DOWN, err
+    assert stop.value.code == stop_rules.EXIT_CRITIC_DOWN, err
     assert f"step 1: the critic failed on 4 of 4 rollouts ({kind} 4); they are skipped" in err
     assert f"stopped at step 1: 4 of 4 critiques failed over the last 1 steps ({kind} 4)" in err
     assert "this was the last step" in err
@@ -339,7 +339,7 @@ def test_unusable_critiques_are_skipped_counted_and_stop_the_run(tiny_model_dir,
     assert record["skipped_unstructured_step"] == 4 - failed and record["skipped_critic_step"] == 4
     assert record["kept_unstructured_step"] == 0 and record["critic_schema_ok"] == 0.0
     assert record["loss"] == 0.0 and record["skipped_empty"] == 1  # nothing reached the teacher
-    assert [p.name for p in runtime.checkpoint_dirs(out)] == ["step_000001"]
+    assert [p.name for p in checkpoint.checkpoint_dirs(out)] == ["step_000001"]
 
 
 def test_unstructured_policy_skip_or_keep(tiny_model_dir, smol_tokenizer, serve):
@@ -364,7 +364,7 @@ def test_unstructured_policy_skip_or_keep(tiny_model_dir, smol_tokenizer, serve)
         cfg = config.parse_config(tiny_args(tiny_model_dir, "/tmp/unused", "--critic", "server", "--critic-url", url,
                                            "--critic-retries", "0", "--critic-unstructured", policy))
         items = [feedback.Item(problem, [1], Completion([5], f"{wrong}\n{m}", "stop")) for m in answers]
-        contexts, _, stats = feedback.feedback_contexts(cfg, config.make_critic(cfg), items, runtime.Timer())
+        contexts, _, stats = feedback.feedback_contexts(cfg, config.make_critic(cfg), items, logs.Timer())
         items, _ = feedback.with_teacher_prompts(cfg, smol_tokenizer, items, contexts, 8192)
         assert [it.skipped for it in items] == skipped
         assert (stats["critic_failed"], stats["critic_schema_ok"]) == (1.0, 1.0)
@@ -385,7 +385,7 @@ def test_non_finite_loss_skips_the_step_without_touching_weights(tiny_model_dir,
     monkeypatch.setattr(sd_loss, "chunked_self_distillation_loss", nan_loss)
     with pytest.raises(SystemExit) as stop:  # a run whose every step was skipped learned nothing: not a success
         train.main(tiny_args(tiny_model_dir, out, "--max-steps", "2", "--feedback", "refsol"))
-    assert stop.value.code == train.EXIT_NOTHING_LEARNED
+    assert stop.value.code == stop_rules.EXIT_NOTHING_LEARNED
     log = read_jsonl(out / "log.jsonl")
     assert [r["skipped_nonfinite"] for r in log] == [1, 2]
     assert all(v.abs().max() == 0 for k, v in adapter(out, 2).items() if "lora_B" in k)  # B is still zero
@@ -404,7 +404,7 @@ def diverging_run(tiny_model_dir, out, lr: str, capsys) -> tuple[str, list[dict]
         train.main(tiny_args(tiny_model_dir, out, "--feedback", "refsol", "--lr", lr, "--max-steps", "6",
                              "--nonfinite-max", "2", "--eval-every", "100"))
     err = capsys.readouterr().err
-    assert stop.value.code == train.EXIT_DIVERGED, err
+    assert stop.value.code == stop_rules.EXIT_DIVERGED, err
     assert "stopped at step 2: its last 2 steps were refused" in err
     return err, strict_jsonl(out / "log.jsonl")
 
@@ -420,7 +420,7 @@ def test_a_diverging_run_is_refused_step_by_step_then_stops_with_the_last_good_w
     assert "skipped_nonfinite 2: a loss" in err and "--lr (1e+30)" in err
     assert [r["skipped_nonfinite"] for r in log] == [1, 2]
     assert all(math.isfinite(r["grad_norm"]) for r in log)  # (the gradients were fine; the updates were not)
-    assert [p.name for p in runtime.checkpoint_dirs(out)] == ["step_000002"]
+    assert [p.name for p in checkpoint.checkpoint_dirs(out)] == ["step_000002"]
     weights = adapter(out, 2)
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert all(v.abs().max() == 0 for k, v in weights.items() if "lora_B" in k)  # the initial B: nothing applied
@@ -430,7 +430,7 @@ def test_a_diverging_run_is_refused_step_by_step_then_stops_with_the_last_good_w
 def test_a_finite_divergence_is_refused_and_the_checkpoint_keeps_the_last_good_step(tiny_model_dir, tmp_path,
                                                                                        monkeypatch, capsys):
     """--lr 1e6 stays finite (every LoRA weight moves by ~lr; the issue's run exited 0 with |w| ≈ 2.2e6): the update
-    grows the residual stream ~1e20× (past 1/u = 2²⁴ of fp32, runtime.refused_update), is undone and counted as
+    grows the residual stream ~1e20× (past 1/u = 2²⁴ of fp32, stop_rules.refused_update), is undone and counted as
     skipped_diverged; the run stops with exit 5 naming --lr. Then a run whose lr explodes after one good step: its
     last checkpoint holds that step's weights, bit for bit."""
     out = tmp_path / "huge"
@@ -458,7 +458,7 @@ def test_a_finite_divergence_is_refused_and_the_checkpoint_keeps_the_last_good_s
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tiny_model_dir, out, "--feedback", "refsol", "--max-steps", "6", "--nonfinite-max", "2",
                              "--eval-every", "1"))
-    assert stop.value.code == train.EXIT_DIVERGED
+    assert stop.value.code == stop_rules.EXIT_DIVERGED
     assert [r["skipped_diverged"] for r in strict_jsonl(out / "log.jsonl")] == [0, 1, 2]
     good, last = adapter(out, 1), adapter(out, 3)
     assert any(v.abs().max() > 0 for k, v in good.items() if "lora_B" in k)  # step 1 moved the weights
@@ -466,22 +466,22 @@ def test_a_finite_divergence_is_refused_and_the_checkpoint_keeps_the_last_good_s
 
 
 def test_the_divergence_probe_keeps_k_positions_and_refuses_a_policy_moved_past_log_v():
-    """runtime.probe_policy keeps the last K = PROBE_POSITIONS positions' log-probs (K, V), not (L, V), those of one
+    """stop_rules.probe_policy keeps the last K = PROBE_POSITIONS positions' log-probs (K, V), not (L, V), those of one
     full forward there within its rounding (the LM head's product on K rows may block otherwise: 2δz, conftest.
     logit_rounding, plus the log-softmax's); refused_update's criterion (b) alone: with the residual stream unchanged, a
     `before` whose policy is one-hot where the policy now puts its least mass (π ≤ 1/V there, KL = −log π > log V)
     is refused as diverged, and the policy itself is not."""
     from conftest import log_softmax_rounding, logit_rounding, tiny_llama
-    model, d, K = lora.add_lora(tiny_llama(64), r=4, alpha=8), runtime.Dist(), runtime.PROBE_POSITIONS
+    model, d, K = lora.add_lora(tiny_llama(64), r=4, alpha=8), dist.Dist(), stop_rules.PROBE_POSITIONS
     probe = torch.randint(3, 64, (1, K + 20), generator=torch.Generator().manual_seed(0))  # (1, L), L > K
-    logp, residual = runtime.probe_policy(model, probe, d)  # (K, V)
+    logp, residual = stop_rules.probe_policy(model, probe, d)  # (K, V)
     assert logp.shape == (K, 64)
     with torch.no_grad():
         full = torch.log_softmax(model(input_ids=probe).logits[0, -K:].float(), -1)  # (K, V)
     assert ((logp - full).abs() <= 2 * logit_rounding(model, K + 20) + log_softmax_rounding(full)).all()
-    assert runtime.refused_update(model, probe, (logp, residual), d)[0] is None
+    assert stop_rules.refused_update(model, probe, (logp, residual), d)[0] is None
     one_hot = torch.full_like(logp, -1e4).scatter(-1, logp.argmin(-1, keepdim=True), 0.0)  # (K, V)
-    assert runtime.refused_update(model, probe, (one_hot, residual), d)[0] == "skipped_diverged"
+    assert stop_rules.refused_update(model, probe, (one_hot, residual), d)[0] == "skipped_diverged"
 
 
 def test_verdict_feedback_and_pbsd_objective_run(tiny_model_dir, tmp_path, capsys):
@@ -494,7 +494,7 @@ def test_verdict_feedback_and_pbsd_objective_run(tiny_model_dir, tmp_path, capsy
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tiny_model_dir, tmp_path / "{feedback}", "--feedback", "refsol", "--objective", "pbsd",
                              "--max-steps", "1"))
-    assert stop.value.code == train.EXIT_NOTHING_LEARNED  # every pair a tie: no step, and the exit code says so
+    assert stop.value.code == stop_rules.EXIT_NOTHING_LEARNED  # every pair a tie: no step, and the exit code says so
     assert "train.py: error: run pbsd-refsol took no optimizer step in its 1 steps (skipped_empty 1" in \
         capsys.readouterr().err
     [record] = read_jsonl(tmp_path / "pbsd-refsol" / "log.jsonl")
@@ -518,7 +518,7 @@ def test_teacher_context_per_feedback_form(tiny_model_dir, smol_tokenizer):
         ids = smol_tokenizer(wrong, add_special_tokens=False).input_ids  # (the wrong claim is located on them)
         item = feedback.Item(problem, [1], Completion(ids, wrong, "stop"), reward=0.0)
         backend = config.make_critic(cfg) if form == "stepalign" else None
-        contexts, _, stats = feedback.feedback_contexts(cfg, backend, [item], runtime.Timer())
+        contexts, _, stats = feedback.feedback_contexts(cfg, backend, [item], logs.Timer())
         [fed], _ = feedback.with_teacher_prompts(cfg, smol_tokenizer, [item], contexts, 8192)
         teacher_prompt = smol_tokenizer.decode(fed.teacher_ids)
         assert expected in teacher_prompt and problem.problem in teacher_prompt
@@ -612,7 +612,7 @@ def test_a_problem_drawn_twice_in_one_step_gets_two_rollouts(smol_tokenizer):
     problem = arithmetic_problems(1, seed=0)[0]
     engine = Engine()
     items = feedback.collect_rollouts(cfg, engine, smol_tokenizer, Checker(), [(0, problem), (5, problem)], 7,
-                                   runtime.Timer())
+                                   logs.Timer())
     assert len(set(engine.seeds)) == 2  # (the engine derives one seed per sample from each)
     assert [(it.draw, it.sample) for it in items] == [(0, 0), (0, 1), (5, 0), (5, 1)]
 
@@ -836,7 +836,7 @@ def test_sd_micro_batch_is_eq3_on_the_model_logits(models, kind):
     model, _ = models
     items = pair_items(skip_last=True)
     cfg = config.parse_config(["--loss-chunk", "4", "--divergence", kind])  # chunks smaller than the batch
-    loss, stats, mask = train.sd_micro_batch(cfg, model, items, 0, 5.0, runtime.Timer())
+    loss, stats, mask = train.sd_micro_batch(cfg, model, items, 0, 5.0, logs.Timer())
     loss.backward()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     grads = {n: p.grad.clone() for n, p in params.items()}
@@ -888,7 +888,7 @@ def test_pbsd_micro_batch_against_direct_computation(models):
     beta = 0.5
     cfg = config.parse_config(["--objective", "pbsd", "--feedback", "refsol", "--pbsd-beta", str(beta),
                                "--loss-chunk", "5"])
-    loss, stats, _ = train.pbsd_micro_batch(cfg, model, items, 0, 4, runtime.Timer())
+    loss, stats, _ = train.pbsd_micro_batch(cfg, model, items, 0, 4, logs.Timer())
     loss.backward()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     grads = {n: p.grad.clone() for n, p in params.items()}
@@ -966,7 +966,7 @@ def test_grpo_micro_batch_against_direct_computation(models, aggregation):
     # the step's count over all micro-batches: these rollouts' 6 + 3 + 4 tokens or 3 sequences, plus another
     # micro-batch's 3 tokens or 1 sequence (so that a loss divided by its own count would show)
     normalizer = 16.0 if aggregation == "token" else 4.0
-    loss, stats, _ = train.grpo_micro_batch(cfg, model, items, 0, normalizer, runtime.Timer())
+    loss, stats, _ = train.grpo_micro_batch(cfg, model, items, 0, normalizer, logs.Timer())
     loss.backward()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     grads = {n: p.grad.clone() for n, p in params.items()}
@@ -1014,7 +1014,7 @@ def test_teacher_samples_call_the_engine_once_even_with_every_rollout_skipped(ti
     cfg = config.parse_config(["--feedback", "stepalign", "--objective", "pbsd", "--max-new-tokens", "2"])
     problem = arithmetic_problems(1, seed=0)[0]
     skipped = feedback.Item(problem, [1, 2], rollout.Completion([5], "x", "stop"), skipped=True)
-    assert feedback.with_teacher_samples(cfg, engine, None, [skipped], 0, runtime.Timer()) == [skipped]
+    assert feedback.with_teacher_samples(cfg, engine, None, [skipped], 0, logs.Timer()) == [skipped]
     assert engine.calls == [0]
 
 
@@ -1029,7 +1029,7 @@ def test_resume_takes_the_out_dir_by_any_spelling_and_after_a_move(tiny_model_di
     moved.parent.mkdir()
     out.rename(moved)
     train.main(tiny_args(tiny_model_dir, moved, "--max-steps", "3", "--eval-every", "1", "--resume"))
-    assert [p.name for p in runtime.checkpoint_dirs(moved)] == ["step_000001", "step_000002", "step_000003"]
+    assert [p.name for p in checkpoint.checkpoint_dirs(moved)] == ["step_000001", "step_000002", "step_000003"]
     assert [r["step"] for r in read_jsonl(moved / "log.jsonl")] == [1, 2, 3]
 
 
@@ -1099,10 +1099,10 @@ def test_prompts_and_contexts_longer_than_the_model_context_are_refused_or_skipp
     data_long_problem = _manifest(tmp_path / "long_problem.jsonl", rows + [("huge", long_text, "7", "train", "7")])
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tiny_model_dir, tmp_path / "a", *base, "--data", str(data_long_problem)))
-    assert stop.value.code == train.EXIT_BAD_INPUT
+    assert stop.value.code == stop_rules.EXIT_BAD_INPUT
     [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train.py: error:")]
     assert line.startswith(f"train.py: error: rank 0: {data_long_problem}: problem 'huge': its student prompt of ")
-    assert "exceeds the context of" in line and "(512 tokens, max_position_embeddings)" in line
+    assert "exceeds the window of" in line and "(512 tokens, max_position_embeddings)" in line
     data_long_context = _manifest(tmp_path / "long_context.jsonl", rows + [("big_ref", "What is 6 + 1?", "7", "train",
                                                                            long_text)])
     out = tmp_path / "b"
@@ -1110,7 +1110,7 @@ def test_prompts_and_contexts_longer_than_the_model_context_are_refused_or_skipp
     [record] = read_jsonl(out / "log.jsonl")
     assert record["skipped_context_step"] == 1 and record["skipped_context"] == 1
     assert record["skipped_critic_step"] == 1 and record["skipped_empty"] == 0  # the other 3 rollouts trained
-    assert "step 1: 1 rollouts skipped: their teacher prompt (x + c) and y exceed the context of" in \
+    assert "step 1: 1 rollouts skipped: their teacher prompt (x + c) and y exceed the window of" in \
         capsys.readouterr().err
 
 

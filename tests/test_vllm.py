@@ -325,7 +325,7 @@ def test_difficulty_filter_against_a_real_vllm_critic_server(critic_server, smol
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "omr.parquet")
     manifest = tmp_path / "manifest.jsonl"
     # every problem is hard for the random solver (0 of 1 sample correct < threshold 1): the critic's answers decide
-    r = subprocess.run([sys.executable, str(ROOT / "filter_problems.py"), "--data", str(tmp_path / "omr.parquet"),
+    r = subprocess.run([sys.executable, "-m", "scripts.filter_problems", "--data", str(tmp_path / "omr.parquet"),
                         "--solver", str(solver), "--n", "1", "--threshold", "1", "--max-new-tokens", "8",
                         "--critic-url", url, "--critic-model", "critic", "--critic-max-tokens", "1024",
                         "--no-critic-think-in-prompt", "--engine", "transformers", "--dtype", "float32",

@@ -1,4 +1,4 @@
-"""runtime.py: checkpoints written atomically (an exception or a kill -9 during a save), the log cut back on resume,
+"""infra/ (the run's plumbing): checkpoints written atomically (an exception or a kill -9 during a save), the log cut back on resume,
 and sampling from a bf16 model that keeps a small adapter."""
 import contextlib
 import os
@@ -16,11 +16,16 @@ import torch
 import config
 import evaluate
 import lora
-import runtime
 import train
 from conftest import fp32_rounding, log_softmax_rounding, logit_rounding
 from test_critic import serve  # noqa: F401 (a fixture: a chat-completions server on loopback)
 from test_train import ROOT, adapter, read_jsonl, run_cli, tiny_args, tiny_model_dir  # noqa: F401 (a fixture)
+from infra import checkpoint
+from infra import dist
+from infra import logs
+from infra import signals
+from infra import stop_rules
+import policy
 
 
 def two_steps_then_a_fresh_policy(tiny_model_dir, tmp_path):
@@ -29,7 +34,7 @@ def two_steps_then_a_fresh_policy(tiny_model_dir, tmp_path):
     train.main(tiny_args(tiny_model_dir, out, "--max-steps", "2"))
     before = adapter(out, 2)
     cfg = config.parse_config(tiny_args(tiny_model_dir, out))
-    model, _ = runtime.build_model(cfg, runtime.Dist())
+    model, _ = policy.build_model(cfg, dist.Dist())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     return out, before, cfg, model, optimizer
 
@@ -42,15 +47,15 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint(tiny_model_dir, tmp_p
 
     monkeypatch.setattr(lora, "save_adapter", dies)
     with pytest.raises(KeyboardInterrupt):
-        runtime.save_checkpoint(cfg, model, optimizer, 2, {}, runtime.Dist())
+        checkpoint.save_checkpoint(cfg, model, optimizer, 2, {}, dist.Dist())
     monkeypatch.undo()
-    assert [p.name for p in runtime.checkpoint_dirs(out)] == ["step_000002"]
+    assert [p.name for p in checkpoint.checkpoint_dirs(out)] == ["step_000002"]
     after = adapter(out, 2)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_bf16_sampling_keeps_a_small_adapter():
-    """runtime.sampling() with a bf16 model: a small adapter (ΔW below half a bf16 ulp of W on most entries, as after
+    """policy.sampling() with a bf16 model: a small adapter (ΔW below half a bf16 ulp of W on most entries, as after
     a few steps at the paper's lr) moves the sampling log-probs as much as the fp32 computation says. Merged into
     the bf16 weights instead, a third of that change is lost (the defect this guards against)."""
     import copy
@@ -69,7 +74,7 @@ def test_bf16_sampling_keeps_a_small_adapter():
         optimizer.step()
         optimizer.zero_grad()
     m16 = copy.deepcopy(m32).to(torch.bfloat16)
-    for layer in lora.lora_layers(m16).values():  # as runtime.build_model: a bf16 base, an fp32 adapter
+    for layer in lora.lora_layers(m16).values():  # as policy.build_model: a bf16 base, an fp32 adapter
         layer.lora_A.float(), layer.lora_B.float()
     erased = [((layer.weight.float() + layer.delta_weight()).bfloat16() == layer.weight) for layer in
               lora.lora_layers(m16).values()]
@@ -104,11 +109,11 @@ def test_bf16_sampling_keeps_a_small_adapter():
     # log-probs are the same ops on the same (saved) W, exactly; then the change's own subtraction rounds once more.
     with torch.no_grad():
         e_max = 2 * logit_rounding(m32, ids.shape[1]) + log_softmax_rounding(m32(input_ids=ids).logits).max().item()
-    d = change(m32, lambda: runtime.sampling(cfg, m32))  # (B, L - 1)
+    d = change(m32, lambda: policy.sampling(cfg, m32))  # (B, L - 1)
     assert ((d - d32).abs() <= e_max + fp32_rounding(1, d32.abs())).all()
     # bf16 with an fp32 copy: measured, not derived (the rounding bound of one bf16 forward, λ√n·2⁻⁸ of the logits'
     # scale, exceeds the change itself), against the third of it lost when merged into the bf16 weights
-    assert 0.9 < shrink(change(m16, lambda: runtime.sampling(cfg, m16))) < 1.1
+    assert 0.9 < shrink(change(m16, lambda: policy.sampling(cfg, m16))) < 1.1
     for model in (m32, m16):
         assert not any(layer.merged for layer in lora.lora_layers(model).values())  # unmerged on exit
     assert shrink(change(m16, merged_into_bf16)) < 0.8
@@ -117,7 +122,7 @@ def test_bf16_sampling_keeps_a_small_adapter():
 def test_resume_drops_a_log_line_cut_by_a_kill(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
-    runtime.truncate_log(log, 3)
+    checkpoint.truncate_log(log, 3)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
 
 
@@ -142,7 +147,7 @@ def test_kill_9_during_a_checkpoint_save_then_resume_is_exact(tiny_model_dir, tm
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while proc.poll() is None:
             seen = list(checkpoints.glob(".tmp_step_*")) if checkpoints.is_dir() else []
-            if seen and runtime.checkpoint_dirs(killed):  # a save after the first: the resume has one to go on from
+            if seen and checkpoint.checkpoint_dirs(killed):  # a save after the first: the resume has one to go on from
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 partial = [p for p in seen if p.exists()]
@@ -150,8 +155,8 @@ def test_kill_9_during_a_checkpoint_save_then_resume_is_exact(tiny_model_dir, tm
         if partial:
             break
     assert partial, "no kill landed inside a checkpoint save"
-    assert runtime.checkpoint_dirs(killed)[-1].name < partial[0].name.removeprefix(".tmp_")
-    for done in runtime.checkpoint_dirs(killed):  # every checkpoint left is complete
+    assert checkpoint.checkpoint_dirs(killed)[-1].name < partial[0].name.removeprefix(".tmp_")
+    for done in checkpoint.checkpoint_dirs(killed):  # every checkpoint left is complete
         assert {"adapter_model.safetensors", "optimizer.pt", "state.json", "config.json", "rng_rank0.pt"} <= {
             p.name for p in done.iterdir()}
     r = run_cli(args(killed, "--resume"))
@@ -203,11 +208,11 @@ def test_a_second_ctrl_c_stops_at_once():
     second SIGINT raises KeyboardInterrupt; the previous handlers are back after the block."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
-        with runtime.StopFlag() as stop:
+        with signals.StopFlag() as stop:
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGINT)  # the first SIGINT: only the flag
             assert stop.requested and stop.signum == signal.SIGTERM
-            assert stop.agreed(runtime.Dist())
+            assert stop.agreed(dist.Dist())
             os.kill(os.getpid(), signal.SIGINT)
             raise AssertionError("the second SIGINT did not interrupt")
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
@@ -220,7 +225,7 @@ def test_garbage_and_truncated_checkpoint_files_are_refused_by_name(tmp_path):
     reads "error"). Seeded: every run tries the same 500 files, among which each of those types occurs. No warning
     escapes either."""
     path = tmp_path / "rng_rank0.pt"
-    torch.save(runtime.rng_state(), path)
+    torch.save(checkpoint.rng_state(), path)
     whole = path.read_bytes()
     cases = [random.Random(seed).randbytes(size) for seed in range(100) for size in (1, 8, 512, 4096)]
     cases += [whole[:n] for n in range(0, len(whole), max(1, len(whole) // 100))]
@@ -229,8 +234,8 @@ def test_garbage_and_truncated_checkpoint_files_are_refused_by_name(tmp_path):
         path.write_bytes(data)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            with pytest.raises(runtime.CheckpointError) as refused:
-                runtime.load_data(path)
+            with pytest.raises(checkpoint.CheckpointError) as refused:
+                checkpoint.load_data(path)
         message = str(refused.value)  # never "refused ... never code": random bytes name no object
         assert message.startswith(f"{path}: cannot be read (") and "\n" not in message, message
         kinds.add(message.split("cannot be read (")[1].split(":")[0])
@@ -239,9 +244,9 @@ def test_garbage_and_truncated_checkpoint_files_are_refused_by_name(tmp_path):
 
 def test_room_for_two_checkpoints_is_checked_on_the_real_disk(tmp_path):
     free = __import__("shutil").disk_usage(tmp_path).free
-    runtime.check_room(tmp_path, one_checkpoint=1024)
-    with pytest.raises(runtime.SaveError) as e:
-        runtime.check_room(tmp_path, one_checkpoint=free // 2 + 2 ** 20)  # two do not fit in what is free
+    checkpoint.check_room(tmp_path, one_checkpoint=1024)
+    with pytest.raises(checkpoint.SaveError) as e:
+        checkpoint.check_room(tmp_path, one_checkpoint=free // 2 + 2 ** 20)  # two do not fit in what is free
     assert str(e.value).startswith(f"--out-dir {tmp_path}: its disk has ") and "room for 2 checkpoints" in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -255,8 +260,8 @@ def test_a_failed_save_names_the_disk_and_keeps_the_previous_checkpoint(tiny_mod
     limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))
     try:
-        with pytest.raises(runtime.SaveError) as e:
-            runtime.save_checkpoint(cfg, model, optimizer, 4, {}, runtime.Dist())
+        with pytest.raises(checkpoint.SaveError) as e:
+            checkpoint.save_checkpoint(cfg, model, optimizer, 4, {}, dist.Dist())
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
@@ -274,17 +279,17 @@ def test_delta_finite_proves_a_finite_delta_by_its_bound_and_forms_it_only_when_
     m = lora.LoRALinear(torch.nn.Linear(6, 5), r=2, alpha=4.0, dropout=0.0, dtype=None)
     with torch.no_grad():
         m.lora_B.weight.fill_(0.5)
-    assert runtime.delta_finite(m) and torch.isfinite(m.delta_weight()).all()
+    assert stop_rules.delta_finite(m) and torch.isfinite(m.delta_weight()).all()
     with torch.no_grad():  # rank 0 of B meets rank 1 of A: max|B|·max|A| = 1e40, yet B A = 0
         m.lora_A.weight.zero_(), m.lora_B.weight.zero_()
         m.lora_B.weight[:, 0], m.lora_A.weight[1, :] = 1e20, 1e20
-    assert runtime.delta_finite(m) and torch.equal(m.delta_weight(), torch.zeros(5, 6))
+    assert stop_rules.delta_finite(m) and torch.equal(m.delta_weight(), torch.zeros(5, 6))
     with torch.no_grad():  # now they meet: 2·1e40 overflows fp32
         m.lora_A.weight[0, :] = 1e20
-    assert not runtime.delta_finite(m) and not torch.isfinite(m.delta_weight()).all()
+    assert not stop_rules.delta_finite(m) and not torch.isfinite(m.delta_weight()).all()
     with torch.no_grad():
         m.lora_A.weight[0, 0] = float("nan")
-    assert not runtime.delta_finite(m)
+    assert not stop_rules.delta_finite(m)
 
 
 # ---------------------------------------------------------------------------------------------- a signal stops a run in seconds
@@ -325,8 +330,9 @@ def stopped_process(argv, out, ready, signum, bound_s):
 # would take 160 s; the run is train.py's main in a process of its own, under a real signal
 SLOW_ROLLOUTS = """import sys, time
 sys.path.insert(0, {root!r})
-import rollout, runtime, train
-slow, write, is_end = [False], runtime.Logger.write, rollout.TransformersEngine._is_end
+import rollout, train
+from infra import logs
+slow, write, is_end = [False], logs.Logger.write, rollout.TransformersEngine._is_end
 def write_then_slow(self, name, record):
     write(self, name, record)
     slow[0] = slow[0] or name == "log.jsonl"
@@ -335,7 +341,7 @@ def crawl(self, ids):
         print("generating slowly", flush=True) if len(ids) == 1 else None
         time.sleep(0.2)
     return is_end(self, ids)
-runtime.Logger.write, rollout.TransformersEngine._is_end = write_then_slow, crawl
+logs.Logger.write, rollout.TransformersEngine._is_end = write_then_slow, crawl
 train.main(sys.argv[1:])
 """
 
@@ -361,7 +367,7 @@ def test_a_signal_during_rollouts_stops_the_run_in_seconds_and_resume_is_exact(t
                                          bound_s=20)
     assert code == 130, output[-2000:]
     assert "SIGINT: checkpoint written at step 1" in output and "Traceback" not in output
-    assert [p.name for p in runtime.checkpoint_dirs(stopped)] == ["step_000001"]
+    assert [p.name for p in checkpoint.checkpoint_dirs(stopped)] == ["step_000001"]
     r = run_cli(args(stopped, "--resume"))
     assert r.returncode == 0, r.stderr[-2000:]
     same_run(straight, stopped, 3)
@@ -404,7 +410,7 @@ def test_a_signal_during_a_hung_critic_request_stops_the_run_in_seconds_and_resu
                                              lambda: len(asked) > 4, signal.SIGTERM, bound_s=20)
         assert code == 143, output[-2000:]
         assert "SIGTERM: checkpoint written at step 1" in output and "Traceback" not in output
-        assert [p.name for p in runtime.checkpoint_dirs(stopped)] == ["step_000001"]
+        assert [p.name for p in checkpoint.checkpoint_dirs(stopped)] == ["step_000001"]
         hang[0] = False
         r = run_cli(args(stopped, "--resume"))
         assert r.returncode == 0, r.stderr[-2000:]
@@ -426,7 +432,7 @@ def test_a_signal_at_an_evaluation_boundary_checkpoints_first_and_resume_evaluat
         return tiny_args(tiny_model_dir, out, "--max-steps", "4", "--eval-every", "2", *extra)
 
     train.main(args(straight))
-    write, evaluate_policy = runtime.Logger.write, evaluate.evaluate_policy
+    write, evaluate_policy = logs.Logger.write, evaluate.evaluate_policy
 
     def write_then_signal(self, name, record):
         write(self, name, record)
@@ -439,14 +445,14 @@ def test_a_signal_at_an_evaluation_boundary_checkpoints_first_and_resume_evaluat
         return evaluate_policy(cfg, engine, tokenizer, checker, test, step, d)
 
     if when == "before":
-        monkeypatch.setattr(runtime.Logger, "write", write_then_signal)
+        monkeypatch.setattr(logs.Logger, "write", write_then_signal)
     else:
         monkeypatch.setattr(evaluate, "evaluate_policy", signal_then_evaluate)
     with pytest.raises(SystemExit) as stop:
         train.main(args(stopped))
     assert stop.value.code == 143
     monkeypatch.undo()
-    assert [p.name for p in runtime.checkpoint_dirs(stopped)] == ["step_000002"]
+    assert [p.name for p in checkpoint.checkpoint_dirs(stopped)] == ["step_000002"]
     assert [r["step"] for r in read_jsonl(stopped / "eval.jsonl")] == [0]
     train.main(args(stopped, "--resume"))
     assert [r["step"] for r in read_jsonl(stopped / "eval.jsonl")] == [0, 2, 4]

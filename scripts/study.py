@@ -1,8 +1,8 @@
 """The study: does feedback aligned with the student's own steps teach better than a reference solution?
 
-    python study.py                                     # the pre-registered seeds (SEEDS), runs/study
-    python study.py --seeds 20 21 --out runs/study-dev  # any other seeds (e.g. your own, to check the claim)
-    python study.py --report                            # only the table, from the runs already in --out
+    python -m scripts.study                                     # the pre-registered seeds (SEEDS), runs/study
+    python -m scripts.study --seeds 20 21 --out runs/study-dev  # any other seeds (e.g. your own, to check the claim)
+    python -m scripts.study --report                            # only the table, from the runs already in --out
 
 For each seed, the demo preset runs (`python train.py --preset demo`, a process each) once per row of RUNS:
 StepAlignFB, RefSol and the format control (RefSol with `--refsol-style steps`: a correct solution in the student's
@@ -19,7 +19,7 @@ and one cut short continues from its last checkpoint. Then it writes OUT/study.m
      more of their true equations verbatim, then corrects a later claim): on these, alignment can matter; and the
      same over all steps.
 
-Pre-registration: SEEDS were fixed, with the demo preset, in a commit made before any run on them (git log study.py).
+Pre-registration: SEEDS were fixed, with the demo preset, in a commit made before any run on them (git log --follow scripts/study.py).
 A seed whose held-out result has been seen is spent: report it as seen, never choose a setting on it.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 
 from config import Config, load_problems, parse_config, total_steps
 from feedback import FORMS, form_options
-from runtime import checkpoint_dirs
+from infra.checkpoint import checkpoint_dirs
 
 SEEDS = (101, 102, 103)  # pre-registered evaluation seeds: no run had used them when this line was committed
 LAYOUTS = ("repeat", "paper")  # the demo preset's teacher layout, then the paper's
@@ -46,7 +46,7 @@ ROWS = ("stepalign", "refsol", "refsol_steps", "grpo")  # forms of feedback.FORM
 # (row name, train.py options) of the forms with a teacher, run once per layout; GRPO has no teacher and runs once
 RUNS = tuple((row, form_options(row)) for row in ROWS if row != "grpo")
 DISPLAY = {row: FORMS[row].display + (" (control)" if row == "refsol_steps" else "") for row in ROWS}
-TRAIN = Path(__file__).resolve().parent / "train.py"
+TRAIN = Path(__file__).resolve().parent.parent / "train.py"
 
 
 def run_dirs(out: Path, seed: int) -> list[tuple[str, str, Path, list[str]]]:
@@ -218,7 +218,7 @@ def report(result: dict) -> str:
                   f"(the base policy's rollouts) {a1:.0f} of {w1:.0f} ({a1 / max(w1, 1):.2f}); all steps {a:.0f} of "
                   f"{w:.0f} ({a / max(w, 1):.2f})."]
     if result["unfinished"]:
-        lines += ["", f"Not finished ({len(result['unfinished'])} runs; `python study.py` continues them): "
+        lines += ["", f"Not finished ({len(result['unfinished'])} runs; `python -m scripts.study` continues them): "
                   + ", ".join(result["unfinished"]) + "."]
     return "\n".join(lines) + "\n"
 

@@ -1,15 +1,15 @@
 """The paper's difficulty filter: keep the problems hard for the solver but solved by the critic.
 
 Sample the solver n=16 times per problem, keep the problems with Avg@16 < 5/16 that the critic solves
-(data.select_hard), write them with their measured pass rates to a JSONL manifest, split deterministically (by
-seed) into train and test (data.split_train_test; paper: 312 → 282 / 30). The solver samples through the engine
+(select_hard), write them with their measured pass rates to a JSONL manifest, split deterministically (by
+seed) into train and test (split_train_test; paper: 312 → 282 / 30). The solver samples through the engine
 train.py uses, built by rollout.make_engine from the same options (--engine vllm on GPUs or on vLLM's CPU
 build, --engine transformers; --dtype; --device); every manifest row records the filter's settings, these
 included, under "filter".
 
-    python filter_problems.py --data shards/*.parquet --solver Qwen/Qwen3-1.7B --critic-url http://localhost:8000 \\
+    python -m scripts.filter_problems --data shards/*.parquet --solver Qwen/Qwen3-1.7B --critic-url http://localhost:8000 \\
         --critic-model Qwen/QwQ-32B --out manifest.jsonl             # vLLM, bf16: the defaults
-    python filter_problems.py --data omr.jsonl --solver smollm2-135m-instruct --critic smollm2-135m-instruct \\
+    python -m scripts.filter_problems --data omr.jsonl --solver smollm2-135m-instruct --critic smollm2-135m-instruct \\
         --engine transformers --dtype float32 --limit 50 --max-new-tokens 256 --out manifest.jsonl  # CPU-sized
 
 Departures from the paper:
@@ -21,6 +21,7 @@ Departures from the paper:
 """
 from __future__ import annotations
 
+import random
 import sys
 
 import torch
@@ -31,6 +32,41 @@ import data
 import grading
 import prompts
 import rollout
+
+
+def select_hard(problems: list[data.Problem], solver_correct_counts: list[int], critic_correct: list[bool],
+                n: int = 16, threshold: int = 5) -> list[dict]:
+    """The paper's filter: keep problems with Avg@n < threshold/n (i.e. fewer than `threshold` of `n` solver
+    samples correct) that the critic solves. Returns manifest rows with the measured pass rates."""
+    if not len(problems) == len(solver_correct_counts) == len(critic_correct):
+        raise ValueError(f"{len(problems)} problems, {len(solver_correct_counts)} solver counts and "
+                         f"{len(critic_correct)} critic results: they must match")
+    if not 0 < threshold <= n:
+        raise ValueError(f"threshold must lie in 1..n={n}, got {threshold}")
+    kept = []
+    for p, c, ok in zip(problems, solver_correct_counts, critic_correct):
+        if not 0 <= c <= n:
+            raise ValueError(f"problem {p.id}: {c} correct out of n={n} samples is impossible")
+        # Avg@n = c / n < threshold / n  ⇔  c < threshold
+        if c < threshold and ok:
+            kept.append({"id": p.id, "problem": p.problem, "answer": p.answer,
+                         "reference_solution": p.reference_solution, "source": p.source,
+                         "solver_correct": c, "n_samples": n, "solver_pass_rate": c / n,
+                         "critic_correct": bool(ok)})
+    return kept
+
+
+def split_train_test(rows: list[dict], n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic split by seed, independent of the input order (rows are sorted by id first)."""
+    if not 0 <= n_test <= len(rows):
+        raise ValueError(f"n_test={n_test} but only {len(rows)} rows")
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError("rows have duplicate ids; a split by id would be ambiguous")
+    ordered = sorted(rows, key=lambda r: r["id"])
+    random.Random(seed).shuffle(ordered)
+    test, train = ordered[:n_test], ordered[n_test:]
+    return sorted(train, key=lambda r: r["id"]), sorted(test, key=lambda r: r["id"])
 
 
 def count_correct(engine, prompts: list[str], answers: list[str], seeds: list[int], n: int, temperature: float,
@@ -136,11 +172,11 @@ def _filter_command(argv: list[str]) -> None:
         critic_ok = [c > 0 for c in counts]
     print(f"solver: {sum(c < args.threshold for c in solver_counts)} of {len(problems)} problems below "
           f"{args.threshold}/{args.n} correct; critic solved {sum(critic_ok)} of {len(problems)}", flush=True)
-    kept = data.select_hard(problems, solver_counts, critic_ok, n=args.n, threshold=args.threshold)
+    kept = select_hard(problems, solver_counts, critic_ok, n=args.n, threshold=args.threshold)
     if len(kept) <= args.n_test:
         raise SystemExit(f"only {len(kept)} problems passed the filter, not more than --n-test {args.n_test}: "
                          "nothing would be left to train on (use more candidates or a smaller --n-test)")
-    train, test = data.split_train_test(kept, args.n_test, args.seed)
+    train, test = split_train_test(kept, args.n_test, args.seed)
     # how the measurement was made (engine, dtype, device: the pass rates depend on them); the solver's device
     # under vLLM is the platform of its build: CUDA when torch sees a GPU, else vLLM's CPU build
     settings = {**{k: v for k, v in vars(args).items() if k not in ("data", "out", "skip_bad", "limit")},

@@ -1,9 +1,9 @@
 """The self-teacher's gap: Avg@k of samples from each teacher prompt (x + c, adapter off) beside Avg@k of the student
 prompt x, on the same problems, with c built from the student's own rollouts exactly as train.py builds it.
 
-    python teacher_gap.py --preset demo                          # the demo's held-out problems, k = 4
-    python teacher_gap.py --preset demo --split train --k 8 --json gap.json   # choose settings on these
-    python teacher_gap.py --preset demo --adapter runs/demo/stepalign/checkpoints/step_000005
+    python -m scripts.teacher_gap --preset demo                          # the demo's held-out problems, k = 4
+    python -m scripts.teacher_gap --preset demo --split train --k 8 --json gap.json   # choose settings on these
+    python -m scripts.teacher_gap --preset demo --adapter runs/demo/stepalign/checkpoints/step_000005
 
 Every train.py option is accepted and means what it means there (python train.py --help): the model, the data, the
 critic, --temperature (student and teacher are sampled at the training temperature), --max-new-tokens,
@@ -42,11 +42,13 @@ import data
 import feedback
 import grading
 import lora
-import report
 import rollout
 from config import Config, ConfigError, check_inputs, load_problems, make_critic, parse_command
 from feedback import FORMS
-from runtime import Timer, build_model, make_vllm_engine, sampling, setup_distributed
+from infra import report
+from infra.dist import setup_distributed
+from infra.logs import Timer
+from policy import build_model, make_vllm_engine, sampling
 
 DEFAULT_FORMS = ("stepalign", "refsol", "verdict")  # --forms: any form of feedback.FORMS with a teacher
 
@@ -68,7 +70,7 @@ def summarize(texts: list[list[str]], rewards: list[list[float]]) -> dict:
 def teacher_gap(cfg: Config, model, engine, tokenizer, checker, critic_backend, problems: list[data.Problem],
                 k: int, context: int, forms=DEFAULT_FORMS, sample_step: int = 0) -> dict:
     """Student Avg@k and, per form, teacher Avg@k from contexts built on the same k rollouts per problem.
-    model: the policy with its adapter; the student samples inside runtime.sampling, as in training (the transformers
+    model: the policy with its adapter; the student samples inside policy.sampling, as in training (the transformers
     engine samples from this module, its adapter merged in fp32; vLLM holds its own weights). context: the model's
     context length (a teacher prompt and its sample that exceed it are skipped, as in train.py).
 

@@ -15,13 +15,12 @@ import torch
 import torch.distributed as dist
 
 import critic
-import exact_critic
 import grading
-import mechanism
 import pbsd
 import sd_loss
+from demo import exact_critic
 from feedback import FORMS, form_name
-from runtime import Dist, all_reduce_sum
+from infra.dist import Dist, all_reduce_sum
 
 # metrics that average over a subset of the tokens: the count each averages over (weights the step's mean)
 TOKEN_SUBSET_COUNTS = {"adv_claim": "n_claim_tokens", "adv_off_claim": "n_off_claim_tokens"}
@@ -41,11 +40,11 @@ def wrong_claims(tokenizer, items: list, critiques: list[critic.Critique] | None
         claim = None
         if q.wrong_span is not None:
             try:
-                spans = mechanism.token_char_spans(tokenizer, it.completion.token_ids, it.completion.text)
+                spans = exact_critic.token_char_spans(tokenizer, it.completion.token_ids, it.completion.text)
             except ValueError:
                 spans = None
             if spans is not None:
-                claim = mechanism.error_marks_from_spans(spans, it.completion.text, q.wrong_span).wrong_claim
+                claim = exact_critic.error_marks_from_spans(spans, it.completion.text, q.wrong_span).wrong_claim
         claims.append(claim)
     return claims
 

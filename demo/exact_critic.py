@@ -6,7 +6,8 @@ expressions (+ - * / × · ÷, parentheses, thousands separators), and writes th
 prompts.critic_messages as a faithful scribe: correct steps copied byte for byte, at the pivotal step only the
 wrong claim replaced, then the continuation in the student's style. The case is read from the final answer
 the grader reads (grading.answer_span): none -> C, wrong -> D, right -> A or B. It also locates the first
-wrong claim (Critique.wrong_span, for the mechanism figure).
+wrong claim (Critique.wrong_span), which `error_marks_from_spans` turns into token marks (ErrorMarks) for the
+step diagnostics and the mechanism figure.
 
 Departures from the paper:
 1. This critic is ours (CPU-sized experiments); the paper's critic is QwQ-32B. In case C (no final answer) it
@@ -17,8 +18,11 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
+
+import numpy as np
 
 import critic
 import data
@@ -325,3 +329,100 @@ class ExactArithmeticCritic:
             if box is not None:
                 return (line[:box[0]] + answer + line[box[1]:]).strip()
         return f"\\boxed{{{answer}}}"
+
+
+# ---------------------------------------------------------------------------------------------- token marks
+@dataclass
+class ErrorMarks:
+    """Where the first error of one rollout lies, as token positions of y (length T).
+
+    error_start, error_end: the first erroneous step is tokens [error_start, error_end).
+    wrong_claim: (T,) bool, the tokens of that step's wrong claim (for arithmetic: the wrong result).
+    earlier_correct: (T,) bool, the tokens of the correct steps before it.
+    """
+    error_start: int
+    error_end: int
+    wrong_claim: np.ndarray = field(repr=False)  # (T,)
+    earlier_correct: np.ndarray = field(repr=False)  # (T,)
+
+    def __post_init__(self):
+        self.wrong_claim = np.asarray(self.wrong_claim)
+        self.earlier_correct = np.asarray(self.earlier_correct)
+        for name in ("wrong_claim", "earlier_correct"):
+            a = getattr(self, name)
+            if a.dtype != bool or a.ndim != 1:
+                raise ValueError(f"ErrorMarks.{name} must be a 1-D bool array, got {a.dtype} {a.shape}")
+        T = len(self.wrong_claim)
+        if len(self.earlier_correct) != T:
+            raise ValueError(f"ErrorMarks: wrong_claim has {T} tokens, earlier_correct {len(self.earlier_correct)}")
+        if not 0 <= self.error_start < self.error_end <= T:
+            raise ValueError(f"ErrorMarks: need 0 <= error_start < error_end <= T={T}, "
+                             f"got [{self.error_start}, {self.error_end})")
+        claim = np.flatnonzero(self.wrong_claim)
+        if len(claim) == 0 or claim[0] < self.error_start or claim[-1] >= self.error_end:
+            raise ValueError(f"ErrorMarks: the wrong claim {claim.tolist()} must be non-empty and inside the "
+                             f"erroneous step [{self.error_start}, {self.error_end})")
+        if self.earlier_correct[self.error_start:].any():
+            raise ValueError("ErrorMarks: earlier_correct tokens must come before error_start")
+
+    @property
+    def claim_start(self) -> int:
+        return int(np.flatnonzero(self.wrong_claim)[0])
+
+
+def token_char_spans(tokenizer, token_ids: Sequence[int], text: str) -> list[tuple[int, int]]:
+    """[start, end) character span in `text` of each token of y, where text = decode(y, skip_special_tokens=True).
+
+    By decoding prefixes: token t ends where decode(y[:t+1]) ends, so the ids are used as they are (never
+    re-tokenized from the text). Special tokens (e.g. the end of turn) get an empty span. A prefix that ends in
+    an unfinished multi-byte character decodes to U+FFFD; that character is given to the token completing it.
+    """
+    spans, prev = [], 0
+    for t in range(1, len(token_ids) + 1):
+        prefix = tokenizer.decode(list(token_ids[:t]), skip_special_tokens=True)
+        if not text.startswith(prefix):
+            prefix = prefix.rstrip("\ufffd")  # an unfinished multi-byte character: not emitted yet
+        if not text.startswith(prefix) or len(prefix) < prev:
+            raise ValueError(f"token {t - 1} (id {token_ids[t - 1]}): decode(y[:{t}]) = {prefix[-40:]!r}... is not "
+                             f"a prefix of the rollout text extending the previous one; text starts {text[:60]!r}")
+        spans.append((prev, len(prefix)))
+        prev = len(prefix)
+    if prev != len(text):
+        raise ValueError(f"the tokens decode to {prev} characters but the rollout text has {len(text)}")
+    return spans
+
+
+def _overlapping(spans: Sequence[tuple[int, int]], start: int, end: int) -> np.ndarray:
+    """(T,) bool: tokens whose non-empty character span meets [start, end)."""
+    return np.array([s < e and s < end and e > start for s, e in spans], dtype=bool)
+
+
+def error_marks_from_spans(token_spans: Sequence[tuple[int, int]], text: str,
+                           wrong_span: tuple[int, int]) -> ErrorMarks:
+    """ErrorMarks of one rollout from its tokens' character spans and the critic's wrong-claim span.
+
+    The erroneous step is the line (within its "Step i:" step, data.step_spans) that holds the wrong claim;
+    the earlier correct steps are the step text before that line (earlier steps, and earlier lines of the
+    same step: the critic found no wrong claim before this one). A response without step markers is one step.
+    """
+    ws, we = wrong_span
+    if not 0 <= ws < we <= len(text):
+        raise ValueError(f"wrong span {wrong_span} outside the rollout text of {len(text)} characters")
+    line_start = text.rfind("\n", 0, ws) + 1
+    line_end = text.find("\n", ws)
+    line_end = len(text) if line_end == -1 else line_end
+    steps = data.step_spans(text)
+    step = next(((s, e) for s, e in steps if s <= ws and we <= e), None)
+    if step is not None:  # the line, cut to its step (a step may start mid-line after a preamble)
+        line_start, line_end = max(line_start, step[0]), min(line_end, step[1])
+    claim = _overlapping(token_spans, ws, we)  # (T,)
+    in_step = np.flatnonzero(_overlapping(token_spans, line_start, max(line_end, we)))
+    if not claim.any() or len(in_step) == 0:
+        raise ValueError(f"no token covers the wrong span {wrong_span} ({text[ws:we]!r})")
+    error_start, error_end = int(in_step[0]), int(in_step[-1]) + 1
+    earlier = np.zeros(len(token_spans), dtype=bool)  # (T,)
+    for s, e in steps:
+        if s < line_start:
+            earlier |= _overlapping(token_spans, s, min(e, line_start))
+    earlier[error_start:] = False
+    return ErrorMarks(error_start, error_end, claim, earlier)

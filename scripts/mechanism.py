@@ -9,7 +9,7 @@ with rollout.score_sequences, giving per context
 Contexts are a mapping name -> (rollout, critique, layout) -> teacher messages; MECHANISM_CONTEXTS builds them from
 feedback.FORMS (stepalign, refsol, refsol_steps, verdict), as training does. The pure pieces: `localization_scores`,
 `advantage_by_position` + `plot_advantage_by_position`, `render_advantage_html`. On the demo model:
-    python evaluate.py mechanism --out docs/mechanism [--n-problems 20] [--seed 0]
+    python -m scripts.mechanism --out docs/mechanism [--n-problems 20] [--seed 0]
 writes DIR/advantage.html, DIR/advantage_by_position.png, DIR/localization.json and prints the localization
 table (a results directory literally named "mechanism" must be passed to `python evaluate.py` as ./mechanism).
 
@@ -30,7 +30,7 @@ import html
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -39,50 +39,13 @@ import torch
 
 import config
 import data
-import exact_critic
 import feedback
 import grading
 import prompts
-import report
 import rollout
 import sd_loss
-
-@dataclass
-class ErrorMarks:
-    """Where the first error of one rollout lies, as token positions of y (length T).
-
-    error_start, error_end: the first erroneous step is tokens [error_start, error_end).
-    wrong_claim: (T,) bool, the tokens of that step's wrong claim (for arithmetic: the wrong result).
-    earlier_correct: (T,) bool, the tokens of the correct steps before it.
-    """
-    error_start: int
-    error_end: int
-    wrong_claim: np.ndarray = field(repr=False)  # (T,)
-    earlier_correct: np.ndarray = field(repr=False)  # (T,)
-
-    def __post_init__(self):
-        self.wrong_claim = np.asarray(self.wrong_claim)
-        self.earlier_correct = np.asarray(self.earlier_correct)
-        for name in ("wrong_claim", "earlier_correct"):
-            a = getattr(self, name)
-            if a.dtype != bool or a.ndim != 1:
-                raise ValueError(f"ErrorMarks.{name} must be a 1-D bool array, got {a.dtype} {a.shape}")
-        T = len(self.wrong_claim)
-        if len(self.earlier_correct) != T:
-            raise ValueError(f"ErrorMarks: wrong_claim has {T} tokens, earlier_correct {len(self.earlier_correct)}")
-        if not 0 <= self.error_start < self.error_end <= T:
-            raise ValueError(f"ErrorMarks: need 0 <= error_start < error_end <= T={T}, "
-                             f"got [{self.error_start}, {self.error_end})")
-        claim = np.flatnonzero(self.wrong_claim)
-        if len(claim) == 0 or claim[0] < self.error_start or claim[-1] >= self.error_end:
-            raise ValueError(f"ErrorMarks: the wrong claim {claim.tolist()} must be non-empty and inside the "
-                             f"erroneous step [{self.error_start}, {self.error_end})")
-        if self.earlier_correct[self.error_start:].any():
-            raise ValueError("ErrorMarks: earlier_correct tokens must come before error_start")
-
-    @property
-    def claim_start(self) -> int:
-        return int(np.flatnonzero(self.wrong_claim)[0])
+from demo import exact_critic
+from infra import report
 
 
 def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
@@ -106,7 +69,7 @@ def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
     return float(u / (len(pos) * len(neg)))
 
 
-def localization_scores(advantages: Sequence[Sequence[float]], marks: Sequence[ErrorMarks]) -> dict:
+def localization_scores(advantages: Sequence[Sequence[float]], marks: Sequence[exact_critic.ErrorMarks]) -> dict:
     """How well A_t points at the first error, over a set of erroneous rollouts (one context).
 
     top1: fraction of rollouts where argmin A_t over tokens [0, error_end) is a wrong-claim token
@@ -119,7 +82,7 @@ def localization_scores(advantages: Sequence[Sequence[float]], marks: Sequence[E
     Per-rollout values are returned too (NaN where undefined).
     """
     if len(advantages) != len(marks) or not marks:
-        raise ValueError(f"need one ErrorMarks per rollout and at least one: {len(advantages)} vs {len(marks)}")
+        raise ValueError(f"need one exact_critic.ErrorMarks per rollout and at least one: {len(advantages)} vs {len(marks)}")
     top1, share, auc = [], [], []
     pooled_pos, pooled_neg = [], []
     for i, (a, mk) in enumerate(zip(advantages, marks)):
@@ -154,7 +117,7 @@ class PositionProfile:
     n_rollouts: np.ndarray  # (K,) rollouts contributing to each bin
 
 
-def advantage_by_position(advantages: Sequence[Sequence[float]], marks: Sequence[ErrorMarks], lo: int = -32,
+def advantage_by_position(advantages: Sequence[Sequence[float]], marks: Sequence[exact_critic.ErrorMarks], lo: int = -32,
                           hi: int = 32, bin_size: int = 1) -> PositionProfile:
     """Mean A_t by token position relative to the first wrong-claim token, in bins of `bin_size` over [lo, hi).
 
@@ -244,7 +207,7 @@ def _color(a: float, scale: float) -> str:
 
 
 def render_advantage_html(tokens: Sequence[Sequence[str]], advantages: Mapping[str, Sequence[Sequence[float]]],
-                          marks: Sequence[ErrorMarks | None], title: str = "Per-token advantage A_t",
+                          marks: Sequence[exact_critic.ErrorMarks | None], title: str = "Per-token advantage A_t",
                           scores: Mapping[str, Mapping[str, float]] | None = None,
                           scale: float | None = None, captions: Sequence[str] | None = None) -> str:
     """A standalone HTML page: each rollout shown once per context, side by side, tokens coloured by A_t.
@@ -321,64 +284,6 @@ MECHANISM_CONTEXTS: dict[str, ContextFn] = {name: functools.partial(feedback.for
                                             for name in FIGURE_FORMS}
 
 
-def token_char_spans(tokenizer, token_ids: Sequence[int], text: str) -> list[tuple[int, int]]:
-    """[start, end) character span in `text` of each token of y, where text = decode(y, skip_special_tokens=True).
-
-    By decoding prefixes: token t ends where decode(y[:t+1]) ends, so the ids are used as they are (never
-    re-tokenized from the text). Special tokens (e.g. the end of turn) get an empty span. A prefix that ends in
-    an unfinished multi-byte character decodes to U+FFFD; that character is given to the token completing it.
-    """
-    spans, prev = [], 0
-    for t in range(1, len(token_ids) + 1):
-        prefix = tokenizer.decode(list(token_ids[:t]), skip_special_tokens=True)
-        if not text.startswith(prefix):
-            prefix = prefix.rstrip("\ufffd")  # an unfinished multi-byte character: not emitted yet
-        if not text.startswith(prefix) or len(prefix) < prev:
-            raise ValueError(f"token {t - 1} (id {token_ids[t - 1]}): decode(y[:{t}]) = {prefix[-40:]!r}... is not "
-                             f"a prefix of the rollout text extending the previous one; text starts {text[:60]!r}")
-        spans.append((prev, len(prefix)))
-        prev = len(prefix)
-    if prev != len(text):
-        raise ValueError(f"the tokens decode to {prev} characters but the rollout text has {len(text)}")
-    return spans
-
-
-def _overlapping(spans: Sequence[tuple[int, int]], start: int, end: int) -> np.ndarray:
-    """(T,) bool: tokens whose non-empty character span meets [start, end)."""
-    return np.array([s < e and s < end and e > start for s, e in spans], dtype=bool)
-
-
-def error_marks_from_spans(token_spans: Sequence[tuple[int, int]], text: str,
-                           wrong_span: tuple[int, int]) -> ErrorMarks:
-    """ErrorMarks of one rollout from its tokens' character spans and the critic's wrong-claim span.
-
-    The erroneous step is the line (within its "Step i:" step, data.step_spans) that holds the wrong claim;
-    the earlier correct steps are the step text before that line (earlier steps, and earlier lines of the
-    same step: the critic found no wrong claim before this one). A response without step markers is one step.
-    """
-    ws, we = wrong_span
-    if not 0 <= ws < we <= len(text):
-        raise ValueError(f"wrong span {wrong_span} outside the rollout text of {len(text)} characters")
-    line_start = text.rfind("\n", 0, ws) + 1
-    line_end = text.find("\n", ws)
-    line_end = len(text) if line_end == -1 else line_end
-    steps = data.step_spans(text)
-    step = next(((s, e) for s, e in steps if s <= ws and we <= e), None)
-    if step is not None:  # the line, cut to its step (a step may start mid-line after a preamble)
-        line_start, line_end = max(line_start, step[0]), min(line_end, step[1])
-    claim = _overlapping(token_spans, ws, we)  # (T,)
-    in_step = np.flatnonzero(_overlapping(token_spans, line_start, max(line_end, we)))
-    if not claim.any() or len(in_step) == 0:
-        raise ValueError(f"no token covers the wrong span {wrong_span} ({text[ws:we]!r})")
-    error_start, error_end = int(in_step[0]), int(in_step[-1]) + 1
-    earlier = np.zeros(len(token_spans), dtype=bool)  # (T,)
-    for s, e in steps:
-        if s < line_start:
-            earlier |= _overlapping(token_spans, s, min(e, line_start))
-    earlier[error_start:] = False
-    return ErrorMarks(error_start, error_end, claim, earlier)
-
-
 def score_rollouts(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
                    pad_id: int, batch_size: int = 8, chunk_size: int = 256) -> list[np.ndarray]:
     """log π(y_t | prompt, y<t) of every rollout token, one (T_i,) float array per rollout, no gradient."""
@@ -402,7 +307,7 @@ class MechanismResult:
     problems: list  # (R,) data.Problem of each kept rollout
     completions: list  # (R,) rollout.Completion
     critiques: list  # (R,) critic.Critique
-    marks: list[ErrorMarks]  # (R,)
+    marks: list[exact_critic.ErrorMarks]  # (R,)
     advantages: dict[str, list[np.ndarray]]  # context -> (R,) arrays of A_t, each (T_i,)
     counts: dict[str, int]  # rollouts sampled / by critique case / kept / skipped and why
 
@@ -416,7 +321,7 @@ def mechanism(model, tokenizer, problems: Sequence, n_rollouts: int = 4, *, temp
 
     1. Sample `n_rollouts` per problem from the student prompt (or take `completions`, one list per problem).
     2. Critique each with `critic_backend` (default: the exact arithmetic critic); keep the rollouts whose
-       critique locates a wrong claim (Critique.wrong_span) and mark it on the tokens (ErrorMarks).
+       critique locates a wrong claim (Critique.wrong_span) and mark it on the tokens (exact_critic.ErrorMarks).
     3. Score the SAME token ids y under the student prompt and under each context's teacher prompt.
        The model is the base policy: it is both the self-teacher π_base and the student π_θ at
        initialization, so A_t = log π(y_t | x, c, y<t) − log π(y_t | x, y<t) with one set of weights.
@@ -446,8 +351,8 @@ def mechanism(model, tokenizer, problems: Sequence, n_rollouts: int = 4, *, temp
         elif q.wrong_span is None:
             counts["no_wrong_claim"] += 1  # correct, or an error the critic could not pin to a span
         else:
-            spans = token_char_spans(tokenizer, c.token_ids, c.text)
-            kept.append((p, c, q, error_marks_from_spans(spans, c.text, q.wrong_span)))
+            spans = exact_critic.token_char_spans(tokenizer, c.token_ids, c.text)
+            kept.append((p, c, q, exact_critic.error_marks_from_spans(spans, c.text, q.wrong_span)))
     counts["kept"] = len(kept)
     if not kept:
         return MechanismResult([], [], [], [], {name: [] for name in contexts}, dict(counts))
@@ -473,7 +378,7 @@ def mechanism(model, tokenizer, problems: Sequence, n_rollouts: int = 4, *, temp
                            [k[3] for k in kept], advantages, dict(counts))
 
 
-def chance_scores(marks: Sequence[ErrorMarks]) -> dict[str, float]:
+def chance_scores(marks: Sequence[exact_critic.ErrorMarks]) -> dict[str, float]:
     """What the scores would be for A_t that ignores the error: top-1 of a uniformly random token among
     [0, error_end), and the claim's share of the rollout's tokens (the share of a uniform negative mass)."""
     return {"top1": float(np.mean([m.wrong_claim[:m.error_end].sum() / m.error_end for m in marks])),
@@ -492,7 +397,7 @@ def localization_table(scores: Mapping[str, Mapping], chance: Mapping[str, float
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """`python evaluate.py mechanism --out DIR`: the per-token figure on the demo model, written to DIR. The model,
+    """`python -m scripts.mechanism --out DIR`: the per-token figure on the demo model, written to DIR. The model,
     sampling, problem and teacher-layout options are train.py's (config.py), with the demo preset's defaults."""
     def own(ap):
         ap.add_argument("--out", required=True, help="directory for advantage.html, advantage_by_position.png, "
@@ -501,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ap.add_argument("--n-rollouts", type=int, default=4, help="rollouts per problem")
 
     cfg, args = config.parse_command(
-        None if argv is None else list(argv), prog="evaluate.py mechanism", own=own, preset="demo",
+        None if argv is None else list(argv), prog="python -m scripts.mechanism", own=own, preset="demo",
         description="A_t of the demo model's erroneous rollouts under each feedback form.",
         names=("model", "seed", "temperature", "max_new_tokens", "arith_ops", "teacher_layout"),
         flags={"arith_ops": ["--n-ops"]})
@@ -568,3 +473,7 @@ def _json_safe(x):
     if isinstance(x, (list, tuple)):
         return [_json_safe(v) for v in x]
     return x
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""A hardened client of an OpenAI-compatible /v1/chat/completions server (stdlib only: http.client and daemon
+threads), for the critic (critic.ServerCritic) and the difficulty filter.
+
+What it guarantees, whatever the server does: every exchange has a wall-clock deadline (a server that drips its
+answer is cut), a batch ends within its worst case of all attempts and at once when its `interrupt` raises (a stop
+signal), no answer larger than MAX_ANSWER_BYTES is read, redirects are never followed (the API key goes to the
+URL's server only), and the key is never stored, printed, logged or put into an error message. A failed request
+comes back as (None, error, error_kind), never as an exception into the training loop.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+
+POLL_S = 0.1  # how often a waiting ServerCritic batch calls its `interrupt` (a stop signal): seconds
+
+
+# The most bytes read of one answer. A completion of critic.MAX_TOKENS tokens, each at most a few characters that JSON may
+# escape to 6 bytes each, and the same again as reasoning_content, is a few MB; a server that sends more is not
+# answering a chat completion, and reading on would let it fill memory (times --critic-concurrency).
+MAX_ANSWER_BYTES = 16 * 2 ** 20
+
+
+class RequestFailed(Exception):
+    def __init__(self, message: str, retryable: bool, kind: str, detail: str = ""):
+        super().__init__(message)
+        self.retryable, self.kind, self.detail = retryable, kind, detail  # detail: an HTTP error's body
+
+
+class CriticUnavailable(Exception):
+    """The critic server failed its preflight (`ServerCritic.check`); the message is one line, without the key."""
+
+
+def _network_failure(e: Exception, url: str) -> RequestFailed:
+    """An exception of http.client / the socket layer as a retryable failure with its kind."""
+    reason = e
+    if isinstance(reason, ConnectionRefusedError):
+        kind = "refused"
+    elif isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError
+        kind = "timeout"
+    else:
+        kind = "connection"  # reset, closed without an answer, unreachable host, DNS
+    return RequestFailed(f"request to {url} failed: {type(reason).__name__}: {reason}", True, kind)
+
+
+class _Deadline:
+    """A wall-clock limit on one HTTP exchange: at `timeout_s` a daemon timer shuts the connection's socket down, which
+    ends a blocked read at once. A socket timeout alone restarts with each byte, so a server that drips its answer
+    would never reach it. `batch`: the _Batch it belongs to, which cuts it the same way when the batch is abandoned."""
+
+    def __init__(self, conn: http.client.HTTPConnection, timeout_s: float, batch: _Batch | None = None):
+        self.conn, self.batch, self.expired, self.abandoned = conn, batch, False, False
+        self.timer = threading.Timer(timeout_s, self.cut)
+        self.timer.daemon = True  # (and cancelled when the exchange ends first)
+
+    def cut(self, abandoned: bool = False):
+        if abandoned:
+            self.abandoned = True
+        else:
+            self.expired = True
+        sock = self.conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed by the reader: nothing left to cut
+                pass
+
+    def __enter__(self):
+        self.timer.start()
+        if self.batch is not None:
+            self.batch.enter(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        if self.batch is not None:
+            self.batch.leave(self)
+        self.conn.close()
+
+
+class _Batch:
+    """The exchanges in flight for one ServerCritic.complete, so that abandoning the batch (a stop signal, or its
+    worst case reached) cuts them all at once: their threads end within a moment, none is left waiting on a server."""
+
+    def __init__(self):
+        self.lock, self.live, self.abandoned = threading.Lock(), set(), threading.Event()
+
+    def enter(self, deadline: _Deadline) -> None:
+        with self.lock:
+            self.live.add(deadline)
+            if self.abandoned.is_set():  # abandoned before this exchange began: cut (its connect sees it below)
+                deadline.cut(abandoned=True)
+
+    def leave(self, deadline: _Deadline) -> None:
+        with self.lock:
+            self.live.discard(deadline)
+
+    def abandon(self) -> None:
+        with self.lock:
+            self.abandoned.set()
+            for deadline in self.live:
+                deadline.cut(abandoned=True)
+
+
+def request(url: str, body: bytes | None, key: str | None, timeout_s: float, batch: _Batch | None = None) -> bytes:
+    """The raw answer to one request: POST of a JSON `body`, or GET when it is None; at most `timeout_s` seconds of
+    wall clock for the whole exchange (_Deadline), less if `batch` is abandoned. Redirects are never followed: the
+    key goes to `url`'s server only. Raises RequestFailed: kind "http_<status>" (retryable for 5xx, 408, 429,
+    detail = the start of its body; a 3xx names where it pointed), "refused" / "timeout" / "connection"
+    (retryable), "abandoned", or "malformed" (not an http(s) URL, an answer over MAX_ANSWER_BYTES; neither
+    retried)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RequestFailed(f"{url} is not an http(s) URL", False, "malformed")
+    headers = {} if body is None else {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = connection(parts.hostname, parts.port, timeout=timeout_s)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    deadline = _Deadline(conn, timeout_s, batch)
+    try:
+        with deadline:
+            conn.connect()
+            if deadline.abandoned:  # (cut before its socket existed)
+                raise OSError("abandoned")
+            conn.request("GET" if body is None else "POST", path, body=body, headers=headers)
+            response = conn.getresponse()
+            raw = response.read(MAX_ANSWER_BYTES + 1)
+            if deadline.expired or deadline.abandoned:  # (a cut read may look like a complete, shorter answer)
+                raise OSError("cut at the deadline")
+    except (OSError, http.client.HTTPException) as e:  # refused, reset, timeout, cut
+        if deadline.abandoned:
+            raise RequestFailed(f"abandoned: the run is stopping (request to {url})", False, "abandoned") from None
+        if deadline.expired:
+            raise RequestFailed(f"timed out after {timeout_s} s: no complete answer from {url}", True,
+                                 "timeout") from None
+        raise _network_failure(e, url) from None
+    status = response.status
+    if len(raw) > MAX_ANSWER_BYTES:  # (read no further: the connection is closed)
+        raise RequestFailed(f"HTTP {status} from {url}: an answer of more than {MAX_ANSWER_BYTES} bytes, not a chat "
+                             f"completion; body starts {raw[:80]!r}", False, "malformed")
+    if 300 <= status < 400:
+        target = urllib.parse.urlsplit(response.getheader("Location") or "")
+        where = f"{target.scheme}://{target.netloc}" if target.netloc else "the same server"
+        detail = f"a redirect to {where}, not followed (the API key is sent to --critic-url only)"
+        raise RequestFailed(f"HTTP {status} from {url}: {detail}", False, f"http_{status}", detail)
+    if status >= 400:
+        detail = raw[:300].decode("utf-8", "replace")
+        raise RequestFailed(f"HTTP {status} from {url}: {detail}", retryable=status >= 500 or status in (408, 429),
+                             kind=f"http_{status}", detail=detail)
+    return raw
+
+
+def redact(message: str, key: str | None) -> str:
+    return message.replace(key, "[redacted]") if key else message
+
+
+class ChatClient:
+    """A client of one model behind an OpenAI-compatible chat-completions server.
+
+    The API key is read from the environment variable `api_key_env` at each request (never stored on the object,
+    printed, logged, or put into an error message); when the variable is unset no Authorization header is sent (a
+    local vLLM without --api-key needs none). Each request: at most `timeout_s` seconds per attempt, `max_retries`
+    retries with exponential backoff (`backoff_s * 2**attempt`) on connection errors, timeouts, HTTP 5xx/408/429
+    and malformed answers. A batch never waits longer than its worst case of all attempts; an item that fails comes
+    back as (None, error, error_kind). `interrupt` (train.py: infra.signals.StopFlag.check) is called every POLL_S
+    seconds while a batch waits; when it raises, the batch is abandoned (its connections cut, no retry) and the
+    exception propagates.
+
+    An answer is used only when its finish_reason is "stop": one cut by `max_tokens` ("length") is a failure with
+    error_kind "length" and is not retried (greedy decoding would cut it again); any other finish_reason is a
+    malformed answer. `temperature` 0 is greedy decoding.
+    """
+
+    def __init__(self, base_url: str, model: str, max_tokens: int, api_key_env: str = "OPENAI_API_KEY",
+                 timeout_s: float = 600.0, max_retries: int = 1, backoff_s: float = 2.0, max_workers: int = 32,
+                 temperature: float = 0.0, interrupt: Callable[[], None] | None = None):
+        base = base_url.rstrip("/")
+        self.url = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+        self.model, self.api_key_env, self.max_tokens = model, api_key_env, max_tokens
+        self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
+        self.max_workers, self.temperature, self.interrupt = max_workers, temperature, interrupt
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
+                f"timeout_s={self.timeout_s}, max_retries={self.max_retries})")
+
+    def complete(self, messages_batch: list[list[dict]]) -> list[tuple[str | None, str | None, str | None]]:
+        """(text, None, None) or (None, error, error_kind) per conversation, in order; never raises for a failed
+        request. The text is the raw answer (think trace included); error_kind "length": cut by max_tokens.
+        The requests run on daemon threads (none keeps the process alive after it exits); each attempt has a hard
+        wall-clock deadline, so the batch ends within its worst case: rounds of `max_workers` requests, each at most
+        (max_retries + 1)·timeout_s plus its backoff. Then, or when `interrupt` raises, whatever is still in flight
+        is cut (_Batch.abandon), so no thread outlives the batch by more than a moment."""
+        n = len(messages_batch)
+        if n == 0:
+            return []
+        per_request = (self.max_retries + 1) * self.timeout_s + self.backoff_s * (2 ** self.max_retries - 1)
+        workers = min(self.max_workers, n)
+        worst_case = math.ceil(n / workers) * per_request + 5
+        results: list = [None] * n
+        queue = iter(range(n))
+        lock, batch = threading.Lock(), _Batch()
+
+        def work():
+            while not batch.abandoned.is_set():
+                with lock:
+                    i = next(queue, None)
+                if i is None:
+                    return
+                results[i] = self._complete_one(messages_batch[i], batch)  # returns errors, does not raise
+
+        threads = [threading.Thread(target=work, daemon=True, name=f"critic-{j}") for j in range(workers)]
+        for t in threads:
+            t.start()
+        end = time.monotonic() + worst_case
+        try:
+            for t in threads:
+                while t.is_alive() and time.monotonic() < end:
+                    t.join(min(POLL_S, max(0.0, end - time.monotonic())))
+                    if self.interrupt is not None:
+                        self.interrupt()  # raises to abandon the batch (a stop signal)
+            answers = list(results)
+        finally:
+            batch.abandon()
+        return [r if r is not None else (None, f"no answer within {worst_case:.0f} s", "timeout") for r in answers]
+
+    def _complete_one(self, messages: list[dict], batch: _Batch) -> tuple[str | None, str | None, str | None]:
+        key = os.environ.get(self.api_key_env) or None
+        error, kind = "no attempt made", None
+        for attempt in range(self.max_retries + 1):
+            if attempt > 0 and batch.abandoned.wait(self.backoff_s * 2 ** (attempt - 1)):
+                break  # (the backoff, cut short when the batch is abandoned)
+            try:
+                return self._post(messages, key, batch), None, None
+            except RequestFailed as e:
+                error, kind = redact(f"{e} (attempt {attempt + 1} of {self.max_retries + 1})", key), e.kind
+                if not e.retryable:
+                    break
+        return None, error, kind
+
+    def _post(self, messages: list[dict], key: str | None, batch: _Batch) -> str:
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
+                           "max_tokens": self.max_tokens}).encode("utf-8")
+        raw = request(self.url, body, key, self.timeout_s, batch)
+        try:
+            answer = json.loads(raw)
+            choice = answer["choices"][0]
+            finish_reason = choice.get("finish_reason")
+            # read before the content: a reasoning server may send no content at all for an answer cut short
+            if finish_reason == "length":
+                raise RequestFailed(f"the answer from {self.url} was cut at max_tokens={self.max_tokens} "
+                                     "(finish_reason 'length'); a truncated critique is not used", False, "length")
+            message = choice["message"]
+            text = message["content"]
+            if finish_reason == "stop" and not (text or "").strip():
+                raise RequestFailed(f"the answer from {self.url} has an empty content (a reasoning parser that "
+                                     "kept everything in reasoning_content?)", False, "empty")
+            if not isinstance(text, str):
+                raise TypeError(f"content is {type(text).__name__}")
+            if finish_reason != "stop":
+                raise ValueError(f"finish_reason is {finish_reason!r}, expected 'stop'")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
+            raise RequestFailed(f"malformed answer from {self.url}: {type(e).__name__}: {e}; "
+                                 f"body starts {raw[:120]!r}", True, "malformed") from None
+        if isinstance(message.get("reasoning_content"), str):  # a reasoning parser took the trace out of content:
+            return "</think>" + text  # content is the critique alone, whichever the template (data.strip_think)
+        return text
+
+    def check(self, timeout_s: float = 10.0) -> None:
+        """Preflight, before a run spends anything: the server lists `self.model`, and answers a one-token
+        completion. Raises CriticUnavailable with one line naming the URL and what failed (never the key)."""
+        key = os.environ.get(self.api_key_env) or None
+        models_url = self.url.rsplit("/chat/completions", 1)[0] + "/models"
+        probe = json.dumps({"model": self.model, "messages": [{"role": "user", "content": "Say OK."}],
+                            "temperature": 0.0, "max_tokens": 1}).encode("utf-8")
+        for url, body in ((models_url, None), (self.url, probe)):
+            try:
+                raw = request(url, body, key, timeout_s)
+            except RequestFailed as e:
+                if e.kind in ("http_401", "http_403"):
+                    status = e.kind.removeprefix("http_")
+                    what = (f"HTTP {status} (unauthorized): the key in ${self.api_key_env} was refused" if key
+                            else f"HTTP {status} (unauthorized): it needs an API key in ${self.api_key_env}")
+                elif e.kind.startswith("http_"):
+                    what = f"HTTP {e.kind.removeprefix('http_')}: {e.detail.strip()[:200]}"
+                else:
+                    what = {"refused": "connection refused: is the server running at --critic-url?",
+                            "timeout": f"no answer within {timeout_s} s"}.get(e.kind, str(e))
+                raise CriticUnavailable(redact(f"critic server {url}: {what}", key)) from None
+            try:
+                answer = json.loads(raw)
+                if body is None:
+                    served = [m["id"] for m in answer["data"]]
+                elif not isinstance(answer["choices"][0]["message"]["content"], str):
+                    raise TypeError("the completion's content is not a string")
+            except (ValueError, KeyError, IndexError, TypeError, RecursionError) as e:
+                what = f"not an OpenAI-compatible answer ({type(e).__name__}: {e}); body starts {raw[:80]!r}"
+                raise CriticUnavailable(redact(f"critic server {url}: {what}", key)) from None
+            if body is None and self.model not in served:
+                raise CriticUnavailable(f"critic server {url}: serves {served[:5]}, not {self.model!r} "
+                                        "(--critic-model)")
