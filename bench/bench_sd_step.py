@@ -7,7 +7,7 @@ backward on x + y, the chunked Eq. 3 loss from final hidden states, as train.py 
     python bench/bench_sd_step.py                      # GPU: T = 2048 rollout tokens, batch 1..4
     python bench/bench_sd_step.py --tiny --device cpu  # a smoke run of the same code on a CPU
 
-MFU = model FLOPs / (seconds × peak dense bf16 FLOP/s of an H100/H200 SXM, 989 TFLOP/s), with model FLOPs =
+MFU = model FLOPs / (seconds × the GPU's dense bf16 peak, `peak_bf16`), with model FLOPs =
 2·P·N_teacher (teacher forward) + 2·P·N_student (student forward) + 2·P·N_student (student backward: with frozen
 base weights only activation gradients are computed; LoRA's own FLOPs are < 1 % and not counted), i.e. the
 issue's ≈ 6 × P × tokens. P = all parameters (the tied embedding counted once, as the lm_head), N = tokens.
@@ -29,7 +29,18 @@ import rollout  # noqa: E402
 from random_qwen3 import qwen3_config  # noqa: E402  (bench/, this script's folder)
 from sd_loss import chunked_self_distillation_loss  # noqa: E402
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peak per GPU by a substring of torch.cuda.get_device_name(), first match
+# first: PCIe and NVL precede the plain "H100" / "H200" of the SXM parts ("NVIDIA H100 80GB HBM3").
+# NVIDIA's datasheets give bf16 with sparsity, twice the dense rate: H100 SXM 1,979, PCIe 1,513,
+# NVL 1,671 (per GPU), H200 SXM 1,979, H200 NVL 1,671 TFLOP/s; Hopper whitepaper: SXM5 dense
+# 989.4; A100: 312 dense.
+PEAK_BF16 = (("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989.4e12),
+             ("H200 NVL", 835e12), ("H200", 989.4e12), ("A100", 312e12))
+
+
+def peak_bf16(device_name: str) -> float | None:
+    """Dense bf16 FLOP/s of the GPU called `device_name`; None if it is not in PEAK_BF16."""
+    return next((peak for key, peak in PEAK_BF16 if key in device_name), None)
 
 
 def build(tiny: bool, device, dtype):
@@ -79,9 +90,10 @@ def main():
         a.T, a.prompt, a.context, a.chunk = 64, 16, 32, 32
     model, n_params = build(a.tiny, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    peak = peak_bf16(gpu) if device.type == "cuda" else None
     print(f"{gpu}: {n_params / 1e9:.2f}B parameters, T={a.T}, prompt={a.prompt}, context={a.context}, "
-          f"chunk={a.chunk}")
+          f"chunk={a.chunk}, dense bf16 peak "
+          + (f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown (MFU n/a)"))
     print("| batch | rollout tokens/s | seconds/micro-step | peak memory | MFU | tokens/s ratio vs batch 1 |")
     print("|---|---|---|---|---|---|")
     base = None
