@@ -82,6 +82,11 @@ class Config:
                                  "cut by it is a failed critique (critic.MAX_TOKENS)")
     critic_think_in_prompt: bool = opt(True, "server critic: its chat template ends the prompt with an open <think> "
                                        "tag (QwQ-32B's does), so an answer without </think> is all trace")
+    critic_temperature: float = opt(0.0, "server critic: sampling temperature; 0 = greedy, the paper's critic. QwQ-32B's "
+                                    "model card warns that greedy decoding can repeat endlessly and advises 0.6 "
+                                    "(with --critic-top-p 0.95): use it when critiques run to --critic-max-tokens "
+                                    "(critic_failed_length in log.jsonl); each request then gets its own seed")
+    critic_top_p: float = opt(1.0, "server critic: nucleus sampling mass when --critic-temperature > 0")
     critic_unstructured: str = opt("skip", "a critique that fails the schema or is empty: skip = its rollout is "
                                    "skipped and counted (the paper's teacher sees only structured critiques); keep "
                                    "= its text goes to the teacher as unstructured feedback (an empty one is still "
@@ -95,6 +100,13 @@ class Config:
     vllm_kv_cache_gib: float = opt(0.0, "vLLM engine: KV cache size in GiB per rank (0: vLLM sizes it from "
                                    "--vllm-gpu-memory); on a CPU, a fixed size keeps several engines on one machine "
                                    "within its memory")
+    vllm_enforce_eager: bool = opt(False, "vLLM engine: no CUDA graphs and no torch.compile (vLLM's enforce_eager): "
+                                   "slower, the fallback when graph capture or compilation fails on a GPU")
+    vllm_model_runner: str = opt("auto", "vLLM engine on CUDA: its model runner; auto = vLLM 0.32's default (V2, "
+                                 "falling back to V1 where V2 lacks a feature), v1 / v2 force one through "
+                                 "VLLM_USE_V2_MODEL_RUNNER (vllm/envs.py, vllm/config/vllm.py)", ("auto", "v1", "v2"))
+    tf32: bool = opt(True, "on CUDA, TF32 tensor cores for fp32 matmuls: the LoRA branch (its weights stay fp32) and "
+                     "the fp32 parts of the loss; bf16 matmuls and every CPU number are unchanged")
     student_thinking: bool = opt(False, "thinking mode of the student's chat template (Qwen3 enable_thinking)")
     teacher_thinking: bool = opt(True, "thinking mode of the teacher's chat template")
     teacher_layout: str = opt("paper", "where c sits in the teacher's prompt: paper = one user turn (problem, c, "
@@ -242,6 +254,8 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
         ("critic_retries", cfg.critic_retries >= 0, "must be >= 0"),
         ("nonfinite_max", cfg.nonfinite_max >= 1, "must be >= 1 step"),
         ("critic_max_tokens", cfg.critic_max_tokens >= 1, "must be >= 1"),
+        ("critic_temperature", 0 <= cfg.critic_temperature <= 2, "must lie in [0, 2]"),
+        ("critic_top_p", 0 < cfg.critic_top_p <= 1, "must lie in (0, 1]"),
         ("vllm_gpu_memory", 0 < cfg.vllm_gpu_memory <= 1, "must be a fraction in (0, 1]"),
         ("lora_r", cfg.lora_r >= 1, "must be >= 1"),
         ("lora_alpha", cfg.lora_alpha > 0, "must be > 0"),
@@ -301,6 +315,9 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
     if cfg.data != "arithmetic" and not Path(cfg.data).is_file():
         bad.append(f"--data {cfg.data}: no such file (write one with `python -m scripts.filter_problems ...` "
                    "or use --data arithmetic)")
+    if (cfg.critic_temperature > 0 or cfg.critic_top_p < 1) and cfg.critic != "server":
+        bad.append(f"--critic-temperature {cfg.critic_temperature} / --critic-top-p {cfg.critic_top_p}: only the "
+                   f"server critic samples (--critic {cfg.critic} decodes greedily)")
     local_critic = cfg.feedback in ("stepalign", "all") and cfg.critic == "local"
     for name, used in (("model", True), ("critic_model", local_critic)):
         path = getattr(cfg, name)
@@ -369,6 +386,7 @@ def make_critic(cfg: Config, interrupt=None):
         return critic.ServerCritic(cfg.critic_url, cfg.critic_model, api_key_env=cfg.critic_api_key_env,
                                    max_tokens=cfg.critic_max_tokens, timeout_s=cfg.critic_timeout,
                                    max_workers=cfg.critic_concurrency, max_retries=cfg.critic_retries,
+                                   temperature=cfg.critic_temperature, top_p=cfg.critic_top_p, seed=cfg.seed,
                                    think_in_prompt=cfg.critic_think_in_prompt, interrupt=interrupt)
     return critic.LocalCritic(cfg.critic_model, max_new_tokens=cfg.critic_max_tokens, interrupt=interrupt)
 
@@ -385,7 +403,9 @@ def total_steps(cfg: Config, n_train: int) -> int:
 RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps", "epochs", "eval_every", "critic_url",
                      "critic_api_key_env", "critic_timeout", "critic_concurrency", "critic_retries",
                      "critic_fail_window", "critic_fail_max", "nonfinite_max", "vllm_gpu_memory", "vllm_kv_cache_gib",
-                     "micro_batch", "loss_chunk", "grad_checkpointing", "teacher_samples", "base_eval"}
+                     "micro_batch", "loss_chunk", "grad_checkpointing", "teacher_samples", "base_eval",
+                     # the way out of a run stopped by looping greedy critiques (docs/gpu.md); engine fallbacks
+                     "critic_temperature", "critic_top_p", "vllm_enforce_eager", "vllm_model_runner", "tf32"}
 
 
 def same_option(name: str, saved, now) -> bool:

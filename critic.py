@@ -121,18 +121,20 @@ def critique_metrics(critiques: list[Critique]) -> dict[str, float]:
 
 class ServerCritic(ChatClient):
     """The critic behind an OpenAI-compatible chat-completions server (e.g. `vllm serve Qwen/QwQ-32B`), through the
-    hardened client of infra/chat_client.py: greedy by default (temperature 0, the paper's critic). A request that
-    fails gives a Critique with `error` and `error_kind` set. think_in_prompt: the server's chat template ends the
-    prompt with an open <think> tag (QwQ-32B's does), so an answer without </think> is all trace
-    (data.strip_think)."""
+    hardened client of infra/chat_client.py: greedy by default (temperature 0, the paper's critic; when it samples,
+    each critique's seed derives from `seed` and the rollout). A request that fails gives a Critique with `error` and
+    `error_kind` set. think_in_prompt: the server's chat template ends the prompt with an open <think> tag (QwQ-32B's
+    does), so an answer without </think> is all trace (data.strip_think)."""
 
     def __init__(self, base_url: str, model: str, max_tokens: int = MAX_TOKENS, think_in_prompt: bool = False,
-                 **client_options):
+                 seed: int = 0, **client_options):
         super().__init__(base_url, model, max_tokens, **client_options)
-        self.think_in_prompt = think_in_prompt
+        self.think_in_prompt, self.seed = think_in_prompt, seed
 
     def critique(self, batch: list[tuple[data.Problem, str]]) -> list[Critique]:
-        answers = self.complete([prompts.critic_messages(problem, response) for problem, response in batch])
+        # a sampled critique's seed: from the run seed and the rollout itself, so not from which rank asks, nor when
+        seeds = [rollout.sample_seed(self.seed, "critic", problem.id, response) for problem, response in batch]
+        answers = self.complete([prompts.critic_messages(problem, response) for problem, response in batch], seeds)
         out = []
         for (text, error, kind), (_, response) in zip(answers, batch):
             if error is not None:

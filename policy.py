@@ -20,6 +20,10 @@ from infra.dist import Dist
 
 
 def build_model(cfg, d: Dist):
+    """The model in --dtype on this rank's device with a fresh LoRA adapter (B = 0: the base policy)."""
+    if d.device.type == "cuda":  # fp32 matmuls (the LoRA branch, the loss's fp32 parts) on TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
     model, tokenizer = rollout.load_model(cfg.model, dtype=rollout.DTYPES[cfg.dtype], device=d.device)
     lora.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets.split(",")))
     if cfg.grad_checkpointing:
@@ -34,7 +38,8 @@ def make_vllm_engine(cfg, d: Dist) -> rollout.VLLMEngine:
     once and closed last."""
     return rollout.make_engine("vllm", cfg.model, dtype=cfg.dtype, seed=cfg.seed, max_lora_rank=cfg.lora_r,
                                gpu_memory_utilization=cfg.vllm_gpu_memory, kv_cache_gib=cfg.vllm_kv_cache_gib,
-                               world_size=d.world, stop_at_boxed=cfg.stop_at_boxed)
+                               world_size=d.world, stop_at_boxed=cfg.stop_at_boxed,
+                               enforce_eager=cfg.vllm_enforce_eager, model_runner=cfg.vllm_model_runner)
 
 
 def start_policy(cfg, d: Dist):

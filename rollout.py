@@ -243,19 +243,26 @@ def truncate_at_boxed(token_ids: list[int], tokenizer) -> list[int] | None:
 
 
 def vllm_engine_kwargs(model_path: str, max_lora_rank: int, gpu_memory_utilization: float, dtype: str, seed: int,
-                       world_size: int, kv_cache_gib: float) -> dict:
-    """The keyword arguments of vllm.LLM for VLLMEngine (a pure function: tests check them without an engine)."""
+                       world_size: int, kv_cache_gib: float, enforce_eager: bool = False) -> dict:
+    """The keyword arguments of vllm.LLM for VLLMEngine (a pure function: tests check them without an engine).
+    enforce_eager: no CUDA graphs, no torch.compile (vllm/entrypoints/llm.py, default False)."""
     if max_lora_rank > VLLM_LORA_RANKS[-1]:
         raise ValueError(f"LoRA rank {max_lora_rank}: vLLM takes adapters of rank at most {VLLM_LORA_RANKS[-1]}")
     kwargs = dict(model=model_path, enable_lora=True, dtype=dtype, seed=seed,
                   max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= max_lora_rank),
-                  enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization)
+                  enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization,
+                  enforce_eager=enforce_eager)
     if kv_cache_gib > 0:  # a fixed KV cache size; vLLM then ignores gpu_memory_utilization for it
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     if world_size > 1:  # torchrun started this process; vLLM reads RANK, WORLD_SIZE, MASTER_ADDR/PORT itself
         kwargs |= {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1,
                    "data_parallel_size": world_size}
     return kwargs
+
+
+# --vllm-model-runner -> VLLM_USE_V2_MODEL_RUNNER, read when the engine is built (vLLM 0.32: vllm/envs.py; unset, its
+# config chooses V2 on CUDA and falls back to V1 for features V2 lacks, vllm/config/vllm.py)
+MODEL_RUNNER_ENV = {"auto": None, "v1": "0", "v2": "1"}
 
 
 class VLLMEngine:
@@ -278,13 +285,15 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, max_lora_rank: int = 64, gpu_memory_utilization: float = 0.5,
                  dtype: str = "bfloat16", seed: int = 0, world_size: int = 1, stop_at_boxed: bool = False,
-                 kv_cache_gib: float = 0.0):
+                 kv_cache_gib: float = 0.0, enforce_eager: bool = False, model_runner: str = "auto"):
         if importlib.util.find_spec("vllm") is None:
             raise ImportError(VLLM_MISSING)
         from vllm import LLM
 
+        if MODEL_RUNNER_ENV[model_runner] is not None:  # (vLLM reads it from the environment, not from LLM's args)
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = MODEL_RUNNER_ENV[model_runner]
         self.llm = LLM(**vllm_engine_kwargs(model_path, max_lora_rank, gpu_memory_utilization, dtype, seed,
-                                            world_size, kv_cache_gib))
+                                            world_size, kv_cache_gib, enforce_eager))
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_at_boxed = stop_at_boxed
         self.lora_request = None
@@ -343,7 +352,7 @@ class VLLMEngine:
 def make_engine(kind: str, model_name: str, model=None, tokenizer=None, *, dtype: str = "bfloat16", seed: int = 0,
                 max_lora_rank: int = 64, gpu_memory_utilization: float = 0.35, kv_cache_gib: float = 0.0,
                 world_size: int = 1, stop_at_boxed: bool = False, batch_size: int = 64,
-                interrupt: Callable[[], None] | None = None):
+                enforce_eager: bool = False, model_runner: str = "auto", interrupt: Callable[[], None] | None = None):
     """The generation engine from the options train.py and the difficulty filter share (--engine, --dtype, ...).
 
     "transformers": samples from `model`, already loaded (in its dtype, on its device) with `tokenizer`; it calls
@@ -354,7 +363,8 @@ def make_engine(kind: str, model_name: str, model=None, tokenizer=None, *, dtype
     if kind == "vllm":
         return VLLMEngine(resolve_model_path(model_name), max_lora_rank=max_lora_rank,
                           gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed,
-                          world_size=world_size, stop_at_boxed=stop_at_boxed, kv_cache_gib=kv_cache_gib)
+                          world_size=world_size, stop_at_boxed=stop_at_boxed, kv_cache_gib=kv_cache_gib,
+                          enforce_eager=enforce_eager, model_runner=model_runner)
     if kind == "transformers":
         if model is None or tokenizer is None:
             raise ValueError("make_engine('transformers', ...): pass the loaded model and its tokenizer")

@@ -23,9 +23,11 @@ POLL_S = 0.1  # how often a waiting ServerCritic batch calls its `interrupt` (a 
 
 
 # The most bytes read of one answer. A completion of critic.MAX_TOKENS tokens, each at most a few characters that JSON may
-# escape to 6 bytes each, and the same again as reasoning_content, is a few MB; a server that sends more is not
+# escape to 6 bytes each, and the same again as its reasoning trace, is a few MB; a server that sends more is not
 # answering a chat completion, and reading on would let it fill memory (times --critic-concurrency).
 MAX_ANSWER_BYTES = 16 * 2 ** 20
+# Where a chat answer holds the trace a reasoning parser took out of content: vLLM 0.32's name, then the older one
+REASONING_FIELDS = ("reasoning", "reasoning_content")
 
 
 class RequestFailed(Exception):
@@ -177,30 +179,34 @@ class ChatClient:
 
     An answer is used only when its finish_reason is "stop": one cut by `max_tokens` ("length") is a failure with
     error_kind "length" and is not retried (greedy decoding would cut it again); any other finish_reason is a
-    malformed answer. `temperature` 0 is greedy decoding.
+    malformed answer. Decoding: `temperature` 0 is greedy (then `top_p` and the seeds are not sent); above 0, each
+    request samples with `top_p` and its own seed (`complete`'s seeds), so a sampled answer can be reproduced.
     """
 
     def __init__(self, base_url: str, model: str, max_tokens: int, api_key_env: str = "OPENAI_API_KEY",
                  timeout_s: float = 600.0, max_retries: int = 1, backoff_s: float = 2.0, max_workers: int = 32,
-                 temperature: float = 0.0, interrupt: Callable[[], None] | None = None):
+                 temperature: float = 0.0, top_p: float = 1.0, interrupt: Callable[[], None] | None = None):
         base = base_url.rstrip("/")
         self.url = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
         self.model, self.api_key_env, self.max_tokens = model, api_key_env, max_tokens
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
-        self.max_workers, self.temperature, self.interrupt = max_workers, temperature, interrupt
+        self.max_workers, self.temperature, self.top_p, self.interrupt = max_workers, temperature, top_p, interrupt
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
                 f"timeout_s={self.timeout_s}, max_retries={self.max_retries})")
 
-    def complete(self, messages_batch: list[list[dict]]) -> list[tuple[str | None, str | None, str | None]]:
+    def complete(self, messages_batch: list[list[dict]], seeds: list[int] | None = None
+                 ) -> list[tuple[str | None, str | None, str | None]]:
         """(text, None, None) or (None, error, error_kind) per conversation, in order; never raises for a failed
-        request. The text is the raw answer (think trace included); error_kind "length": cut by max_tokens.
+        request. seeds: one per conversation, sent when the client samples (temperature > 0); default 0 each. The text is the raw answer (think trace included); error_kind "length": cut by max_tokens.
         The requests run on daemon threads (none keeps the process alive after it exits); each attempt has a hard
         wall-clock deadline, so the batch ends within its worst case: rounds of `max_workers` requests, each at most
         (max_retries + 1)·timeout_s plus its backoff. Then, or when `interrupt` raises, whatever is still in flight
         is cut (_Batch.abandon), so no thread outlives the batch by more than a moment."""
         n = len(messages_batch)
+        if seeds is not None and len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} conversations")
         if n == 0:
             return []
         per_request = (self.max_retries + 1) * self.timeout_s + self.backoff_s * (2 ** self.max_retries - 1)
@@ -216,7 +222,8 @@ class ChatClient:
                     i = next(queue, None)
                 if i is None:
                     return
-                results[i] = self._complete_one(messages_batch[i], batch)  # returns errors, does not raise
+                seed = 0 if seeds is None else seeds[i]
+                results[i] = self._complete_one(messages_batch[i], seed, batch)  # returns errors, does not raise
 
         threads = [threading.Thread(target=work, daemon=True, name=f"critic-{j}") for j in range(workers)]
         for t in threads:
@@ -233,23 +240,27 @@ class ChatClient:
             batch.abandon()
         return [r if r is not None else (None, f"no answer within {worst_case:.0f} s", "timeout") for r in answers]
 
-    def _complete_one(self, messages: list[dict], batch: _Batch) -> tuple[str | None, str | None, str | None]:
+    def _complete_one(self, messages: list[dict], seed: int, batch: _Batch
+                      ) -> tuple[str | None, str | None, str | None]:
         key = os.environ.get(self.api_key_env) or None
         error, kind = "no attempt made", None
         for attempt in range(self.max_retries + 1):
             if attempt > 0 and batch.abandoned.wait(self.backoff_s * 2 ** (attempt - 1)):
                 break  # (the backoff, cut short when the batch is abandoned)
             try:
-                return self._post(messages, key, batch), None, None
+                return self._post(messages, seed, key, batch), None, None
             except RequestFailed as e:
                 error, kind = redact(f"{e} (attempt {attempt + 1} of {self.max_retries + 1})", key), e.kind
                 if not e.retryable:
                     break
         return None, error, kind
 
-    def _post(self, messages: list[dict], key: str | None, batch: _Batch) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens}).encode("utf-8")
+    def _post(self, messages: list[dict], seed: int, key: str | None, batch: _Batch) -> str:
+        fields = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                  "max_tokens": self.max_tokens}
+        if self.temperature > 0:  # (vLLM: below 1e-5 is greedy, and top_p and the seed are ignored)
+            fields |= {"top_p": self.top_p, "seed": seed}
+        body = json.dumps(fields).encode("utf-8")
         raw = request(self.url, body, key, self.timeout_s, batch)
         try:
             answer = json.loads(raw)
@@ -263,7 +274,7 @@ class ChatClient:
             text = message["content"]
             if finish_reason == "stop" and not (text or "").strip():
                 raise RequestFailed(f"the answer from {self.url} has an empty content (a reasoning parser that "
-                                     "kept everything in reasoning_content?)", False, "empty")
+                                     "kept everything in the reasoning field?)", False, "empty")
             if not isinstance(text, str):
                 raise TypeError(f"content is {type(text).__name__}")
             if finish_reason != "stop":
@@ -271,8 +282,11 @@ class ChatClient:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
             raise RequestFailed(f"malformed answer from {self.url}: {type(e).__name__}: {e}; "
                                  f"body starts {raw[:120]!r}", True, "malformed") from None
-        if isinstance(message.get("reasoning_content"), str):  # a reasoning parser took the trace out of content:
-            return "</think>" + text  # content is the critique alone, whichever the template (data.strip_think)
+        # A reasoning parser (vLLM's --reasoning-parser) took the trace out of content, into `reasoning` (vLLM 0.32:
+        # ChatMessage.reasoning, vllm/entrypoints/openai/chat_completion/protocol.py) or `reasoning_content` (its
+        # older name, still sent by other servers): content is then the critique alone, whichever the template.
+        if any(isinstance(message.get(field), str) for field in REASONING_FIELDS):
+            return "</think>" + text  # (data.strip_think keeps what follows the tag)
         return text
 
     def check(self, timeout_s: float = 10.0) -> None:

