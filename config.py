@@ -151,6 +151,9 @@ class Config:
                          "evaluated again), else written; share it only between runs of one model, seed, held-out set "
                          "and evaluation options (scripts/study.py: one per seed)")
     resume: bool = opt(False, "continue from the latest checkpoint in out_dir")
+    sample_log_mb: float = opt(256.0, "samples.jsonl beside log.jsonl: each rollout of each step with its critique "
+                               "(raw and parsed, or the failure), the teacher's context c, its reward and loss "
+                               "(infra/sample_log.py); no more lines once the file would pass this many MiB; 0 = off")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
     progress: bool = opt(True, "progress bars on rank 0")
 
@@ -256,6 +259,7 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
         ("critic_max_tokens", cfg.critic_max_tokens >= 1, "must be >= 1"),
         ("critic_temperature", 0 <= cfg.critic_temperature <= 2, "must lie in [0, 2]"),
         ("critic_top_p", 0 < cfg.critic_top_p <= 1, "must lie in (0, 1]"),
+        ("sample_log_mb", cfg.sample_log_mb >= 0, "must be >= 0 MiB (0: no samples.jsonl)"),
         ("vllm_gpu_memory", 0 < cfg.vllm_gpu_memory <= 1, "must be a fraction in (0, 1]"),
         ("lora_r", cfg.lora_r >= 1, "must be >= 1"),
         ("lora_alpha", cfg.lora_alpha > 0, "must be > 0"),
@@ -405,7 +409,8 @@ RESUME_MAY_CHANGE = {"preset", "resume", "progress", "tensorboard", "max_steps",
                      "critic_fail_window", "critic_fail_max", "nonfinite_max", "vllm_gpu_memory", "vllm_kv_cache_gib",
                      "micro_batch", "loss_chunk", "grad_checkpointing", "teacher_samples", "base_eval",
                      # the way out of a run stopped by looping greedy critiques (docs/gpu.md); engine fallbacks
-                     "critic_temperature", "critic_top_p", "vllm_enforce_eager", "vllm_model_runner", "tf32"}
+                     "critic_temperature", "critic_top_p", "vllm_enforce_eager", "vllm_model_runner", "tf32",
+                     "sample_log_mb"}
 
 
 def same_option(name: str, saved, now) -> bool:

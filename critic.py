@@ -60,6 +60,7 @@ class Critique:
     wrong_claim: str | None = None  # e.g. "136"
     wrong_span: tuple[int, int] | None = None  # [start, end) character offsets in the response
     corrected_claim: str | None = None  # e.g. "126"
+    raw: str = ""  # the critic's answer as it came, think trace included (samples.jsonl); "" for a failure
 
 
 # ---------------------------------------------------------------------------------------------- the schema
@@ -77,7 +78,7 @@ def parse_critique(raw: str, n_steps: int, think_in_prompt: bool = False) -> Cri
     text = data.strip_think(raw, opened=think_in_prompt)
 
     def unstructured(why: str) -> Critique:
-        return Critique(text=text, schema_ok=False, schema_error=why)
+        return Critique(text=text, schema_ok=False, schema_error=why, raw=raw)
 
     header = prompts.CORRECTED_SOLUTION_HEADER.search(text)
     if header is None:
@@ -103,7 +104,7 @@ def parse_critique(raw: str, n_steps: int, think_in_prompt: bool = False) -> Cri
     case_letter = case.group(1).upper()
     if case_letter == "A" and first_wrong is not None:
         return unstructured("case A with an incorrect step")
-    return Critique(text=text, case=case_letter, pivot_step=pivot_step, step_ok=step_ok, schema_ok=True)
+    return Critique(text=text, case=case_letter, pivot_step=pivot_step, step_ok=step_ok, schema_ok=True, raw=raw)
 
 
 def critique_metrics(critiques: list[Critique]) -> dict[str, float]:

@@ -37,6 +37,8 @@ class Item:
     sample: int = 0  # index of this rollout among the G samples of its problem
     advantage: float = 0.0  # GRPO: A_i of its group
     skipped: bool = False  # no teacher context (a failed or unusable critique): masked out of the loss
+    critique: critic.Critique | None = None  # the critic's critique of this rollout (forms that need a critic)
+    context: str | None = None  # c, the teacher's context (None: no teacher, or the rollout is skipped)
     teacher_prompt: str | None = None  # x + c, rendered: the self-teacher's prompt
     teacher_ids: list[int] | None = None  # its token ids
     teacher_sample: rollout.Completion | None = None  # y_T ~ π_base(·|x, c) (PBSD, --teacher-samples)
@@ -227,16 +229,19 @@ def feedback_contexts(cfg, critic_backend, items: list[Item], timer
     return contexts, critiques, critique_stats(items, critiques, usable)
 
 
-def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str | None], max_positions: int
-                         ) -> tuple[list[Item], int]:
-    """Step 4: the teacher's prompt x + c of each rollout (y is appended as ids when it is scored); a rollout
-    without a context is skipped. PBSD scores y_T after the STUDENT prompt, so y_T must be in the student's format:
+def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str | None], max_positions: int,
+                         critiques: list[critic.Critique] | None = None) -> tuple[list[Item], int]:
+    """Step 4: the teacher's prompt x + c of each rollout (y is appended as ids when it is scored), with c and the
+    critique it came from (`critiques`, when the form has a critic) kept on the item; a rollout without a context
+    is skipped. PBSD scores y_T after the STUDENT prompt, so y_T must be in the student's format:
     its teacher prompt takes the student's thinking mode (train.py, departure 7). A rollout whose teacher prompt
     plus y (plus --max-new-tokens when y_T is sampled from it) exceeds the model's window of `max_positions` tokens is skipped too; returns
     (items, how many were skipped for that)."""
     thinking = cfg.teacher_thinking if cfg.objective == "sd" else cfg.student_thinking
     sampled = cfg.objective == "pbsd" or cfg.teacher_samples
     out, too_long = [], 0
+    if critiques is not None:
+        items = [dataclasses.replace(it, critique=q) for it, q in zip(items, critiques, strict=True)]
     for it, c in zip(items, contexts, strict=True):
         if c is None:
             out.append(dataclasses.replace(it, skipped=True))
@@ -249,7 +254,7 @@ def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str |
             too_long += 1
             out.append(dataclasses.replace(it, skipped=True))
             continue
-        out.append(dataclasses.replace(it, teacher_prompt=prompt, teacher_ids=ids))
+        out.append(dataclasses.replace(it, context=c, teacher_prompt=prompt, teacher_ids=ids))
     return out, too_long
 
 

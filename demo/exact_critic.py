@@ -318,7 +318,8 @@ class ExactArithmeticCritic:
             lines.append(final)
         text = prompts.format_critique(case, pivot, step_ok, reasons, "\n".join(lines))
         return critic.Critique(text=text, case=case, pivot_step=pivot, step_ok=step_ok, schema_ok=True,
-                        wrong_claim=wrong_claim, wrong_span=wrong_span, corrected_claim=corrected_claim)
+                               wrong_claim=wrong_claim, wrong_span=wrong_span, corrected_claim=corrected_claim,
+                               raw=text)
 
     @staticmethod
     def _final_line(response: str, spans: list[tuple[int, int]], answer: str) -> str:

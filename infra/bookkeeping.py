@@ -1,5 +1,5 @@
-"""What a run does after each optimizer step, behind one call (train.py: `books.after_step`): the step's counters and
-its log line, then, in this order, the checkpoint, the exit on a stop signal, the evaluation, and the stop rules
+"""What a run does after each optimizer step, behind one call (train.py: `books.after_step`): the step's counters, its
+log line and its rollouts' lines (samples.jsonl), then, in this order, the checkpoint, the exit on a stop signal, the evaluation, and the stop rules
 (the critic down, too many refused updates in a row)."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from feedback import form_of, group_size
 from infra import diagnostics
 from infra.dist import Dist, sum_over_ranks
 from infra.logs import Logger, progress_bar, warn
+from infra.sample_log import SampleLog
 from infra.signals import StopFlag
 from infra.stop_rules import (EXIT_CRITIC_DOWN, EXIT_DIVERGED, critic_down, critic_down_error, diverged_error,
                               evaluation_due, unusable_as_failures)
@@ -28,6 +29,7 @@ class Bookkeeping:
         self.bar = progress_bar(cfg, d, steps, start)  # rank 0 with --progress; else None
         self.window = deque(maxlen=cfg.critic_fail_window)  # failed critiques of the last steps (all ranks)
         self.diverged = 0  # consecutive steps refused as not finite or diverged
+        self.samples = SampleLog(cfg.out_dir, cfg.sample_log_mb, d)  # samples.jsonl: each rollout, its critique
 
     def after_step(self, done: int, items: list, losses: list, stats: dict, skipped: str | None, grad_norm: float,
                    timer, seconds: float, stop: StopFlag, save: Callable[[], None],
@@ -54,6 +56,7 @@ class Bookkeeping:
         record = diagnostics.step_record(cfg, done, items, sums, stats, counters, timer, seconds, grad_norm,
                                          d) | counts
         self.log.write("log.jsonl", record)
+        self.samples.write(done, items, losses, grpo=not self.form.has_teacher, bar=self.bar)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.2f}")

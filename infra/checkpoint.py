@@ -320,14 +320,14 @@ def start_out_dir(cfg, d: Dist, model, optimizer) -> tuple[int, dict]:
                                       f"the ranks ({names}): a rank's rng_rank*.pt is damaged (named above)")
         step, saved = load_checkpoint(latest, model, optimizer, d)
         if d.master:
-            for name in ("log.jsonl", "eval.jsonl"):  # lines written after the checkpoint are written again
+            for name in ("log.jsonl", "eval.jsonl", "samples.jsonl"):  # lines after the checkpoint are written again
                 truncate_log(out_dir / name, step)
             print(f"resumed from {latest} (step {step})", flush=True)
         return step, counters | saved
     if cfg.resume and d.master:
         print(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; starting at step 0", flush=True)
     if d.master:
-        for name in ("log.jsonl", "eval.jsonl"):
+        for name in ("log.jsonl", "eval.jsonl", "samples.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     return 0, counters

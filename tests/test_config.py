@@ -58,7 +58,7 @@ BAD_VALUES = {
     "pbsd_beta": "0", "arith_train": "0", "arith_test": "0", "arith_ops": "0", "arith_max_operand": "1",
     "arith_operators": "+/", "critic_url": "localhost:8000/v1", "critic_api_key_env": "MY-KEY",
     "critic_timeout": "0", "critic_fail_window": "0", "critic_fail_max": "1.5", "critic_concurrency": "0",
-    "critic_retries": "-1", "nonfinite_max": "0", "critic_max_tokens": "0", "critic_temperature": "-1", "critic_top_p": "0", "vllm_gpu_memory": "1.2",
+    "critic_retries": "-1", "nonfinite_max": "0", "critic_max_tokens": "0", "critic_temperature": "-1", "critic_top_p": "0", "sample_log_mb": "-1", "vllm_gpu_memory": "1.2",
     "vllm_kv_cache_gib": "-1",
     "lora_r": "0", "lora_alpha": "-2", "lora_targets": "q_proj,,v_proj", "sd_samples": "0", "grpo_group_size": "1",
     "grpo_clip": "0", "temperature": "-1", "max_new_tokens": "0", "lr": "-1", "weight_decay": "-0.1",

@@ -21,8 +21,9 @@ LAYERS = (
     {"sd_loss", "grpo", "pbsd", "lora", "grading", "data", "infra.dist", "infra.chat_client"},
     # the prompts (data, grading); the engines and scoring (lora); logs and signals (ranks); checkpoints (lora)
     {"prompts", "rollout", "infra.logs", "infra.signals", "infra.checkpoint"},
-    # the critic (prompts, rollout, the client); the policy (lora, rollout); the stop rules (prompts: the probe)
-    {"critic", "policy", "infra.stop_rules"},
+    # the critic (prompts, rollout, the client); the policy (lora, rollout); the stop rules (prompts: the probe);
+    # samples.jsonl (logs)
+    {"critic", "policy", "infra.stop_rules", "infra.sample_log"},
     {"demo.exact_critic"},  # the exact arithmetic critic (critic)
     {"feedback"},  # the feedback forms and steps 1-4 of a step: problems to teacher inputs (critic, exact critic)
     # the options, problems and critic of a run (feedback); the step's log line; the results table (feedback)
