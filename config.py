@@ -42,7 +42,9 @@ class Config:
     refsol_style: str = opt("reference", "refsol: c is the problem's reference solution in its own wording "
                             "(reference: the OPSD setup), or a correct solution in the student's step format written "
                             "from the problem's exact steps, never from the student's attempt (steps: the format "
-                            "control, data.step_solution; arithmetic data only)", ("reference", "steps"))
+                            "control, data.step_solution; arithmetic data only), or the first study's one-line "
+                            "prose reference (prose: a stress case whose teacher could not teach, "
+                            "data.prose_solution; arithmetic data only)", ("reference", "steps", "prose"))
     objective: str = opt("sd", "loss with a teacher context: sd = Eq. 3 (sd_loss.py); pbsd = preference pairs of "
                          "a teacher and a student sample (pbsd.py)", ("sd", "pbsd"))
     pbsd_beta: float = opt(0.1, "PBSD: β of the implicit reward β·log(π_θ/π_base)")
@@ -330,8 +332,8 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
             need(False, name, "no such directory")
         elif used and looks_local and not (Path(path).expanduser() / "config.json").is_file():
             need(False, name, "the directory has no config.json (not a saved model)")
-    if cfg.refsol_style == "steps" and cfg.data != "arithmetic":
-        need(False, "refsol_style", "steps needs problems with exact steps: --data arithmetic")
+    if cfg.refsol_style in ("steps", "prose") and cfg.data != "arithmetic":
+        need(False, "refsol_style", f"{cfg.refsol_style} needs problems with exact steps: --data arithmetic")
     if cfg.feedback in ("stepalign", "all") and cfg.critic == "exact" and cfg.data != "arithmetic":
         bad.append("--critic exact only knows arithmetic problems: use --critic server or --critic local")
     if cfg.vllm_kv_cache_gib < 0:

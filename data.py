@@ -12,8 +12,9 @@
   manifest (`write_manifest`), split into train and test, read back by `load_manifest`.
 - `arithmetic_problems(n, seed, ...)` makes left-to-right chained integer problems
   ("Start with 17. Add 25, then multiply the result by 3. What is the final number?") with exact steps
-  ("17 + 25 = 42", "42 * 3 = 126") and a reference solution worded differently (prose, the × sign, and the
-  whole computation as one nested expression), so that RefSol is a real alternative derivation.
+  ("17 + 25 = 42", "42 * 3 = 126") and a reference solution in a wording of its own (a sentence per operation,
+  the boxed answer on its own line): a correct solution that is not the student's steps or format, as the
+  paper's RefSol. `prose_solution` keeps the first study's foreign reference as a stress case.
 - `STEP_FORMAT` and `split_steps`: numbered "Step i:" lines, then the final answer as \\boxed{...}.
 
 Departures from the paper:
@@ -108,6 +109,8 @@ def split_steps(text: str) -> list[str]:
 _OP_SYMBOL = {"+": "+", "-": "-", "*": "*"}
 _OP_WORDS = {"+": "add {b}", "-": "subtract {b}", "*": "multiply the result by {b}"}
 _OP_PROSE = {"+": "adding {b} gives {r}", "-": "taking away {b} leaves {r}", "*": "{b} times that is {r}"}
+_OP_SENTENCE = {"+": "Adding {b} gives {a} + {b} = {r}.", "-": "Subtracting {b} leaves {a} - {b} = {r}.",
+                "*": "Multiplying that by {b} gives {a} × {b} = {r}."}
 
 
 def apply_op(a: int, op: str, b: int) -> int:
@@ -222,7 +225,33 @@ def _draw_chain(rng: random.Random, n_ops: int, max_operand: int, ops: str):
 
 
 def _arithmetic_reference(start: int, chain: list[tuple[int, str, int, int]]) -> str:
-    """A strong model's derivation in another style: the whole computation as one expression first, then prose."""
+    """The RefSol context: a correct, natural solution in a wording of its own, as a strong model writes one: a
+    sentence per operation with its equation (no "Step i:" markers, not the student's steps), then the answer,
+    the boxed answer on its own line as the task asks of every solution."""
+    lines = [f"We start with {start}."]
+    lines += [_OP_SENTENCE[op].format(a=a, b=b, r=r) for a, op, b, r in chain]
+    final = chain[-1][3]
+    return "\n".join(lines + [f"So the final number is {final}.", f"\\boxed{{{final}}}"])
+
+
+def chain_of(problem: Problem) -> tuple[int, list[tuple[int, str, int, int]]]:
+    """(start, [(a, op, b, r), ...]) read back from an arithmetic problem's exact steps ("17 + 25 = 42")."""
+    if not problem.steps:
+        raise ValueError(f"problem {problem.id}: no exact steps (data.arithmetic_problems)")
+    chain = []
+    for step in problem.steps:
+        lhs, r = step.split(" = ")
+        a, op, b = lhs.split(" ")
+        chain.append((int(a), op, int(b), int(r)))
+    return chain[0][0], chain
+
+
+def prose_solution(problem: Problem) -> str:
+    """--refsol-style prose, a stress case kept from the first study (seeds 101-103): a correct solution as one line
+    of prose with Unicode operators and the whole computation as one nested expression, its boxed answer inside the
+    last sentence. Its teacher could not teach (teacher gap +0 on seed 101): it tests a context foreign to the
+    student's format, not the paper's RefSol."""
+    start, chain = chain_of(problem)
     expr = str(start)
     for _, op, b, _ in chain:
         expr = f"({expr} {'×' if op == '*' else '−' if op == '-' else '+'} {b})"

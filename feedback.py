@@ -81,6 +81,12 @@ def refsol_steps_context(it: Item, critique: critic.Critique | None) -> str:
     return data.step_solution(it.problem)
 
 
+def refsol_prose_context(it: Item, critique: critic.Critique | None) -> str:
+    """A stress case (--refsol-style prose): the first study's reference, one line of prose foreign to the student's
+    format, whose teacher could not teach (data.prose_solution; arithmetic data only)."""
+    return data.prose_solution(it.problem)
+
+
 def verdict_context(it: Item, critique: critic.Critique | None) -> str:
     """Verdict: the verifier's verdict on this rollout's own final answer, nothing more."""
     return prompts.verdict_text(it.completion.text, correct=it.reward > 0)
@@ -91,6 +97,7 @@ FORMS: dict[str, Form] = {
     "stepalign": Form("stepalign", "StepAlignFB", True, stepalign_context),
     "refsol": Form("refsol", "RefSol", False, refsol_context),
     "refsol_steps": Form("refsol", "RefSol, step format", False, refsol_steps_context, refsol_style="steps"),
+    "refsol_prose": Form("refsol", "RefSol, prose (stress case)", False, refsol_prose_context, refsol_style="prose"),
     "verdict": Form("verdict", "Verdict", False, verdict_context),
     "grpo": Form("grpo", "GRPO", False, None),
 }

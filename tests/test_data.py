@@ -1,6 +1,7 @@
 """Tests of data.py: step splitting, arithmetic tasks, OpenMathReasoning loading, the filter's selection and
 manifest."""
 import json
+import re
 import subprocess
 import sys
 import types
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data import (DataError, Problem, arithmetic_problems, apply_op, load_manifest,
-                  load_openmathreasoning, load_openmathreasoning_hub, split_steps,
+from data import (DataError, Problem, apply_op, arithmetic_problems, chain_of, load_manifest,
+                  load_openmathreasoning, load_openmathreasoning_hub, prose_solution, split_steps, step_solution,
                   step_spans, strip_think, write_manifest)
 from scripts.filter_problems import select_hard, split_train_test
 
@@ -83,11 +84,30 @@ def test_arithmetic_steps_are_an_exact_left_to_right_chain(n_ops, max_operand, o
         assert p.problem.endswith("What is the final number?")
 
 
-def test_arithmetic_reference_solution_is_another_derivation():
-    for p in arithmetic_problems(10, seed=0, n_ops=3):
+def test_arithmetic_reference_solution_is_a_correct_solution_in_its_own_wording():
+    """RefSol's context (issue 31): every equation in it is true and is the problem's chain, in order; the boxed
+    answer closes it on its own line, as the task asks of every solution; no "Step i:" marker and none of the lines
+    of the solution in the student's format (step_solution, the format control's context): the equations are the
+    problem's, the wording is its own."""
+    for p in arithmetic_problems(50, seed=0, n_ops=3):
         ref = p.reference_solution
-        assert ref.endswith(f"\\boxed{{{p.answer}}}.")
-        assert "Step" not in ref and not any(step in ref for step in p.steps)  # different wording and notation
+        lines = ref.splitlines()
+        assert lines[-1] == f"\\boxed{{{p.answer}}}" and p.answer in lines[-2]
+        assert not re.search(r"(?im)^\s*step\s+\d", ref)
+        assert not any(line in ref for line in step_solution(p).splitlines()[:-1])
+        equations = re.findall(r"(\d+) ([-+×]) (\d+) = (\d+)", ref)
+        start, chain = chain_of(p)
+        assert [(int(a), {"×": "*"}.get(op, op), int(b), int(r)) for a, op, b, r in equations] == chain
+        assert all(apply_op(a, op, b) == r for a, op, b, r in chain) and chain[-1][3] == int(p.answer)
+
+
+def test_prose_style_is_the_first_studys_reference_byte_for_byte():
+    """--refsol-style prose reproduces the reference of the first study (seeds 101-103, commit ac0a73d): one line of
+    prose, Unicode operators, the boxed answer in its last sentence (the string below is that code's output)."""
+    [p] = [q for q in arithmetic_problems(2, seed=101, n_ops=2, max_operand=9) if q.id == "arith-s101-0"]
+    assert prose_solution(p) == ("The operations apply in the order given, so the quantity is (4 × 2) − 1. Working "
+                                 "from the inside out, from 4: 2 times that is 8; taking away 1 leaves 7. Hence the "
+                                 "final number is \\boxed{7}.")
 
 
 def test_arithmetic_problem_text_is_unambiguous():
