@@ -6,8 +6,8 @@
   `load_openmathreasoning_hub(split)` streams it through the `datasets` library when that is installed.
   Both keep `problem_type == "has_answer_extracted"` rows, deduplicate by problem text (`problem_key`; the
   first row of a problem wins; a later row only fills a missing reference solution), and take the reference
-  solution from `generated_solution` with its `<think>` trace removed. Bad rows raise `DataError` naming the file, row
-  and field, unless `skip_bad=True`, in which case they are counted in `LoadStats.skipped_bad`.
+  solution from `generated_solution` with its `<think>` trace removed. Bad rows raise `DataError` naming the
+  file, row and field, unless `skip_bad=True`, in which case they are counted in `LoadStats.skipped_bad`.
 - The paper's difficulty filter (`python -m scripts.filter_problems`) writes the problems it keeps to a JSONL
   manifest (`write_manifest`), split into train and test, read back by `load_manifest`.
 - `problem_key(text)`: a problem's identity wherever problems are compared (deduplication, contamination checks),
