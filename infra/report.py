@@ -93,7 +93,8 @@ def _number(row: dict, name: str, where: str, lo: float, hi: float = math.inf, k
     return kind(v)
 
 
-def _read_eval_jsonl(path: Path, on_torn: Callable[[str], None] = _warn) -> list[EvalRecord]:
+def read_evals(path: Path, on_torn: Callable[[str], None] = _warn) -> list[EvalRecord]:
+    """The evaluations of one eval.jsonl, by step, each line checked (ReportError naming file, line and field)."""
     records: dict[int, tuple[int, EvalRecord]] = {}
     for lineno, row in read_jsonl(path, on_torn):
         where = f"{path}:{lineno}"
@@ -125,7 +126,7 @@ def load_evals(paths: Sequence[str | Path], on_torn: Callable[[str], None] = _wa
                                   if path.is_dir() else f"{path}: not a run directory" if path.exists()
                                   else f"{path}: no such run directory")
         for f in files:
-            recs = _read_eval_jsonl(f, on_torn)
+            recs = read_evals(f, on_torn)
             if not recs:
                 raise ReportError(f"{f}: no evaluation logged")
             if len({(r.feedback, r.k) for r in recs}) != 1:
