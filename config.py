@@ -353,13 +353,14 @@ def check_inputs(cfg: Config, world: int = 1) -> None:
 def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
     """(training problems, held-out problems); ConfigError or data.DataError for data a run cannot use."""
     if cfg.data == "arithmetic":
-        # train and test come from different seeds, so they share no problem by construction of the stream
+        # train and test come from different seeds; a held-out problem also drawn for training (few operands) is
+        # dropped, compared by data.problem_key as every contamination check is
         kw = dict(n_ops=cfg.arith_ops, max_operand=cfg.arith_max_operand, ops=cfg.arith_operators,
                   worked_example=cfg.arith_example)
         train = data.arithmetic_problems(cfg.arith_train, seed=cfg.seed * 2 + 1, **kw)
         test = data.arithmetic_problems(cfg.arith_test, seed=cfg.seed * 2 + 2, **kw)
-        seen = {p.problem for p in train}
-        test = [p for p in test if p.problem not in seen]
+        seen = {data.problem_key(p.problem) for p in train}
+        test = [p for p in test if data.problem_key(p.problem) not in seen]
     else:
         train, test = data.load_manifest(cfg.data, "train"), data.load_manifest(cfg.data, "test")
         for split, problems in (("train", train), ("test", test)):

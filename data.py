@@ -4,12 +4,14 @@
   context), optional ground-truth steps (arithmetic tasks; the exact critic checks against them), source.
 - `load_openmathreasoning(paths)` reads local parquet or JSONL shards of nvidia/OpenMathReasoning;
   `load_openmathreasoning_hub(split)` streams it through the `datasets` library when that is installed.
-  Both keep `problem_type == "has_answer_extracted"` rows, deduplicate by problem text (the first row of a
-  problem wins; a later row only fills a missing reference solution), and take the reference solution from
-  `generated_solution` with its `<think>` trace removed. Bad rows raise `DataError` naming the file, row
-  and field, unless `skip_bad=True`, in which case they are counted in `LoadStats.skipped_bad`.
+  Both keep `problem_type == "has_answer_extracted"` rows, deduplicate by problem text (`problem_key`; the
+  first row of a problem wins; a later row only fills a missing reference solution), and take the reference
+  solution from `generated_solution` with its `<think>` trace removed. Bad rows raise `DataError` naming the
+  file, row and field, unless `skip_bad=True`, in which case they are counted in `LoadStats.skipped_bad`.
 - The paper's difficulty filter (`python -m scripts.filter_problems`) writes the problems it keeps to a JSONL
   manifest (`write_manifest`), split into train and test, read back by `load_manifest`.
+- `problem_key(text)`: a problem's identity wherever problems are compared (deduplication, contamination checks),
+  so that a copy that differs only in bytes that do not show (a zero-width space, NBSP, CRLF) is the same problem.
 - `arithmetic_problems(n, seed, ...)` makes left-to-right chained integer problems
   ("Start with 17. Add 25, then multiply the result by 3. What is the final number?") with exact steps
   ("17 + 25 = 42", "42 * 3 = 126") and a reference solution in a wording of its own (a sentence per operation,
@@ -28,6 +30,7 @@ import hashlib
 import json
 import random
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,7 +273,7 @@ class LoadStats:
     kept: int = 0  # problems returned
     skipped_bad: int = 0  # bad rows skipped (only with skip_bad=True)
     not_extracted: int = 0  # rows whose problem_type is not "has_answer_extracted"
-    duplicates: int = 0  # rows whose problem text was already seen
+    duplicates: int = 0  # rows whose problem text (problem_key) was already seen
     answer_conflicts: int = 0  # duplicates whose expected_answer differs from the first row's
 
     def summary(self) -> str:
@@ -296,6 +299,15 @@ def strip_think(text: str, opened: bool = False) -> str:
     if "<think>" in text:
         text = text[:text.find("<think>")]
     return text.strip()
+
+
+def problem_key(text: str) -> str:
+    """A problem's identity, wherever problems are deduplicated or checked for contamination: format characters
+    (category Cf: U+200B, U+2060, U+FEFF, soft hyphen, bidi marks) removed, then NFKC (fullwidth digits, NBSP;
+    superscripts too: "x²" and "x2" are one key), then whitespace runs as one space, none at the ends. Case is
+    kept: it carries meaning in mathematics (a set A and its element a). Linear in the text; idempotent."""
+    visible = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return " ".join(unicodedata.normalize("NFKC", visible).split())
 
 
 def problem_id(problem_text: str) -> str:
@@ -398,7 +410,7 @@ def problems_from_rows(rows: Iterable[tuple[str, int, dict]], skip_bad: bool = F
     Stops once `limit` problems are kept. Every row that is read is accounted for in `stats`.
     """
     stats = stats if stats is not None else LoadStats()
-    by_text: dict[str, Problem] = {}
+    by_text: dict[str, Problem] = {}  # problem_key(text) -> its first row's problem
     for source, rowno, row in rows:
         if limit is not None and len(by_text) >= limit:
             break
@@ -415,15 +427,16 @@ def problems_from_rows(rows: Iterable[tuple[str, int, dict]], skip_bad: bool = F
             continue
         text, answer = row["problem"].strip(), row["expected_answer"].strip()
         reference = strip_think(row["generated_solution"] or "") or None
-        seen = by_text.get(text)
+        key = problem_key(text)
+        seen = by_text.get(key)
         if seen is not None:
             stats.duplicates += 1
             stats.answer_conflicts += seen.answer != answer
             if seen.reference_solution is None and reference is not None and seen.answer == answer:
-                by_text[text] = Problem(seen.id, seen.problem, seen.answer, reference, None, seen.source)
+                by_text[key] = Problem(seen.id, seen.problem, seen.answer, reference, None, seen.source)
             continue
         origin = row.get("problem_source") or ""
-        by_text[text] = Problem(id=problem_id(text), problem=text, answer=answer, reference_solution=reference,
+        by_text[key] = Problem(id=problem_id(text), problem=text, answer=answer, reference_solution=reference,
                                 source=f"OpenMathReasoning:{origin}" if origin else "OpenMathReasoning")
     stats.kept = len(by_text)
     return list(by_text.values())
@@ -486,8 +499,9 @@ def load_manifest(path: str | Path, split: str | None = None) -> list[Problem]:
     """Problems of a manifest written by `python -m scripts.filter_problems` (optionally one split: 'train' or 'test').
     A row whose split is neither is an error naming the row: it would otherwise drop out of both splits. So is an
     id on two rows (every row is read, whatever `split`): twice in one split it would be trained or graded twice;
-    in both splits a held-out problem would be trained on; the same problem text in both splits likewise."""
-    problems, first, texts = [], {}, {}  # id -> (row, split); problem text -> (row, id, split), of its first row
+    in both splits a held-out problem would be trained on; the same problem text (`problem_key`) in both splits
+    likewise."""
+    problems, first, texts = [], {}, {}  # id -> (row, split); problem_key -> (row, id, split), of its first row
     for rowno, row in iter_rows(path):
         for field in ("id", "problem", "answer", "split"):
             if not isinstance(row.get(field), str) or not row[field]:
@@ -500,7 +514,7 @@ def load_manifest(path: str | Path, split: str | None = None) -> list[Problem]:
                      f"twice in {split0} (rows {rowno0} and {rowno})")
             raise DataError(f"{path}: id {row['id']!r} is {where}; each problem must be on one row")
         first[row["id"]] = (rowno, row["split"])
-        text = " ".join(row["problem"].split())  # the same problem under two ids, one in each split
+        text = problem_key(row["problem"])  # the same problem under two ids, one in each split
         if text in texts and texts[text][2] != row["split"]:
             rowno0, id0, split0 = texts[text]
             raise DataError(f"{path}: rows {rowno0} (id {id0!r}, {split0}) and {rowno} (id {row['id']!r}, "

@@ -18,7 +18,6 @@ Departures from the paper (which does not specify these details):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -31,7 +30,7 @@ import torch.distributed as dist
 import grading
 import prompts
 import rollout
-from config import run_name
+from config import OneLineParser, run_name
 from infra import report
 from infra.dist import Dist
 from infra.signals import StopFlag, Stopped
@@ -180,17 +179,27 @@ def log_eval(cfg, log, result: dict | None) -> None:
 
 # ---------------------------------------------------------------------------------------------- command line
 def main(argv: Sequence[str] | None = None) -> str:
+    """`python evaluate.py RUN_DIR ... [--out DIR]`: a bad run directory or eval.jsonl line is one `error:` line
+    naming it, exit 2; a last line cut by a kill is skipped with a warning line (infra.report.read_jsonl)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    ap = argparse.ArgumentParser(description="The paper-style results table from the evaluations a run logged.")
+    ap = OneLineParser(prog="evaluate.py", description="The paper-style results table from the evaluations a run "
+                                                       "logged.")
     ap.add_argument("runs", nargs="+", help="run directories (each with eval.jsonl) or parents of run directories")
     ap.add_argument("--out", default=None, help="where to write results.md and the PNGs (default: the first path)")
     args = ap.parse_args(argv)
-    records = report.load_evals(args.runs)
     out = Path(args.out or args.runs[0])
-    table = report.results_table(records) + "\n" + report.steps_table(records)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table)
-    pngs = report.plot_metrics(records, out)
+    try:
+        records = report.load_evals(args.runs, on_torn=lambda line: print(f"evaluate.py: warning: {line}",
+                                                                          file=sys.stderr, flush=True))
+        if out.exists() and not out.is_dir():
+            raise report.ReportError(f"--out {out}: is a file; it must be a directory")
+        table = report.results_table(records) + "\n" + report.steps_table(records)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(table)
+        pngs = report.plot_metrics(records, out)
+    except (report.ReportError, OSError) as e:  # OSError: --out cannot be made or written
+        print(f"evaluate.py: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     print(table)
     print(f"wrote {out / 'results.md'} and " + ", ".join(str(p) for p in pngs))
     return table

@@ -29,7 +29,7 @@ Steps 1-4 and the feedback forms: feedback.py; the evaluation: evaluate.py; diag
 infra/diagnostics.py. Options and presets: config.py; the policy (model, LoRA, AdamW, the engine's adapter): policy.py;
 processes, checkpoints, logs, signals and stop rules: infra/.
 Before anything loads, the options, the data and the critic server are checked (`preflight`). Exit codes: EXIT_*
-in infra/stop_rules.py, 143 SIGTERM and 130 SIGINT (infra.signals.StopFlag); what each leaves on disk: docs/gpu.md.
+in infra/stop_rules.py, 143 SIGTERM, 130 SIGINT, 129 SIGHUP (infra.signals); what each leaves on disk: docs/gpu.md.
 
 Departures from the paper:
 1. Gradients are clipped to norm `max_grad_norm` (1.0); the paper does not state a value.

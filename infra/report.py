@@ -6,6 +6,8 @@ with the metrics as fractions in [0, 1] (the table prints percentages). `load_ev
 run, or a parent whose subdirectories are runs); `results_table` gives, for each feedback form, the best value
 of each metric and the step where it was reached; `steps_table` Avg@k at every evaluated step; `plot_metrics`
 one PNG per metric over steps with one line per feedback form. Command: `python evaluate.py RUN_DIR ...`.
+What a run did not write itself is checked, never trusted: a bad line is a ReportError naming file and line (a
+last line cut mid-write by a kill is skipped with a warning), and a name or form in a table is escaped (`md_cell`).
 
 Departures from the paper (which does not specify these details):
 1. Best value per metric over every evaluated step, step 0 (the base policy) included, ties going to the
@@ -15,10 +17,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from feedback import FORMS
 
@@ -29,6 +34,10 @@ DISPLAY = {name: form.display for name, form in FORMS.items()} | {
     f"pbsd-{name}": f"PBSD ({form.display})" for name, form in FORMS.items() if form.context is not None}
 
 
+class ReportError(ValueError):
+    """An eval file, log or run directory that cannot be read: one line naming the file and line."""
+
+
 @dataclass
 class EvalRecord:
     run: str  # the run directory
@@ -36,37 +45,75 @@ class EvalRecord:
     feedback: str
     k: int
     values: dict[str, float]  # "pass@k", "maj@k", "avg@k" as fractions, "length" in tokens
+    answered: float | None = None  # the share of samples with a \boxed{} answer (None: not logged)
 
 
-def _read_eval_jsonl(path: Path) -> list[EvalRecord]:
-    records: dict[int, tuple[int, EvalRecord]] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def read_jsonl(path: Path, on_torn: Callable[[str], None] = _warn) -> list[tuple[int, dict]]:
+    """(line number, object) of each line of a JSONL log a run appended to. A last line without its newline is a
+    write cut by a kill (a killed run's normal state; infra.checkpoint.truncate_log drops it on --resume): it is
+    skipped and reported through `on_torn`. Any other line that is not a JSON object is a ReportError naming the
+    file and line. Linear in the file's size."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ReportError(f"{path}: cannot be read ({e.strerror or e})") from None
+    lines = raw.split(b"\n")
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if lineno == len(lines):  # after the last newline: empty, or a line cut mid-write
+            if line.strip():
+                on_torn(f"{path}:{lineno}: the last line was cut mid-write (a killed run): skipped")
+            break
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e})") from e
-        for name, kind in (("step", int), ("feedback", str), ("k", int)):
-            if not isinstance(row.get(name), kind) or isinstance(row.get(name), bool):
-                raise ValueError(f"{where}: field {name!r} must be {kind.__name__}, got {row.get(name)!r}")
-        values = {}
-        for name in (*METRICS, "length"):
-            v = row.get(name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise ValueError(f"{where}: field {name!r} must be a finite number, got {v!r}")
-            if name in METRICS and not 0.0 <= v <= 1.0:
-                raise ValueError(f"{where}: field {name!r} must be a fraction in [0, 1], got {v!r}")
-            values[name] = float(v)
-        if row["step"] in records:
-            raise ValueError(f"{where}: step {row['step']} already logged at line {records[row['step']][0]}")
-        records[row["step"]] = (lineno, EvalRecord(str(path.parent), row["step"], row["feedback"], row["k"], values))
+            row = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ReportError(f"{path}:{lineno}: not a JSON line ({type(e).__name__}: {str(e)[:120]})") from None
+        if not isinstance(row, dict):
+            raise ReportError(f"{path}:{lineno}: a JSON {type(row).__name__}, not an object")
+        rows.append((lineno, row))
+    return rows
+
+
+def _number(row: dict, name: str, where: str, lo: float, hi: float = math.inf, kind: type = float,
+            optional: bool = False):
+    v = row.get(name)
+    if v is None and optional:
+        return None
+    ok = isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool)
+    if not ok or not lo <= v <= hi:  # (NaN fails the comparison)
+        span = f">= {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g}]"
+        what = "an integer" if kind is int else "a finite number"
+        raise ReportError(f"{where}: field {name!r} must be {what} {span}, got {v!r:.60}")
+    return kind(v)
+
+
+def read_evals(path: Path, on_torn: Callable[[str], None] = _warn) -> list[EvalRecord]:
+    """The evaluations of one eval.jsonl, by step, each line checked (ReportError naming file, line and field)."""
+    records: dict[int, tuple[int, EvalRecord]] = {}
+    for lineno, row in read_jsonl(path, on_torn):
+        where = f"{path}:{lineno}"
+        step, k = _number(row, "step", where, 0, kind=int), _number(row, "k", where, 1, kind=int)
+        if not isinstance(row.get("feedback"), str) or not row["feedback"]:
+            raise ReportError(f"{where}: field 'feedback' must be a non-empty string, "
+                              f"got {row.get('feedback')!r:.60}")
+        values = {name: _number(row, name, where, 0.0, 1.0) for name in METRICS}
+        values["length"] = _number(row, "length", where, 0.0)
+        answered = _number(row, "answered", where, 0.0, 1.0, optional=True)
+        if step in records:
+            raise ReportError(f"{where}: step {step} already logged at line {records[step][0]}")
+        records[step] = (lineno, EvalRecord(str(path.parent), step, row["feedback"], k, values, answered))
     return [r for _, r in sorted(records.values(), key=lambda x: x[1].step)]
 
 
-def load_evals(paths: Sequence[str | Path]) -> list[EvalRecord]:
-    """Records of every run: a path is a run (it holds eval.jsonl) or a parent whose subdirectories are runs."""
+def load_evals(paths: Sequence[str | Path], on_torn: Callable[[str], None] = _warn) -> list[EvalRecord]:
+    """Records of every run: a path is a run (it holds eval.jsonl) or a parent whose subdirectories are runs.
+    ReportError for a path that is neither, or a file that holds no evaluation or a bad line (`read_jsonl`)."""
     records = []
     for path in map(Path, paths):
         if (path / "eval.jsonl").is_file():
@@ -75,16 +122,32 @@ def load_evals(paths: Sequence[str | Path]) -> list[EvalRecord]:
             files = sorted(p / "eval.jsonl" for p in path.iterdir() if (p / "eval.jsonl").is_file()) \
                 if path.is_dir() else []
             if not files:
-                raise FileNotFoundError(f"{path}: no eval.jsonl in it nor in any of its subdirectories")
+                raise ReportError(f"{path}: no eval.jsonl in it nor in any of its subdirectories"
+                                  if path.is_dir() else f"{path}: not a run directory" if path.exists()
+                                  else f"{path}: no such run directory")
         for f in files:
-            recs = _read_eval_jsonl(f)
+            recs = read_evals(f, on_torn)
             if not recs:
-                raise ValueError(f"{f}: no evaluation logged")
+                raise ReportError(f"{f}: no evaluation logged")
             if len({(r.feedback, r.k) for r in recs}) != 1:
-                raise ValueError(f"{f}: one run must log one feedback form and one k, got "
-                                 f"{sorted({(r.feedback, r.k) for r in recs})}")
+                raise ReportError(f"{f}: one run must log one feedback form and one k, got "
+                                  f"{sorted({(r.feedback, r.k) for r in recs})}"[:300])
             records += recs
     return records
+
+
+# characters that change a Markdown table cell's meaning: backslash escapes, | ends the cell, the rest are inline
+# markup (code, HTML, emphasis, links, strikethrough, entities); GFM lets a backslash escape each of them
+_MARKDOWN_SPECIAL = re.compile(r"([\\|`<>*_\[\]~&])")
+
+
+def md_cell(text: str) -> str:
+    """Text we did not write (a run's name, a form logged in a file) as one Markdown table cell that shows it as it
+    is: the characters of _MARKDOWN_SPECIAL backslash-escaped, and line breaks and other control characters (which
+    would end the row) written as escapes, e.g. "\\n"."""
+    text = _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+    return "".join(ch.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in text)
 
 
 def _labels(records: Sequence[EvalRecord]) -> dict[str, str]:
@@ -128,10 +191,11 @@ def results_table(records: Sequence[EvalRecord]) -> str:
     lines = [f"| Feedback | Pass@{kk} | Maj@{kk} | Avg@{kk} | Length |", "|---|---|---|---|---|"]
     for label, row in best_by_metric(records).items():
         cells = [f"{100 * v:.2f} ({s})" for v, s in (row[m] for m in METRICS)]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['length'][0]:.0f} ({row['length'][1]}) |")
+        length, at = row["length"]
+        lines.append(f"| {md_cell(label)} | " + " | ".join(cells) + f" | {length:.0f} ({at}) |")
     if len(ks) > 1:
         lines.append("")
-        lines.append("k per run: " + ", ".join(f"{label}: {next(r.k for r in records if r.run == run)}"
+        lines.append("k per run: " + ", ".join(f"{md_cell(label)}: {next(r.k for r in records if r.run == run)}"
                                                for run, label in _labels(records).items()))
     return "\n".join(lines) + "\n"
 
@@ -146,8 +210,15 @@ def steps_table(records: Sequence[EvalRecord], metric: str = "avg@k") -> str:
              "|---|" + "---|" * len(steps)]
     for run, label in labels.items():
         at = {r.step: r.values[metric] for r in records if r.run == run}
-        lines.append(f"| {label} | " + " | ".join(f"{100 * at[s]:.2f}" if s in at else "–" for s in steps) + " |")
+        lines.append(f"| {md_cell(label)} | " + " | ".join(f"{100 * at[s]:.2f}" if s in at else "–" for s in steps)
+                     + " |")
     return "\n".join(lines) + "\n"
+
+
+def _plot_label(label: str) -> str:
+    """A label shown as it is in a legend: "$" starts no mathtext, and a leading "_" (which hides it) gets a space."""
+    label = label.replace("$", r"\$")
+    return " " + label if label.startswith("_") else label
 
 
 def plot_metrics(records: Sequence[EvalRecord], out_dir: str | Path) -> list[Path]:
@@ -165,7 +236,8 @@ def plot_metrics(records: Sequence[EvalRecord], out_dir: str | Path) -> list[Pat
         for run, label in labels.items():
             recs = sorted((r for r in records if r.run == run), key=lambda r: r.step)
             scale = 1.0 if m == "length" else 100.0
-            ax.plot([r.step for r in recs], [scale * r.values[m] for r in recs], marker="o", label=label)
+            ax.plot([r.step for r in recs], [scale * r.values[m] for r in recs], marker="o",
+                    label=_plot_label(label))
         ax.set_xlabel("step")
         ax.set_ylabel("mean answer length (tokens)" if m == "length" else f"{m.capitalize()} (%)")
         ax.grid(alpha=0.3)

@@ -1,5 +1,6 @@
-"""SIGTERM and SIGINT during a run: a flag the engine and the critic poll, agreed by every rank at step boundaries,
-so a stopped run checkpoints its last complete step and exits 143 (SIGTERM) or 130 (SIGINT)."""
+"""SIGTERM, SIGINT and SIGHUP during a run: a flag the engine and the critic poll, agreed by every rank at step
+boundaries, so a stopped run checkpoints its last complete step and exits 128 + the signal's number: 143 (SIGTERM),
+130 (SIGINT), 129 (SIGHUP: the terminal or ssh session closed, which would otherwise end the run with no checkpoint)."""
 from __future__ import annotations
 
 import signal
@@ -18,13 +19,13 @@ class Stopped(Exception):
 
 
 class StopFlag:
-    """Set by SIGTERM or SIGINT (Ctrl-C) while the run is inside `with StopFlag()`; `check` (passed to the engine and
+    """Set by SIGTERM, SIGINT (Ctrl-C) or SIGHUP (a closed terminal) while the run is inside `with StopFlag()`; `check` (passed to the engine and
     the critic as their `interrupt`) raises Stopped once it is set, so in-flight generation and critic requests end
     within moments; `agreed` reads it at step boundaries (all-reduced, so all ranks stop together). Under torchrun
     the signal must reach every rank (torchrun forwards SIGTERM; Ctrl-C reaches the process group). `signum` is the
     first signal this process received. A second SIGINT raises KeyboardInterrupt at once (no checkpoint; the last
     one written stays intact)."""
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
         self.event, self.signum, self.interrupts = threading.Event(), None, 0
@@ -58,10 +59,10 @@ class StopFlag:
         return bool(all_reduce_sum(flag, d).item() > 0)
 
     def exit(self, out_dir: Path, step: int, d: Dist):
-        """Once the checkpoint of `step` is written: SIGTERM exits 143, SIGINT 130 (128 + the signal's number); a rank
-        stopped by another rank's signal: 143."""
+        """Once the checkpoint of `step` is written: exit 128 + the signal's number (SIGTERM 143, SIGINT 130,
+        SIGHUP 129), as a shell reports a process the signal ended; a rank stopped by another rank's signal: 143."""
         signum = self.signum or signal.SIGTERM
         if d.master:
             print(f"{signal.Signals(signum).name}: checkpoint written at step {step} in {out_dir}; continue with "
                   "--resume", flush=True)
-        raise SystemExit(130 if signum == signal.SIGINT else 143)
+        raise SystemExit(128 + signum)

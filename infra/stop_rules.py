@@ -15,7 +15,7 @@ import prompts
 from infra.dist import Dist, all_reduce_sum
 from infra.logs import warn
 
-# train.py's exit codes besides 0, 143 (SIGTERM) and 130 (SIGINT): docs/gpu.md says what each leaves on disk
+# train.py's exit codes besides 0 and 128 + a stop signal's number (infra.signals); docs/gpu.md: what each leaves on disk
 EXIT_BAD_INPUT, EXIT_CRITIC_DOWN, EXIT_NOTHING_LEARNED, EXIT_DIVERGED, EXIT_NO_ROOM = 2, 3, 4, 5, 6
 
 

@@ -29,6 +29,7 @@ import functools
 import html
 import json
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,10 +391,24 @@ def localization_table(scores: Mapping[str, Mapping], chance: Mapping[str, float
     lines = ["| context | rollouts | top-1 | neg-mass share | AUROC (rollouts) | pooled AUROC |",
              "|---|---|---|---|---|---|"]
     for name, s in scores.items():
-        lines.append(f"| {report.DISPLAY.get(name, name)} | {s['n_rollouts']} | {s['top1']:.3f} | "
+        lines.append(f"| {report.md_cell(report.DISPLAY.get(name, name))} | {s['n_rollouts']} | {s['top1']:.3f} | "
                      f"{s['neg_mass_share']:.3f} | {s['auroc']:.3f} ({s['n_auroc']}) | {s['auroc_pooled']:.3f} |")
     lines.append(f"| chance | | {chance['top1']:.3f} | {chance['neg_mass_share']:.3f} | 0.500 | 0.500 |")
     return "\n".join(lines) + "\n"
+
+
+COMMAND_OPTIONS = ("model", "seed", "temperature", "max_new_tokens", "arith_ops", "teacher_layout")  # train.py's
+
+
+def command_problems(cfg: config.Config, args) -> list[str]:
+    """One line per bad option of the command: its own, and train.py's that it takes (config.config_problems' lines
+    of those options)."""
+    bad = [f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1" for name in ("n_problems", "n_rollouts")
+           if getattr(args, name) < 1]
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        bad.append(f"--out {args.out}: is a file; it must be a directory")
+    flags = tuple(f"--{name.replace('_', '-')} " for name in COMMAND_OPTIONS)
+    return bad + [line for line in config.config_problems(cfg) if line.startswith(flags)]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -408,10 +423,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg, args = config.parse_command(
         None if argv is None else list(argv), prog="python -m scripts.mechanism", own=own, preset="demo",
         description="A_t of the demo model's erroneous rollouts under each feedback form.",
-        names=("model", "seed", "temperature", "max_new_tokens", "arith_ops", "teacher_layout"),
-        flags={"arith_ops": ["--n-ops"]})
+        names=COMMAND_OPTIONS, flags={"arith_ops": ["--n-ops"]})
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    bad = command_problems(cfg, args)
+    if not bad:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            bad.append(f"--out {args.out}: cannot be made ({e.strerror or e})")
+    if bad:  # before the model loads: one line each, no traceback
+        for line in bad:
+            print(f"python -m scripts.mechanism: error: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     model, tokenizer = rollout.load_model(cfg.model)
     # the seed draws the problems and seeds the sampling
     problems = data.arithmetic_problems(args.n_problems, seed=cfg.seed, n_ops=cfg.arith_ops,

@@ -19,16 +19,24 @@ and one cut short continues from its last checkpoint. Then it writes OUT/study.m
      more of their true equations verbatim, then corrects a later claim): on these, alignment can matter; and the
      same over all steps.
 
+Stopping it (SIGTERM, Ctrl-C, or SIGHUP when its terminal closes) passes the signal on to its train.py runs (each in
+a process group of its own, so that Ctrl-C reaches each once, through the study), waits for their checkpoints (at
+most STOP_WAIT_S, then kills the rest: their last checkpoints stay intact) and exits 128 + the signal's number; the
+same command continues them. Bad options are one `study.py: error:` line (exit 2); so are run files that cannot be
+read (a last log line cut by a kill is skipped with a warning). Nothing from outside enters study.md's cells.
+
 Pre-registration: SEEDS were fixed, with the demo preset, in a commit made before any run on them (git log --follow scripts/study.py).
 A seed whose held-out result has been seen is spent: report it as seen, never choose a setting on it.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,9 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
-from config import Config, load_problems, parse_config, total_steps
+from config import (Config, ConfigError, OneLineParser, config_problems, load_problems, parse_command, parse_config,
+                    total_steps)
+from data import DataError
 from feedback import FORMS, form_options
-from infra.checkpoint import checkpoint_dirs
+from infra.checkpoint import CheckpointError, checkpoint_dirs, load_json
+from infra.report import ReportError, read_evals, read_jsonl
 
 SEEDS = (101, 102, 103)  # pre-registered evaluation seeds: no run had used them when this line was committed
 LAYOUTS = ("repeat", "paper")  # the demo preset's teacher layout, then the paper's
@@ -47,6 +58,15 @@ ROWS = ("stepalign", "refsol", "refsol_steps", "grpo")  # forms of feedback.FORM
 RUNS = tuple((row, form_options(row)) for row in ROWS if row != "grpo")
 DISPLAY = {row: FORMS[row].display + (" (control)" if row == "refsol_steps" else "") for row in ROWS}
 TRAIN = Path(__file__).resolve().parent.parent / "train.py"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what train.py checkpoints on (infra.signals)
+STOP_WAIT_S = 300.0  # how long a stopped study waits for its runs' checkpoints before it kills them
+POLL_S = 0.5  # how often the study looks at its runs and at the signals it received
+# the options the study sets for each run itself (Config fields): given as further options, they would override it
+STUDY_SETS = ("preset", "seed", "out_dir", "base_eval", "resume", "feedback", "teacher_layout", "refsol_style")
+
+
+def _warn(message: str) -> None:
+    print(f"study.py: warning: {message}", file=sys.stderr, flush=True)
 
 
 def run_dirs(out: Path, seed: int) -> list[tuple[str, str, Path, list[str]]]:
@@ -61,11 +81,17 @@ def run_dirs(out: Path, seed: int) -> list[tuple[str, str, Path, list[str]]]:
 
 
 def last_eval_step(run_dir: Path) -> int:
-    """The last step whose evaluation the run logged (-1: none)."""
+    """The last step whose evaluation the run logged (-1: none); a last line cut by a kill does not count."""
     path = run_dir / "eval.jsonl"
     if not path.is_file():
         return -1
-    return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()), default=-1)
+    return max((r.step for r in read_evals(path, _warn)), default=-1)
+
+
+def run_argv(out: Path, seed: int, run_dir: Path, options: list[str]) -> list[str]:
+    """The train.py options the study gives one run (before the further options of its command line)."""
+    return ["--preset", "demo", "--seed", str(seed), "--out-dir", str(run_dir), "--no-progress",
+            "--base-eval", str(out / f"seed{seed}" / "base_eval.json"), *options]
 
 
 def train_commands(out: Path, seed: int, extra: list[str]) -> list[tuple[str, list[str]]]:
@@ -73,12 +99,10 @@ def train_commands(out: Path, seed: int, extra: list[str]) -> list[tuple[str, li
     checkpoint continues from it (--resume); one cut short before its first checkpoint is removed, to start again."""
     commands = []
     for layout, row, run_dir, options in run_dirs(out, seed):
-        argv = ["--preset", "demo", "--seed", str(seed), "--out-dir", str(run_dir), "--no-progress",
-                "--base-eval", str(out / f"seed{seed}" / "base_eval.json"), *options, *extra]
+        argv = [*run_argv(out, seed, run_dir, options), *extra]
         if checkpoint_dirs(run_dir):
             argv.append("--resume")
-            cfg = parse_config(argv)
-            if last_eval_step(run_dir) == total_steps(cfg, len(load_problems(cfg)[0])):
+            if last_eval_step(run_dir) == run_steps(parse_config(argv)):
                 print(f"[seed {seed}] {layout}/{row}: done already", flush=True)
                 continue
         elif run_dir.exists():
@@ -91,31 +115,78 @@ def train_commands(out: Path, seed: int, extra: list[str]) -> list[tuple[str, li
 def run_all(out: Path, seeds: list[int], jobs: int, extra: list[str]) -> None:
     """Every unfinished run, as train.py processes with one torch thread (output appended to OUT/seedS.log): the runs
     of a seed one after the other, `jobs` seeds at once. A failed run ends the others (SIGTERM: each checkpoints
-    and exits); the same command continues them."""
+    and exits); the same command continues them. A stop signal to the study is passed on to its runs (`stop_runs`),
+    and no run outlives the study, whatever ends it."""
     todo = {seed: train_commands(out, seed, extra) for seed in seeds}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running: dict[int, tuple[subprocess.Popen, str, float]] = {}  # seed -> (its run's process, layout/row, start)
+    received: list[int] = []  # the stop signals the study received, in order (the handler only appends)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    while any(todo.values()) or running:
-        for seed in [s for s in seeds if todo[s] and s not in running][:jobs - len(running)]:
-            name, cmd = todo[seed].pop(0)
-            with (out / f"seed{seed}.log").open("a") as log:  # the process keeps its own copy of the descriptor
-                running[seed] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), name,
-                                 time.perf_counter())
-            print(f"[seed {seed}] {name}: started (log {out / f'seed{seed}.log'})", flush=True)
-        time.sleep(5)
-        for seed, (proc, name, start) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[seed]
-            if proc.returncode != 0:
-                for other, _, _ in running.values():
-                    other.terminate()
-                raise SystemExit(f"study.py: error: seed {seed}, {name} failed (exit {proc.returncode}); see "
-                                 f"{out / f'seed{seed}.log'}; run the same command again to continue")
-            print(f"[seed {seed}] {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        while (any(todo.values()) or running) and not received:
+            for seed in [s for s in seeds if todo[s] and s not in running][:jobs - len(running)]:
+                if received:  # a signal arrived while runs were starting: start no more
+                    break
+                name, cmd = todo[seed].pop(0)
+                with (out / f"seed{seed}.log").open("a") as log:  # the process keeps its own copy of the descriptor
+                    # a process group of its own: a terminal's Ctrl-C reaches the run once, passed on by the study
+                    running[seed] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                      process_group=0), name, time.perf_counter())
+                print(f"[seed {seed}] {name}: started (log {out / f'seed{seed}.log'})", flush=True)
+            time.sleep(POLL_S)
+            for seed, (proc, name, start) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[seed]
+                if proc.returncode != 0:
+                    stop_runs(running, [signal.SIGTERM], received)
+                    raise SystemExit(f"study.py: error: seed {seed}, {name} failed (exit {proc.returncode}); see "
+                                     f"{out / f'seed{seed}.log'}; run the same command again to continue")
+                print(f"[seed {seed}] {name}: {time.perf_counter() - start:.0f} s", flush=True)
+        if received:
+            name = signal.Signals(received[0]).name
+            print(f"study.py: {name}: stopping {len(running)} runs (each checkpoints its last completed step)",
+                  flush=True)
+            stop_runs(running, [], received)
+            print(f"study.py: {name}: stopped; run the same command again to continue", flush=True)
+            raise SystemExit(128 + received[0])
+    finally:  # an error of the study itself: its runs checkpoint and stop too
+        stop_runs(running, [signal.SIGTERM], received)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     print(f"all runs: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def stop_runs(running: dict[int, tuple[subprocess.Popen, str, float]], send: list[int], received: list[int],
+              wait_s: float | None = None) -> None:
+    """Send each signal of `send`, then each of `received` (the signals the study gets, appended by its handler, also
+    while this waits: a second Ctrl-C reaches the runs too and stops them at once), to every running run, and wait
+    for them to exit: at most `wait_s` (default STOP_WAIT_S), then SIGKILL (the last checkpoint written stays
+    intact; only the steps since are lost). Empties `running`."""
+    deadline = time.monotonic() + (STOP_WAIT_S if wait_s is None else wait_s)
+    sent = 0
+    pending = list(send)
+    while running:
+        pending, sent = pending + received[sent:], len(received)
+        for signum in pending:
+            for proc, _, _ in running.values():
+                proc.send_signal(signum)  # (a no-op for a process already waited for)
+        pending = []
+        for seed, (proc, name, _) in list(running.items()):
+            if proc.poll() is not None:
+                print(f"[seed {seed}] {name}: stopped (exit {proc.returncode})", flush=True)
+                del running[seed]
+        if running and time.monotonic() > deadline:
+            for seed, (proc, name, _) in list(running.items()):
+                proc.kill()
+                proc.wait()
+                print(f"[seed {seed}] {name}: no exit within {STOP_WAIT_S if wait_s is None else wait_s:.0f} s of "
+                      "the signal: killed (its last checkpoint stays)", flush=True)
+                del running[seed]
+        elif running:
+            time.sleep(0.1)
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -125,13 +196,39 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
-def _evals(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
+def run_steps(cfg: Config) -> int:
+    """The number of steps of a run of `cfg`; ReportError when the options cannot make a run."""
+    try:
+        return total_steps(cfg, len(load_problems(cfg)[0]))
+    except (ValueError, ArithmeticError) as e:  # ConfigError and DataError are ValueErrors; --prompts-per-step 0
+        raise ReportError(f"{cfg.out_dir}: its options make no run ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def _logs(run_dir: Path) -> list[dict]:
+def saved_config(path: Path) -> Config:
+    """The options a run saved with its checkpoint (config.json), each checked to be an option of this version with
+    the type of its field: CheckpointError or ReportError naming the file and the field."""
+    saved = load_json(path)
+    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    for name, value in saved.items():
+        if name not in types:
+            raise ReportError(f"{path}: {name!r:.60} is not an option of train.py")
+        if not isinstance(value, kinds[types[name]]) or isinstance(value, bool) != (types[name] == "bool"):
+            raise ReportError(f"{path}: field {name!r} must be {types[name]}, got {value!r:.60}")
+    return Config(**saved)
+
+
+def _log_counts(run_dir: Path) -> list[tuple[float, float]]:
+    """(wrong attempts, of which begin with correct work) per logged step; each a count >= 0 where present."""
     path = run_dir / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    counts = []
+    for lineno, row in read_jsonl(path, _warn) if path.is_file() else []:
+        pair = tuple(row.get(name, 0.0) for name in ("wrong_attempts", "wrong_correct_prefix"))
+        for name, v in zip(("wrong_attempts", "wrong_correct_prefix"), pair):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < math.inf:
+                raise ReportError(f"{path}:{lineno}: field {name!r} must be a count >= 0, got {v!r:.60}")
+        counts.append((float(pair[0]), float(pair[1])))
+    return counts
 
 
 def finished_steps(run_dir: Path) -> int | None:
@@ -139,8 +236,7 @@ def finished_steps(run_dir: Path) -> int | None:
     checkpoints = checkpoint_dirs(run_dir) if run_dir.is_dir() else []
     if not checkpoints:
         return None
-    cfg = Config(**json.loads((checkpoints[-1] / "config.json").read_text()))
-    steps = total_steps(cfg, len(load_problems(cfg)[0]))
+    steps = run_steps(saved_config(checkpoints[-1] / "config.json"))
     return steps if last_eval_step(run_dir) == steps else None
 
 
@@ -153,16 +249,15 @@ def collect(out: Path, seeds: list[int]) -> dict:
             if finished_steps(run_dir) is None:
                 result["unfinished"].append(f"seed{seed}/{layout}/{row}")
                 continue
-            evals, logs = _evals(run_dir), _logs(run_dir)
+            evals = read_evals(run_dir / "eval.jsonl", _warn)
             first, last = evals[0], evals[-1]
-            entry = {"step0": first["avg@k"], "last": last["avg@k"], "last_step": last["step"], "k": last["k"],
-                     "answered": last.get("answered"), "pass": last["pass@k"], "maj": last["maj@k"],
-                     "length": last["length"]}
+            entry = {"step0": first.values["avg@k"], "last": last.values["avg@k"], "last_step": last.step,
+                     "k": last.k, "answered": last.answered, "pass": last.values["pass@k"],
+                     "maj": last.values["maj@k"], "length": last.values["length"]}
             if row == "stepalign":
-                wrong = [r.get("wrong_attempts", 0.0) for r in logs]
-                ok = [r.get("wrong_correct_prefix", 0.0) for r in logs]
-                entry |= {"wrong_step1": wrong[0], "correct_prefix_step1": ok[0],
-                          "wrong_all": float(sum(wrong)), "correct_prefix_all": float(sum(ok))}
+                counts = _log_counts(run_dir) or [(0.0, 0.0)]
+                entry |= {"wrong_step1": counts[0][0], "correct_prefix_step1": counts[0][1],
+                          "wrong_all": sum(w for w, _ in counts), "correct_prefix_all": sum(c for _, c in counts)}
             result["runs"].setdefault(f"{layout}/{row}", {})[str(seed)] = entry
     return result
 
@@ -223,21 +318,58 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_options(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """One line per bad option: --jobs and --seeds in range, --out a directory, and the further options, which go to
+    every run, as train.py would take them (and none the study sets for each run itself)."""
+    bad = []
+    if args.jobs < 1:
+        bad.append(f"--jobs {args.jobs}: must be >= 1 (seeds run at once)")
+    if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        bad.append(f"--seeds {' '.join(map(str, args.seeds))}: must be distinct integers >= 0")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        bad.append(f"--out {args.out}: is a file; it must be a directory")
+    elif args.report and not Path(args.out).is_dir():
+        bad.append(f"--out {args.out}: no such directory, so no run to report")
+    if args.report:
+        return bad
+    # each run's command through train.py's parser (an unknown option: its one `study.py: error:` line), with and
+    # without the further options: those may not change what the study sets (abbreviations such as --see included)
+    out, overridden = Path(args.out), set()
+    for seed in args.seeds:
+        for _, _, run_dir, options in run_dirs(out, seed):
+            base = run_argv(out, seed, run_dir, options)
+            cfg, own = (parse_command(argv, prog="study.py")[0] for argv in ([*base, *extra], base))
+            overridden |= {name for name in STUDY_SETS if getattr(cfg, name) != getattr(own, name)}
+    if overridden:
+        bad.append(" ".join("--" + name.replace("_", "-") for name in STUDY_SETS if name in overridden)
+                   + ": the study sets this for each run itself (python -m scripts.study --help)")
+    return bad + config_problems(cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="study.py", description=__doc__.split("\n")[0],
-                                 epilog="Any further option goes to every run (python train.py --help).")
+    ap = OneLineParser(prog="study.py", description=__doc__.split("\n")[0], allow_abbrev=False,  # --seed is train.py's
+                       epilog="Any further option goes to every run (python train.py --help).")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="run seeds (default: the pre-registered)")
     ap.add_argument("--out", default="runs/study", help="output directory")
     ap.add_argument("--jobs", type=int, default=3, help="seeds run at once, one train.py process and torch thread each")
     ap.add_argument("--report", action="store_true", help="only write the report from the runs in --out")
     args, extra = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
-    if not args.report:
-        run_all(out, args.seeds, args.jobs, extra)
-    result = collect(out, args.seeds)
-    table = report(result)
-    (out / "study.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "study.md").write_text(table)
+    bad = check_options(args, extra)
+    try:
+        if bad:
+            raise ConfigError("\n".join(bad))
+        if not args.report:
+            run_all(out, args.seeds, args.jobs, extra)
+        result = collect(out, args.seeds)
+        table = report(result)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "study.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "study.md").write_text(table)
+    except (ConfigError, DataError, ReportError, CheckpointError, OSError) as e:  # one line each, no traceback
+        for line in str(e).splitlines():
+            print(f"study.py: error: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     print(table)
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from data import (DataError, Problem, apply_op, arithmetic_problems, chain_of, load_manifest,
-                  load_openmathreasoning, load_openmathreasoning_hub, prose_solution, split_steps, step_solution,
+                  load_openmathreasoning, load_openmathreasoning_hub, problem_key, prose_solution, split_steps,
+                  step_solution,
                   step_spans, strip_think, write_manifest)
 from scripts.filter_problems import select_hard, split_train_test
 
@@ -333,3 +334,63 @@ def test_manifest_duplicate_ids_and_train_test_overlap_are_refused_by_name(tmp_p
         with pytest.raises(DataError) as e:
             load_manifest(path, split)
         assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- problem identity
+# (a problem, the same problem in other bytes that do not change what it says): each pair has one problem_key
+SAME_PROBLEM = [
+    ("What is 12 + 30?", "What is 12\u200b + 30?"),  # zero-width space
+    ("What is 12 + 30?", "What\u00a0is 12 + 30?"),  # no-break space
+    ("What is 12 + 30?", "What is \uff11\uff12 + \uff13\uff10?"),  # fullwidth digits
+    ("What is 12 + 30?", "What is 12 + 30?  \t\n"),  # trailing whitespace
+    ("Start with 4.\nAdd 5.", "Start with 4.\r\nAdd 5."),  # CRLF
+    ("Start with 4. Add 5.", "Start  with 4.\n\n Add 5."),  # a run of whitespace
+    ("What is 12 + 30?", "\ufeffWhat is 12\u2060 + 30?\u00ad"),  # BOM, word joiner, soft hyphen
+    ("Find caf\u00e9's x.", "Find cafe\u200b\u0301's x."),  # a combining mark split from its letter by a ZWSP
+]
+
+
+@pytest.mark.parametrize("a, b", SAME_PROBLEM)
+def test_problem_key_is_the_same_for_bytes_that_do_not_show(a, b):
+    assert a != b and problem_key(a) == problem_key(b)
+    assert problem_key(problem_key(b)) == problem_key(b)  # idempotent
+
+
+def test_problem_key_keeps_what_changes_the_problem():
+    """Case is kept (a set A and its element a); other digits and words stay different problems."""
+    for a, b in [("Let A be a set.", "Let a be a set."), ("What is 12 + 30?", "What is 12 + 31?"),
+                 ("What is 12 + 30?", "What is 1 2 + 30?")]:
+        assert problem_key(a) != problem_key(b)
+
+
+@pytest.mark.parametrize("a, b", SAME_PROBLEM)
+def test_a_held_out_problem_equal_to_a_training_one_but_for_invisible_bytes_is_refused(tmp_path, a, b):
+    """The manifest's contamination check compares problem_key: before it, a zero-width space (or NBSP,
+    fullwidth digits, CRLF) let a training problem into the held-out split under another id."""
+    path = tmp_path / "m.jsonl"
+    rows = [("a", a, "train"), ("b", "2+2?", "test"), ("c", b, "test")]
+    path.write_text("".join(json.dumps({"id": i, "problem": q, "answer": "2", "split": s}) + "\n" for i, q, s in rows))
+    with pytest.raises(DataError, match=r"rows 1 \(id 'a', train\) and 3 \(id 'c', test\) hold the same problem"):
+        load_manifest(path, "test")
+
+
+def test_omr_rows_of_one_problem_in_other_bytes_are_deduplicated(tmp_path):
+    path = write_jsonl(tmp_path / "omr.jsonl", [omr_row(a) for a, _ in SAME_PROBLEM[:1]]
+                       + [omr_row(b) for _, b in SAME_PROBLEM[:4]])
+    problems, stats = load_openmathreasoning(path)
+    assert [p.problem for p in problems] == [SAME_PROBLEM[0][0]] and stats.duplicates == 4
+
+
+def test_arithmetic_held_out_problems_drawn_for_training_are_dropped_by_problem_key(monkeypatch):
+    """config.load_problems drops a held-out arithmetic problem also drawn for training, compared by problem_key:
+    held-out problems that differ from training ones only by a zero-width space all drop, so it refuses."""
+    import config
+
+    def draws(n, seed, **kw):  # the training seed is odd, the held-out seed even
+        return [Problem(f"arith-s{seed}-{i}", f"Start with {i}." + "\u200b" * (seed % 2 == 0), str(i),
+                        steps=(f"{i} + 0 = {i}",)) for i in range(n)]
+
+    monkeypatch.setattr(config.data, "arithmetic_problems", draws)
+    cfg = config.parse_config(["--preset", "demo", "--arith-train", "4", "--arith-test", "3"])
+    with pytest.raises(config.ConfigError, match="every held-out problem is also a training problem"):
+        config.load_problems(cfg)

@@ -1,6 +1,10 @@
 """Tests of evaluate.py: Pass/Maj/Avg@k against enumeration and hand counts, and its command line."""
 import itertools
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +88,55 @@ def test_evaluate_samples_by_hand(checker):
     assert full["k"] == 4 and full["maj@k"] == (0 + 1 + 0) / 3
     with pytest.raises(ValueError, match="same positive number"):
         evaluate_samples([("1", [box(1)]), ("2", [box(2), box(2)])], checker=checker)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+ROW = {"step": 0, "feedback": "grpo", "k": 4, "pass@k": 0.5, "maj@k": 0.5, "avg@k": 0.25, "length": 3.0}
+
+
+def _run_dir(tmp_path, text):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.jsonl").write_text(text)
+    return run
+
+
+def _refused(capsys, argv):
+    """main(argv) ends with exit 2 and one `evaluate.py: error:` line, nothing else on stderr."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("evaluate.py: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_killed_runs_cut_last_line_is_skipped_with_one_warning(tmp_path, capsys):
+    run = _run_dir(tmp_path, json.dumps(ROW) + "\n" + json.dumps({**ROW, "step": 2})[:25])
+    table = evaluate.main([str(run), "--out", str(tmp_path / "out")])
+    assert "| GRPO | 50.00 (0) |" in table
+    err = capsys.readouterr().err
+    assert err == f"evaluate.py: warning: {run / 'eval.jsonl'}:2: the last line was cut mid-write (a killed run): " \
+                  "skipped\n"
+
+
+def test_bad_inputs_and_options_are_one_error_line(tmp_path, capsys):
+    """Before, each was a traceback: a missing run directory, a line that is not JSON before the last, a line
+    that is not an object, a field of the wrong type; and an --out that is a file."""
+    assert "nowhere: no such run directory" in _refused(capsys, [str(tmp_path / "nowhere")])
+    run = _run_dir(tmp_path, '{"step": 0,\n' + json.dumps(ROW) + "\n")
+    assert f"{run / 'eval.jsonl'}:1: not a JSON line" in _refused(capsys, [str(run)])
+    (run / "eval.jsonl").write_text('"text"\n')
+    assert f"{run / 'eval.jsonl'}:1: a JSON str, not an object" in _refused(capsys, [str(run)])
+    (run / "eval.jsonl").write_text(json.dumps({**ROW, "k": "4"}) + "\n")
+    assert "field 'k' must be an integer >= 1, got '4'" in _refused(capsys, [str(run)])
+    (run / "eval.jsonl").write_text(json.dumps(ROW) + "\n")
+    (tmp_path / "file").write_text("")
+    assert "--out " in _refused(capsys, [str(run), "--out", str(tmp_path / "file")])
+    assert "the following arguments are required: runs" in _refused(capsys, [])
+
+
+def test_the_command_prints_no_traceback(tmp_path):
+    """The real command on a run directory that does not exist: one line on stderr, exit 2."""
+    r = subprocess.run([sys.executable, str(Path(evaluate.__file__)), str(tmp_path / "nowhere")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == f"evaluate.py: error: {tmp_path / 'nowhere'}: no such run directory\n"

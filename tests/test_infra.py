@@ -326,6 +326,24 @@ def stopped_process(argv, out, ready, signum, bound_s):
             proc.wait()
 
 
+def test_sighup_checkpoints_and_exits_129_as_sigterm_does(tiny_model_dir, tmp_path):
+    """SIGHUP (the terminal or ssh session closed) during the steps: the checkpoint SIGTERM would write, exit
+    128 + 1 = 129, and --resume continues. Before, SIGHUP's default action ended the run with no checkpoint.
+    A real train.py process and a real signal."""
+    out = tmp_path / "run"
+    log = out / "log.jsonl"
+    output, code = stopped_process([sys.executable, str(ROOT / "train.py"),
+                                    *tiny_args(tiny_model_dir, out, "--max-steps", "40", "--eval-every", "100")],
+                                   out, lambda: log.exists() and log.read_text().count("\n") >= 1, signal.SIGHUP,
+                                   bound_s=60)
+    assert code == 129, output[-2000:]
+    assert "SIGHUP: checkpoint written at step" in output and "Traceback" not in output
+    steps = [int(p.name.split("_")[1]) for p in checkpoint.checkpoint_dirs(out)]
+    assert len(steps) == 1 and 1 <= steps[0] < 40
+    train.main(tiny_args(tiny_model_dir, out, "--max-steps", str(steps[0] + 1), "--resume", "--eval-every", "100"))
+    assert read_jsonl(out / "log.jsonl")[-1]["step"] == steps[0] + 1
+
+
 # the rollouts of step 2 and later crawl: 0.2 s per sampled token, so that step's rollouts (4 samples of 200 tokens)
 # would take 160 s; the run is train.py's main in a process of its own, under a real signal
 SLOW_ROLLOUTS = """import sys, time

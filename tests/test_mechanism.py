@@ -13,6 +13,7 @@ from demo.exact_critic import ErrorMarks, ExactArithmeticCritic, error_marks_fro
 from feedback import Item
 from grading import grade
 from rollout import Completion
+from scripts import mechanism as mechanism_module
 from scripts.mechanism import (MECHANISM_CONTEXTS, advantage_by_position, auroc, localization_scores, mechanism,
                                plot_advantage_by_position, render_advantage_html, write_mechanism_report)
 
@@ -236,3 +237,47 @@ def test_mechanism_driver_matches_direct_forward_passes(tiny_smol, tmp_path):
     page = (tmp_path / "advantage.html").read_text()
     assert page.count('class="tok step claim"') == len(contexts) * (3 + 2)  # contexts × (3 + 2 wrong-result tokens)
     assert page.count('<p class="caption">p42: Start with 17.') == 2
+
+
+# ------------------------------------------------------------------------------------------------ command line
+@pytest.mark.parametrize("options, message", [
+    (["--n-problems", "0"], "--n-problems 0: must be >= 1"),
+    (["--n-rollouts", "-1"], "--n-rollouts -1: must be >= 1"),
+    (["--temperature", "0"], "--temperature 0.0: must be > 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
+    (["--n-ops", "0"], "--arith-ops 0: must be >= 1"),
+    (["--seed", "-1"], "--seed -1: must be >= 0"),
+    (["--model", "./no/such/model"], "--model ./no/such/model: no such directory"),
+    (["--n-problems", "x"], "argument --n-problems: invalid int value: 'x'"),
+])
+def test_bad_options_are_one_error_line_before_the_model_loads(tmp_path, capsys, monkeypatch, options, message):
+    """Before, each of these loaded the model and then failed with a traceback (or sampled nothing)."""
+    monkeypatch.setattr(mechanism_module.rollout, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        mechanism_module.main(["--out", str(tmp_path / "out"), *options])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("python -m scripts.mechanism: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(mechanism_module.rollout, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "out").write_text("")
+    with pytest.raises(SystemExit) as e:
+        mechanism_module.main(["--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "--out " in capsys.readouterr().err
+
+
+def test_context_names_cannot_shift_the_tables_columns_or_inject_html():
+    """A context is any mapping key a caller passes: in the Markdown table its `|` and newline are escaped; the HTML
+    page escapes it and the captions."""
+    s = {"top1": 0.5, "neg_mass_share": 0.25, "auroc": 0.5, "n_auroc": 2, "auroc_pooled": 0.5, "n_rollouts": 2}
+    table = mechanism_module.localization_table({"a|b\nc": s}, {"top1": 0.1, "neg_mass_share": 0.2})
+    rows = table.splitlines()
+    assert len(rows) == 4 and {row.replace("\\|", "").count("|") for row in rows} == {7}
+    T = 3
+    page = render_advantage_html([["x"] * T], {"<i>ctx</i>": [np.zeros(T)]}, [None], captions=["<b>2 & 3</b>"],
+                                 scores={"<i>ctx</i>": {"<s>": 1.0}})
+    assert "<i>" not in page and "<b>" not in page and "<s>" not in page
+    assert "&lt;i&gt;ctx&lt;/i&gt;" in page and "&lt;b&gt;2 &amp; 3&lt;/b&gt;" in page

@@ -1,11 +1,12 @@
 """Tests of infra/report.py: the best-per-metric table, the per-step table and the plots, through the command line,
 and bad rows of eval.jsonl."""
 import json
+import re
 
 import pytest
 
 from evaluate import main
-from infra.report import best_by_metric, load_evals
+from infra.report import ReportError, best_by_metric, load_evals, md_cell, results_table, steps_table
 
 
 def _write_run(path, feedback, rows):
@@ -49,7 +50,79 @@ def test_bad_eval_rows_name_the_file_line_and_field(tmp_path):
     run.mkdir()
     (run / "eval.jsonl").write_text('{"step": 0, "feedback": "grpo", "k": 4, "pass@k": 0.5, "maj@k": 0.5, '
                                     '"avg@k": 50, "length": 3}\n')
-    with pytest.raises(ValueError, match=r"eval.jsonl:1: field 'avg@k'"):
+    with pytest.raises(ReportError, match=r"eval.jsonl:1: field 'avg@k'"):
         load_evals([run])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ReportError, match="nothing: no such run directory"):
         load_evals([tmp_path / "nothing"])
+
+
+GOOD = {"step": 0, "feedback": "grpo", "k": 4, "pass@k": 0.5, "maj@k": 0.5, "avg@k": 0.25, "length": 3}
+
+
+def _lines(*rows):
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+def test_a_last_line_cut_by_a_kill_is_skipped_and_reported(tmp_path):
+    """A killed run's eval.jsonl ends mid-line: the complete lines are read, the cut one is reported once (file and
+    line) and skipped; the same text with its newline (written whole, then garbage) is an error instead."""
+    run = tmp_path / "run"
+    run.mkdir()
+    whole = _lines(GOOD, {**GOOD, "step": 2})
+    (run / "eval.jsonl").write_text(whole + json.dumps({**GOOD, "step": 4})[:30])
+    torn = []
+    records = load_evals([run], on_torn=torn.append)
+    assert [r.step for r in records] == [0, 2]
+    assert len(torn) == 1 and torn[0].startswith(f"{run / 'eval.jsonl'}:3: the last line was cut mid-write")
+    (run / "eval.jsonl").write_text(whole + json.dumps({**GOOD, "step": 4})[:30] + "\n")
+    with pytest.raises(ReportError, match=r"eval.jsonl:3: not a JSON line"):
+        load_evals([run], on_torn=torn.append)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"step": 0, "feedback"', r":1: not a JSON line"),  # garbage before the last line
+    ("[1, 2]", r":1: a JSON list, not an object"),
+    (b"\xff\xfe", r":1: not a JSON line \(UnicodeDecodeError"),
+    ({k: v for k, v in GOOD.items() if k != "k"}, r":1: field 'k' must be an integer >= 1, got None"),
+    ({**GOOD, "step": "0"}, r":1: field 'step' must be an integer >= 0, got '0'"),
+    ({**GOOD, "step": -1}, r":1: field 'step' must be an integer >= 0"),
+    ({**GOOD, "k": True}, r":1: field 'k' must be an integer"),
+    ({**GOOD, "feedback": 3}, r":1: field 'feedback' must be a non-empty string"),
+    ({**GOOD, "length": -2}, r":1: field 'length' must be a finite number >= 0"),
+    ({**GOOD, "maj@k": None}, r":1: field 'maj@k' must be a finite number in \[0, 1\]"),
+    ({**GOOD, "answered": 2}, r":1: field 'answered' must be a finite number in \[0, 1\]"),
+])
+def test_every_bad_line_is_an_error_naming_file_line_and_field(tmp_path, line, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    text = (line if isinstance(line, bytes) else _lines(line).encode()) + b"\n" + _lines({**GOOD, "step": 9}).encode()
+    (run / "eval.jsonl").write_bytes(text)
+    with pytest.raises(ReportError, match="eval.jsonl" + message):
+        load_evals([run])
+
+
+def test_names_we_did_not_write_cannot_shift_the_tables_columns(tmp_path):
+    """Two runs of one form are labelled by their directory names, and a form logged in eval.jsonl is shown as it
+    is: a `|`, a newline or markup in either stays inside its cell (before, `|` added a column and a newline
+    ended the row)."""
+    for name in ("a|b", "c\\"):
+        _write_run(tmp_path / "runs" / name, "stepalign", [(0, 0.5, 0.2, 0.1, 900.0)])
+    _write_run(tmp_path / "runs" / "x", "new|form\n<b>", [(0, 0.5, 0.2, 0.1, 900.0)])
+    records = load_evals([tmp_path / "runs"])
+    for table in (results_table(records), steps_table(records)):
+        rows = [line for line in table.splitlines() if line.startswith("|")]
+        assert len(rows) == 5  # header, rule, three runs
+        cells = {len(re.split(r"(?<!\\)\|", line.replace("\\\\", ""))) for line in rows}  # unescaped |
+        assert len(cells) == 1, table
+    table = results_table(records)
+    assert r"StepAlignFB (a\|b)" in table and r"StepAlignFB (c\\)" in table and r"new\|form\n\<b\>" in table
+
+
+@pytest.mark.parametrize("text", ["a|b", "x\ny\r", "c\\", "<script>", "run_1 *x* [l](u) `c` ~s~ &amp;", "\u2028"])
+def test_md_cell_escapes_every_special_character_and_round_trips(text):
+    """The output has no unescaped special character nor a line break, and shows the text as it is: Markdown's
+    unescaping (a backslash before punctuation) gives the text back, its line breaks written as escapes."""
+    cell = md_cell(text)
+    assert not re.search(r"(?<!\\)[|`<>*_\[\]~&]", cell.replace("\\\\", "")) and "\n" not in cell
+    unescaped = re.sub(r"\\([\\|`<>*_\[\]~&])", r"\1", cell)
+    assert unescaped == text.replace("\n", "\\n").replace("\r", "\\r").replace("\u2028", "\\u2028")
