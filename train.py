@@ -58,8 +58,8 @@ Departures from the paper:
 8. Choices the paper leaves open: (a) both objectives draw 32 prompts per step; GRPO samples G = 8 rollouts per
    prompt (256 per step) and SD one (32): the paper's "1/8 the prompts per step" is read as SD using 1/8 of
    GRPO's rollouts, not as GRPO drawing 8x the prompts. (b) AdamW weight decay 0.0 (`--weight-decay`).
-   (c) Step 0, the base policy, is eligible as the best checkpoint of a metric (evaluate.py's table), so a
-   run that never beats the base policy reports its step 0. (d) The critic's budget, critic.MAX_TOKENS.
+   (c) The best checkpoint per metric is taken over trained checkpoints (step >= 1); the base policy (step 0)
+   is a row of its own in the table (infra/report.py), so a run that never beats it shows below it. (d) The critic's budget, critic.MAX_TOKENS.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from feedback import FORMS
 
 METRICS = ("pass@k", "maj@k", "avg@k")
 # the rows' order: the paper's table (GRPO, RefSol, StepAlignFB), the format control beside RefSol, then the rest
-ROW_ORDER = ("grpo", "refsol", "refsol_steps", "stepalign")
+ROW_ORDER = ("grpo", "refsol", "refsol_steps", "refsol_prose", "stepalign")
 DISPLAY = {name: form.display for name, form in FORMS.items()} | {
     f"pbsd-{name}": f"PBSD ({form.display})" for name, form in FORMS.items() if form.context is not None}
 
@@ -163,11 +163,16 @@ def _labels(records: Sequence[EvalRecord]) -> dict[str, str]:
 
 
 def best_by_metric(records: Sequence[EvalRecord]) -> dict[str, dict[str, tuple[float, int]]]:
-    """label -> metric -> (best value, step). Max for pass/maj/avg, ties -> earliest step; "length" at best avg@k."""
+    """label -> metric -> (best value, step) over the run's TRAINED checkpoints (step >= 1): the base policy (step 0)
+    is not the form's result (a run that never beats it would report it under its name; results_table shows it on a
+    row of its own). Max for pass/maj/avg, ties -> earliest step; "length" at best avg@k. A run with no trained
+    checkpoint evaluated has no row."""
     labels = _labels(records)
     table = {}
     for run, label in labels.items():
-        recs = sorted((r for r in records if r.run == run), key=lambda r: r.step)
+        recs = sorted((r for r in records if r.run == run and r.step > 0), key=lambda r: r.step)
+        if not recs:
+            continue
         row = {}
         for m in METRICS:
             best = max(recs, key=lambda r: (r.values[m], -r.step))
@@ -184,11 +189,28 @@ def _k_label(records: Sequence[EvalRecord]) -> str:
     return str(ks.pop()) if len(ks) == 1 else "k"
 
 
+def base_rows(records: Sequence[EvalRecord]) -> list[tuple[str, EvalRecord]]:
+    """The base policy's evaluations (step 0): one row when the runs share it (one invocation or --base-eval), else
+    one per distinct evaluation, named by the runs that logged it."""
+    rows: dict[tuple, list[EvalRecord]] = {}
+    for r in records:
+        if r.step == 0:
+            rows.setdefault(tuple(sorted(r.values.items())) + (r.k,), []).append(r)
+    labels = _labels(records)
+    if len(rows) == 1:
+        return [("base policy (step 0)", next(iter(rows.values()))[0])]
+    return [(f"base policy (step 0, {', '.join(labels[r.run] for r in same)})", same[0]) for same in rows.values()]
+
+
 def results_table(records: Sequence[EvalRecord]) -> str:
-    """The paper-style markdown table: best value (%) per metric and, in brackets, the step it was reached."""
+    """The paper-style markdown table: the base policy's row (step 0), then per run the best value (%) per metric
+    over its trained checkpoints and, in brackets, the step it was reached."""
     ks = sorted({r.k for r in records})
     kk = _k_label(records)
     lines = [f"| Feedback | Pass@{kk} | Maj@{kk} | Avg@{kk} | Length |", "|---|---|---|---|---|"]
+    for label, r in base_rows(records):
+        lines.append(f"| {md_cell(label)} | " + " | ".join(f"{100 * r.values[m]:.2f}" for m in METRICS)
+                     + f" | {r.values['length']:.0f} |")
     for label, row in best_by_metric(records).items():
         cells = [f"{100 * v:.2f} ({s})" for v, s in (row[m] for m in METRICS)]
         length, at = row["length"]

@@ -111,11 +111,12 @@ def _refused(capsys, argv):
 
 
 def test_a_killed_runs_cut_last_line_is_skipped_with_one_warning(tmp_path, capsys):
-    run = _run_dir(tmp_path, json.dumps(ROW) + "\n" + json.dumps({**ROW, "step": 2})[:25])
+    run = _run_dir(tmp_path, json.dumps(ROW) + "\n" + json.dumps({**ROW, "step": 1}) + "\n"
+                   + json.dumps({**ROW, "step": 2})[:25])
     table = evaluate.main([str(run), "--out", str(tmp_path / "out")])
-    assert "| GRPO | 50.00 (0) |" in table
+    assert "| base policy (step 0) | 50.00 |" in table and "| GRPO | 50.00 (1) |" in table
     err = capsys.readouterr().err
-    assert err == f"evaluate.py: warning: {run / 'eval.jsonl'}:2: the last line was cut mid-write (a killed run): " \
+    assert err == f"evaluate.py: warning: {run / 'eval.jsonl'}:3: the last line was cut mid-write (a killed run): " \
                   "skipped\n"
 
 

@@ -28,11 +28,17 @@ def test_results_table_best_per_metric_and_step(tmp_path):
     # ties go to the earliest step: pass 0.9 at 10 and 20 -> 10; maj 0.6 at 20 and 30 -> 20; avg 0.3 -> 10
     assert sa["pass@k"] == (0.9, 10) and sa["maj@k"] == (0.6, 20) and sa["avg@k"] == (0.3, 10)
     assert sa["length"] == (1000.0, 10)  # at the best Avg@k step
-    assert best["GRPO"]["maj@k"] == (0.2, 0) and best["GRPO"]["pass@k"] == (0.7, 10)
+    # over trained checkpoints only: GRPO's maj 0.1 at step 10 is below the base policy's 0.2, and shown as it is
+    assert best["GRPO"]["maj@k"] == (0.1, 10) and best["GRPO"]["pass@k"] == (0.7, 10)
 
     out = tmp_path / "out"
     table = main([str(tmp_path / "runs"), "--out", str(out)])
     assert "| StepAlignFB | 90.00 (10) | 60.00 (20) | 30.00 (10) | 1000 (10) |" in table
+    # the base policy, shared by both runs, on a row of its own before them
+    rows = [line for line in table.split("\n\n")[0].splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| base policy (step 0) | 50.00 | 20.00 | 10.00 | 900 |",
+                        "| GRPO | 70.00 (10) | 10.00 (10) | 15.00 (10) | 950 (10) |",
+                        "| StepAlignFB | 90.00 (10) | 60.00 (20) | 30.00 (10) | 1000 (10) |"]
     assert "Pass@12" in table
     # the per-step table: every evaluated step, "–" where a run has none
     assert "| Avg@12 by step | 0 | 10 | 20 | 30 |" in table
@@ -106,12 +112,12 @@ def test_names_we_did_not_write_cannot_shift_the_tables_columns(tmp_path):
     is: a `|`, a newline or markup in either stays inside its cell (before, `|` added a column and a newline
     ended the row)."""
     for name in ("a|b", "c\\"):
-        _write_run(tmp_path / "runs" / name, "stepalign", [(0, 0.5, 0.2, 0.1, 900.0)])
-    _write_run(tmp_path / "runs" / "x", "new|form\n<b>", [(0, 0.5, 0.2, 0.1, 900.0)])
+        _write_run(tmp_path / "runs" / name, "stepalign", [(0, 0.5, 0.2, 0.1, 900.0), (1, 0.5, 0.2, 0.1, 900.0)])
+    _write_run(tmp_path / "runs" / "x", "new|form\n<b>", [(0, 0.5, 0.2, 0.1, 900.0), (1, 0.5, 0.2, 0.1, 900.0)])
     records = load_evals([tmp_path / "runs"])
     for table in (results_table(records), steps_table(records)):
         rows = [line for line in table.splitlines() if line.startswith("|")]
-        assert len(rows) == 5  # header, rule, three runs
+        assert len(rows) == 5 + (table == results_table(records))  # header, rule, (the base policy,) three runs
         cells = {len(re.split(r"(?<!\\)\|", line.replace("\\\\", ""))) for line in rows}  # unescaped |
         assert len(cells) == 1, table
     table = results_table(records)
