@@ -167,9 +167,11 @@ class LocalCritic:
         self.engine = rollout.TransformersEngine(self.model, self.tokenizer, batch_size=batch_size, interrupt=interrupt)
 
     def critique(self, batch: list[tuple[data.Problem, str]]) -> list[Critique]:
-        texts = [prompts.render(self.tokenizer, prompts.critic_messages(p, r), self.thinking) for p, r in batch]
+        messages = [prompts.critic_messages(p, r) for p, r in batch]
+        texts = [prompts.render(self.tokenizer, m, self.thinking) for m in messages]
+        ids = [prompts.encode(self.tokenizer, m, self.thinking) for m in messages]
         out = []
-        for prompt, (text, finish_reason), (_, r) in zip(texts, self.generate(texts), batch):
+        for prompt, (text, finish_reason), (_, r) in zip(texts, self.generate(ids), batch):
             if finish_reason == "length":
                 out.append(Critique(text="", error=f"the critique was cut at max_new_tokens={self.max_new_tokens}",
                                     error_kind="length", schema_error="no critique (cut by the length limit)"))
@@ -178,8 +180,9 @@ class LocalCritic:
                                           think_in_prompt=prompts.prompt_opens_think(prompt)))
         return out
 
-    def generate(self, texts: list[str]) -> list[tuple[str, str]]:
-        """(text, finish_reason) per rendered prompt, greedy; finish_reason "stop" (an end token) or "length"."""
-        outs = self.engine.generate(texts, [0] * len(texts), n=1, temperature=0.0,
+    def generate(self, prompt_ids: list[list[int]]) -> list[tuple[str, str]]:
+        """(text, finish_reason) per prompt (its token ids, prompts.encode), greedy; finish_reason "stop" (an end
+        token) or "length"."""
+        outs = self.engine.generate(prompt_ids, [0] * len(prompt_ids), n=1, temperature=0.0,
                                     max_new_tokens=self.max_new_tokens)  # temperature 0: argmax, the seeds unused
         return [(c.text, c.finish_reason) for [c] in outs]

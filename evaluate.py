@@ -120,10 +120,10 @@ def evaluate_samples(samples: Sequence[tuple[str, Sequence[tuple[str, int]]]], k
 def evaluate_policy(cfg, engine, tokenizer, checker, test, step, d: Dist) -> dict | None:
     """Pass/Maj/Avg@k and length on the held-out problems; each rank samples a slice, rank 0 aggregates."""
     mine = test[d.rank::d.world]
-    texts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for p in mine]
+    x = [prompts.encode(tokenizer, prompts.student_messages(p), cfg.student_thinking) for p in mine]
     seeds = [rollout.sample_seed(cfg.seed, "eval", step, p.id) for p in mine]
     # called on every rank, also one with no held-out problem (fewer than ranks): vLLM's generate is a collective
-    outs = engine.generate(texts, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
+    outs = engine.generate(x, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
                            max_new_tokens=cfg.max_new_tokens)
     local = [(p.answer, [(c.text, len(c.token_ids)) for c in samples]) for p, samples in zip(mine, outs)]
     gathered = [local]

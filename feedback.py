@@ -158,13 +158,12 @@ def collect_rollouts(cfg, engine, tokenizer, checker, draws: list[tuple[int, dat
     problem list, problem): the seed derives from (run seed, step, index, problem, sample), so a rollout does
     not depend on which rank draws it, and a problem drawn twice in one step gets two different rollouts."""
     G = group_size(cfg)
-    texts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for _, p in draws]
+    x = [prompts.encode(tokenizer, prompts.student_messages(p), cfg.student_thinking) for _, p in draws]
     seeds = [rollout.sample_seed(cfg.seed, "train", step, i, p.id) for i, p in draws]
     with timer("rollout"):
-        outs = engine.generate(texts, seeds, n=G, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+        outs = engine.generate(x, seeds, n=G, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     items = []
-    for (i, p), prompt, samples in zip(draws, texts, outs):
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    for (i, p), ids, samples in zip(draws, x, outs):
         for j, c in enumerate(samples):
             items.append(Item(p, ids, c, reward=float(checker.grade(c.text, p.answer)), draw=i, sample=j))
     return items
@@ -176,8 +175,7 @@ def check_prompt_lengths(cfg, tokenizer, problems: list[data.Problem], max_posit
     in the middle of one."""
     long = []
     for p in problems:
-        n = len(tokenizer(prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking),
-                          add_special_tokens=False).input_ids)
+        n = len(prompts.encode(tokenizer, prompts.student_messages(p), cfg.student_thinking))
         if n + cfg.max_new_tokens > max_positions:
             long.append((p.id, n))
     if long:
@@ -253,9 +251,8 @@ def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str |
         if c is None:
             out.append(dataclasses.replace(it, skipped=True))
             continue
-        prompt = prompts.render(tokenizer, prompts.teacher_messages(it.problem, cfg.feedback, c, cfg.teacher_layout,
-                                                                  it.completion.text), thinking)
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        messages = prompts.teacher_messages(it.problem, cfg.feedback, c, cfg.teacher_layout, it.completion.text)
+        prompt, ids = prompts.render(tokenizer, messages, thinking), prompts.encode(tokenizer, messages, thinking)
         y = len(it.completion.token_ids)
         if len(ids) + (max(y, cfg.max_new_tokens) if sampled else y) > max_positions:
             too_long += 1
@@ -270,7 +267,7 @@ def with_teacher_samples(cfg, engine, checker, items: list[Item], step: int, tim
     kept = [it for it in items if not it.skipped]
     seeds = [rollout.sample_seed(cfg.seed, "teacher", step, it.draw, it.problem.id, it.sample) for it in kept]
     with timer("teacher_sample"):  # called on every rank, even with none kept: vLLM's generate is a collective
-        outs = engine.generate([it.teacher_prompt for it in kept], seeds, n=1, temperature=cfg.temperature,
+        outs = engine.generate([it.teacher_ids for it in kept], seeds, n=1, temperature=cfg.temperature,
                                max_new_tokens=cfg.max_new_tokens, adapter=False)
     samples = iter(outs)
     out = []

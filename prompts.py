@@ -6,7 +6,10 @@
   solution, as in OPSD) and "verdict" (`verdict_text(response, correct)`: the attempt's final answer and whether
   the verifier accepted it; no solution, no critique). GRPO has no teacher.
 - `render(tokenizer, messages, thinking)`: the chat template, with the thinking switch per role (the paper:
-  student off, teacher on). Rollout tokens y are appended to this string's ids, never re-tokenized.
+  student off, teacher on). `encode(tokenizer, messages, thinking)`: its token ids, the ones every engine and
+  scorer reads: the template's special tokens as such, every content (problem, reference, critique, rollout) as
+  text only, so no outside text can open or close a turn. Rollout tokens y are appended to these ids, never
+  re-tokenized.
   `prompt_opens_think(prompt)`: the rendered prompt ends with an open <think> tag (QwQ-32B's template).
 - The StepAlignFB critic: `critic_messages(problem, response)` asks for ONE schema, no preamble
   (`format_critique` writes it; critic.parse_critique validates it):
@@ -165,6 +168,69 @@ def render(tokenizer, messages: list[dict], thinking: bool) -> str:
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
     return text
+
+
+HOLE = "\x00content {}\x00"  # a message's place in the template's skeleton (encode); it holds no special token
+
+
+def encode(tokenizer, messages: list[dict], thinking: bool) -> list[int]:
+    """The prompt's token ids: `render`'s string, with the chat template's own special tokens as their ids and each
+    message's content (outside text: a problem, a reference, a critique, a rollout) tokenized as text, so that a
+    content holding "<|im_end|><|im_start|>user" stays those characters and never opens a turn.
+
+    How: the template is rendered with a hole in place of every content (the skeleton: the template's own pieces),
+    then once per message with that content alone in its hole (what the template makes of it: Qwen3's drops the
+    thought of an assistant turn in history). The rendered string is cut at the special tokens of the template's
+    pieces only; each text run between two of them (template text and contents together) is tokenized with
+    `split_special_tokens=True`. A tokenizer tokenizes a whole string the same way, cut at every special token,
+    so where no content holds a special token's string the ids are `tokenizer(render(...)).input_ids` exactly
+    (tests/test_special_tokens.py, on SmolLM2's and a Qwen3-format tokenizer)."""
+    skeleton = render(tokenizer, [m | {"content": HOLE.format(k)} for k, m in enumerate(messages)], thinking)
+    cuts = []  # (start, end) of each hole in the skeleton
+    for k in range(len(messages)):
+        start = skeleton.find(HOLE.format(k))
+        if start < 0 or skeleton.count(HOLE.format(k)) != 1 or (cuts and start < cuts[-1][1]):
+            raise ValueError(f"the chat template does not render message {k}'s content once, in order")
+        cuts.append((start, start + len(HOLE.format(k))))
+    bounds = [0] + [i for cut in cuts for i in cut] + [len(skeleton)]
+    spans = [(skeleton[a:b], False) for a, b in zip(bounds[::2], bounds[1::2])]  # the template's own pieces
+    for k, (start, end) in enumerate(cuts):  # what the template makes of content k, between its fixed neighbours
+        alone = render(tokenizer, [m if j == k else m | {"content": HOLE.format(j)}
+                                   for j, m in enumerate(messages)], thinking)
+        tail = len(skeleton) - end
+        if not (len(alone) >= start + tail and alone.startswith(skeleton[:start])
+                and alone.endswith(skeleton[end:])):
+            raise ValueError(f"the chat template renders its own text differently for message {k}'s content")
+        spans.insert(2 * k + 1, (alone[start:len(alone) - tail], True))
+    if "".join(text for text, _ in spans) != render(tokenizer, messages, thinking):
+        raise ValueError("the chat template renders the messages' contents differently together than alone")
+    special = special_tokens(tokenizer)
+    ids, run = [], ""  # run: the text since the last special token of the template
+    for text, content in spans:
+        parts = [text] if content or special is None else special.split(text)  # text, special, text, ...
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                run += part
+                continue
+            ids += tokenizer(run, add_special_tokens=False, split_special_tokens=True).input_ids if run else []
+            ids.append(tokenizer.convert_tokens_to_ids(part))
+            run = ""
+    return ids + (tokenizer(run, add_special_tokens=False, split_special_tokens=True).input_ids if run else [])
+
+
+def special_tokens(tokenizer) -> re.Pattern | None:
+    """A pattern that finds the tokenizer's special tokens (longest first, as a tokenizer matches them) and captures
+    each, for re.split; None if it has none. A special token that strips the spaces beside it (lstrip, rstrip) or
+    matches whole words only is refused: cutting at it would not give the tokenizer's ids."""
+    tokens = [t for t in tokenizer.added_tokens_decoder.values() if t.special]
+    odd = [t.content for t in tokens if t.lstrip or t.rstrip or t.single_word]
+    if odd:
+        raise ValueError(f"special tokens {odd} strip spaces or match single words: prompts.encode cannot cut "
+                         "at them")
+    if not tokens:
+        return None
+    return re.compile("(" + "|".join(re.escape(t) for t in sorted({t.content for t in tokens}, key=len,
+                                                                   reverse=True)) + ")")
 
 
 def critic_messages(problem: data.Problem, response: str) -> list[dict]:

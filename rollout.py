@@ -1,6 +1,7 @@
 """Generation engines and token scoring: the solver's rollouts y, and the student/teacher views of them.
 
-Generation: prompts (already rendered with the chat template) → n completions each. Sample j of prompt i is
+Generation: prompts as token ids (prompts.encode: the chat template's special tokens, outside text as text; an
+engine never tokenizes a string itself) → n completions each. Sample j of prompt i is
 drawn with its own random generator seeded from (seeds[i], j), and the caller derives seeds[i] from
 (run seed, step, problem id), so a rollout does not depend on how a batch is split across ranks.
 
@@ -149,20 +150,19 @@ class TransformersEngine:
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def generate(self, prompts: list[str], seeds: list[int], n: int = 1, temperature: float = 1.0,
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], n: int = 1, temperature: float = 1.0,
                  max_new_tokens: int = 256, adapter: bool = True) -> list[list[Completion]]:
-        """n completions per prompt; adapter=False samples from the base policy (LoRA disabled; a model without
-        LoRA layers is the base policy already)."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        jobs = [(self.tokenizer(p, add_special_tokens=False).input_ids, sample_seed(s, j))
-                for p, s in zip(prompts, seeds) for j in range(n)]
+        """n completions per prompt (its token ids, prompts.encode); adapter=False samples from the base policy
+        (LoRA disabled; a model without LoRA layers is the base policy already)."""
+        if len(prompt_ids) != len(seeds):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(seeds)} seeds")
+        jobs = [(list(ids), sample_seed(s, j)) for ids, s in zip(prompt_ids, seeds) for j in range(n)]
         out: list[Completion] = []
         base_already = not adapter and not lora.lora_layers(self.model)
         with contextlib.nullcontext() if adapter or base_already else lora.adapters_disabled(self.model):
             for start in range(0, len(jobs), self.batch_size):
                 out += self._generate_batch(jobs[start:start + self.batch_size], temperature, max_new_tokens)
-        return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [out[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
     @torch.no_grad()
     def _generate_batch(self, jobs: list[tuple[list[int], int]], temperature: float,
@@ -319,18 +319,19 @@ class VLLMEngine:
         self.lora_request = LoRARequest(f"policy-{self._adapter_version}", self._adapter_version, directory)
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts: list[str], seeds: list[int], n: int = 1, temperature: float = 1.0,
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], n: int = 1, temperature: float = 1.0,
                  max_new_tokens: int = 256, adapter: bool = True) -> list[list[Completion]]:
-        """n completions per prompt; adapter=False samples from the base policy (no LoRA request)."""
+        """n completions per prompt (its token ids, prompts.encode, passed as vLLM's TokensPrompt: vLLM 0.32's
+        LLM.generate takes them as they are, vllm/inputs/llm.py and vllm/entrypoints/llm.py, so it does not tokenize
+        them again); adapter=False samples from the base policy (no LoRA request)."""
         from vllm import SamplingParams, TokensPrompt
 
         if adapter and self.lora_request is None:
             raise RuntimeError("VLLMEngine.generate(adapter=True) before set_adapter: no policy adapter loaded")
         requests, params = [], []
-        for p, s in zip(prompts, seeds, strict=True):
-            ids = self.tokenizer(p, add_special_tokens=False).input_ids
+        for ids, s in zip(prompt_ids, seeds, strict=True):
             for j in range(n):
-                requests.append(TokensPrompt(prompt_token_ids=ids))
+                requests.append(TokensPrompt(prompt_token_ids=list(ids)))
                 params.append(SamplingParams(temperature=temperature, max_tokens=max_new_tokens,
                                              seed=sample_seed(s, j) % (2**31), skip_special_tokens=True))
         if not requests:  # nothing to sample: still take part in the data-parallel engine steps (class docstring)
@@ -339,7 +340,7 @@ class VLLMEngine:
         outputs = self.llm.generate(requests, params, lora_request=self.lora_request if adapter else None,
                                     use_tqdm=False)
         flat = [self._completion(o.outputs[0]) for o in outputs]
-        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
     def _completion(self, out) -> Completion:
         ids = list(out.token_ids)

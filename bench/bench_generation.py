@@ -6,12 +6,14 @@
 Both engines sample the same prompts with the same seeds from the same model (SmolLM2-135M-Instruct, the demo's
 base policy, merged for sampling as train.py does), rounds interleaved: the script prints each one's seconds, the
 ratio (this tree / before) and whether every sampled token is the same. `--before` takes any commit whose
-rollout.py has the same TransformersEngine interface; its rollout.py is read with `git show`.
+rollout.py has the same TransformersEngine interface; its rollout.py is read with `git show`. An engine whose
+generate takes the prompts as text (before prompts.encode) gets the rendered text, whose ids are the same here.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
 import statistics
 import subprocess
@@ -57,16 +59,18 @@ def main():
     problems = test_set[:a.problems]
     model, tokenizer, _, _ = policy.start_policy(cfg, dist.Dist())
     texts = [prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking) for p in problems]
+    x = [prompts.encode(tokenizer, prompts.student_messages(p), cfg.student_thinking) for p in problems]
     seeds = [rollout.sample_seed(cfg.seed, "eval", 0, p.id) for p in problems]
     engines = {"before": rollout_at(a.before), "this tree": rollout}
     seconds, tokens = {name: [] for name in engines}, {}
     for r in range(a.rounds):
         for name, module in engines.items():
             engine = module.TransformersEngine(model, tokenizer, batch_size=32, stop_at_boxed=cfg.stop_at_boxed)
+            ids = "prompt_ids" in inspect.signature(engine.generate).parameters  # else the text (docstring)
             start = time.perf_counter()
             with policy.sampling(cfg, model):
-                out = engine.generate(texts, seeds, n=cfg.eval_samples, temperature=cfg.eval_temperature,
-                                      max_new_tokens=cfg.max_new_tokens)
+                out = engine.generate(x if ids else texts, seeds, n=cfg.eval_samples,
+                                      temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens)
             seconds[name].append(time.perf_counter() - start)
             tokens[name] = [c.token_ids for samples in out for c in samples]
             print(f"round {r + 1}, {name}: {seconds[name][-1]:.1f} s, {sum(map(len, tokens[name]))} tokens",

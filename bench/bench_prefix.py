@@ -60,11 +60,10 @@ def main() -> None:
     for layer in lora.lora_layers(model).values():  # a trained adapter is not zero
         torch.nn.init.normal_(layer.lora_B.weight, std=1e-3)
     problems = config.load_problems(cfg)[0][:cfg.prompts_per_step]
-    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     y = [torch.randint(0, len(tokenizer), (48,)).tolist() for _ in problems]  # stand-in rollouts
-    student = [ids(prompts.render(tokenizer, prompts.student_messages(p), cfg.student_thinking)) for p in problems]
-    teacher = [ids(prompts.render(tokenizer, prompts.teacher_messages(p, "refsol", p.reference_solution, "repeat",
-                                                                      tokenizer.decode(y_)), cfg.teacher_thinking))
+    student = [prompts.encode(tokenizer, prompts.student_messages(p), cfg.student_thinking) for p in problems]
+    teacher = [prompts.encode(tokenizer, prompts.teacher_messages(p, "refsol", p.reference_solution, "repeat",
+                                                                  tokenizer.decode(y_)), cfg.teacher_thinking)
                for p, y_ in zip(problems, y)]
     prefix = len(os.path.commonprefix(student + teacher))
     pad = tokenizer.pad_token_id

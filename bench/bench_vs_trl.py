@@ -107,7 +107,9 @@ def trl_worker(steps: int, out: Path) -> None:
     cfg = workload(steps)
     model, tokenizer = rollout.load_model(cfg.model, dtype=rollout.DTYPES[cfg.dtype])
     rows = trl_rows(cfg, tokenizer, steps)
-    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731  (as feedback.py tokenizes)
+    # as TRL tokenizes its text; on these problems (no special token's string in them) the ids of prompts.encode,
+    # feedback.py's (tests/test_special_tokens.py)
+    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     expected = [(ids(r["prompt"]), ids(r["prompt"] + r["privileged_context"])) for r in rows]
     acc: dict[str, float] = {}
 

@@ -131,8 +131,7 @@ def nothing_learned(run: str, counters: dict, steps: int, log_path: Path) -> str
 def divergence_probe(tokenizer, problem, thinking: bool) -> torch.Tensor:
     """(1, L) token ids of the divergence probe: the student prompt of `problem` (train.py: the first training
     problem, the same in every step and after --resume, so one step's probe_policy is the next step's `before`)."""
-    text = prompts.render(tokenizer, prompts.student_messages(problem), thinking)
-    return torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+    return torch.tensor([prompts.encode(tokenizer, prompts.student_messages(problem), thinking)])
 
 
 PROBE_POSITIONS = 64  # K: the probe positions whose next-token distributions refused_update compares

@@ -72,14 +72,16 @@ def split_train_test(rows: list[dict], n_test: int, seed: int) -> tuple[list[dic
     return sorted(train, key=lambda r: r["id"]), sorted(test, key=lambda r: r["id"])
 
 
-def count_correct(engine, prompts: list[str], answers: list[str], seeds: list[int], n: int, temperature: float,
-                  max_new_tokens: int, grade, batch_size: int = 8, require_stop: bool = False) -> list[int]:
-    """Number of correct samples out of n per prompt; `engine.generate` as in rollout.py, `grade(text, gold)`.
+def count_correct(engine, prompt_ids: list[list[int]], answers: list[str], seeds: list[int], n: int,
+                  temperature: float, max_new_tokens: int, grade, batch_size: int = 8,
+                  require_stop: bool = False) -> list[int]:
+    """Number of correct samples out of n per prompt (its token ids, prompts.encode); `engine.generate` as in
+    rollout.py, `grade(text, gold)`.
     require_stop: a sample cut by max_new_tokens (finish_reason "length") counts as wrong."""
     counts = []
-    for start in range(0, len(prompts), batch_size):
+    for start in range(0, len(prompt_ids), batch_size):
         chunk = slice(start, start + batch_size)
-        outs = engine.generate(prompts[chunk], seeds[chunk], n=n, temperature=temperature,
+        outs = engine.generate(prompt_ids[chunk], seeds[chunk], n=n, temperature=temperature,
                                max_new_tokens=max_new_tokens, adapter=False)  # the base model: no adapter
         counts += [sum((not require_stop or c.finish_reason == "stop") and grade(c.text, gold) for c in samples)
                    for samples, gold in zip(outs, answers[chunk])]
@@ -146,7 +148,7 @@ def _filter_command(argv: list[str]) -> None:
     engine = rollout.make_engine(args.engine, args.solver, model, tokenizer, dtype=args.dtype, seed=args.seed,
                          gpu_memory_utilization=args.vllm_gpu_memory)
     tokenizer = engine.tokenizer
-    solver_prompts = [prompts.render(tokenizer, prompts.student_messages(p), thinking=False) for p in problems]
+    solver_prompts = [prompts.encode(tokenizer, prompts.student_messages(p), thinking=False) for p in problems]
     solver_counts = count_correct(engine, solver_prompts, answers, seeds, args.n, args.temperature, args.max_new_tokens,
                                   grading.grade, args.batch_size)
     del engine, model
@@ -171,9 +173,10 @@ def _filter_command(argv: list[str]) -> None:
     else:
         critic_model, critic_tokenizer = rollout.load_model(args.critic, dtype=rollout.DTYPES[args.dtype],
                                                             device=device)
-        critic_prompts = [prompts.render(critic_tokenizer, prompts.student_messages(p), thinking=True)
+        critic_prompts = [prompts.encode(critic_tokenizer, prompts.student_messages(p), thinking=True)
                           for p in hard_problems]
-        opened = prompts.prompt_opens_think(critic_prompts[0]) if critic_prompts else False
+        opened = bool(hard_problems) and prompts.prompt_opens_think(
+            prompts.render(critic_tokenizer, prompts.student_messages(hard_problems[0]), thinking=True))
         temperature = 0.0 if args.critic_n == 1 else 1.0
         # an answer cut by the length limit counts as not solved, as with a server (ServerCritic.complete)
         counts = count_correct(rollout.TransformersEngine(critic_model, critic_tokenizer), critic_prompts,

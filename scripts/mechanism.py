@@ -329,7 +329,7 @@ def mechanism(model, tokenizer, problems: Sequence, n_rollouts: int = 4, *, temp
     """
     if completions is None:
         engine = rollout.TransformersEngine(model, tokenizer, batch_size=32, stop_at_boxed=stop_at_boxed)
-        student_prompts = [prompts.render(tokenizer, prompts.student_messages(p), student_thinking)
+        student_prompts = [prompts.encode(tokenizer, prompts.student_messages(p), student_thinking)
                            for p in problems]
         seeds = [rollout.sample_seed(seed, "mechanism", p.id) for p in problems]
         completions = engine.generate(student_prompts, seeds, n=n_rollouts, temperature=temperature,
@@ -361,15 +361,13 @@ def mechanism(model, tokenizer, problems: Sequence, n_rollouts: int = 4, *, temp
     ys = [c.token_ids for _, c, _, _ in kept]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def ids(messages: list[dict], thinking: bool) -> list[int]:
-        return tokenizer(prompts.render(tokenizer, messages, thinking), add_special_tokens=False).input_ids
-
-    student = score_rollouts(model, [ids(prompts.student_messages(p), student_thinking) for p, *_ in kept],
+    student = score_rollouts(model, [prompts.encode(tokenizer, prompts.student_messages(p), student_thinking)
+                                     for p, *_ in kept],
                              ys, pad_id, batch_size)  # log π(y_t | x, y<t)
     items = [feedback.Item(p, [], c, reward=float(grading.grade(c.text, p.answer))) for p, c, _, _ in kept]
     advantages = {}
     for name, build in contexts.items():
-        teacher = score_rollouts(model, [ids(build(it, q, teacher_layout), teacher_thinking)
+        teacher = score_rollouts(model, [prompts.encode(tokenizer, build(it, q, teacher_layout), teacher_thinking)
                                          for it, (_, _, q, _) in zip(items, kept)],
                                  ys, pad_id, batch_size)  # log π(y_t | x, c, y<t)
         # Eq. A_t = log π_base(y_t | x, c, y<t) − log π_θ(y_t | x, y<t)

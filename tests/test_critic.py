@@ -16,7 +16,7 @@ from critic import Critique, LocalCritic, ServerCritic, critique_metrics, parse_
 from data import Problem
 from demo.exact_critic import ExactArithmeticCritic
 from infra import chat_client
-from prompts import format_critique, render
+from prompts import encode, format_critique
 from rollout import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def test_server_critic_against_a_real_model_server(serve, smollm2):
 
 def test_local_critic_batched_equals_one_by_one(smollm2):
     model, tok = smollm2
-    prompts = [render(tok, [{"role": "user", "content": q}], thinking=False)
+    prompts = [encode(tok, [{"role": "user", "content": q}], thinking=False)
                for q in ("What is 2 + 2?", "Name three colors, then count to five, slowly please.")]
     batched = LocalCritic(smollm2, max_new_tokens=10, batch_size=2).generate(prompts)
     single = LocalCritic(smollm2, max_new_tokens=10, batch_size=1).generate(prompts)

@@ -126,7 +126,7 @@ def test_count_correct_samples_the_base_model_and_can_require_a_finished_answer(
     """The real transformers engine on a model without LoRA (adapter=False is its base policy already); with
     require_stop, a sample cut by max_new_tokens is wrong however it grades."""
     engine = TransformersEngine(*tiny_smol)
-    prompts, seeds = ["Hello", "What is 2 + 2?"], [1, 2]
+    prompts, seeds = [tiny_smol[1](q).input_ids for q in ("Hello", "What is 2 + 2?")], [1, 2]
     outs = engine.generate(prompts, seeds, n=3, temperature=1.0, max_new_tokens=3, adapter=False)
     always = lambda text, gold: True  # noqa: E731
     kw = dict(n=3, temperature=1.0, max_new_tokens=3, grade=always)

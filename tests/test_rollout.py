@@ -16,9 +16,10 @@ QWEN3_STYLE_TEMPLATE = (
     "{% endif %}")
 
 
-def chat_prompt(tokenizer, text):
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
+def chat_prompt(tokenizer, text) -> list[int]:
+    """A one-turn chat prompt's ids, as every caller of an engine gives them (prompts.encode)."""
+    import prompts
+    return prompts.encode(tokenizer, [{"role": "user", "content": text}], thinking=False)
 
 
 def test_sample_seed_is_deterministic_and_distinct():
@@ -33,10 +34,10 @@ def test_greedy_matches_transformers_generate(tiny_smol):
     prompts = [chat_prompt(tok, "What is 2 + 2?"), chat_prompt(tok, "Add 17 and 25, then multiply by 3.")]
     outs = engine.generate(prompts, seeds=[0, 1], n=1, temperature=0, max_new_tokens=12)
     for prompt, [c] in zip(prompts, outs):
-        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-        ref = model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=sorted(engine.stop_ids),
-                             pad_token_id=engine.pad_id)
-        assert c.token_ids == ref[0, ids.input_ids.shape[1]:].tolist()  # left padding changes nothing
+        ids = torch.tensor([prompt])  # (1, L)
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                             do_sample=False, eos_token_id=sorted(engine.stop_ids), pad_token_id=engine.pad_id)
+        assert c.token_ids == ref[0, ids.shape[1]:].tolist()  # left padding changes nothing
 
 
 def test_sampling_does_not_depend_on_batch_split(tiny_smol):
@@ -91,7 +92,7 @@ def test_an_ended_sample_leaves_the_batch_and_the_others_decode_as_alone(smollm2
 
 def test_length_finish(tiny_smol):
     model, tok = tiny_smol
-    c = TransformersEngine(model, tok).generate(["Once upon a time"], [0], n=1, temperature=1.0,
+    c = TransformersEngine(model, tok).generate([tok("Once upon a time").input_ids], [0], n=1, temperature=1.0,
                                                   max_new_tokens=5)[0][0]
     assert isinstance(c, Completion) and (c.finish_reason == "length") == (len(c.token_ids) == 5)
 
@@ -191,7 +192,7 @@ def test_hidden_and_logprobs_equal_full_forward():
 @pytest.mark.parametrize("student_thinking,teacher_thinking", [(False, True), (True, True), (False, False)])
 def test_student_and_teacher_score_identical_rollout_tokens(smol_tokenizer, template, student_thinking,
                                                             teacher_thinking):
-    from prompts import render, student_messages, teacher_messages
+    from prompts import encode, render, student_messages, teacher_messages
     from data import arithmetic_problems
     tok = smol_tokenizer
     if template == "qwen3_style":
@@ -199,13 +200,12 @@ def test_student_and_teacher_score_identical_rollout_tokens(smol_tokenizer, temp
         tok.chat_template = QWEN3_STYLE_TEMPLATE
     problem = arithmetic_problems(1, seed=0)[0]
     student_prompt = render(tok, student_messages(problem), thinking=student_thinking)
-    teacher_prompt = render(tok, teacher_messages(problem, "refsol", problem.reference_solution),
-                            thinking=teacher_thinking)
+    teacher = teacher_messages(problem, "refsol", problem.reference_solution)
     if template == "qwen3_style":
         assert student_prompt.endswith("<think>\n\n</think>\n\n") == (not student_thinking)
     y = tok("Step 1: 3 + 4 = 7\n\\boxed{7}<|im_end|>", add_special_tokens=False).input_ids
-    s_ids = tok(student_prompt, add_special_tokens=False).input_ids
-    t_ids = tok(teacher_prompt, add_special_tokens=False).input_ids
+    s_ids = encode(tok, student_messages(problem), thinking=student_thinking)
+    t_ids = encode(tok, teacher, thinking=teacher_thinking)
     s, t = score_positions([s_ids], [y], tok.pad_token_id), score_positions([t_ids], [y], tok.pad_token_id)
     # the token after each scored position is y_t, in both sequences
     assert s.input_ids[0, s.positions[0] + 1].tolist() == y

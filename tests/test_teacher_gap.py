@@ -12,7 +12,7 @@ import rollout
 from scripts import teacher_gap
 from conftest import tiny_llama
 from data import arithmetic_problems
-from prompts import render, teacher_messages, verdict_text
+from prompts import encode, teacher_messages, verdict_text
 from rollout import Completion
 from test_train import tiny_args, tiny_model_dir  # noqa: F401  (a fixture)
 from infra import dist
@@ -32,11 +32,11 @@ class ScriptedEngine:
     def __init__(self, problems, tokenizer, model):
         self.problems, self.tokenizer, self.model, self.calls = problems, tokenizer, model, []
 
-    def generate(self, prompts, seeds, n=1, temperature=1.0, max_new_tokens=256, adapter=True):
+    def generate(self, prompt_ids, seeds, n=1, temperature=1.0, max_new_tokens=256, adapter=True):
         merged = all(m.merged for m in lora.lora_layers(self.model).values())
-        self.calls.append((list(prompts), list(seeds), n, adapter, merged))
+        self.calls.append((list(prompt_ids), list(seeds), n, adapter, merged))
         out = []
-        for prompt in prompts:
+        for prompt in [self.tokenizer.decode(ids) for ids in prompt_ids]:
             p = next(p for p in self.problems if p.problem in prompt)
             right, wrong = f"\\boxed{{{p.answer}}}", f"\\boxed{{{int(p.answer) + 1}}}"
             if "Expert review" in prompt:
@@ -68,7 +68,7 @@ def test_gap_samples_training_teacher_prompts_and_counts_avg_at_k(tiny_model_dir
     assert all(res[f]["skipped"] == 0 and res[f]["n_samples"] == 6 for f in teacher_gap.DEFAULT_FORMS)
     # the calls: the student prompt (adapter on and merged, as policy.sampling does, k samples each), then one
     # teacher sample per rollout and form, adapter off and unmerged, from the prompt training renders:
-    # teacher_messages + render with --teacher-thinking
+    # teacher_messages + encode with --teacher-thinking
     student_call, *teacher_calls = engine.calls
     assert student_call[2:] == (2, True, True) and len(teacher_calls) == 3
     rollouts = [(p, j) for p in problems for j in range(2)]
@@ -79,7 +79,7 @@ def test_gap_samples_training_teacher_prompts_and_counts_avg_at_k(tiny_model_dir
             c = {"stepalign": lambda: config.make_critic(cfg).critique([(p, text)])[0].text,
                  "refsol": lambda: p.reference_solution,
                  "verdict": lambda: verdict_text(text, correct=Checker().grade(text, p.answer))}[form]()
-            assert prompt == render(smol_tokenizer, teacher_messages(p, form, c), cfg.teacher_thinking)
+            assert prompt == encode(smol_tokenizer, teacher_messages(p, form, c), cfg.teacher_thinking)
     assert teacher_calls[0][1] == teacher_calls[1][1]  # the same seeds for every form: paired samples
     assert [r["teacher"]["stepalign"]["reward"] for r in res["samples"]] == [1.0] * 6
     table = teacher_gap.gap_table(res, k=2)

@@ -38,9 +38,9 @@ pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="needs vllm (on CPU: VLLM_
 MEMORY, KV_GIB = 0.25, 1.0
 
 
-def demo_prompts(tokenizer, n: int) -> list[str]:
+def demo_prompts(tokenizer, n: int) -> list[list[int]]:
     problems = data.arithmetic_problems(n, seed=1, n_ops=1, max_operand=20, ops="+-", worked_example=True)
-    return [prompts.render(tokenizer, prompts.student_messages(p), thinking=False) for p in problems]
+    return [prompts.encode(tokenizer, prompts.student_messages(p), thinking=False) for p in problems]
 
 
 def random_adapter(model, seed: int, std: float) -> None:
