@@ -314,8 +314,14 @@ class ChatClient:
                 answer = json.loads(raw)
                 if body is None:
                     served = [m["id"] for m in answer["data"]]
-                elif not isinstance(answer["choices"][0]["message"]["content"], str):
-                    raise TypeError("the completion's content is not a string")
+                else:
+                    message = answer["choices"][0]["message"]
+                    # a reasoning server's one token is trace: vLLM 0.32 with --reasoning-parser deepseek_r1 then
+                    # sends content null and the token in `reasoning` (no </think> yet), a well-formed answer
+                    if not (isinstance(message["content"], str)
+                            or message["content"] is None and any(isinstance(message.get(field), str)
+                                                                  for field in REASONING_FIELDS)):
+                        raise TypeError("the completion's content is not a string, and no reasoning field is")
             except (ValueError, KeyError, IndexError, TypeError, RecursionError) as e:
                 what = f"not an OpenAI-compatible answer ({type(e).__name__}: {e}); body starts {raw[:80]!r}"
                 raise CriticUnavailable(redact(f"critic server {url}: {what}", key)) from None

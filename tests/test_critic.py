@@ -343,6 +343,24 @@ def test_preflight_asks_for_the_model_list_then_one_token(serve):
     assert body["model"] == "critic" and body["max_tokens"] == 1
 
 
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+def test_preflight_accepts_a_reasoning_servers_one_token_answer(serve, field):
+    """vLLM 0.32 with --reasoning-parser deepseek_r1 and a template that opens <think> in the prompt (QwQ-32B's)
+    answers the one-token probe with that token as trace: content null, the token in `reasoning` (the shape
+    bench/rehearse.sh's server B sent; the run stopped at its preflight, exit 2, before this was accepted). A null
+    content with no trace at all is still refused."""
+    def answer(message):
+        return {"id": "c1", "object": "chat.completion", "model": "critic",
+                "choices": [{"index": 0, "finish_reason": "length",
+                             "message": {"role": "assistant", "content": None, **message}}]}
+
+    _, url = serve(lambda body, headers: (200, MODELS if body is None else answer({field: "The"})), ModelsHandler)
+    ServerCritic(url + "/v1", "critic").check(timeout_s=5)
+    _, url = serve(lambda body, headers: (200, MODELS if body is None else answer({field: None})), ModelsHandler)
+    with pytest.raises(chat_client.CriticUnavailable, match="content is not a string, and no reasoning field is"):
+        ServerCritic(url + "/v1", "critic").check(timeout_s=5)
+
+
 @pytest.mark.parametrize("case", ["refused", "wrong model", "unauthorized", "not openai", "broken completion",
                                   "slow"])
 def test_preflight_names_the_url_and_what_failed(serve, monkeypatch, case):
