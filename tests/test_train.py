@@ -592,7 +592,7 @@ def test_base_eval_file_is_written_by_the_first_run_and_read_by_the_next(tiny_mo
     assert calls == [("refsol", 0), ("refsol", 1), ("grpo", 1)]
     step0 = [read_jsonl(tmp_path / f / "eval.jsonl")[0] for f in ("refsol", "grpo")]
     assert [e["feedback"] for e in step0] == ["refsol", "grpo"]
-    assert step0[1] == {**step0[0], "feedback": "grpo"} == {**json.loads(path.read_text()), "feedback": "grpo"}
+    assert step0[1] == {**step0[0], "feedback": "grpo"} == {**json.loads(path.read_text())["result"], "feedback": "grpo"}
 
 
 def test_a_problem_drawn_twice_in_one_step_gets_two_rollouts(smol_tokenizer):
