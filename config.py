@@ -65,7 +65,8 @@ class Config:
     arith_example: bool = opt(False, "arithmetic data: prefix each problem with a one-shot worked example")
     critic: str = opt("server", "critic backend for stepalign", ("server", "local", "exact"))
     critic_url: str = opt("http://127.0.0.1:8000/v1", "OpenAI-compatible server (e.g. `vllm serve Qwen/QwQ-32B "
-                          "--enable-prefix-caching`)")
+                          "--enable-prefix-caching`); a USER:PASSWORD@ in it is sent as HTTP Basic authentication and "
+                          "shown nowhere ([redacted])")
     critic_model: str = opt("Qwen/QwQ-32B", "critic model name (server) or path (local)")
     critic_api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the critic server's API key")
     critic_timeout: float = opt(600.0, "wall-clock seconds per critic request attempt, time in the server's queue "
@@ -369,7 +370,8 @@ def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
         seen = {p.problem for p in train}
         test = [p for p in test if p.problem not in seen]
     else:
-        train, test = (data.load_manifest(cfg.data, split, answer_problem=checks.gold_answer_problem) for split in data.SPLITS)
+        train, test = (data.load_manifest(cfg.data, split, answer_problem=checks.gold_answer_problem)
+                       for split in data.SPLITS)
         for split, problems in (("train", train), ("test", test)):
             if not problems:
                 raise data.DataError(f"{cfg.data}: no row with split {split!r}: a run needs at least one training "

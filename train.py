@@ -315,14 +315,18 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
 
 
 def same_run_on_every_rank(cfg: Config, prints: dict, d: Dist) -> list[str]:
-    """One line per option (or fingerprint of the model and data files) that differs between the ranks: torchrun's
-    ranks must run one config, else each trains its own run and the all-reduced gradients mix them."""
-    mine = {**json.loads(config_json(cfg)), "fingerprint": prints}
+    """One line per option, or fingerprint of the model and data files (infra.fingerprint), that differs between the
+    ranks: torchrun's ranks must run one config, else each trains its own run and the all-reduced gradients mix them."""
+    mine = (json.loads(config_json(cfg)), prints)  # (a password in --critic-url redacted: it travels to every rank)
     every = [None] * d.world
     dist.all_gather_object(every, mine)
-    return [f"rank {r} runs {'--' + k.replace('_', '-') if k != 'fingerprint' else 'model and data files'} "
-            f"{str(other[k])[:200]} but rank 0 {str(mine_k)[:200]}: start every rank with the same options and files"
-            for r, other in enumerate(every) for k, mine_k in every[0].items() if other.get(k) != mine_k]
+    (options0, prints0), lines = every[0], []
+    for rank, (options, rank_prints) in enumerate(every[1:], start=1):
+        lines += [f"rank {rank} runs --{k.replace('_', '-')} {options[k]} but rank 0 {v}" for k, v in options0.items()
+                  if options.get(k) != v]
+        lines += [f"rank {rank}: {diff.replace(' vs ', ' on rank 0 vs ')} ({form})" for form in prints0
+                  for diff in fingerprint.differences(prints0[form], rank_prints.get(form, {}), lambda n: n)]
+    return [f"{line}: start every rank with the same options and files" for line in lines]
 
 
 def main(argv: list[str] | None = None) -> None:
