@@ -26,6 +26,8 @@ import sd_loss
 from critic import MAX_TOKENS as CRITIC_MAX_TOKENS  # a name of its own: in Config, `critic` is a field
 from demo import exact_critic
 from feedback import FEEDBACKS, FORMS, PAPER_FORMS
+from infra import checks, fingerprint
+from infra.chat_client import key_problem, redact_url, url_problem
 from infra.checkpoint import checkpoint_dirs, resumable_checkpoint
 TEACHER_LAYOUTS = prompts.TEACHER_LAYOUTS  # (Config has a field named `critic`)
 
@@ -65,7 +67,8 @@ class Config:
     arith_example: bool = opt(False, "arithmetic data: prefix each problem with a one-shot worked example")
     critic: str = opt("server", "critic backend for stepalign", ("server", "local", "exact"))
     critic_url: str = opt("http://127.0.0.1:8000/v1", "OpenAI-compatible server (e.g. `vllm serve Qwen/QwQ-32B "
-                          "--enable-prefix-caching`)")
+                          "--enable-prefix-caching`); a USER:PASSWORD@ in it is sent as HTTP Basic authentication and "
+                          "shown nowhere ([redacted])")
     critic_model: str = opt("Qwen/QwQ-32B", "critic model name (server) or path (local)")
     critic_api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the critic server's API key")
     critic_timeout: float = opt(600.0, "wall-clock seconds per critic request attempt, time in the server's queue "
@@ -148,7 +151,10 @@ class Config:
     eval_temperature: float = opt(1.1, "evaluation sampling temperature (departure 2)")
     eval_problems: int = opt(0, "evaluate on the first N held-out problems (0 = all)")
     seed: int = opt(0, "run seed: data order and every sampling seed derive from it")
-    out_dir: str = opt("runs/{preset}/{feedback}", "output directory ({preset}/{feedback} are filled in)")
+    out_dir: str = opt("runs/{preset}/{feedback}", "output directory ({preset}/{feedback} are filled in); with "
+                       "--feedback all and no {feedback} in it, each form runs in its own subdirectory OUT_DIR/FORM. "
+                       "Never the model's or the data's directory, nor above them (the run writes and deletes files "
+                       "in it), nor inside the model's")
     base_eval: str = opt("", "a JSON file of the step-0 evaluation (the base policy): read when it exists (then not "
                          "evaluated again), else written; share it only between runs of one model, seed, held-out set "
                          "and evaluation options (scripts/study.py: one per seed)")
@@ -237,8 +243,8 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
     bad = []
 
     def need(ok: bool, name: str, allowed: str) -> None:
-        if not ok:
-            bad.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: {allowed}")
+        if not ok:  # (the value as shown: a password in --critic-url is redacted)
+            bad.append(f"--{name.replace('_', '-')} {redact_url(getattr(cfg, name))}: {allowed}")
 
     for f in dataclasses.fields(Config):  # nan and inf pass a comparison with a bound, so they are refused first
         if f.type == "float" and not math.isfinite(getattr(cfg, f.name)):
@@ -252,11 +258,12 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
         ("arith_max_operand", cfg.arith_max_operand >= 2, "must be >= 2"),
         ("arith_operators", bool(cfg.arith_operators) and set(cfg.arith_operators) <= set("+-*"),
          "must be one or more of the characters + - *"),
-        ("critic_timeout", cfg.critic_timeout > 0, "must be > 0 seconds"),
+        ("critic_timeout", 0 < cfg.critic_timeout <= 86400, "must be > 0 seconds and at most a day (86400)"),
         ("critic_fail_window", cfg.critic_fail_window >= 1, "must be >= 1 step"),
         ("critic_fail_max", 0 < cfg.critic_fail_max <= 1, "must be a share in (0, 1]"),
         ("critic_concurrency", cfg.critic_concurrency >= 1, "must be >= 1"),
-        ("critic_retries", cfg.critic_retries >= 0, "must be >= 0"),
+        # the backoff before retry i is 2 s * 2^(i-1): 10 retries already wait 34 minutes in all
+        ("critic_retries", 0 <= cfg.critic_retries <= 10, "must lie in [0, 10] (the backoff doubles per retry)"),
         ("nonfinite_max", cfg.nonfinite_max >= 1, "must be >= 1 step"),
         ("critic_max_tokens", cfg.critic_max_tokens >= 1, "must be >= 1"),
         ("critic_temperature", 0 <= cfg.critic_temperature <= 2, "must lie in [0, 2]"),
@@ -287,17 +294,23 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
         ("eval_samples", cfg.eval_samples >= 1, "must be >= 1 (it is both n and the k of Pass/Maj/Avg@k)"),
         ("eval_temperature", cfg.eval_temperature >= 0, "must be >= 0 (0: greedy)"),
         ("eval_problems", cfg.eval_problems >= 0, "must be >= 0 (0: all)"),
-        ("seed", cfg.seed >= 0, "must be >= 0"),
-        ("critic_api_key_env", re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.critic_api_key_env) is not None,
-         "must be the name of an environment variable"),
+        # rank r seeds numpy with seed + r, which numpy takes below 2^32 only
+        ("seed", 0 <= cfg.seed <= 2 ** 32 - world, f"must lie in [0, 2^32 - {world}] (numpy's seeds are 32-bit)"),
+        ("critic_api_key_env", need_name(cfg.critic_api_key_env), "must be the name of an environment variable"),
     ]
     for name, ok, allowed in ranges:
         if name in finite:
             need(ok, name, allowed)
     if cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world:
         need(False, "prompts_per_step", f"must divide by the number of ranks ({world})")
-    url = urllib.parse.urlsplit(cfg.critic_url)
-    need(url.scheme in ("http", "https") and bool(url.hostname), "critic_url", "must be http(s)://HOST[:PORT]/v1")
+    need(url_problem(cfg.critic_url) is None, "critic_url", url_problem(cfg.critic_url) or "")
+    server_critic = cfg.feedback in ("stepalign", "all") and cfg.critic == "server"
+    key = os.environ.get(cfg.critic_api_key_env) if need_name(cfg.critic_api_key_env) else None
+    if server_critic and key and key_problem(key):  # (the key itself is never printed)
+        need(False, "critic_api_key_env", f"the key in ${cfg.critic_api_key_env} {key_problem(key)[3:]}")
+    if server_critic and key and urllib.parse.urlsplit(cfg.critic_url).username is not None:
+        need(False, "critic_url", f"holds a user name and ${cfg.critic_api_key_env} holds a key: give the server one "
+             "credential (the URL's is sent as HTTP Basic authentication, the key as a Bearer token)")
     try:
         out = cfg.out_dir.format(preset=cfg.preset, feedback=cfg.feedback)
         need(not Path(out).is_file(), "out_dir", "is a file; it must be a directory")
@@ -308,13 +321,11 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
             need(False, "out_dir", f"{above} is not writable, so the directory cannot be made there")
     except (KeyError, IndexError, ValueError) as e:
         need(False, "out_dir", f"may hold only {{preset}} and {{feedback}} ({type(e).__name__}: {e})")
-    if cfg.base_eval and Path(cfg.base_eval).exists():  # the step-0 evaluation an earlier run wrote
-        try:
-            saved = json.loads(Path(cfg.base_eval).read_text())
-        except (OSError, ValueError, RecursionError):  # (RecursionError: JSON nested too deep)
-            saved = None
-        need(isinstance(saved, dict) and saved.get("step") == 0 and saved.get("k") == cfg.eval_samples, "base_eval",
-             f"must be a step-0 evaluation written by a run (JSON, step 0, k = --eval-samples {cfg.eval_samples})")
+    try:
+        run_dirs = [Path(form_config(cfg, form).out_dir) for form in forms_of(cfg)]
+    except (KeyError, IndexError, ValueError):  # (refused above, naming the pattern)
+        run_dirs = []
+    bad += [f"--out-dir {cfg.out_dir}: {line}" for line in checks.out_dir_problems(cfg, run_dirs)]
     if cfg.objective == "pbsd" and cfg.feedback in ("grpo", "all"):
         bad.append(f"--objective pbsd with --feedback {cfg.feedback}: pbsd needs a teacher context: "
                    "--feedback stepalign, refsol or verdict")
@@ -341,6 +352,10 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
     return bad
 
 
+def need_name(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) is not None
+
+
 def check_inputs(cfg: Config, world: int = 1) -> None:
     """Fail before any model is loaded or GPU time is spent: ConfigError with one line per problem."""
     bad = config_problems(cfg, world)
@@ -362,7 +377,8 @@ def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
         seen = {data.problem_key(p.problem) for p in train}
         test = [p for p in test if data.problem_key(p.problem) not in seen]
     else:
-        train, test = data.load_manifest(cfg.data, "train"), data.load_manifest(cfg.data, "test")
+        train, test = (data.load_manifest(cfg.data, split, answer_problem=checks.gold_answer_problem)
+                       for split in data.SPLITS)
         for split, problems in (("train", train), ("test", test)):
             if not problems:
                 raise data.DataError(f"{cfg.data}: no row with split {split!r}: a run needs at least one training "
@@ -427,22 +443,34 @@ def same_option(name: str, saved, now) -> bool:
     return saved == now
 
 
+def forms_of(cfg: Config) -> tuple[str, ...]:
+    """The --feedback forms of an invocation, run in turn."""
+    return PAPER_FORMS if cfg.feedback == "all" else (cfg.feedback,)
+
+
 def form_config(cfg: Config, form: str) -> Config:
-    """The config of one run of the invocation: one --feedback form, its own output directory."""
+    """The config of one run of the invocation: one --feedback form, its own output directory (--feedback all with
+    an --out-dir that has no {feedback}: OUT_DIR/FORM, so that no form's run overwrites another's)."""
     run_cfg = dataclasses.replace(cfg, feedback=form)
-    run_cfg.out_dir = cfg.out_dir.format(preset=cfg.preset, feedback=run_name(run_cfg))
+    pattern = cfg.out_dir
+    if cfg.feedback == "all" and "{feedback}" not in pattern:
+        pattern = pattern.rstrip("/") + "/{feedback}"
+    run_cfg.out_dir = pattern.format(preset=cfg.preset, feedback=run_name(run_cfg))
     return run_cfg
 
 
-def preflight(cfg: Config, world: int) -> None:
+def preflight(cfg: Config, world: int) -> tuple[dict, list[str]]:
     """Everything checkable before a model loads: the options, the data of each run (at least one training and
-    one held-out problem, at least one step), its output directory, and the critic server (its model list, then
-    a one-token completion). Raises ConfigError, data.DataError or infra.chat_client.CriticUnavailable."""
+    one held-out problem, at least one step), its output directory, with --resume the options and fingerprints of
+    its checkpoint, the --base-eval file, and the critic server (its model list, then a one-token completion).
+    Returns ({form: its run's fingerprint (infra.fingerprint.run_fingerprint)}, warnings). Raises ConfigError,
+    data.DataError or infra.chat_client.CriticUnavailable."""
     check_inputs(cfg, world)
-    forms = PAPER_FORMS if cfg.feedback == "all" else (cfg.feedback,)
-    for form in forms:
+    prints, warnings = {}, []
+    for form in forms_of(cfg):
         run_cfg = form_config(cfg, form)
-        load_problems(run_cfg)
+        train_set, test_set = load_problems(run_cfg)
+        prints[form] = fingerprint.run_fingerprint(run_cfg, train_set, test_set)
         earlier = checkpoint_dirs(Path(run_cfg.out_dir))
         if earlier and not cfg.resume:  # a fresh run there would mix its checkpoints with the earlier run's
             raise ConfigError(f"--out-dir {run_cfg.out_dir}: holds checkpoints of an earlier run (latest "
@@ -460,5 +488,15 @@ def preflight(cfg: Config, world: int) -> None:
                     f"--{name.replace('_', '-')} {getattr(run_cfg, name)}: {latest} was written with "
                     f"{saved[name]}; --resume continues a run only with the options it started with"
                     for name in changed))
-    if any(FORMS[form].needs_critic for form in forms) and cfg.critic == "server":
+            state = json.loads((latest / "state.json").read_text())
+            lines, warning = checks.resume_problems(latest, state.get("fingerprint"), prints[form])
+            if lines:
+                raise ConfigError("\n".join(lines))
+            warnings += [warning] if warning else []
+        if form == forms_of(cfg)[0]:  # (the held-out set is the same for every form)
+            bad = checks.base_eval_problems(cfg, test_set)
+            if bad:
+                raise ConfigError("\n".join(bad))
+    if any(FORMS[form].needs_critic for form in forms_of(cfg)) and cfg.critic == "server":
         make_critic(cfg).check(timeout_s=min(cfg.critic_timeout, 30.0))
+    return prints, warnings

@@ -389,18 +389,28 @@ def _parquet_rows(path: Path, columns: tuple[str, ...]) -> Iterator[dict]:
     yield from frame[present].to_dict("records")
 
 
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # (JSON's \\ud800 escape decodes to one; no UTF-8 encodes it)
+
+
+def text_problem(value, field: str, optional: bool = False) -> str | None:
+    """Why a row's `field` is not usable text, or None: a non-blank string (`optional`: or absent, null or empty)
+    that is valid Unicode (a lone surrogate fails the tokenizer and file writes)."""
+    if value is None or value == "" or not optional and isinstance(value, str) and not value.strip():
+        return None if optional else f"field {field!r} is missing or empty"
+    if not isinstance(value, str):
+        return f"field {field!r} is {type(value).__name__} {value!r:.60}, not a string" + " or null" * optional
+    bad = _LONE_SURROGATE.search(value)
+    return bad and f"field {field!r} holds a lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}"
+
+
 def _check_row(row: dict, where: str) -> None:
     for field in OMR_REQUIRED:
         if field not in row:
             raise DataError(f"{where}: field {field!r} is missing (the row has {sorted(row)})")
-    for field in ("problem", "expected_answer"):
-        value = row[field]
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{where}: field {field!r} is empty or not a string ({value!r:.60})")
-    if not isinstance(row["problem_type"], str):
-        raise DataError(f"{where}: field 'problem_type' is not a string ({row['problem_type']!r:.60})")
-    if row["generated_solution"] is not None and not isinstance(row["generated_solution"], str):
-        raise DataError(f"{where}: field 'generated_solution' is not a string")
+    for field in ("problem", "expected_answer", "problem_type", "generated_solution"):  # (text_problem)
+        problem = text_problem(row[field], field, optional=field in ("problem_type", "generated_solution"))
+        if problem:
+            raise DataError(f"{where}: {problem}")
 
 
 def problems_from_rows(rows: Iterable[tuple[str, int, dict]], skip_bad: bool = False,
@@ -495,17 +505,22 @@ def write_manifest(path: str | Path, train: list[dict], test: list[dict], settin
 SPLITS = ("train", "test")
 
 
-def load_manifest(path: str | Path, split: str | None = None) -> list[Problem]:
+def load_manifest(path: str | Path, split: str | None = None, answer_problem=None) -> list[Problem]:
     """Problems of a manifest written by `python -m scripts.filter_problems` (optionally one split: 'train' or 'test').
     A row whose split is neither is an error naming the row: it would otherwise drop out of both splits. So is an
     id on two rows (every row is read, whatever `split`): twice in one split it would be trained or graded twice;
     in both splits a held-out problem would be trained on; the same problem text (`problem_key`) in both splits
-    likewise."""
+    likewise. Every field is text (text_problem; reference_solution and source may be null); `answer_problem(answer)`
+    says why a gold answer cannot be graded, or None (infra.checks). DataError names the file, the row and the field."""
     problems, first, texts = [], {}, {}  # id -> (row, split); problem_key -> (row, id, split), of its first row
     for rowno, row in iter_rows(path):
-        for field in ("id", "problem", "answer", "split"):
-            if not isinstance(row.get(field), str) or not row[field]:
-                raise DataError(f"{path}: row {rowno}: field {field!r} is missing or empty")
+        for field in ("id", "problem", "answer", "split", "reference_solution", "source"):
+            problem = text_problem(row.get(field), field, optional=field in ("reference_solution", "source"))
+            if problem is None and field == "answer" and answer_problem is not None:
+                problem = answer_problem(row["answer"])
+                problem = problem and f"field 'answer' {row['answer']!r:.60}: {problem}"
+            if problem:
+                raise DataError(f"{path}: row {rowno}: {problem}")
         if row["split"] not in SPLITS:
             raise DataError(f"{path}: row {rowno}: field 'split' is {row['split']!r}; expected 'train' or 'test'")
         if row["id"] in first:
@@ -522,5 +537,5 @@ def load_manifest(path: str | Path, split: str | None = None) -> list[Problem]:
         texts.setdefault(text, (rowno, row["id"], row["split"]))
         if split is None or row["split"] == split:
             problems.append(Problem(row["id"], row["problem"], row["answer"], row.get("reference_solution"),
-                                    None, row.get("source", "")))
+                                    None, row.get("source") or ""))
     return problems

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +32,7 @@ import grading
 import prompts
 import rollout
 from config import OneLineParser, run_name
-from infra import report
+from infra import fingerprint, report
 from infra.dist import Dist
 from infra.signals import StopFlag, Stopped
 from policy import sampling
@@ -139,20 +140,27 @@ def evaluate_policy(cfg, engine, tokenizer, checker, test, step, d: Dist) -> dic
 
 def load_base_eval(cfg, d: Dist) -> dict:
     """The step-0 evaluation an earlier run wrote to --base-eval, as {"result": ...} (None on ranks other than 0, as
-    evaluate_policy returns it there), or {} when there is none: then the first run evaluates the base policy."""
+    evaluate_policy returns it there), or {} when there is none: then the first run evaluates the base policy.
+    config.preflight checked the file before (infra.checks.base_eval_problems: the same model, seed, held-out set and
+    evaluation options)."""
     if not cfg.base_eval or not Path(cfg.base_eval).is_file():
         return {}
-    return {"result": json.loads(Path(cfg.base_eval).read_text()) if d.master else None}
+    return {"result": json.loads(Path(cfg.base_eval).read_text())["result"] if d.master else None}
 
 
-def save_base_eval(cfg, result: dict | None) -> None:
-    """Writes the step-0 evaluation to --base-eval (rank 0; none without the option), atomically: a run stopped
-    mid-write leaves no partial file."""
+def save_base_eval(cfg, result: dict | None, test) -> None:
+    """Writes the step-0 evaluation to --base-eval (rank 0; none without the option) with what it was made of
+    (infra.fingerprint.base_eval_fingerprint of the held-out problems `test`), atomically: a run stopped mid-write
+    leaves no partial file. Never through a symbolic link: the temporary file is created anew (O_EXCL | O_NOFOLLOW)
+    and renamed over the path (a link there is replaced, its target untouched)."""
     if cfg.base_eval and result is not None:
         path = Path(cfg.base_eval)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result) + "\n")
+        tmp.unlink(missing_ok=True)  # (a stale one, or a link: unlink removes the link, not its target)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"fingerprint": fingerprint.base_eval_fingerprint(cfg, test), "result": result}) + "\n")
         tmp.replace(path)
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import lora
 import rollout
 from infra.dist import Dist
+from infra.logs import inside
 
 
 def build_model(cfg, d: Dist):
@@ -63,8 +64,8 @@ def push_adapter(cfg, d: Dist, model, engine, step: int) -> None:
     if cfg.engine != "vllm":
         return
     # the ranks hold identical LoRA weights: rank 0 writes one copy, every rank's engine loads it
-    root = Path(cfg.out_dir) / "adapters"
-    adapter_dir = root / f"step_{step:06d}"
+    root = inside(cfg.out_dir, Path(cfg.out_dir) / "adapters")  # (never through a link out of the out-dir)
+    adapter_dir = inside(cfg.out_dir, root / f"step_{step:06d}")
     if d.master:
         lora.save_adapter(model, str(adapter_dir), base_model_name_or_path=cfg.model)
     if d.world > 1:
@@ -75,7 +76,7 @@ def push_adapter(cfg, d: Dist, model, engine, step: int) -> None:
     if d.master:  # older adapters were loaded by the engines already and are never used again
         for old in root.glob("step_*"):
             if old != adapter_dir:
-                shutil.rmtree(old)
+                shutil.rmtree(inside(cfg.out_dir, old))
 
 
 @contextlib.contextmanager

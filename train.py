@@ -88,13 +88,13 @@ from config import (Config, ConfigError, form_config, load_problems, make_critic
                     total_steps)
 from demo import exact_critic
 from feedback import PAPER_FORMS, Item, check_prompt_lengths, form_of, group_size
-from infra import diagnostics, report
+from infra import diagnostics, fingerprint, report
 from infra.bookkeeping import Bookkeeping
 from infra.chat_client import CriticUnavailable
 from infra.checkpoint import (CheckpointError, OutDirBusy, OutDirLock, SaveError, check_room, checkpoint_bytes,
-                              save_checkpoint, start_out_dir)
+                              config_json, save_checkpoint, start_out_dir)
 from infra.dist import Dist, all_reduce_sum, setup_distributed
-from infra.logs import Logger, Timer
+from infra.logs import EscapesOutDir, Logger, Timer
 from infra.signals import StopFlag, Stopped
 from infra.stop_rules import (EXIT_BAD_INPUT, EXIT_NO_ROOM, EXIT_NOTHING_LEARNED, divergence_probe,
                               evaluation_pending, nothing_learned, probe_policy, refused_update)
@@ -227,6 +227,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
     stop = StopFlag()  # the engine and the critic poll stop.check: a signal abandons their work (infra.signals.Stopped)
     critic_backend = make_critic(cfg, stop.check) if form.needs_critic else None  # before any GPU time
     model, tokenizer, params, optimizer = start_policy(cfg, d)
+    run_print = fingerprint.run_fingerprint(cfg, train_set, test_set)  # the model's files (loaded: here) and the data
     max_positions = model.config.max_position_embeddings  # the model's window: every prompt and its sample fit in it
     check_prompt_lengths(cfg, tokenizer, train_set + test_set, max_positions)
     if cfg.engine == "vllm" and vllm_engine is None:
@@ -243,7 +244,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
         if "result" not in base_eval:
             with sampling(cfg, model):
                 base_eval["result"] = evaluate.evaluate_policy(cfg, engine, tokenizer, checker, test_set, 0, d)
-            evaluate.save_base_eval(cfg, base_eval["result"])
+            evaluate.save_base_eval(cfg, base_eval["result"], test_set)
         evaluate.log_eval(cfg, log, base_eval["result"] and {**base_eval["result"], "feedback": run_name(cfg)})
     books = Bookkeeping(cfg, run_name(cfg), d, log, counters, start, steps, max_positions)
     probe = divergence_probe(tokenizer, train_set[0], cfg.student_thinking)  # (1, L), the same after --resume
@@ -277,7 +278,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                         items = [dataclasses.replace(it, wrong_claim=claim) for it, claim in
                                  zip(items, diagnostics.wrong_claims(tokenizer, items, exact))]
             if stop.agreed(d):  # no weight has changed in this step yet: a checkpoint of `step` steps is exact
-                save_checkpoint(cfg, model, optimizer, step, books.counters, d)
+                save_checkpoint(cfg, model, optimizer, step, books.counters, d, run_print)
                 stop.exit(out_dir, step, d)
             # 5. loss per micro-batch, divided by the count of the whole step (all micro-batches, all ranks)
             normalizer = step_normalizer(cfg, items, d)
@@ -306,11 +307,26 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                 push_adapter(cfg, d, model, engine, done)
             # the log line; the checkpoint, a signal's exit, the evaluation, the stop rules (infra/bookkeeping.py)
             books.after_step(done, items, losses, stats, skipped, grad_norm, timer, time.perf_counter() - t0, stop,
-                             save=lambda: save_checkpoint(cfg, model, optimizer, done, books.counters, d),
+                             save=lambda: save_checkpoint(cfg, model, optimizer, done, books.counters, d, run_print),
                              evaluate=lambda: evaluate.evaluate_in_training(cfg, model, engine, tokenizer, checker,
                                                                             test_set, done, d, log, stop))
     books.close()
     return out_dir, books.counters, steps
+
+
+def same_run_on_every_rank(cfg: Config, prints: dict, d: Dist) -> list[str]:
+    """One line per option, or fingerprint of the model and data files (infra.fingerprint), that differs between the
+    ranks: torchrun's ranks must run one config, else each trains its own run and the all-reduced gradients mix them."""
+    mine = (json.loads(config_json(cfg)), prints)  # (a password in --critic-url redacted: it travels to every rank)
+    every = [None] * d.world
+    dist.all_gather_object(every, mine)
+    (options0, prints0), lines = every[0], []
+    for rank, (options, rank_prints) in enumerate(every[1:], start=1):
+        lines += [f"rank {rank} runs --{k.replace('_', '-')} {options[k]} but rank 0 {v}" for k, v in options0.items()
+                  if options.get(k) != v]
+        lines += [f"rank {rank}: {diff.replace(' vs ', ' on rank 0 vs ')} ({form})" for form in prints0
+                  for diff in fingerprint.differences(prints0[form], rank_prints.get(form, {}), lambda n: n)]
+    return [f"{line}: start every rank with the same options and files" for line in lines]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,8 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     forms = PAPER_FORMS if cfg.feedback == "all" else (cfg.feedback,)
     locks = contextlib.ExitStack()  # one run per out-dir (infra.checkpoint.OutDirLock), held by rank 0 until the exit
     try:
-        preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        prints, warnings = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         if os.environ.get("RANK", "0") == "0":
+            for line in warnings:
+                print(line, file=sys.stderr, flush=True)
             for name in forms:
                 locks.enter_context(OutDirLock(Path(form_config(cfg, name).out_dir)))
     except (ConfigError, data.DataError, CriticUnavailable, OutDirBusy) as e:  # one line each, no traceback
@@ -329,6 +347,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"train.py: error: {line}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT) from None
     d = setup_distributed()
+    if d.world > 1:
+        differ = same_run_on_every_rank(cfg, prints, d)
+        if differ:
+            for line in differ if d.master else ():
+                print(f"train.py: error: {line}", file=sys.stderr, flush=True)
+            locks.close()
+            dist.destroy_process_group()
+            raise SystemExit(EXIT_BAD_INPUT)
     run_dirs, base_eval, idle, vllm_engine = [], evaluate.load_base_eval(cfg, d), [], None
     try:
         vllm_engine = make_vllm_engine(cfg, d) if cfg.engine == "vllm" else None
@@ -336,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in forms:
                 run_cfg = form_config(cfg, name)
                 if d.master:
-                    print("config: " + json.dumps(dataclasses.asdict(run_cfg)), flush=True)
+                    print("config: " + json.dumps(json.loads(config_json(run_cfg))), flush=True)  # (a password redacted)
                 out_dir, counters, steps = train(run_cfg, d, checker, base_eval, vllm_engine)
                 run_dirs.append(out_dir)
                 if sum(counters[k] for k in ("skipped_empty", "skipped_nonfinite", "skipped_diverged")) >= steps:
@@ -346,8 +372,9 @@ def main(argv: list[str] | None = None) -> None:
             print(table)
             for line in idle:
                 print(f"train.py: error: {line}", file=sys.stderr, flush=True)
-    except (CheckpointError, data.DataError, SaveError) as e:  # a checkpoint that is not data only, a prompt longer
-        # than the context; no room for checkpoints, or a failed save: one line naming the file or disk, no traceback
+    except (CheckpointError, data.DataError, SaveError, EscapesOutDir) as e:  # a checkpoint that is not data only, a
+        # prompt longer than the context; no room for checkpoints, or a failed save; a write that would leave the
+        # out-dir: one line naming the file or disk, no traceback
         print(f"train.py: error: rank {d.rank}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_NO_ROOM if isinstance(e, SaveError) else EXIT_BAD_INPUT) from None
     finally:

@@ -4,15 +4,20 @@ threads), for the critic (critic.ServerCritic) and the difficulty filter.
 What it guarantees, whatever the server does: every exchange has a wall-clock deadline (a server that drips its
 answer is cut), a batch ends within its worst case of all attempts and at once when its `interrupt` raises (a stop
 signal), no answer larger than MAX_ANSWER_BYTES is read, redirects are never followed (the API key goes to the
-URL's server only), and the key is never stored, printed, logged or put into an error message. A failed request
-comes back as (None, error, error_kind), never as an exception into the training loop.
+URL's server only), and the key is never stored, printed, logged or put into an error message, whatever its bytes (a
+key that no HTTP header can carry is refused by `key_problem`, before a header holds it); nor is a password in the URL
+(`http://user:pass@host/v1`: sent as HTTP Basic authentication, shown as `http://[redacted]@host/v1`). A failed request
+comes back as (None, error, error_kind), never as an exception into the training loop. An answer's text is valid
+Unicode (`valid_text`: a lone surrogate, which JSON's \\ud800 escape can carry, is replaced and counted).
 """
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -28,6 +33,49 @@ POLL_S = 0.1  # how often a waiting ServerCritic batch calls its `interrupt` (a 
 MAX_ANSWER_BYTES = 16 * 2 ** 20
 # Where a chat answer holds the trace a reasoning parser took out of content: vLLM 0.32's name, then the older one
 REASONING_FIELDS = ("reasoning", "reasoning_content")
+
+
+_USERINFO = re.compile(r"(?<=://)[^/?#]*@")  # the `user:pass@` of a URL (a password may hold '@': up to the last)
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # (a valid pair is one character once decoded)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its userinfo (user:password@) replaced by [redacted]@: how a URL is shown in any output or file."""
+    return _USERINFO.sub("[redacted]@", url, count=1) if isinstance(url, str) else url
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be a server's base URL (one phrase, the URL itself not repeated), or None."""
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url):
+        return "holds a space or a control character"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be http(s)://HOST[:PORT]/v1"
+    try:
+        parts.port  # (urllib raises for a port outside 0-65535 or not a number)
+    except ValueError as e:
+        return f"has a bad port ({e})"
+    if (parts.username or parts.password) and not (parts.username or "").isascii():
+        return "its user name must be ASCII"
+    return None
+
+
+def key_problem(key: str) -> str | None:
+    """Why `key` cannot be sent as a Bearer token (one phrase that never holds the key), or None: it must be
+    printable ASCII without spaces (RFC 6750's token; http.client refuses a control character in a header, and its
+    error would print the header, key included)."""
+    for i, ch in enumerate(key):
+        if not 0x21 <= ord(ch) <= 0x7E:
+            what = "a space" if ch == " " else f"the character U+{ord(ch):04X}"
+            return (f"it holds {what} at position {i + 1} of {len(key)} (a trailing newline or \\r?); an API key is "
+                    "printable ASCII without spaces")
+    return None
+
+
+def valid_text(text: str) -> tuple[str, int]:
+    """(text as valid Unicode, the number of lone surrogates replaced by U+FFFD). Outside text enters here once: a
+    lone surrogate cannot be encoded as UTF-8, so a tokenizer or a file write would fail on it later."""
+    return _LONE_SURROGATE.subn("\ufffd", text)
 
 
 class RequestFailed(Exception):
@@ -118,12 +166,20 @@ def request(url: str, body: bytes | None, key: str | None, timeout_s: float, bat
     detail = the start of its body; a 3xx names where it pointed), "refused" / "timeout" / "connection"
     (retryable), "abandoned", or "malformed" (not an http(s) URL, an answer over MAX_ANSWER_BYTES; neither
     retried)."""
+    shown = redact_url(url)
+    problem = url_problem(url)
+    if problem:
+        raise RequestFailed(f"{shown}: {problem}", False, "malformed")
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RequestFailed(f"{url} is not an http(s) URL", False, "malformed")
     headers = {} if body is None else {"Content-Type": "application/json"}
+    if key and key_problem(key):
+        raise RequestFailed(f"the API key is refused before it is sent: {key_problem(key)}", False, "bad_key")
     if key:
         headers["Authorization"] = f"Bearer {key}"
+    elif parts.username is not None:  # credentials in the URL: HTTP Basic authentication (RFC 7617)
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+    url = shown  # (from here on, only in messages)
     connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = connection(parts.hostname, parts.port, timeout=timeout_s)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -188,12 +244,15 @@ class ChatClient:
                  temperature: float = 0.0, top_p: float = 1.0, interrupt: Callable[[], None] | None = None):
         base = base_url.rstrip("/")
         self.url = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+        self.shown_url = redact_url(self.url)  # (the URL in messages: without a password it may hold)
+        self._count = threading.Lock()
+        self.repaired = 0  # answers whose text held lone surrogates, replaced (valid_text); counted, not failed
         self.model, self.api_key_env, self.max_tokens = model, api_key_env, max_tokens
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.max_workers, self.temperature, self.top_p, self.interrupt = max_workers, temperature, top_p, interrupt
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
+        return (f"{type(self).__name__}(url={self.shown_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
                 f"timeout_s={self.timeout_s}, max_retries={self.max_retries})")
 
     def complete(self, messages_batch: list[list[dict]], seeds: list[int] | None = None
@@ -268,23 +327,27 @@ class ChatClient:
             finish_reason = choice.get("finish_reason")
             # read before the content: a reasoning server may send no content at all for an answer cut short
             if finish_reason == "length":
-                raise RequestFailed(f"the answer from {self.url} was cut at max_tokens={self.max_tokens} "
+                raise RequestFailed(f"the answer from {self.shown_url} was cut at max_tokens={self.max_tokens} "
                                      "(finish_reason 'length'); a truncated critique is not used", False, "length")
             message = choice["message"]
             text = message["content"]
             if finish_reason == "stop" and not (text or "").strip():
-                raise RequestFailed(f"the answer from {self.url} has an empty content (a reasoning parser that "
+                raise RequestFailed(f"the answer from {self.shown_url} has an empty content (a reasoning parser that "
                                      "kept everything in the reasoning field?)", False, "empty")
             if not isinstance(text, str):
                 raise TypeError(f"content is {type(text).__name__}")
             if finish_reason != "stop":
                 raise ValueError(f"finish_reason is {finish_reason!r}, expected 'stop'")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
-            raise RequestFailed(f"malformed answer from {self.url}: {type(e).__name__}: {e}; "
+            raise RequestFailed(f"malformed answer from {self.shown_url}: {type(e).__name__}: {e}; "
                                  f"body starts {raw[:120]!r}", True, "malformed") from None
         # A reasoning parser (vLLM's --reasoning-parser) took the trace out of content, into `reasoning` (vLLM 0.32:
         # ChatMessage.reasoning, vllm/entrypoints/openai/chat_completion/protocol.py) or `reasoning_content` (its
         # older name, still sent by other servers): content is then the critique alone, whichever the template.
+        text, replaced = valid_text(text)  # outside text becomes valid Unicode here, once
+        if replaced:
+            with self._count:
+                self.repaired += 1
         if any(isinstance(message.get(field), str) for field in REASONING_FIELDS):
             return "</think>" + text  # (data.strip_think keeps what follows the tag)
         return text
@@ -300,7 +363,9 @@ class ChatClient:
             try:
                 raw = request(url, body, key, timeout_s)
             except RequestFailed as e:
-                if e.kind in ("http_401", "http_403"):
+                if e.kind == "bad_key":
+                    what = f"the key in ${self.api_key_env} is refused before it is sent: {key_problem(key)}"
+                elif e.kind in ("http_401", "http_403"):
                     status = e.kind.removeprefix("http_")
                     what = (f"HTTP {status} (unauthorized): the key in ${self.api_key_env} was refused" if key
                             else f"HTTP {status} (unauthorized): it needs an API key in ${self.api_key_env}")
@@ -309,7 +374,7 @@ class ChatClient:
                 else:
                     what = {"refused": "connection refused: is the server running at --critic-url?",
                             "timeout": f"no answer within {timeout_s} s"}.get(e.kind, str(e))
-                raise CriticUnavailable(redact(f"critic server {url}: {what}", key)) from None
+                raise CriticUnavailable(redact(f"critic server {redact_url(url)}: {what}", key)) from None
             try:
                 answer = json.loads(raw)
                 if body is None:
@@ -324,7 +389,7 @@ class ChatClient:
                         raise TypeError("the completion's content is not a string, and no reasoning field is")
             except (ValueError, KeyError, IndexError, TypeError, RecursionError) as e:
                 what = f"not an OpenAI-compatible answer ({type(e).__name__}: {e}); body starts {raw[:80]!r}"
-                raise CriticUnavailable(redact(f"critic server {url}: {what}", key)) from None
+                raise CriticUnavailable(redact(f"critic server {redact_url(url)}: {what}", key)) from None
             if body is None and self.model not in served:
-                raise CriticUnavailable(f"critic server {url}: serves {served[:5]}, not {self.model!r} "
+                raise CriticUnavailable(f"critic server {redact_url(url)}: serves {served[:5]}, not {self.model!r} "
                                         "(--critic-model)")

@@ -1,5 +1,7 @@
 """The output directory of a run: one run per directory (an fcntl lock), checkpoints written to a temporary
-directory then renamed (a kill leaves the previous one intact), loaded as data only (weights_only), --resume."""
+directory then renamed (a kill leaves the previous one intact), loaded as data only (weights_only), --resume. Every
+file is written inside the out-dir and never through a link (infra.logs.inside); state.json records the run's
+fingerprints (infra.fingerprint), and a state.json of the wrong shape is passed over like a truncated file."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +14,7 @@ import pickle
 import random
 import shutil
 import socket
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -21,7 +24,9 @@ import torch
 import torch.distributed as dist
 
 import lora
+from infra.chat_client import redact_url
 from infra.dist import Dist
+from infra.logs import inside, write_inside
 
 
 class OutDirBusy(Exception):
@@ -49,9 +54,16 @@ class OutDirLock:
     def __enter__(self) -> OutDirLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise OutDirBusy(f"--out-dir {self.path.parent}: {self.path} cannot be written ({e.strerror})") from None
+            # never through a link (it would truncate its target), never a FIFO or device (O_NONBLOCK: no wait)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as e:  # (ELOOP: a symbolic link)
+            raise OutDirBusy(f"--out-dir {self.path.parent}: {self.path} cannot be written ({e.strerror}); a lock "
+                             "is a regular file of the out-dir, never a link: remove it") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            os.close(fd)
+            raise OutDirBusy(f"--out-dir {self.path.parent}: {self.path} is not a regular file of its own (a device, "
+                             "FIFO or hard link), so it is not written; remove it")
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -96,7 +108,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    return sorted((out_dir / "checkpoints").glob("step_[0-9]*"), key=lambda p: int(p.name.split("_")[1]))
+    found = [p for p in (out_dir / "checkpoints").glob("step_[0-9]*") if p.name[len("step_"):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len("step_"):]))
 
 
 def rng_state() -> dict:
@@ -178,13 +191,22 @@ def check_room(out_dir: Path, one_checkpoint: int, n: int = 2) -> None:
                         "choose an --out-dir on another disk")
 
 
-def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist) -> None:
-    """Adapter (PEFT layout), optimizer, RNG states, data position: to a temporary directory, then renamed.
+def config_json(cfg) -> str:
+    """config.json of a run: its options, a password in --critic-url redacted (never written to any file)."""
+    options = dataclasses.asdict(cfg)
+    options["critic_url"] = redact_url(options["critic_url"])
+    return json.dumps(options, indent=1)
+
+
+def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist, fingerprint: dict | None = None
+                    ) -> None:
+    """Adapter (PEFT layout), optimizer, RNG states, data position and the run's fingerprints (infra.fingerprint):
+    to a temporary directory, then renamed.
 
     A kill during the save leaves the previous checkpoint intact (and at worst a stray .tmp directory). A write
     that fails (OSError: disk full, quota) removes the temporary directory and raises SaveError naming the disk."""
-    final = Path(cfg.out_dir) / "checkpoints" / f"step_{step:06d}"
-    tmp = final.with_name(f".tmp_{final.name}")
+    final = inside(cfg.out_dir, Path(cfg.out_dir) / "checkpoints" / f"step_{step:06d}")
+    tmp = inside(cfg.out_dir, final.with_name(f".tmp_{final.name}"))
     if d.master:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -195,8 +217,9 @@ def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist) -
         if d.master:
             lora.save_adapter(model, str(tmp), base_model_name_or_path=cfg.model)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "counters": counters}, indent=1))
-            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "counters": counters,
+                                                        "fingerprint": fingerprint or {}}, indent=1))
+            (tmp / "config.json").write_text(config_json(cfg))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         earlier = checkpoint_dirs(Path(cfg.out_dir))
@@ -220,7 +243,7 @@ def truncate_log(path: Path, step: int) -> None:
         text = path.read_text()
         complete = text[:text.rfind("\n") + 1]
         lines = [line for line in complete.splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        write_inside(path.parent, path, "".join(line + "\n" for line in lines))
 
 
 def load_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
@@ -245,6 +268,9 @@ def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict, dict | None, dict]
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing")
     meta = load_json(path / "state.json", ("step", "counters"))
+    problem = state_problem(meta, path)
+    if problem:
+        raise CheckpointError(f"{path / 'state.json'}: {problem}")
     load_json(path / "config.json")
     load_json(path / lora.ADAPTER_CONFIG_NAME, ("r", "lora_alpha", "target_modules"))
     try:
@@ -255,6 +281,24 @@ def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict, dict | None, dict]
     optimizer_state = load_data(path / "optimizer.pt")
     rng_file = path / f"rng_rank{rank}.pt"
     return optimizer_state, (load_data(rng_file) if rng_file.exists() else None), meta
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def state_problem(meta: dict, path: Path) -> str | None:
+    """Why state.json of the checkpoint directory `path` is not one that save_checkpoint wrote, or None: its step
+    must be the directory's (step_000004: 4), its counters non-negative integers by name, its fingerprint an object."""
+    want = int(path.name.split("_")[1]) if path.name.split("_")[-1].isdigit() else None
+    if not _count(meta["step"]) or (want is not None and meta["step"] != want):
+        return f"step is {meta['step']!r}, not the step {want} of its directory"
+    counters = meta["counters"]
+    if not isinstance(counters, dict) or not all(isinstance(k, str) and _count(v) for k, v in counters.items()):
+        return f"counters are not non-negative integers by name ({json.dumps(counters)[:80]})"
+    if not isinstance(meta.get("fingerprint", {}), dict):
+        return f"fingerprint is not an object ({json.dumps(meta['fingerprint'])[:80]})"
+    return None
 
 
 def resumable_checkpoint(out_dir: Path, rank: int = 0) -> tuple[Path | None, list[str]]:
@@ -297,7 +341,8 @@ def start_out_dir(cfg, d: Dist, model, optimizer) -> tuple[int, dict]:
                 "skipped_context": 0}
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stray in sorted((out_dir / "checkpoints").glob(".tmp_step_*")):  # a save cut by a kill
+        for stray in sorted(inside(out_dir, out_dir / "checkpoints").glob(".tmp_step_*")):
+            inside(out_dir, stray)  # a save cut by a kill
             shutil.rmtree(stray)
             print(f"removed {stray}: a checkpoint whose save was interrupted", flush=True)
     if d.world > 1:
@@ -329,5 +374,5 @@ def start_out_dir(cfg, d: Dist, model, optimizer) -> tuple[int, dict]:
     if d.master:
         for name in ("log.jsonl", "eval.jsonl", "samples.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        write_inside(out_dir, out_dir / "config.json", config_json(cfg))
     return 0, counters

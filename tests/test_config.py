@@ -70,6 +70,14 @@ BAD_VALUES = {
 }
 
 
+# values inside a lower bound that would fail later, after the model loaded: past an upper bound or an integer range
+# (a port past 65535 raised in urllib at step 1; 2 * 2^1100 s of backoff overflowed a float; numpy's seeds are 32-bit;
+# a timer of 10^10 s overflows threading's wait)
+BAD_BOUNDS = [("critic_url", "http://127.0.0.1:70000/v1"), ("critic_url", "http://127.0.0.1:8000/v1 x"),
+              ("critic_retries", "1100"), ("critic_retries", "11"), ("seed", "4294967296"),
+              ("critic_timeout", "10000000000.0")]
+
+
 def test_every_option_with_a_bad_value_is_refused_by_name(tiny_model_dir, tmp_path, capsys):
     """Walk every option of Config: a bad value stops main before anything loads, with one line naming the
     option and the value (exit 2). An accepted bad value would start training here instead."""
@@ -89,6 +97,10 @@ def test_every_option_with_a_bad_value_is_refused_by_name(tiny_model_dir, tmp_pa
         assert option in err and value in err, (option, err)
         walked.add(f.name)
     assert walked == {f.name for f in fields if f.type != "bool"}
+    for name, value in BAD_BOUNDS:
+        option = "--" + name.replace("_", "-")
+        err = expect_refusal(capsys, [*base, option, value])
+        assert err.startswith(f"train.py: error: {option} {value}: "), err
     for value in ("nan", "inf"):  # non-finite floats pass a comparison with a bound
         assert "--lr " + value in expect_refusal(capsys, [*base, "--lr", value])
     assert "argument --lr: invalid float value: 'abc'" in expect_refusal(capsys, [*base, "--lr", "abc"])
@@ -247,3 +259,105 @@ def test_an_out_dir_under_a_file_is_refused_at_start(tiny_model_dir, tmp_path, c
     err = expect_refusal(capsys, tiny_args(tiny_model_dir, tmp_path / "a_file" / "sub" / "run"))
     assert err.splitlines() == [f"train.py: error: --out-dir {tmp_path / 'a_file' / 'sub' / 'run'}: "
                                 f"{tmp_path / 'a_file'} is a file, so no directory can be made under it"]
+
+
+def test_secrets_never_appear_in_output_or_files(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A password in --critic-url is redacted in the printed config line, config.json (the run's and each
+    checkpoint's) and every refusal; an API key that no HTTP header can carry (a trailing \\r: http.client's error
+    printed the header, key included, at step 1) is refused at start by name, without its bytes."""
+    out = tmp_path / "run"
+    url = "http://alice:s3cr3t-pw@127.0.0.1:9/v1"  # (the exact critic runs: the server is never asked)
+    train.main(tiny_args(tiny_model_dir, out, "--max-steps", "1", "--eval-every", "1", "--critic-url", url))
+    captured = capsys.readouterr()
+    assert "http://[redacted]@127.0.0.1:9/v1" in captured.out
+    written = [p.read_text() for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl")]
+    assert len(written) >= 4 and all("s3cr3t" not in text for text in written)
+    assert "s3cr3t" not in captured.out + captured.err
+    err = expect_refusal(capsys, tiny_args(tiny_model_dir, tmp_path / "r2", "--critic-url",
+                                           "http://alice:s3cr3t-pw@127.0.0.1:70000/v1"))
+    assert "s3cr3t" not in err and "--critic-url http://[redacted]@127.0.0.1:70000/v1: has a bad port" in err
+    monkeypatch.setenv("SDCF_TEST_KEY", "sk-very-secret-key\r")
+    err = expect_refusal(capsys, tiny_args(tiny_model_dir, tmp_path / "r3", "--critic", "server",
+                                           "--critic-api-key-env", "SDCF_TEST_KEY"))
+    assert "very-secret" not in err
+    assert err.splitlines() == ["train.py: error: --critic-api-key-env SDCF_TEST_KEY: the key in $SDCF_TEST_KEY "
+                                "holds the character U+000D at position 19 of 19 (a trailing newline or \\r?); an API "
+                                "key is printable ASCII without spaces"]
+
+
+BAD_ROWS = {  # what is wrong with a manifest row -> (the row's fields, the phrase of the error)
+    "answer that no box reads back": ({"answer": "}{"}, "field 'answer' '}{': its \\boxed{} form reads back as None"),
+    "blank answer": ({"answer": "  "}, "field 'answer' is missing or empty"),
+    "unbalanced brace": ({"answer": "\\frac{1}{2"}, "field 'answer'"),
+    "reference that is a number": ({"reference_solution": 5}, "field 'reference_solution' is int 5, not a string"),
+    "lone surrogate in a problem": ({"problem": "What is 2+\ud800?"},
+                                    "field 'problem' holds a lone surrogate U+D800 at character 10"),
+    "source that is a list": ({"source": ["x"]}, "field 'source' is list"),
+    "blank problem": ({"problem": " \n"}, "field 'problem' is missing or empty"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_ROWS))
+def test_a_bad_manifest_row_is_refused_before_the_model_loads(tmp_path, kind):
+    """Each bad field of a manifest row: exit 2, one line naming the file, the row and the field. Before, a gold
+    answer '}{' or blank, a reference that is a number and a lone surrogate (JSON's \\ud800) each passed the load and
+    failed at step 1 or later, after the model loaded; --model names a hub id this machine cannot fetch, so reaching
+    the model load would fail otherwise."""
+    fields, phrase = BAD_ROWS[kind]
+    rows = [{"id": "a", "problem": "1+1?", "answer": "2", "split": "train", "reference_solution": "1+1 = 2"},
+            {"id": "b", "problem": "2+2?", "answer": "4", "split": "test", "reference_solution": None, **fields}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))  # (ASCII: the surrogate as its \\ud800 escape)
+    result = run_cli(["--data", str(manifest), "--feedback", "grpo", "--engine", "transformers", "--model",
+                      "no-such-org/no-such-model", "--prompts-per-step", "1", "--out-dir", str(tmp_path / "run")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"train.py: error: {manifest}: row 2: ") and phrase in line, line
+
+
+def test_the_out_dir_is_never_the_model_or_the_data_directory(tiny_model_dir, tmp_path, capsys):
+    """--out-dir equal to --model replaced the model's config.json; one above the model or the data (the run deletes
+    checkpoints and adapters in its own) or inside the model's directory would write beside or over them. Each is
+    refused by name at start, through symbolic links too; nothing in the model's directory changed."""
+    before = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
+    link = tmp_path / "link_to_model"
+    link.symlink_to(tiny_model_dir)
+    for out, how in ((tiny_model_dir, "is"), (link, "is"), (tiny_model_dir.parent, "holds"),
+                     (tiny_model_dir / "runs" / "x", "is inside")):
+        err = expect_refusal(capsys, tiny_args(tiny_model_dir, out))
+        assert f"--out-dir {out}: {out} {how} the directory {tiny_model_dir.resolve()} of --model" in err, err
+    assert {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()} == before
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    manifest = data_dir / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": i, "problem": f"{i}+1?", "answer": "2", "split": s}) + "\n"
+                                for i, s in (("a", "train"), ("b", "test"))))
+    for out in (data_dir, tmp_path):
+        err = expect_refusal(capsys, tiny_args(tiny_model_dir, out, "--data", str(manifest), "--feedback", "grpo"))
+        assert f"the directory {data_dir.resolve()} of --data" in err, err
+
+
+def test_a_link_among_the_out_dirs_files_is_refused_at_start(tiny_model_dir, tmp_path, capsys):
+    """A .lock that links elsewhere was truncated by the lock; any of the run's names that is a link is refused
+    before anything is written, and the link's target keeps its bytes."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in (".lock", "log.jsonl", "checkpoints"):
+        out = tmp_path / f"run_{name.strip('.')}"
+        out.mkdir()
+        (out / name).symlink_to(victim)
+        err = expect_refusal(capsys, tiny_args(tiny_model_dir, out))
+        assert f"{out / name} is a symbolic link" in err
+    assert victim.read_text() == "precious"
+
+
+def test_feedback_all_gives_each_form_its_own_directory():
+    """--feedback all with an --out-dir without {feedback}: each form in OUT/FORM (GRPO overwrote the two SD runs
+    and printed only its own table); with {feedback} in it, the pattern decides; one form: the directory as given."""
+    cfg = config.parse_config(["--preset", "demo", "--out-dir", "runs/mine"])
+    assert [config.form_config(cfg, f).out_dir for f in feedback.PAPER_FORMS] == [
+        "runs/mine/stepalign", "runs/mine/refsol", "runs/mine/grpo"]
+    cfg = config.parse_config(["--preset", "demo", "--out-dir", "runs/{feedback}-x/"])
+    assert config.form_config(cfg, "grpo").out_dir == "runs/grpo-x/"
+    cfg = config.parse_config(["--preset", "demo", "--feedback", "grpo", "--out-dir", "runs/mine"])
+    assert config.form_config(cfg, "grpo").out_dir == "runs/mine"

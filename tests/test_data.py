@@ -394,3 +394,26 @@ def test_arithmetic_held_out_problems_drawn_for_training_are_dropped_by_problem_
     cfg = config.parse_config(["--preset", "demo", "--arith-train", "4", "--arith-test", "3"])
     with pytest.raises(config.ConfigError, match="every held-out problem is also a training problem"):
         config.load_problems(cfg)
+
+
+def test_rows_with_text_that_is_not_text_are_refused_or_skipped_and_counted(tmp_path):
+    """A lone surrogate (JSON's \\ud800 escape; no UTF-8 encodes it: the tokenizer and file writes fail on it mid-run)
+    in a problem, answer or solution, and a blank problem: DataError naming the file, row and field, or with skip_bad
+    skipped and counted. A manifest row: every field checked, the gold answer by the caller's `answer_problem`."""
+    path = write_jsonl(tmp_path / "s.jsonl", [omr_row("a"), omr_row("b\ud800"), omr_row("c", solution="x\udfff"),
+                                              omr_row(" \t")])
+    with pytest.raises(DataError, match=r"s.jsonl: row 2: field 'problem' holds a lone surrogate U\+D800"):
+        load_openmathreasoning(path)
+    problems, stats = load_openmathreasoning(path, skip_bad=True)
+    assert [p.problem for p in problems] == ["a"] and stats.skipped_bad == 3 and stats.rows == 4
+    manifest = tmp_path / "m.jsonl"
+    row = {"id": "a", "problem": "1+1?", "answer": "2", "split": "train"}
+    for bad, phrase in (({"reference_solution": 5}, "field 'reference_solution' is int 5, not a string or null"),
+                        ({"answer": "\udc00"}, "field 'answer' holds a lone surrogate U+DC00 at character 0"),
+                        ({"answer": "}{"}, "field 'answer' '}{': unreadable")):
+        manifest.write_text(json.dumps({**row, **bad}) + "\n")
+        with pytest.raises(DataError) as err:
+            load_manifest(manifest, answer_problem=lambda a: "unreadable" if a == "}{" else None)
+        assert str(err.value) == f"{manifest}: row 1: {phrase}"
+    manifest.write_text(json.dumps({**row, "reference_solution": None, "source": ""}) + "\n")
+    assert load_manifest(manifest)[0].reference_solution is None

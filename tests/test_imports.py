@@ -19,12 +19,14 @@ COPYABLE = ("sd_loss", "grpo", "pbsd", "lora")
 LAYERS = (
     # leaves: no project import. The math, grading, data; ranks; the hardened HTTP client
     {"sd_loss", "grpo", "pbsd", "lora", "grading", "data", "infra.dist", "infra.chat_client"},
-    # the prompts (data, grading); the engines and scoring (lora); logs and signals (ranks); checkpoints (lora)
-    {"prompts", "rollout", "infra.logs", "infra.signals", "infra.checkpoint"},
+    # the prompts (data, grading); the engines and scoring (lora); logs and the out-dir's file guard, signals (ranks)
+    {"prompts", "rollout", "infra.logs", "infra.signals"},
     # the critic (prompts, rollout, the client); the policy (lora, rollout); the stop rules (prompts: the probe);
+    # checkpoints (lora, the file guard of logs); the run's fingerprints (data, rollout: the demo model's folder);
     # samples.jsonl (logs)
-    {"critic", "policy", "infra.stop_rules", "infra.sample_log"},
-    {"demo.exact_critic"},  # the exact arithmetic critic (critic)
+    {"critic", "policy", "infra.stop_rules", "infra.checkpoint", "infra.fingerprint", "infra.sample_log"},
+    # the exact arithmetic critic (critic); the checks of a run's files (fingerprint, checkpoint, grading)
+    {"demo.exact_critic", "infra.checks"},
     {"feedback"},  # the feedback forms and steps 1-4 of a step: problems to teacher inputs (critic, exact critic)
     # the options, problems and critic of a run (feedback); the step's log line; the results table (feedback)
     {"config", "infra.diagnostics", "infra.report"},

@@ -1,6 +1,8 @@
 """infra/ (the run's plumbing): checkpoints written atomically (an exception or a kill -9 during a save), the log cut back on resume,
 and sampling from a bf16 model that keeps a small adapter."""
 import contextlib
+import dataclasses
+import json
 import os
 import random
 import signal
@@ -475,3 +477,76 @@ def test_a_signal_at_an_evaluation_boundary_checkpoints_first_and_resume_evaluat
     train.main(args(stopped, "--resume"))
     assert [r["step"] for r in read_jsonl(stopped / "eval.jsonl")] == [0, 2, 4]
     same_run(straight, stopped, 4)
+
+
+# ---------------------------------------------------------------------------------------------- nothing outside the out-dir
+def test_the_lock_never_writes_through_a_link(tmp_path):
+    """A .lock that is a symbolic link was opened through it and its target truncated to the lock's record: refused
+    (O_NOFOLLOW), as are a hard link and a FIFO; the target keeps its bytes."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for i, make in enumerate((lambda p: p.symlink_to(victim), lambda p: os.link(victim, p), os.mkfifo)):
+        out = tmp_path / f"run{i}"
+        out.mkdir()
+        make(out / ".lock")
+        with pytest.raises(checkpoint.OutDirBusy, match=r"\.lock"):
+            checkpoint.OutDirLock(out).__enter__()
+    assert victim.read_text() == "precious"
+
+
+def test_every_write_of_a_run_stays_inside_its_out_dir(tmp_path):
+    """The log lines, the checkpoints, the adapters pushed for vLLM and the --base-eval file never write through a
+    link planted in the out-dir (nor a log through a hard link): EscapesOutDir names it, the target is untouched."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").symlink_to(victim)
+    os.link(victim, out / "eval.jsonl")
+    log = logs.Logger(out, enabled=True)
+    for name in ("log.jsonl", "eval.jsonl"):
+        with pytest.raises(logs.EscapesOutDir, match=name):
+            log.write(name, {"step": 1})
+    (out / "checkpoints").symlink_to(outside)
+    cfg = config.parse_config(["--out-dir", str(out), "--engine", "vllm"])
+    with pytest.raises(logs.EscapesOutDir, match="checkpoints: a symbolic link"):
+        checkpoint.save_checkpoint(cfg, None, None, 2, {}, dist.Dist())
+    (out / "adapters").symlink_to(outside)
+    with pytest.raises(logs.EscapesOutDir, match="adapters: a symbolic link"):
+        policy.push_adapter(cfg, dist.Dist(), None, None, 3)
+    base_eval = tmp_path / "base_eval.json"
+    (tmp_path / "base_eval.json.tmp").symlink_to(victim)  # the temporary file of the atomic write
+    import data
+    test = data.arithmetic_problems(2, seed=0)
+    evaluate.save_base_eval(dataclasses.replace(cfg, base_eval=str(base_eval), model="no-such/model"), {"step": 0},
+                            test)
+    assert json.loads(base_eval.read_text())["result"] == {"step": 0}
+    assert victim.read_text() == "precious" and sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+
+
+# ---------------------------------------------------------------------------------------------- the critic's client
+def test_the_client_repairs_lone_surrogates_and_never_shows_a_secret(serve, smol_tokenizer):
+    """An answer whose content holds a lone surrogate (JSON's \\ud800 escape) became a str the tokenizer refuses
+    (TypeError) and no UTF-8 file takes: it is valid Unicode once it enters (U+FFFD) and counted. A key that no header
+    can carry is refused before a header holds it (http.client's ValueError printed it); a password in the URL is
+    sent as Basic authentication and appears in no message."""
+    from infra import chat_client
+    server, url = serve(lambda body, headers: (200, b'{"choices": [{"message": {"content": "Step 1: \\ud800 ok"},'
+                                                    b' "finish_reason": "stop"}]}'))
+    client = chat_client.ChatClient(url + "/v1", "m", max_tokens=8, api_key_env="SDCF_NO_SUCH_VARIABLE")
+    [(text, error, _)] = client.complete([[{"role": "user", "content": "hi"}]])
+    assert error is None and text == "Step 1: \ufffd ok" and client.repaired == 1
+    assert smol_tokenizer(text, add_special_tokens=False).input_ids and text.encode("utf-8")
+    with pytest.raises(chat_client.RequestFailed) as failed:
+        chat_client.request(url + "/v1/models", None, "sk-secret-key\r", 5.0)
+    assert failed.value.kind == "bad_key" and "secret" not in str(failed.value) and "U+000D" in str(failed.value)
+    secret_url = url.replace("http://", "http://alice:pw%40s3cret@") + "/v1"
+    client = chat_client.ChatClient(secret_url, "m", max_tokens=8, api_key_env="SDCF_NO_SUCH_VARIABLE")
+    client.complete([[{"role": "user", "content": "hi"}]])
+    import base64
+    assert server.requests[-1][1]["Authorization"] == "Basic " + base64.b64encode(b"alice:pw@s3cret").decode()
+    server.respond = lambda body, headers: (500, {"error": "down"})
+    [(_, error, _)] = client.complete([[{"role": "user", "content": "hi"}]])
+    assert "s3cret" not in error + repr(client) and "[redacted]@127.0.0.1" in error

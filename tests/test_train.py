@@ -592,7 +592,7 @@ def test_base_eval_file_is_written_by_the_first_run_and_read_by_the_next(tiny_mo
     assert calls == [("refsol", 0), ("refsol", 1), ("grpo", 1)]
     step0 = [read_jsonl(tmp_path / f / "eval.jsonl")[0] for f in ("refsol", "grpo")]
     assert [e["feedback"] for e in step0] == ["refsol", "grpo"]
-    assert step0[1] == {**step0[0], "feedback": "grpo"} == {**json.loads(path.read_text()), "feedback": "grpo"}
+    assert step0[1] == {**step0[0], "feedback": "grpo"} == {**json.loads(path.read_text())["result"], "feedback": "grpo"}
 
 
 def test_a_problem_drawn_twice_in_one_step_gets_two_rollouts(smol_tokenizer):
@@ -1045,6 +1045,12 @@ CORRUPTIONS = {  # name: (file of the latest checkpoint, what is done to it)
     "rng garbage": ("rng_rank0.pt", lambda p: p.write_bytes(random.Random(2).randbytes(512))),  # (IndexError)
     "config garbage": ("config.json", lambda p: p.write_text("{not json")),
     "state nested too deep": ("state.json", lambda p: p.write_text("[" * 100_000)),  # past Python's recursion limit
+    # state.json of the wrong shape (a traceback before, or a step no run reached accepted)
+    "state step a string": ("state.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "step": "4"}))),
+    "state step impossible": ("state.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()),
+                                                                               "step": 999}))),
+    "state counters not ints": ("state.json", lambda p: p.write_text(json.dumps(
+        {**json.loads(p.read_text()), "counters": {"skipped_critic": "many"}}))),
 }
 
 
@@ -1126,3 +1132,76 @@ def test_activation_checkpointing_changes_no_bit(tiny_model_dir, tmp_path):
     values = [[(r["loss"], r["grad_norm"], r["divergence"]) for r in read_jsonl(tmp_path / flag / "log.jsonl")]
               for flag in ("--grad-checkpointing", "--no-grad-checkpointing")]
     assert values[0] == values[1]
+
+
+def _refused(capsys, args) -> str:
+    """train.main(args) exits 2 with only 'train.py: error:' lines on stderr; returns them."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err and all(x.startswith("train.py: error: ") for x in err.splitlines()), err
+    return err
+
+
+def test_resume_refuses_a_model_or_data_changed_at_the_same_path(tiny_model_dir, tmp_path, smol_tokenizer, capsys):
+    """A checkpoint records the fingerprints of the model's weight files and of the data (infra.fingerprint):
+    --resume after either changed at the same path resumed silently before; now exit 2, one line naming which
+    fingerprint, old vs new, and what to do. Put back, the run resumes."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (tmp_path / "data").mkdir()
+    manifest = _manifest(tmp_path / "data" / "m.jsonl",
+                         [(f"p{i}", f"What is {i} + 1?", str(i + 1), "train" if i < 8 else "test", None)
+                          for i in range(10)])
+    out = tmp_path / "run"
+    args = ["--model", str(model), "--data", str(manifest), "--feedback", "grpo", "--eval-every", "1"]
+    train.main(tiny_args(tiny_model_dir, out, "--max-steps", "1", *args))
+    capsys.readouterr()
+    ckpt = out / "checkpoints" / "step_000001"
+    original = manifest.read_bytes()
+    manifest.write_bytes(original.replace(b"What is 3 + 1?", b"What is 3 + 2?").replace(b'"4"', b'"5"'))
+    err = _refused(capsys, tiny_args(tiny_model_dir, out, "--max-steps", "2", "--resume", *args))
+    assert err.startswith(f"train.py: error: --resume: {ckpt}: the data differ (m.jsonl: sha256 ") and \
+        "resume with the model and data the run started with" in err and len(err.splitlines()) == 1
+    manifest.write_bytes(original)
+    weights = model / "model.safetensors"
+    saved = weights.read_bytes()
+    tiny_llama(len(smol_tokenizer), seed=1).save_pretrained(model)  # another model of the same shape, same path
+    capsys.readouterr()
+    err = _refused(capsys, tiny_args(tiny_model_dir, out, "--max-steps", "2", "--resume", *args))
+    assert err.startswith(f"train.py: error: --resume: {ckpt}: the model's weights differ (--model; "
+                          f"model.safetensors: {weights.stat().st_size} bytes, sha256 "), err
+    weights.write_bytes(saved)
+    train.main(tiny_args(tiny_model_dir, out, "--max-steps", "2", "--resume", *args))
+    assert [p.name for p in checkpoint.checkpoint_dirs(out)] == ["step_000001", "step_000002"]
+
+
+def test_base_eval_of_another_seed_is_refused_by_name(tiny_model_dir, tmp_path, capsys):
+    """--base-eval records what the step-0 evaluation was made of (model files, held-out set, seed, evaluation
+    options): a file of another seed was accepted as this run's step 0 before; now refused at start, by name."""
+    path = tmp_path / "base_eval.json"
+    train.main(tiny_args(tiny_model_dir, tmp_path / "a", "--max-steps", "1", "--eval-every", "1", "--base-eval",
+                         str(path)))
+    capsys.readouterr()
+    for extra, phrase in ((("--seed", "4"), "--seed 3 vs 4"), (("--eval-temperature", "0.5"),
+                                                              "--eval-temperature 1.1 vs 0.5")):
+        err = _refused(capsys, tiny_args(tiny_model_dir, tmp_path / "b", "--max-steps", "1", "--base-eval",
+                                         str(path), *extra))
+        assert f"--base-eval {path}: written for another run: " in err and phrase in err, err
+
+
+def test_torchrun_ranks_given_different_options_are_refused(tiny_model_dir, tmp_path):
+    """Two ranks started with different --lr both trained and exited 0 with different weights: at start every rank
+    compares its config (and fingerprints) with rank 0's; exit 2, the option named, nothing trained."""
+    script = tmp_path / "ranks.py"
+    args = tiny_args(tiny_model_dir, tmp_path / "run", "--max-steps", "1", "--prompts-per-step", "2")
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport train\n"
+                      f"train.main({args!r} + (['--lr', '0.02'] if os.environ['RANK'] == '1' else []))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                        str(script)], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode != 0 and "train.py: error: rank 1 runs --lr 0.02 but rank 0 0.01: start every rank with " \
+                                 "the same options and files" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr.split("train.py: error:")[0] and not (tmp_path / "run" / "checkpoints").exists()
