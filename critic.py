@@ -64,17 +64,23 @@ class Critique:
 
 
 # ---------------------------------------------------------------------------------------------- the schema
-_CASE = re.compile(r"^[ \t]*\**[ \t]*case[ \t]*\**[ \t]*:[ \t]*\**[ \t]*([ABCD])\b", re.IGNORECASE | re.MULTILINE)
-_PIVOT = re.compile(r"^[ \t]*\**[ \t]*pivotal step[ \t]*\**[ \t]*:[ \t]*\**[ \t]*(\d+|none)\b",
+# Possessive quantifiers (*+ ++ ?+), as prompts.CORRECTED_SOLUTION_HEADER: linear in the critique whatever its
+# shape, the same lines matched (each run of optional classes ends at a character none of them holds).
+_CASE = re.compile(r"^[ \t]*+\**+[ \t]*+case[ \t]*+\**+[ \t]*+:[ \t]*+\**+[ \t]*+([ABCD])\b",
+                   re.IGNORECASE | re.MULTILINE)
+_PIVOT = re.compile(r"^[ \t]*+\**+[ \t]*+pivotal step[ \t]*+\**+[ \t]*+:[ \t]*+\**+[ \t]*+(\d++|none)\b",
                     re.IGNORECASE | re.MULTILINE)
-_SUMMARY_LINE = re.compile(r"^[ \t]*[-*]?[ \t]*\**[ \t]*step[ \t]+(\d+)[ \t]*\**[ \t]*:[ \t]*\**[ \t]*"
-                           r"(correct|incorrect)\b", re.IGNORECASE | re.MULTILINE)
+_SUMMARY_LINE = re.compile(r"^[ \t]*+[-*]?+[ \t]*+\**+[ \t]*+step[ \t]++(\d++)[ \t]*+\**+[ \t]*+:"
+                           r"[ \t]*+\**+[ \t]*+(correct|incorrect)\b", re.IGNORECASE | re.MULTILINE)
 
 
 def parse_critique(raw: str, n_steps: int, think_in_prompt: bool = False) -> Critique:
     """Strip think traces and validate the schema against a student solution of `n_steps` steps.
 
-    think_in_prompt: the critic's prompt ended with an open <think> tag (data.strip_think's `opened`)."""
+    think_in_prompt: the critic's prompt ended with an open <think> tag (data.strip_think's `opened`).
+    Linear in len(raw), whatever its shape (tests/test_parsing.py): an answer as large as the client accepts
+    (infra/chat_client.MAX_ANSWER_BYTES, 16 MiB) parses in under half a second on one core, so the input needs
+    no bound here and a signal waits no longer than that for a parse."""
     text = data.strip_think(raw, opened=think_in_prompt)
 
     def unstructured(why: str) -> Critique:
@@ -93,11 +99,14 @@ def parse_critique(raw: str, n_steps: int, think_in_prompt: bool = False) -> Cri
     if pivot is None:
         return unstructured("no 'Pivotal step: N|none' line before the corrected solution")
     summary = _SUMMARY_LINE.findall(head)
-    indices = [int(i) for i, _ in summary]
+    try:  # int() refuses more digits than sys.get_int_max_str_digits() (ValueError); no step has that many
+        indices = [int(i) for i, _ in summary]
+        pivot_step = None if pivot.group(1).lower() == "none" else int(pivot.group(1))
+    except ValueError:
+        return unstructured("a step number of more digits than any step has")
     if indices != list(range(1, n_steps + 1)):
         return unstructured(f"summary lines for steps {indices}, expected 1..{n_steps}")
     step_ok = [verdict.lower() == "correct" for _, verdict in summary]
-    pivot_step = None if pivot.group(1).lower() == "none" else int(pivot.group(1))
     first_wrong = next((i for i, ok in enumerate(step_ok, start=1) if not ok), None)
     if pivot_step != first_wrong:
         return unstructured(f"pivotal step {pivot_step} is not the first incorrect step ({first_wrong})")

@@ -61,9 +61,11 @@ STEP_FORMAT = ("Solve the problem step by step. Write each step on its own line,
                "\"Step 1: ...\", \"Step 2: ...\", and so on. After the last step, write the final answer "
                "on its own line as \\boxed{answer}.")
 
-# "Step 3:", "Step 3.", "Step 3)", "**Step 3:**", "### Step 3:" at the start of a line
-_STEP_MARKER = re.compile(r"^[ \t]*(?:[*#]+[ \t]*)?step[ \t]+(\d+)[ \t]*(?:\*\*)?[ \t]*[:.)]",
-                          re.IGNORECASE | re.MULTILINE)
+# "Step 3:", "Step 3.", "Step 3)", "**Step 3:**", "### Step 3:" at the start of a line ("marker": from its first
+# non-blank character). Possessive (*+ ++ ?+), as prompts.CORRECTED_SOLUTION_HEADER: linear, the same matches
+# ("Step 1" + n spaces was O(n^2) with backtracking).
+_STEP_MARKER = re.compile(r"^[ \t]*+(?P<marker>(?:[*#]++[ \t]*+)?+step[ \t]++(\d++)[ \t]*+(?:\*\*)?+[ \t]*+"
+                          r"[:.)])", re.IGNORECASE | re.MULTILINE)
 
 
 def step_spans(text: str) -> list[tuple[int, int]]:
@@ -75,16 +77,16 @@ def step_spans(text: str) -> list[tuple[int, int]]:
     Trailing whitespace is excluded from every span. Without any marker the whole response (stripped) is
     one step; an empty response has no steps. A truncated response simply ends its last step early.
     """
-    markers = [m.start() for m in _STEP_MARKER.finditer(text)]
-    if not markers:
+    found = list(_STEP_MARKER.finditer(text))
+    if not found:
         stripped = text.strip()
         if not stripped:
             return []
         start = len(text) - len(text.lstrip())
         return [(start, start + len(stripped))]
-    # the marker regex may match leading spaces; a step starts at its first non-space character
-    starts = [s + (len(text[s:]) - len(text[s:].lstrip(" \t"))) for s in markers]
-    ends = markers[1:] + [_last_step_end(text, starts[-1])]
+    # a step starts at its marker's first non-blank character and ends where the next marker's line starts
+    starts = [m.start("marker") for m in found]
+    ends = [m.start() for m in found[1:]] + [_last_step_end(text, starts[-1])]
     return [(s, s + len(text[s:e].rstrip())) for s, e in zip(starts, ends)]
 
 
@@ -293,7 +295,16 @@ def strip_think(text: str, opened: bool = False) -> str:
     """
     if opened:
         text = "<think>" + text
-    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
+    # closed pairs, each <think> with the first </think> after it (as re.sub of "<think>.*?</think>"), by
+    # str.find: linear, where the regex rescanned the rest from every unclosed <think>
+    kept, pos = [], 0
+    while (open_at := text.find("<think>", pos)) != -1:
+        close_at = text.find("</think>", open_at + len("<think>"))
+        if close_at == -1:  # no later pair either: the rest is left as it is
+            break
+        kept.append(text[pos:open_at])
+        pos = close_at + len("</think>")
+    text = "".join(kept) + text[pos:]
     if "</think>" in text:
         text = text[text.rfind("</think>") + len("</think>"):]
     if "<think>" in text:

@@ -7,7 +7,9 @@ prompts.critic_messages as a faithful scribe: correct steps copied byte for byte
 wrong claim replaced, then the continuation in the student's style. The case is read from the final answer
 the grader reads (grading.answer_span): none -> C, wrong -> D, right -> A or B. It also locates the first
 wrong claim (Critique.wrong_span), which `error_marks_from_spans` turns into token marks (ErrorMarks) for the
-step diagnostics and the mechanism figure.
+step diagnostics and the mechanism figure. Rollouts are outside text: reading them takes time linear in their
+length whatever their shape (tests/test_parsing.py), and an equation that does not evaluate (unbalanced, or
+of more digits than a number can be written with) is not judged, never raised.
 
 Departures from the paper:
 1. This critic is ours (CPU-sized experiments); the paper's critic is QwQ-32B. In case C (no final answer) it
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -31,58 +34,86 @@ import prompts
 
 _NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)"  # 126, -8, 5,000
 _OPS = "+\\-*/×·÷"
-_EQUATION = re.compile(rf"(?<![\w.])(?P<lhs>[(\s]*{_NUM}(?:[\s)]*[{_OPS}][\s(]*{_NUM})+[\s)]*)="
-                       rf"[ \t]*(?P<rhs>{_NUM})(?!\d)(?!\.\d)")
+# An equation "lhs = rhs": lhs a chain of numbers joined by operators (spaces and parentheses around them), with
+# at least one operator. Every run of the chain is possessive (*+ ++) and each of its numbers atomic (?>...), read
+# once: the matches are those of the backtracking form, because a chain reads one way only (a number read shorter
+# is followed by a digit or a comma, which neither continues nor ends a chain). Only the rhs backtracks, over its
+# own digits. Where a search starts, and why that is linear too: _equation_matches.
+_LHS_NUM = r"(?>-?(?:\d{1,3}(?:,\d{3})++|\d++))"  # _NUM, its longest reading only
+_LINK = rf"[\s)]*+[{_OPS}][\s(]*+"  # an operator between two numbers
+_EQUATION = re.compile(rf"(?P<lhs>[(\s]*+{_LHS_NUM}(?:{_LINK}{_LHS_NUM})++[\s)]*+)="
+                       rf"[ \t]*+(?P<rhs>{_NUM})(?!\d)(?!\.\d)")
+# the chain read from a start, to its last number (group "last"; "first" when it has one number)
+_CHAIN = re.compile(rf"[(\s]*+(?P<first>{_LHS_NUM})(?:{_LINK}(?P<last>{_LHS_NUM}))*+")
+# Where an equation may start: a number, or the run of "(" and spaces before it, not right after a letter, a digit
+# or a point (where the run follows one, its second character), as the lookbehind (?<![\w.]) of a search from every
+# position would first start it. A later start inside the same run reads the same chain: it is not tried.
+_START = re.compile(r"(?:(?<![\w.(\s])|(?<=[\w.][(\s]))[(\s]*+-?\d")
 _TOKEN = re.compile(rf"\d{{1,3}}(?:,\d{{3}})+|\d+|[{_OPS}()]")
 _CANON = {"×": "*", "·": "*", "÷": "/"}
+# Every value of an expression (numerator and denominator) has at most as many digits as int() reads from text
+# and str() writes (sys.int_info.default_max_str_digits, 4300), so that a reason can print it; an expression
+# that goes past it is not judged. It also bounds the cost of each operation, whatever numbers a rollout chains.
+_TOO_LARGE = 10 ** sys.int_info.default_max_str_digits
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "neg": 3}
 
 
 def _eval_expression(expr: str) -> tuple[Fraction, list]:
-    """Value of an integer expression with + - * / and parentheses, usual precedence; also its tokens."""
+    """Value of an integer expression with + - * / and parentheses, usual precedence, unary minus binding
+    tightest; also its tokens. Raises ValueError for anything else, and for a value of _TOO_LARGE or more.
+
+    Iterative (operator precedence with two stacks), so that nesting depth is no recursion depth: the tree is
+    the one of the grammar sum := product (+|- product)*, product := atom (*|/ atom)*, atom := -atom | (sum) | N.
+    """
     tokens = [_CANON.get(t, t) for t in _TOKEN.findall(expr)]
-    pos = 0
+    values: list[Fraction] = []
+    ops: list[str] = []  # pending operators and open parentheses
 
-    def peek() -> str | None:
-        return tokens[pos] if pos < len(tokens) else None
-
-    def take() -> str:
-        nonlocal pos
-        pos += 1
-        return tokens[pos - 1]
-
-    def atom() -> Fraction:
-        t = take() if peek() is not None else None
-        if t == "-":
-            return -atom()
-        if t == "(":
-            value = sum_()
-            if take() != ")":
-                raise ValueError("unbalanced parentheses")
-            return value
-        if t is None or not t.replace(",", "").isdigit():
-            raise ValueError(f"expected a number, got {t!r}")
-        return Fraction(int(t.replace(",", "")))
-
-    def product() -> Fraction:
-        value = atom()
-        while peek() in ("*", "/"):
-            op, rhs = take(), atom()
+    def reduce() -> None:  # apply the operator on top of the stack to its operands
+        op = ops.pop()
+        if op == "neg":
+            value = -values.pop()
+        else:
+            rhs, lhs = values.pop(), values.pop()
             if op == "/" and rhs == 0:
                 raise ValueError("division by zero")
-            value = value * rhs if op == "*" else value / rhs
-        return value
+            value = lhs + rhs if op == "+" else lhs - rhs if op == "-" else lhs * rhs if op == "*" else lhs / rhs
+        if abs(value.numerator) >= _TOO_LARGE or value.denominator >= _TOO_LARGE:
+            raise ValueError(f"a value of more than {sys.int_info.default_max_str_digits} digits")
+        values.append(value)
 
-    def sum_() -> Fraction:
-        value = product()
-        while peek() in ("+", "-"):
-            op, rhs = take(), product()
-            value = value + rhs if op == "+" else value - rhs
-        return value
-
-    value = sum_()
-    if pos != len(tokens):
-        raise ValueError("trailing tokens")
-    return value, tokens
+    want_operand = True
+    for t in tokens:
+        if want_operand:
+            if t == "-":
+                ops.append("neg")
+            elif t == "(":
+                ops.append(t)
+            elif t.replace(",", "").isdigit():
+                values.append(Fraction(int(t.replace(",", ""))))  # int() refuses over 4300 digits (ValueError)
+                want_operand = False
+            else:
+                raise ValueError(f"expected a number, got {t!r}")
+        elif t == ")":
+            while ops and ops[-1] != "(":
+                reduce()
+            if not ops:
+                raise ValueError("unbalanced parentheses")
+            ops.pop()
+        elif t in ("+", "-", "*", "/"):
+            while ops and ops[-1] != "(" and _PRECEDENCE[ops[-1]] >= _PRECEDENCE[t]:  # left-associative
+                reduce()
+            ops.append(t)
+            want_operand = True
+        else:
+            raise ValueError("trailing tokens")
+    if want_operand:
+        raise ValueError("expected a number, got None")
+    while ops:
+        if ops[-1] == "(":
+            raise ValueError("unbalanced parentheses")
+        reduce()
+    return values[0], tokens
 
 
 @dataclass
@@ -96,24 +127,53 @@ class _Equation:
     operands: tuple[int, str, int] | None  # (a, op, b) for a single-operation equation
 
 
+def _equation_matches(text: str) -> Iterator[re.Match]:
+    """The "lhs = rhs" matches in `text`, left to right, without overlap: those of a search from every position
+    (re.finditer with the lookbehind (?<![\\w.])), found in time linear in len(text), whatever its shape.
+
+    A start whose chain reaches no "= number" is passed over with its chain (the search from every position read
+    it again from each): a later start inside it reads the same chain to the same end and fails the same way,
+    except from the last group of digits of its last number ("1,2345": "2345" is a number of its own)."""
+    pos = 0
+    while (begin := _START.search(text, pos)) is not None:
+        m = _EQUATION.match(text, begin.start())
+        if m is None:
+            chain = _CHAIN.match(text, begin.start())
+            last_start, last_end = chain.span("last") if chain.group("last") is not None else chain.span("first")
+            comma = text.rfind(",", last_start, last_end)
+            pos = last_end if comma == -1 else comma + 1  # past at least the chain's first character
+            continue
+        pos = m.end()
+        yield m
+
+
 def _equations(text: str) -> list[_Equation]:
+    """The equations of `text` that evaluate, left to right (_equation_matches); linear in len(text)."""
     found = []
-    for m in _EQUATION.finditer(text):
+    for m in _equation_matches(text):
         lhs = m.group("lhs").strip()
-        # drop parentheses that belong to the surrounding prose, e.g. "(so 17 + 25 = 42)"
-        while lhs.count("(") > lhs.count(")") and lhs.startswith("("):
-            lhs = lhs[1:].lstrip()
-        while lhs.count(")") > lhs.count("(") and lhs.endswith(")"):
-            lhs = lhs[:-1].rstrip()
+        # drop parentheses that belong to the surrounding prose, e.g. "(so 17 + 25 = 42)": counted once, cut by
+        # index (counting and slicing again for each one was quadratic in a run of parentheses)
+        i, j, opens, closes = 0, len(lhs), lhs.count("("), lhs.count(")")
+        while opens > closes and i < j and lhs[i] == "(":
+            i, opens = i + 1, opens - 1
+            while i < j and lhs[i].isspace():
+                i += 1
+        while closes > opens and i < j and lhs[j - 1] == ")":
+            j, closes = j - 1, closes - 1
+            while i < j and lhs[j - 1].isspace():
+                j -= 1
+        lhs = lhs[i:j]
         try:
             value, tokens = _eval_expression(lhs)
+            claimed = int(m.group("rhs").replace(",", ""))  # int() refuses over 4300 digits (ValueError)
         except ValueError:
             continue
         operands = None
         if len(tokens) == 3 and tokens[1] in "+-*/":
             operands = (int(tokens[0].replace(",", "")), tokens[1], int(tokens[2].replace(",", "")))
         start = m.start("lhs") + (len(m.group("lhs")) - len(m.group("lhs").lstrip()))
-        found.append(_Equation(start, m.end("rhs"), m.start("rhs"), lhs, int(m.group("rhs").replace(",", "")), value, operands))
+        found.append(_Equation(start, m.end("rhs"), m.start("rhs"), lhs, claimed, value, operands))
     return found
 
 
@@ -186,8 +246,9 @@ class _Style:
         return f"{self.marker_prefix}{i}{self.marker_suffix}{self.equation(a, op, b, r)}"
 
 
-_MARKER_PARTS = re.compile(r"^([ \t]*(?:[*#]+[ \t]*)?step[ \t]+)(\d+)([ \t]*(?:\*\*)?[ \t]*[:.)][ \t]*(?:\*\*)?[ \t]*)",
-                           re.IGNORECASE)
+# data._STEP_MARKER in three parts, possessive as it is (linear, the same matches)
+_MARKER_PARTS = re.compile(r"^([ \t]*+(?:[*#]++[ \t]*+)?+step[ \t]++)(\d++)"
+                           r"([ \t]*+(?:\*\*)?+[ \t]*+[:.)][ \t]*+(?:\*\*)?+[ \t]*+)", re.IGNORECASE)
 
 
 def _style_of(steps: list[str]) -> _Style:
@@ -421,9 +482,15 @@ def error_marks_from_spans(token_spans: Sequence[tuple[int, int]], text: str,
     if not claim.any() or len(in_step) == 0:
         raise ValueError(f"no token covers the wrong span {wrong_span} ({text[ws:we]!r})")
     error_start, error_end = int(in_step[0]), int(in_step[-1]) + 1
-    earlier = np.zeros(len(token_spans), dtype=bool)  # (T,)
+    # tokens that meet a step's text before line_start: by a prefix count of those characters, one pass for all
+    # the steps (a pass over the tokens per step was O(steps x T))
+    marked = np.zeros(len(text) + 1, dtype=np.int64)  # (len + 1,) +1 where a step's part starts, -1 where it ends
     for s, e in steps:
         if s < line_start:
-            earlier |= _overlapping(token_spans, s, min(e, line_start))
+            marked[s] += 1
+            marked[min(e, line_start)] -= 1
+    covered = np.concatenate([[0], np.cumsum(np.cumsum(marked)[:-1] > 0)])  # (len + 1,) marked characters before i
+    bounds = np.clip(np.asarray(token_spans, dtype=np.int64).reshape(-1, 2), 0, len(text))  # (T, 2)
+    earlier = covered[bounds[:, 1]] > covered[bounds[:, 0]]  # (T,) a marked character in [start, end)
     earlier[error_start:] = False
     return ErrorMarks(error_start, error_end, claim, earlier)

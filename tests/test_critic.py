@@ -60,6 +60,15 @@ def test_parse_strips_think_including_unterminated():
     assert cut.text == "" and not cut.schema_ok
 
 
+def test_a_step_number_longer_than_int_reads_is_a_schema_error():
+    """int() refuses more than 4300 digits (ValueError): such a critique fails validation, it does not raise."""
+    long = "1" * 5000
+    for text in (f"Case: D\nPivotal step: {long}\nSummary:\nStep 1: Incorrect -- r\nCorrected solution:\nx",
+                 f"Case: D\nPivotal step: 1\nSummary:\nStep {long}: Incorrect -- r\nCorrected solution:\nx"):
+        c = parse_critique(text, 1)
+        assert not c.schema_ok and "more digits" in c.schema_error and c.text == text
+
+
 def test_critique_metrics():
     cs = [Critique("t", "A", None, [True], True), Critique("t", "D", 1, [False], True),
           Critique("free text"), Critique("", error="HTTP 500")]

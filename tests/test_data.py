@@ -62,6 +62,15 @@ def test_strip_think_closed_orphan_close_and_unterminated():
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic
+def test_strip_think_pairs_each_open_tag_with_the_first_close_after_it():
+    """As re.sub("<think>.*?</think>") did, without its rescan from every unclosed tag (tests/test_parsing.py)."""
+    assert strip_think("a<think>b<think>c</think>d</think>e") == "e"  # then everything before the last </think>
+    assert strip_think("a<think>b<think>c</think>d") == "ad"
+    assert strip_think("a<think>b</think>c<think>d<think>e") == "ac"
+    assert strip_think("a</think>b<think>c</think>d") == "bd"
+    assert strip_think("<think>" * 3 + "x") == ""
+
+
 def test_arithmetic_problems_deterministic_by_seed():
     assert arithmetic_problems(20, seed=3) == arithmetic_problems(20, seed=3)
     assert arithmetic_problems(20, seed=3) != arithmetic_problems(20, seed=4)

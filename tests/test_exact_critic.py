@@ -150,3 +150,46 @@ def test_copied_correct_equations_counts_the_true_work_kept_before_the_fix():
     # a number cut inside the shared prefix ("2" of "25" against "2") is not a copied equation
     assert exact_critic.copied_correct_equations("Step 1: 1 + 1 = 25", "Step 1: 1 + 1 = 2") == 0
     assert exact_critic.copied_correct_equations("Step 1: 1 + 1 = 2\n", "Step 1: 1 + 1 = 2\n") == 1
+
+
+@pytest.mark.parametrize("step, judged", [
+    ("17 + (25 + 3 = 42", []),  # an unclosed parenthesis (was an IndexError)
+    ("(" * 2000 + "17 + 25" + ")" * 2000 + " = 42", [(42, 42)]),  # nesting deeper than recursion (RecursionError)
+    ("17 + 25 = " + "4" * 5000, []),  # a claim of more digits than int() reads (ValueError)
+    ("9" * 3000 + " * " + "9" * 3000 + " = 1", []),  # a value of more digits than a reason can print (ValueError)
+])
+def test_malformed_equations_are_not_judged_and_never_raise(step, judged):
+    """What a rollout writes cannot crash the exact critic: an equation that does not evaluate is not one."""
+    assert [(e.value, e.claimed) for e in exact_critic._equations(step)] == judged
+    c = ExactArithmeticCritic().critique_one(PROBLEM, f"Step 1: {step}\nStep 2: 42 * 3 = 126\n\\boxed{{126}}")
+    assert c.schema_ok and c.case == "D"
+
+
+def test_iterative_evaluation_is_python_arithmetic():
+    """_eval_expression (two stacks, no recursion) against Python's own evaluation of the same expression in
+    Fractions: precedence, left associativity, unary minus, parentheses, the ×·÷ signs."""
+    import random
+    from fractions import Fraction
+    rng = random.Random(0)
+
+    def expression(depth: int) -> str:
+        if depth == 0 or rng.random() < 0.3:
+            return rng.choice(["", "-", "- "]) + str(rng.randint(0, 30))
+        op = rng.choice("+-*/×·÷")
+        inner = f"{expression(depth - 1)} {op} {expression(depth - 1)}"
+        return f"({inner})" if rng.random() < 0.5 else inner
+
+    checked = 0
+    for _ in range(3000):
+        expr = expression(4)
+        python = expr.replace("×", "*").replace("·", "*").replace("÷", "/")
+        python = "".join(f"Fraction({t})" if t.isdigit() else t for t in exact_critic._TOKEN.findall(python))
+        try:
+            want = eval(python, {"Fraction": Fraction})
+        except ZeroDivisionError:
+            with pytest.raises(ValueError, match="division by zero"):
+                exact_critic._eval_expression(expr)
+            continue
+        assert exact_critic._eval_expression(expr)[0] == want, expr
+        checked += 1
+    assert checked > 2000
