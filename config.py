@@ -29,6 +29,7 @@ from feedback import FEEDBACKS, FORMS, PAPER_FORMS
 from infra import checks, fingerprint
 from infra.chat_client import key_problem, redact_url, url_problem
 from infra.checkpoint import checkpoint_dirs, resumable_checkpoint
+from demo import arithmetic
 TEACHER_LAYOUTS = prompts.TEACHER_LAYOUTS  # (Config has a field named `critic`)
 
 
@@ -44,9 +45,9 @@ class Config:
     refsol_style: str = opt("reference", "refsol: c is the problem's reference solution in its own wording "
                             "(reference: the OPSD setup), or a correct solution in the student's step format written "
                             "from the problem's exact steps, never from the student's attempt (steps: the format "
-                            "control, data.step_solution; arithmetic data only), or the first study's one-line "
+                            "control, arithmetic.step_solution; arithmetic data only), or the first study's one-line "
                             "prose reference (prose: a stress case whose teacher could not teach, "
-                            "data.prose_solution; arithmetic data only)", ("reference", "steps", "prose"))
+                            "arithmetic.prose_solution; arithmetic data only)", ("reference", "steps", "prose"))
     objective: str = opt("sd", "loss with a teacher context: sd = Eq. 3 (sd_loss.py); pbsd = preference pairs of "
                          "a teacher and a student sample (pbsd.py)", ("sd", "pbsd"))
     pbsd_beta: float = opt(0.1, "PBSD: β of the implicit reward β·log(π_θ/π_base)")
@@ -311,16 +312,8 @@ def config_problems(cfg: Config, world: int = 1) -> list[str]:
     if server_critic and key and urllib.parse.urlsplit(cfg.critic_url).username is not None:
         need(False, "critic_url", f"holds a user name and ${cfg.critic_api_key_env} holds a key: give the server one "
              "credential (the URL's is sent as HTTP Basic authentication, the key as a Bearer token)")
-    try:
-        out = cfg.out_dir.format(preset=cfg.preset, feedback=cfg.feedback)
-        need(not Path(out).is_file(), "out_dir", "is a file; it must be a directory")
-        above = next((p for p in Path(out).absolute().parents if p.exists()), None)  # the nearest existing parent
-        if above is not None and not above.is_dir():
-            need(False, "out_dir", f"{above} is a file, so no directory can be made under it")
-        elif above is not None and not Path(out).exists() and not os.access(above, os.W_OK | os.X_OK):
-            need(False, "out_dir", f"{above} is not writable, so the directory cannot be made there")
-    except (KeyError, IndexError, ValueError) as e:
-        need(False, "out_dir", f"may hold only {{preset}} and {{feedback}} ({type(e).__name__}: {e})")
+    for allowed in checks.out_dir_pattern_problems(cfg.out_dir, cfg.preset, cfg.feedback):
+        need(False, "out_dir", allowed)
     try:
         run_dirs = [Path(form_config(cfg, form).out_dir) for form in forms_of(cfg)]
     except (KeyError, IndexError, ValueError):  # (refused above, naming the pattern)
@@ -372,8 +365,8 @@ def load_problems(cfg: Config) -> tuple[list[data.Problem], list[data.Problem]]:
         # dropped, compared by data.problem_key as every contamination check is
         kw = dict(n_ops=cfg.arith_ops, max_operand=cfg.arith_max_operand, ops=cfg.arith_operators,
                   worked_example=cfg.arith_example)
-        train = data.arithmetic_problems(cfg.arith_train, seed=cfg.seed * 2 + 1, **kw)
-        test = data.arithmetic_problems(cfg.arith_test, seed=cfg.seed * 2 + 2, **kw)
+        train = arithmetic.arithmetic_problems(cfg.arith_train, seed=cfg.seed * 2 + 1, **kw)
+        test = arithmetic.arithmetic_problems(cfg.arith_test, seed=cfg.seed * 2 + 2, **kw)
         seen = {data.problem_key(p.problem) for p in train}
         test = [p for p in test if data.problem_key(p.problem) not in seen]
     else:

@@ -24,6 +24,7 @@ import data
 import prompts
 import rollout
 from demo import exact_critic
+from demo import arithmetic
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,14 @@ def refsol_context(it: Item, critique: critic.Critique | None) -> str:
 
 def refsol_steps_context(it: Item, critique: critic.Critique | None) -> str:
     """The format control: a correct solution in the student's step format, written from the problem's exact steps,
-    never from the rollout (data.step_solution; arithmetic data only)."""
-    return data.step_solution(it.problem)
+    never from the rollout (arithmetic.step_solution; arithmetic data only)."""
+    return arithmetic.step_solution(it.problem)
 
 
 def refsol_prose_context(it: Item, critique: critic.Critique | None) -> str:
     """A stress case (--refsol-style prose): the first study's reference, one line of prose foreign to the student's
-    format, whose teacher could not teach (data.prose_solution; arithmetic data only)."""
-    return data.prose_solution(it.problem)
+    format, whose teacher could not teach (arithmetic.prose_solution; arithmetic data only)."""
+    return arithmetic.prose_solution(it.problem)
 
 
 def verdict_context(it: Item, critique: critic.Critique | None) -> str:

@@ -1,4 +1,4 @@
-"""The exact arithmetic critic: always right on data.arithmetic_problems, in the LLM critic's schema.
+"""The exact arithmetic critic: always right on the problems of demo/arithmetic.py, in the LLM critic's schema.
 
 `ExactArithmeticCritic().critique(batch)` checks every equation of every step of a response against the
 problem's exact chain ("17 + 25 = 42", "42 * 3 = 126"; data.Problem.steps), with its own parser of integer
@@ -189,7 +189,7 @@ def _chain(problem: data.Problem) -> list[tuple[int, str, int, int]]:
     """The problem's exact steps "a op b = r" as tuples."""
     if not problem.steps:
         raise ValueError(f"problem {problem.id}: ExactArithmeticCritic needs a problem with exact steps "
-                         "(data.arithmetic_problems)")
+                         "(demo/arithmetic.py)")
     chain = []
     for step in problem.steps:
         eqs = _equations(step)

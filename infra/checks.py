@@ -3,6 +3,7 @@ can be graded, and that a --resume checkpoint or a --base-eval file was made by 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import grading
@@ -75,3 +76,19 @@ def base_eval_problems(cfg, test: list) -> list[str]:
     return [f"--base-eval {path}: written for another run: {diff}; delete it to evaluate the base policy again, or "
             "use the options it was written with" for diff in
             fingerprint.differences(saved.get("fingerprint"), fingerprint.base_eval_fingerprint(cfg, test), option)]
+
+
+def out_dir_pattern_problems(out_dir: str, preset: str, feedback: str) -> list[str]:
+    """What is wrong with --out-dir as a pattern and a place to make a directory: [] when nothing is."""
+    try:
+        out = Path(out_dir.format(preset=preset, feedback=feedback))
+    except (KeyError, IndexError, ValueError) as e:
+        return [f"may hold only {{preset}} and {{feedback}} ({type(e).__name__}: {e})"]
+    if out.is_file():
+        return ["is a file; it must be a directory"]
+    above = next((p for p in out.absolute().parents if p.exists()), None)  # the nearest existing parent
+    if above is not None and not above.is_dir():
+        return [f"{above} is a file, so no directory can be made under it"]
+    if above is not None and not out.exists() and not os.access(above, os.W_OK | os.X_OK):
+        return [f"{above} is not writable, so the directory cannot be made there"]
+    return []

@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 import config
-import data
 import feedback
 import grading
 import prompts
@@ -47,6 +46,7 @@ import rollout
 import sd_loss
 from demo import exact_critic
 from infra import report
+from demo import arithmetic
 
 
 def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
@@ -435,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(2)
     model, tokenizer = rollout.load_model(cfg.model)
     # the seed draws the problems and seeds the sampling
-    problems = data.arithmetic_problems(args.n_problems, seed=cfg.seed, n_ops=cfg.arith_ops,
+    problems = arithmetic.arithmetic_problems(args.n_problems, seed=cfg.seed, n_ops=cfg.arith_ops,
                                         max_operand=cfg.arith_max_operand, ops=cfg.arith_operators,
                                         worked_example=cfg.arith_example)
     res = mechanism(model, tokenizer, problems, args.n_rollouts, temperature=cfg.temperature,

@@ -12,6 +12,7 @@ import feedback
 import train
 from test_train import ROOT, run_cli, tiny_args, tiny_model_dir  # noqa: F401 (tiny_model_dir is a fixture)
 from infra import logs
+from demo import arithmetic
 
 
 
@@ -184,13 +185,12 @@ def test_a_dead_critic_server_stops_the_run_before_the_model_loads(tiny_model_di
 def _wrong_attempts(problem) -> list[str]:
     """Attempts in the step format with one wrong claim, at each step in turn (the rest computed from it), and
     attempts cut off after each step: what the critic corrects on the demo's problems."""
-    import data
     steps = [tuple(s.split()) for s in problem.steps]  # ("17", "+", "25", "=", "42")
     attempts = []
     for wrong_at in range(len(steps)):
         value, lines = int(steps[0][0]), []
         for i, (_, op, b, _, _) in enumerate(steps):
-            result = data.apply_op(value, op, int(b)) + (1 if i == wrong_at else 0)
+            result = arithmetic.apply_op(value, op, int(b)) + (1 if i == wrong_at else 0)
             lines.append(f"Step {i + 1}: {value} {op} {b} = {result}")
             value = result
         attempts.append("\n".join(lines) + f"\n\\boxed{{{value}}}")
@@ -203,7 +203,6 @@ def test_demo_budget_fits_every_context_and_a_correct_answer(smol_tokenizer):
     wrong and cut-off attempts) and a correct answer in the step format fit in --max-new-tokens, with their
     \\boxed{}: a student that imitates its teacher is never cut off before it answers. Over the demo preset's
     problems of seed 0 and of the study's seeds, train and held-out."""
-    import data
     from demo import exact_critic
     import prompts
     from scripts import study
@@ -213,7 +212,7 @@ def test_demo_budget_fits_every_context_and_a_correct_answer(smol_tokenizer):
         cfg = config.parse_config(["--preset", "demo", "--seed", str(seed)])
         train_set, test_set = config.load_problems(cfg)
         for p in train_set + test_set:
-            texts = [p.reference_solution, data.step_solution(p)]
+            texts = [p.reference_solution, arithmetic.step_solution(p)]
             texts += [prompts.corrected_solution(c.text) for c in
                       critic.critique([(p, attempt) for attempt in _wrong_attempts(p)])]
             lengths += [len(smol_tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
@@ -226,13 +225,12 @@ def test_demo_budget_fits_every_context_and_a_correct_answer(smol_tokenizer):
 def test_refsol_style_steps_is_the_format_control():
     """--refsol-style steps: RefSol's context is the gold solution in the step format, its runs are named apart,
     and it needs problems with exact steps."""
-    import data
     cfg = config.parse_config(["--preset", "demo", "--feedback", "refsol", "--refsol-style", "steps"])
     assert config.run_name(cfg) == "refsol_steps" and config.form_config(cfg, "refsol").out_dir.endswith("refsol_steps")
     train_set, _ = config.load_problems(cfg)
     items = [feedback.Item(p, [], None) for p in train_set[:3]]
     contexts, critiques, _ = feedback.feedback_contexts(cfg, None, items, logs.Timer())
-    assert critiques is None and contexts == [data.step_solution(p) for p in train_set[:3]]
+    assert critiques is None and contexts == [arithmetic.step_solution(p) for p in train_set[:3]]
     assert contexts[0].splitlines()[0] == "Step 1: " + train_set[0].steps[0]
     bad = config.parse_config(["--feedback", "refsol", "--refsol-style", "steps", "--data", "x.jsonl"])
     assert any(line.startswith("--refsol-style steps") for line in config.config_problems(bad))

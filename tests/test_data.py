@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data import (DataError, Problem, apply_op, arithmetic_problems, chain_of, load_manifest,
-                  load_openmathreasoning, load_openmathreasoning_hub, problem_key, prose_solution, split_steps,
-                  step_solution,
-                  step_spans, strip_think, write_manifest)
+from data import DataError, Problem, load_manifest, load_openmathreasoning, load_openmathreasoning_hub, problem_key, split_steps, step_spans, strip_think, write_manifest
+from demo.arithmetic import apply_op, arithmetic_problems, chain_of, prose_solution, step_solution
 from scripts.filter_problems import select_hard, split_train_test
 
 
@@ -399,7 +397,7 @@ def test_arithmetic_held_out_problems_drawn_for_training_are_dropped_by_problem_
         return [Problem(f"arith-s{seed}-{i}", f"Start with {i}." + "\u200b" * (seed % 2 == 0), str(i),
                         steps=(f"{i} + 0 = {i}",)) for i in range(n)]
 
-    monkeypatch.setattr(config.data, "arithmetic_problems", draws)
+    monkeypatch.setattr(config.arithmetic, "arithmetic_problems", draws)
     cfg = config.parse_config(["--preset", "demo", "--arith-train", "4", "--arith-test", "3"])
     with pytest.raises(config.ConfigError, match="every held-out problem is also a training problem"):
         config.load_problems(cfg)

@@ -8,7 +8,7 @@ from rollout import Completion
 
 def test_wrong_claim_advantage_on_a_hand_made_rollout(smol_tokenizer):
     """The exact critic's wrong claim, mapped to tokens, and the mean A_t on it and on the rest of the rollout."""
-    from data import arithmetic_problems
+    from demo.arithmetic import arithmetic_problems
     from rollout import Completion
     problem = arithmetic_problems(1, seed=0, n_ops=2)[0]
     lhs, value = problem.steps[0].rsplit("=", 1)  # "25 - 2 ", " 23"

@@ -2,13 +2,14 @@
 style, and the final answer read as the grader reads it."""
 import pytest
 
-import data
 import prompts
 from critic import Critique, parse_critique
-from data import Problem, arithmetic_problems, split_steps
+from data import Problem, split_steps
+from demo.arithmetic import arithmetic_problems
 from demo import exact_critic
 from demo.exact_critic import ExactArithmeticCritic
 from grading import extract_answer
+from demo import arithmetic
 
 PROBLEM = Problem("t1", "Start with 17. Add 25, then multiply the result by 3, then subtract 4. "
                   "What is the final number?", "122", reference_solution="((17 + 25) × 3) − 4 = 122, \\boxed{122}",
@@ -136,7 +137,7 @@ def test_the_case_follows_the_answer_the_grader_reads(tail, graded):
 
 def test_copied_correct_equations_counts_the_true_work_kept_before_the_fix():
     """The alignment count: true equations of the attempt that the corrected solution copies before it departs."""
-    problem = data.arithmetic_problems(1, seed=3, n_ops=3, max_operand=20, ops="+-")[0]
+    problem = arithmetic.arithmetic_problems(1, seed=3, n_ops=3, max_operand=20, ops="+-")[0]
     chain = [tuple(int(t) if t.isdigit() else t for t in s.split() if t != "=") for s in problem.steps]
     (a, op, b, r), rest = chain[0], chain[1:]
     first = f"{a} {op} {b} = {r}"

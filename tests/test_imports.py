@@ -19,8 +19,9 @@ COPYABLE = ("sd_loss", "grpo", "pbsd", "lora")
 LAYERS = (
     # leaves: no project import. The math, grading, data; ranks; the hardened HTTP client
     {"sd_loss", "grpo", "pbsd", "lora", "grading", "data", "infra.dist", "infra.chat_client"},
-    # the prompts (data, grading); the engines and scoring (lora); logs and the out-dir's file guard, signals (ranks)
-    {"prompts", "rollout", "infra.logs", "infra.signals"},
+    # the prompts (data, grading); the engines and scoring (lora); logs and the out-dir's file guard, signals
+    # (ranks); the demo's arithmetic problems (data)
+    {"prompts", "rollout", "infra.logs", "infra.signals", "demo.arithmetic"},
     # the critic (prompts, rollout, the client); the policy (lora, rollout); the stop rules (prompts: the probe);
     # checkpoints (lora, the file guard of logs); the run's fingerprints (data, rollout: the demo model's folder);
     # samples.jsonl (logs)

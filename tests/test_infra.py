@@ -28,6 +28,7 @@ from infra import logs
 from infra import signals
 from infra import stop_rules
 import policy
+from demo import arithmetic
 
 
 def two_steps_then_a_fresh_policy(tiny_model_dir, tmp_path):
@@ -518,8 +519,7 @@ def test_every_write_of_a_run_stays_inside_its_out_dir(tmp_path):
         policy.push_adapter(cfg, dist.Dist(), None, None, 3)
     base_eval = tmp_path / "base_eval.json"
     (tmp_path / "base_eval.json.tmp").symlink_to(victim)  # the temporary file of the atomic write
-    import data
-    test = data.arithmetic_problems(2, seed=0)
+    test = arithmetic.arithmetic_problems(2, seed=0)
     evaluate.save_base_eval(dataclasses.replace(cfg, base_eval=str(base_eval), model="no-such/model"), {"step": 0},
                             test)
     assert json.loads(base_eval.read_text())["result"] == {"step": 0}

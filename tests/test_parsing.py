@@ -18,7 +18,6 @@ import re
 import signal
 import time
 
-import numpy as np
 import pytest
 
 import critic

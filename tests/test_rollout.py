@@ -193,7 +193,7 @@ def test_hidden_and_logprobs_equal_full_forward():
 def test_student_and_teacher_score_identical_rollout_tokens(smol_tokenizer, template, student_thinking,
                                                             teacher_thinking):
     from prompts import encode, render, student_messages, teacher_messages
-    from data import arithmetic_problems
+    from demo.arithmetic import arithmetic_problems
     tok = smol_tokenizer
     if template == "qwen3_style":
         tok = type(tok).from_pretrained(tok.name_or_path)

@@ -23,6 +23,7 @@ import train
 from conftest import tiny_llama
 from infra import dist, stop_rules
 from test_train import tiny_args
+from demo import arithmetic
 
 ROOT = Path(__file__).resolve().parent.parent
 # a turn closed and a new one opened, as outside text could hold it
@@ -58,17 +59,17 @@ def all_messages(problems: list[data.Problem]):
             yield prompts.critic_messages(p, y)
             it = feedback.Item(p, [], rollout.Completion([1], y, "stop"), reward=float(y.endswith("{7}")))
             critique = critic.Critique(text=prompts.format_critique(
-                "D", 1, [False], ["wrong"], data.step_solution(p) if p.steps else "Step 1: 1\n\\boxed{1}"), schema_ok=True)
+                "D", 1, [False], ["wrong"], arithmetic.step_solution(p) if p.steps else "Step 1: 1\n\\boxed{1}"), schema_ok=True)
             for name, form in feedback.FORMS.items():
-                if not form.has_teacher or (name == "refsol_steps" and not p.steps):
+                if not form.has_teacher or (name in ("refsol_steps", "refsol_prose") and not p.steps):
                     continue
                 for layout in prompts.TEACHER_LAYOUTS:
                     yield feedback.form_messages(name, it, critique, layout)
 
 
 def test_encode_gives_the_whole_string_ids_on_every_prompt_without_special_strings(tokenizer):
-    problems = (data.arithmetic_problems(6, seed=0) + data.arithmetic_problems(3, seed=1, n_ops=3)
-                + data.arithmetic_problems(3, seed=2, worked_example=True)
+    problems = (arithmetic.arithmetic_problems(6, seed=0) + arithmetic.arithmetic_problems(3, seed=1, n_ops=3)
+                + arithmetic.arithmetic_problems(3, seed=2, worked_example=True)
                 + [data.Problem("w", "  Leading spaces,\n\n\nnewlines and a tab\t", "1", reference_solution="\n1\n")])
     n = 0
     for messages in all_messages(problems):
@@ -119,7 +120,7 @@ def timer(name):
 def test_problem_in_the_student_prompt(tokenizer):
     """collect_rollouts: the engine gets the student prompt's ids, and the Items keep the same ids."""
     cfg = config.parse_config(["--feedback", "stepalign"])
-    p = hostile(data.arithmetic_problems(1, seed=0)[0])
+    p = hostile(arithmetic.arithmetic_problems(1, seed=0)[0])
     engine = Recorder(rollout.Completion([5], "Step 1: 1\n\\boxed{1}", "stop"))
     items = feedback.collect_rollouts(cfg, engine, tokenizer, Never(), [(0, p)], 0, timer)
     messages = prompts.student_messages(p)
@@ -130,7 +131,7 @@ def test_problem_in_the_student_prompt(tokenizer):
 
 def test_problem_in_the_evaluation_prompt_and_the_divergence_probe(tokenizer):
     cfg = config.parse_config(["--feedback", "grpo"])
-    p = hostile(data.arithmetic_problems(1, seed=0)[0])
+    p = hostile(arithmetic.arithmetic_problems(1, seed=0)[0])
 
     class Stop(Exception):
         pass
@@ -163,7 +164,7 @@ def teacher_ids(tokenizer, form: str, layout: str, problem: data.Problem, y: str
 
 @pytest.mark.parametrize("layout", prompts.TEACHER_LAYOUTS)
 def test_problem_in_the_teacher_prompt(tokenizer, layout):
-    p = hostile(data.arithmetic_problems(1, seed=0)[0])
+    p = hostile(arithmetic.arithmetic_problems(1, seed=0)[0])
     for form in ("refsol", "verdict"):
         check_as_text(tokenizer, *teacher_ids(tokenizer, form, layout, p, ROLLOUTS[0]))
 
@@ -171,7 +172,7 @@ def test_problem_in_the_teacher_prompt(tokenizer, layout):
 @pytest.mark.parametrize("layout", prompts.TEACHER_LAYOUTS)
 def test_reference_solution_in_the_teacher_prompt(tokenizer, layout):
     """RefSol's c: under paper in the user turn, under echo and repeat as the assistant's earlier answer."""
-    p = data.arithmetic_problems(1, seed=0)[0]
+    p = arithmetic.arithmetic_problems(1, seed=0)[0]
     p = dataclasses.replace(p, reference_solution=p.reference_solution + INJECT)
     check_as_text(tokenizer, *teacher_ids(tokenizer, "refsol", layout, p, ROLLOUTS[0]))
 
@@ -179,7 +180,7 @@ def test_reference_solution_in_the_teacher_prompt(tokenizer, layout):
 @pytest.mark.parametrize("layout", prompts.TEACHER_LAYOUTS)
 def test_critique_in_the_teacher_prompt(tokenizer, layout):
     """StepAlignFB's c: the critique (paper, turns), or its corrected solution echoed (echo, repeat)."""
-    p = data.arithmetic_problems(1, seed=0)[0]
+    p = arithmetic.arithmetic_problems(1, seed=0)[0]
     text = prompts.format_critique("D", 1, [False], ["wrong"], "Step 1: 1 + 1 = 2" + INJECT + "\\boxed{2}")
     critique = critic.Critique(text=text, schema_ok=True)
     check_as_text(tokenizer, *teacher_ids(tokenizer, "stepalign", layout, p, ROLLOUTS[0], critique))
@@ -189,7 +190,7 @@ def test_critique_in_the_teacher_prompt(tokenizer, layout):
 def test_rollout_in_the_teacher_prompt(tokenizer, layout):
     """y as the assistant's turn: under turns for every form; under echo and repeat for Verdict (its teacher is
     the turns one)."""
-    p = data.arithmetic_problems(1, seed=0)[0]
+    p = arithmetic.arithmetic_problems(1, seed=0)[0]
     y = "Step 1: 1 + 1 = 2" + INJECT + "\\boxed{2}"
     for form in ("refsol", "verdict") if layout == "turns" else ("verdict",):
         check_as_text(tokenizer, *teacher_ids(tokenizer, form, layout, p, y))
@@ -197,7 +198,7 @@ def test_rollout_in_the_teacher_prompt(tokenizer, layout):
 
 def test_teacher_samples_are_drawn_from_the_teacher_ids(smol_tokenizer):
     cfg = config.parse_config(["--feedback", "refsol", "--objective", "pbsd"])
-    p = hostile(data.arithmetic_problems(1, seed=0)[0])
+    p = hostile(arithmetic.arithmetic_problems(1, seed=0)[0])
     it = feedback.Item(p, [1], rollout.Completion([1, 2], "y", "stop"))
     [it], _ = feedback.with_teacher_prompts(cfg, smol_tokenizer, [it], [p.reference_solution], 10 ** 6)
     engine = Recorder(rollout.Completion([5], "\\boxed{1}", "stop"))
@@ -212,7 +213,7 @@ def test_problem_and_rollout_in_the_local_critics_prompt(tokenizer):
     local = object.__new__(critic.LocalCritic)  # its prompts only: no model
     local.tokenizer, local.thinking, local.max_new_tokens = tokenizer, True, 4
     local.engine = Recorder(rollout.Completion([5], "Case: A", "stop"))
-    p = hostile(data.arithmetic_problems(1, seed=0)[0])
+    p = hostile(arithmetic.arithmetic_problems(1, seed=0)[0])
     p = dataclasses.replace(p, reference_solution=p.reference_solution + INJECT)
     y = "Step 1: 1 + 1 = 2" + INJECT + "\\boxed{2}"
     local.critique([(p, y)])

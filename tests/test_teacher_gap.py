@@ -11,7 +11,7 @@ import lora
 import rollout
 from scripts import teacher_gap
 from conftest import tiny_llama
-from data import arithmetic_problems
+from demo.arithmetic import arithmetic_problems
 from prompts import encode, teacher_messages, verdict_text
 from rollout import Completion
 from test_train import tiny_args, tiny_model_dir  # noqa: F401  (a fixture)

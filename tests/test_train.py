@@ -345,7 +345,7 @@ def test_unusable_critiques_are_skipped_counted_and_stop_the_run(tiny_model_dir,
 def test_unstructured_policy_skip_or_keep(tiny_model_dir, smol_tokenizer, serve):
     """skip (default): only schema-valid critiques reach the teacher. keep: an unstructured critique does too,
     an empty one does not. A failed critique (here: cut by the length limit) is skipped under both."""
-    from data import arithmetic_problems
+    from demo.arithmetic import arithmetic_problems
     from rollout import Completion
     problem = arithmetic_problems(1, seed=0, n_ops=2)[0]
     wrong = "Step 1: " + problem.steps[0].rsplit("=", 1)[0] + "= 1000\n\\boxed{1000}"
@@ -508,7 +508,7 @@ def test_verdict_feedback_and_pbsd_objective_run(tiny_model_dir, tmp_path, capsy
 
 def test_teacher_context_per_feedback_form(tiny_model_dir, smol_tokenizer):
     """Each form puts its own c in the teacher prompt: the critique, the reference solution, or the verdict."""
-    from data import arithmetic_problems
+    from demo.arithmetic import arithmetic_problems
     from rollout import Completion
     problem = arithmetic_problems(1, seed=0, n_ops=2)[0]
     wrong = "Step 1: " + problem.steps[0].rsplit("=", 1)[0] + "= 1000\n\\boxed{1000}"
@@ -596,7 +596,7 @@ def test_base_eval_file_is_written_by_the_first_run_and_read_by_the_next(tiny_mo
 
 
 def test_a_problem_drawn_twice_in_one_step_gets_two_rollouts(smol_tokenizer):
-    from data import arithmetic_problems
+    from demo.arithmetic import arithmetic_problems
     from rollout import Completion
 
     class Engine:
@@ -791,7 +791,7 @@ def pairs_data():
 
 def pair_items(skip_last: bool = False) -> list:
     """Items of pairs_data: rollout y_S after x, teacher prompt x + c, teacher sample y_T (and one skipped row)."""
-    from data import arithmetic_problems
+    from demo.arithmetic import arithmetic_problems
     from rollout import Completion
     problem = arithmetic_problems(1, seed=0)[0]
     x, xc, y_S, y_T, r_S, r_T = pairs_data()
@@ -1002,7 +1002,7 @@ def test_teacher_samples_call_the_engine_once_even_with_every_rollout_skipped(ti
     """vLLM's data-parallel generate is a collective (rollout.VLLMEngine): a rank whose rollouts were all skipped still
     calls the engine, once, with no prompt, so that the ranks that have teacher samples to draw are not left waiting.
     (The real engine with 2 ranks: tests/test_vllm.py::test_two_ranks_finish_when_a_rank_has_nothing_to_sample.)"""
-    from data import arithmetic_problems
+    from demo.arithmetic import arithmetic_problems
 
     class Recording(rollout.TransformersEngine):
         def generate(self, prompts, seeds, **kw):

@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import lora
 import prompts
 from rollout import TransformersEngine
+from demo import arithmetic
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
@@ -39,7 +39,7 @@ MEMORY, KV_GIB = 0.25, 1.0
 
 
 def demo_prompts(tokenizer, n: int) -> list[list[int]]:
-    problems = data.arithmetic_problems(n, seed=1, n_ops=1, max_operand=20, ops="+-", worked_example=True)
+    problems = arithmetic.arithmetic_problems(n, seed=1, n_ops=1, max_operand=20, ops="+-", worked_example=True)
     return [prompts.encode(tokenizer, prompts.student_messages(p), thinking=False) for p in problems]
 
 
