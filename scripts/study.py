@@ -1,11 +1,12 @@
 """The study: does feedback aligned with the student's own steps teach better than a reference solution?
 
-    python -m scripts.study                                     # the pre-registered seeds (SEEDS), runs/study
-    python -m scripts.study --seeds 20 21 --out runs/study-dev  # any other seeds (e.g. your own, to check the claim)
-    python -m scripts.study --report                            # only the table, from the runs already in --out
+    python -m scripts.study                              # the second study (seeds 201-203), runs/study2
+    python -m scripts.study --study first                # the first (seeds 101-103, the prose reference), runs/study
+    python -m scripts.study --seeds 20 21 --out runs/dev # any other seeds (e.g. your own, to check the claim)
+    python -m scripts.study --report                     # only the table, from the runs already in --out
 
-For each seed, the demo preset runs (`python train.py --preset demo`, a process each) once per row of RUNS:
-StepAlignFB, RefSol and the format control (RefSol with `--refsol-style steps`: a correct solution in the student's
+For each seed, the demo preset runs (`python train.py --preset demo`, a process each) once per row of ROWS:
+StepAlignFB, RefSol (its reference: the study's, STUDIES) and the format control (RefSol with `--refsol-style steps`: a correct solution in the student's
 step format that never copies the student's steps) under the demo's teacher layout and under the paper's, and GRPO
 (no teacher, one row for both layouts), one run after the other; `--jobs` seeds at once. The runs of a seed share its
 step-0 evaluation (the base policy) through OUT/seedS/base_eval.json (train.py --base-eval). Each run uses one torch
@@ -17,7 +18,10 @@ and one cut short continues from its last checkpoint. Then it writes OUT/study.m
   3. the answered rate at the last step (samples with a \\boxed{} answer);
   4. the share of the step-1 rollouts' wrong attempts that begin with correct work (the critique copies one or
      more of their true equations verbatim, then corrects a later claim): on these, alignment can matter; and the
-     same over all steps.
+     same over all steps;
+  5. beside each arm, its teacher's gap over the student measured before the study (the study's gate, written in
+     its pre-registration): an arm whose teacher is not above its student is reported as unable to teach, and no
+     difference with it is drawn.
 
 Stopping it (SIGTERM, Ctrl-C, or SIGHUP when its terminal closes) passes the signal on to its train.py runs (each in
 a process group of its own, so that Ctrl-C reaches each once, through the study), waits for their checkpoints (at
@@ -25,8 +29,9 @@ most STOP_WAIT_S, then kills the rest: their last checkpoints stay intact) and e
 same command continues them. Bad options are one `study.py: error:` line (exit 2); so are run files that cannot be
 read (a last log line cut by a kill is skipped with a warning). Nothing from outside enters study.md's cells.
 
-Pre-registration: SEEDS were fixed, with the demo preset, in a commit made before any run on them (git log --follow scripts/study.py).
-A seed whose held-out result has been seen is spent: report it as seen, never choose a setting on it.
+Pre-registration: each study's seeds were fixed, with the demo preset, in a commit made before any run on them (the
+first: ac0a73d; the second: docs/demo/study2/preregistration.md). A seed whose held-out result has been seen is
+spent: report it as seen, never choose a setting on it.
 """
 from __future__ import annotations
 
@@ -51,13 +56,19 @@ from feedback import FORMS, form_options
 from infra.checkpoint import CheckpointError, checkpoint_dirs, load_json
 from infra.report import ReportError, read_evals, read_jsonl
 
-SEEDS = (101, 102, 103)  # pre-registered evaluation seeds: no run had used them when this line was committed
+ROOT = Path(__file__).resolve().parent.parent
+# The pre-registered studies: their evaluation seeds (no run had used them when they were committed), the form of
+# their RefSol arm, and the gate (each arm's teacher gap on a development seed's training problems, teacher_gap.py)
+STUDIES = {
+    # ac0a73d; its RefSol reference was the one-line prose one, kept as the stress case --refsol-style prose
+    "first": {"seeds": (101, 102, 103), "refsol": "refsol_prose", "out": "runs/study", "gate": None},
+    # docs/demo/study2/preregistration.md: the fair reference (a correct solution in a wording of its own)
+    "second": {"seeds": (201, 202, 203), "refsol": "refsol", "out": "runs/study2",
+               "gate": ROOT / "docs" / "demo" / "study2" / "gate_seed50.json"},
+}
 LAYOUTS = ("repeat", "paper")  # the demo preset's teacher layout, then the paper's
-ROWS = ("stepalign", "refsol", "refsol_steps", "grpo")  # forms of feedback.FORMS; refsol_steps is the format control
-# (row name, train.py options) of the forms with a teacher, run once per layout; GRPO has no teacher and runs once
-RUNS = tuple((row, form_options(row)) for row in ROWS if row != "grpo")
-DISPLAY = {row: FORMS[row].display + (" (control)" if row == "refsol_steps" else "") for row in ROWS}
-TRAIN = Path(__file__).resolve().parent.parent / "train.py"
+ROWS = ("stepalign", "refsol", "refsol_steps", "grpo")  # the rows; refsol_steps is the format control
+TRAIN = ROOT / "train.py"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what train.py checkpoints on (infra.signals)
 STOP_WAIT_S = 300.0  # how long a stopped study waits for its runs' checkpoints before it kills them
 POLL_S = 0.5  # how often the study looks at its runs and at the signals it received
@@ -69,12 +80,26 @@ def _warn(message: str) -> None:
     print(f"study.py: warning: {message}", file=sys.stderr, flush=True)
 
 
-def run_dirs(out: Path, seed: int) -> list[tuple[str, str, Path, list[str]]]:
-    """(layout, row, run directory, train.py options) of every run of one seed, in the order they run."""
+def row_forms(study: str) -> dict[str, str]:
+    """row -> its form of feedback.FORMS in `study` (the RefSol row's form is the study's reference)."""
+    return {row: STUDIES[study]["refsol"] if row == "refsol" else row for row in ROWS}
+
+
+def display(study: str) -> dict[str, str]:
+    return {row: FORMS[form].display + (" (control)" if row == "refsol_steps" else "")
+            for row, form in row_forms(study).items()}
+
+
+def run_dirs(out: Path, seed: int, study: str) -> list[tuple[str, str, Path, list[str]]]:
+    """(layout, row, run directory, train.py options) of every run of one seed, in the order they run: the rows with
+    a teacher once per layout, GRPO (no teacher) once."""
     runs = []
     for layout in LAYOUTS:
-        for row, options in RUNS:
-            runs.append((layout, row, out / f"seed{seed}" / layout / row, options + ["--teacher-layout", layout]))
+        for row, form in row_forms(study).items():
+            if row == "grpo":
+                continue
+            runs.append((layout, row, out / f"seed{seed}" / layout / row,
+                         form_options(form) + ["--teacher-layout", layout]))
         if layout == LAYOUTS[0]:
             runs.append(("-", "grpo", out / f"seed{seed}" / "grpo", ["--feedback", "grpo"]))
     return runs
@@ -94,11 +119,11 @@ def run_argv(out: Path, seed: int, run_dir: Path, options: list[str]) -> list[st
             "--base-eval", str(out / f"seed{seed}" / "base_eval.json"), *options]
 
 
-def train_commands(out: Path, seed: int, extra: list[str]) -> list[tuple[str, list[str]]]:
+def train_commands(out: Path, seed: int, extra: list[str], study: str) -> list[tuple[str, list[str]]]:
     """(layout/row, train.py command) of each unfinished run of one seed, in the order they run. A run with a
     checkpoint continues from it (--resume); one cut short before its first checkpoint is removed, to start again."""
     commands = []
-    for layout, row, run_dir, options in run_dirs(out, seed):
+    for layout, row, run_dir, options in run_dirs(out, seed, study):
         argv = [*run_argv(out, seed, run_dir, options), *extra]
         if checkpoint_dirs(run_dir):
             argv.append("--resume")
@@ -112,12 +137,12 @@ def train_commands(out: Path, seed: int, extra: list[str]) -> list[tuple[str, li
     return commands
 
 
-def run_all(out: Path, seeds: list[int], jobs: int, extra: list[str]) -> None:
+def run_all(out: Path, seeds: list[int], jobs: int, extra: list[str], study: str) -> None:
     """Every unfinished run, as train.py processes with one torch thread (output appended to OUT/seedS.log): the runs
     of a seed one after the other, `jobs` seeds at once. A failed run ends the others (SIGTERM: each checkpoints
     and exits); the same command continues them. A stop signal to the study is passed on to its runs (`stop_runs`),
     and no run outlives the study, whatever ends it."""
-    todo = {seed: train_commands(out, seed, extra) for seed in seeds}
+    todo = {seed: train_commands(out, seed, extra, study) for seed in seeds}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running: dict[int, tuple[subprocess.Popen, str, float]] = {}  # seed -> (its run's process, layout/row, start)
     received: list[int] = []  # the stop signals the study received, in order (the handler only appends)
@@ -240,18 +265,29 @@ def finished_steps(run_dir: Path) -> int | None:
     return steps if last_eval_step(run_dir) == steps else None
 
 
-def collect(out: Path, seeds: list[int]) -> dict:
+def gate(study: str) -> dict[str, float]:
+    """row -> its teacher's gap (points) over the student in the study's gate file; {} when the study has none."""
+    path = STUDIES[study]["gate"]
+    if path is None:
+        return {}
+    measured = json.loads(Path(path).read_text())
+    return {row: measured[form]["gap"] for row, form in row_forms(study).items() if form in measured}
+
+
+def collect(out: Path, seeds: list[int], study: str) -> dict:
     """Per (layout, row) and seed, for the finished runs: Avg@k at step 0 and at the last step, the answered rate,
-    and (StepAlignFB) the counts of wrong attempts that begin with correct work; unfinished runs are listed."""
-    result: dict = {"seeds": seeds, "runs": {}, "unfinished": []}
+    and (StepAlignFB) the counts of wrong attempts that begin with correct work; unfinished runs are listed; the
+    study's gate."""
+    result: dict = {"study": study, "seeds": seeds, "runs": {}, "unfinished": [], "gate": gate(study)}
     for seed in seeds:
-        for layout, row, run_dir, _ in run_dirs(out, seed):
+        for layout, row, run_dir, _ in run_dirs(out, seed, study):
             if finished_steps(run_dir) is None:
                 result["unfinished"].append(f"seed{seed}/{layout}/{row}")
                 continue
             evals = read_evals(run_dir / "eval.jsonl", _warn)
             first, last = evals[0], evals[-1]
-            entry = {"step0": first.values["avg@k"], "last": last.values["avg@k"], "last_step": last.step,
+            entry = {"step0": first.values["avg@k"], "step0_answered": first.answered,
+                     "last": last.values["avg@k"], "last_step": last.step,
                      "k": last.k, "answered": last.answered, "pass": last.values["pass@k"],
                      "maj": last.values["maj@k"], "length": last.values["length"]}
             if row == "stepalign":
@@ -277,13 +313,19 @@ def _mean_cell(values: dict[str, float], fmt: str) -> str:
 def report(result: dict) -> str:
     """The markdown tables of the study: finished runs only; a missing cell is "–"."""
     seeds = [str(s) for s in result["seeds"]]
-    runs = result["runs"]
+    runs, names, gaps = result["runs"], display(result["study"]), result["gate"]
     head = " | ".join(f"seed {s}" for s in seeds)
     lines = [f"Avg@4 (%) on the held-out problems at the last step; step 0 is the base policy, the same for every "
-             f"row of a seed. Mean ± standard error (sample std / √n) across seeds.", "",
-             f"| form | layout | {head} | mean ± SE | answered |", "|---|---|" + "---|" * len(seeds) + "---|---|"]
+             f"row of a seed. Mean ± standard error (sample std / √n) across seeds. Teacher gap: the arm's teacher "
+             "over its student before the study (the gate, in points; – : not measured).", "",
+             f"| form | layout | {head} | mean ± SE | answered | teacher gap |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|---|"]
     base = {s: 100 * e[s]["step0"] for e in runs.values() for s in seeds if s in e}
-    lines.append(f"| base policy (step 0) | | {_cells(base, seeds, '.2f')} | {_mean_cell(base, '.2f')} | |")
+    # the base policy's answered rate per seed (its runs share one step-0 evaluation: any run's)
+    base_answered = [a for a in ({s: e[s].get("step0_answered") for e in runs.values() for s in seeds
+                                  if s in e}).values() if a is not None]
+    lines.append(f"| base policy (step 0) | | {_cells(base, seeds, '.2f')} | {_mean_cell(base, '.2f')} | "
+                 + (f"{np.mean(base_answered):.2f} | |" if base_answered else "– | |"))
     for layout in LAYOUTS:
         for row in ROWS:
             if row == "grpo" and layout != LAYOUTS[0]:
@@ -291,18 +333,22 @@ def report(result: dict) -> str:
             entries = runs.get(f"-/{row}" if row == "grpo" else f"{layout}/{row}", {})
             vals = {s: 100 * e["last"] for s, e in entries.items()}
             answered = [e["answered"] for e in entries.values() if e["answered"] is not None]
-            lines.append(f"| {DISPLAY[row]} | {layout if row != 'grpo' else '(none)'} | {_cells(vals, seeds, '.2f')} | "
-                         f"{_mean_cell(vals, '.2f')} | {np.mean(answered):.2f} |" if answered else
-                         f"| {DISPLAY[row]} | {layout if row != 'grpo' else '(none)'} | {_cells(vals, seeds, '.2f')} | "
-                         f"– | – |")
+            gap = f"{gaps[row]:+.1f}" if row in gaps else "–"
+            lines.append(f"| {names[row]} | {layout if row != 'grpo' else '(none)'} | {_cells(vals, seeds, '.2f')} | "
+                         + (f"{_mean_cell(vals, '.2f')} | {np.mean(answered):.2f} | {gap} |" if answered else
+                            f"– | – | {gap} |"))
     lines += ["", "StepAlignFB minus each other form, paired by seed (same seed, same layout, same problems):", "",
               f"| difference | layout | {head} | mean ± SE |", "|---|---|" + "---|" * len(seeds) + "---|"]
     for layout in LAYOUTS:
         for other in ("refsol", "refsol_steps", "grpo"):
+            if other in gaps and gaps[other] <= 0 or gaps.get("stepalign", 1) <= 0:
+                lines.append(f"| StepAlignFB − {names[other]} | {layout} | not drawn: a teacher that cannot teach "
+                             f"(gate) |")
+                continue
             mine = runs.get(f"{layout}/stepalign", {})
             theirs = runs.get("-/grpo" if other == "grpo" else f"{layout}/{other}", {})
             diff = {s: 100 * (mine[s]["last"] - theirs[s]["last"]) for s in seeds if s in mine and s in theirs}
-            lines.append(f"| StepAlignFB − {DISPLAY[other]} | {layout} | {_cells(diff, seeds, '+.2f')} | "
+            lines.append(f"| StepAlignFB − {names[other]} | {layout} | {_cells(diff, seeds, '+.2f')} | "
                          f"{_mean_cell(diff, '+.2f')} |")
     sa = list(runs.get(f"{LAYOUTS[0]}/stepalign", {}).values())
     if sa:
@@ -336,7 +382,7 @@ def check_options(args: argparse.Namespace, extra: list[str]) -> list[str]:
     # without the further options: those may not change what the study sets (abbreviations such as --see included)
     out, overridden = Path(args.out), set()
     for seed in args.seeds:
-        for _, _, run_dir, options in run_dirs(out, seed):
+        for _, _, run_dir, options in run_dirs(out, seed, args.study):
             base = run_argv(out, seed, run_dir, options)
             cfg, own = (parse_command(argv, prog="study.py")[0] for argv in ([*base, *extra], base))
             overridden |= {name for name in STUDY_SETS if getattr(cfg, name) != getattr(own, name)}
@@ -349,19 +395,23 @@ def check_options(args: argparse.Namespace, extra: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = OneLineParser(prog="study.py", description=__doc__.split("\n")[0], allow_abbrev=False,  # --seed is train.py's
                        epilog="Any further option goes to every run (python train.py --help).")
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="run seeds (default: the pre-registered)")
-    ap.add_argument("--out", default="runs/study", help="output directory")
+    ap.add_argument("--study", default="second", choices=tuple(STUDIES), help="which pre-registered study: its seeds, "
+                    "its RefSol arm's reference and its gate (STUDIES)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (default: the study's)")
+    ap.add_argument("--out", default=None, help="output directory (default: the study's, runs/study2 or runs/study)")
     ap.add_argument("--jobs", type=int, default=3, help="seeds run at once, one train.py process and torch thread each")
     ap.add_argument("--report", action="store_true", help="only write the report from the runs in --out")
     args, extra = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args.seeds = list(STUDIES[args.study]["seeds"]) if args.seeds is None else args.seeds
+    args.out = STUDIES[args.study]["out"] if args.out is None else args.out
     out = Path(args.out)
     bad = check_options(args, extra)
     try:
         if bad:
             raise ConfigError("\n".join(bad))
         if not args.report:
-            run_all(out, args.seeds, args.jobs, extra)
-        result = collect(out, args.seeds)
+            run_all(out, args.seeds, args.jobs, extra, args.study)
+        result = collect(out, args.seeds, args.study)
         table = report(result)
         out.mkdir(parents=True, exist_ok=True)
         (out / "study.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -208,7 +208,7 @@ def test_demo_budget_fits_every_context_and_a_correct_answer(smol_tokenizer):
     from scripts import study
     critic = exact_critic.ExactArithmeticCritic()
     lengths = []
-    for seed in (0, *study.SEEDS):
+    for seed in (0, *study.STUDIES["first"]["seeds"], *study.STUDIES["second"]["seeds"]):
         cfg = config.parse_config(["--preset", "demo", "--seed", str(seed)])
         train_set, test_set = config.load_problems(cfg)
         for p in train_set + test_set:

@@ -22,12 +22,23 @@ def eval_row(step, **extra):
             "length": 30.0, "answered": 0.5, **extra}
 
 
-def commands(tmp_path, seed=101, extra=()):
-    return dict(study.train_commands(tmp_path, seed, list(extra)))
+def commands(tmp_path, seed=101, extra=(), name="first"):
+    return dict(study.train_commands(tmp_path, seed, list(extra), name))
+
+
+def test_each_study_runs_its_own_refsol_arm_with_its_seeds():
+    """The first study (seeds 101-103) reran under its own reference, the prose one, byte for byte its text then
+    (tests/test_data.py); the second (seeds 201-203) uses the fair reference. Both run the same rows."""
+    assert study.STUDIES["first"]["seeds"] == (101, 102, 103) and study.STUDIES["second"]["seeds"] == (201, 202, 203)
+    for name, style in (("first", "prose"), ("second", "reference")):
+        runs = {row: options for _, row, _, options in study.run_dirs(Path("out"), 1, name)}
+        assert config.parse_config(runs["refsol"]).refsol_style == style
+        assert config.parse_config(runs["refsol_steps"]).refsol_style == "steps"
+    assert study.gate("first") == {} and set(study.gate("second")) == {"stepalign", "refsol", "refsol_steps"}
 
 
 def test_a_fresh_seed_runs_every_row_in_order_sharing_one_base_eval(tmp_path):
-    runs = study.train_commands(tmp_path, 101, ["--max-steps", "1"])
+    runs = study.train_commands(tmp_path, 101, ["--max-steps", "1"], "first")
     assert [name for name, _ in runs] == ["repeat/stepalign", "repeat/refsol", "repeat/refsol_steps", "-/grpo",
                                           "paper/stepalign", "paper/refsol", "paper/refsol_steps"]
     for name, cmd in runs:
