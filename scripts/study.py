@@ -315,8 +315,8 @@ def report(result: dict) -> str:
     seeds = [str(s) for s in result["seeds"]]
     runs, names, gaps = result["runs"], display(result["study"]), result["gate"]
     head = " | ".join(f"seed {s}" for s in seeds)
-    lines = [f"Avg@4 (%) on the held-out problems at the last step; step 0 is the base policy, the same for every "
-             f"row of a seed. Mean ± standard error (sample std / √n) across seeds. Teacher gap: the arm's teacher "
+    lines = ["Avg@4 (%) on the held-out problems at the last step; step 0 is the base policy, the same for every "
+             "row of a seed. Mean ± standard error (sample std / √n) across seeds. Teacher gap: the arm's teacher "
              "over its student before the study (the gate, in points; – : not measured).", "",
              f"| form | layout | {head} | mean ± SE | answered | teacher gap |",
              "|---|---|" + "---|" * len(seeds) + "---|---|---|"]
