@@ -92,7 +92,7 @@ from infra import diagnostics, fingerprint, report
 from infra.bookkeeping import Bookkeeping
 from infra.chat_client import CriticUnavailable
 from infra.checkpoint import (CheckpointError, OutDirBusy, OutDirLock, SaveError, check_room, checkpoint_bytes,
-                              config_json, save_checkpoint, start_out_dir)
+                              config_json, options_line, save_checkpoint, start_out_dir)
 from infra.dist import Dist, all_reduce_sum, setup_distributed
 from infra.logs import EscapesOutDir, Logger, Timer
 from infra.signals import StopFlag, Stopped
@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
             for name in forms:
                 run_cfg = form_config(cfg, name)
                 if d.master:
-                    print("config: " + json.dumps(json.loads(config_json(run_cfg))), flush=True)  # (a password redacted)
+                    defaults = parse_config(["--preset", run_cfg.preset])  # (every option: its config.json)
+                    print(f"[{run_name(run_cfg)}] {options_line(run_cfg, defaults)}", flush=True)
                 out_dir, counters, steps = train(run_cfg, d, checker, base_eval, vllm_engine)
                 run_dirs.append(out_dir)
                 if sum(counters[k] for k in ("skipped_empty", "skipped_nonfinite", "skipped_diverged")) >= steps:

@@ -198,6 +198,16 @@ def config_json(cfg) -> str:
     return json.dumps(options, indent=1)
 
 
+def options_line(cfg, defaults) -> str:
+    """The options in which `cfg` differs from `defaults` (its preset's), as a command line: the short form of
+    config.json that a run prints (a password in --critic-url redacted)."""
+    changed = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+               if getattr(cfg, f.name) != getattr(defaults, f.name)]
+    return " ".join(f"--{name.replace('_', '-')}" if value is True else f"--no-{name.replace('_', '-')}"
+                    if value is False else f"--{name.replace('_', '-')} {redact_url(str(value))}"
+                    for name, value in [("preset", cfg.preset)] + changed)
+
+
 def save_checkpoint(cfg, model, optimizer, step: int, counters: dict, d: Dist, fingerprint: dict | None = None
                     ) -> None:
     """Adapter (PEFT layout), optimizer, RNG states, data position and the run's fingerprints (infra.fingerprint):

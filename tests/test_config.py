@@ -359,3 +359,16 @@ def test_feedback_all_gives_each_form_its_own_directory():
     assert config.form_config(cfg, "grpo").out_dir == "runs/grpo-x/"
     cfg = config.parse_config(["--preset", "demo", "--feedback", "grpo", "--out-dir", "runs/mine"])
     assert config.form_config(cfg, "grpo").out_dir == "runs/mine"
+
+
+def test_a_run_prints_one_short_line_of_the_options_it_changed():
+    """The console shows each run's options that differ from its preset's (config.json holds them all), booleans
+    as their flags and a password in --critic-url redacted."""
+    from infra.checkpoint import options_line
+    demo = config.parse_config(["--preset", "demo"])
+    cfg = config.parse_config(["--preset", "demo", "--seed", "3", "--no-stop-at-boxed",
+                               "--critic-url", "http://me:hunter2@127.0.0.1:9/v1"])
+    assert options_line(demo, demo) == "--preset demo"
+    line = options_line(cfg, demo)
+    assert line == "--preset demo --critic-url http://[redacted]@127.0.0.1:9/v1 --no-stop-at-boxed --seed 3"
+    assert config.parse_config(line.replace(line.split()[3], "http://127.0.0.1:9/v1").split()).seed == 3
