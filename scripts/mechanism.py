@@ -7,8 +7,9 @@ exact_critic.ExactArithmeticCritic), keeps the erroneous ones whose wrong claim 
 with rollout.score_sequences, giving per context
     A_t = log π(y_t | x, c, y<t) − log π(y_t | x, y<t)      (sd_loss.token_advantage).
 Contexts are a mapping name -> (rollout, critique, layout) -> teacher messages; MECHANISM_CONTEXTS builds them from
-feedback.FORMS (stepalign, refsol, refsol_steps, verdict), as training does. The pure pieces: `localization_scores`,
-`advantage_by_position` + `plot_advantage_by_position`, `render_advantage_html`. On the demo model:
+feedback.FORMS (stepalign, refsol, refsol_prose, refsol_steps, verdict), as training does. The pure pieces:
+`localization_scores`, `advantage_by_position` + `plot_advantage_by_position`, `render_advantage_html`. On the demo
+model:
     python -m scripts.mechanism --out docs/mechanism [--n-problems 20] [--seed 0]
 writes DIR/advantage.html, DIR/advantage_by_position.png, DIR/localization.json and prints the localization
 table (a results directory literally named "mechanism" must be passed to `python evaluate.py` as ./mechanism).
@@ -280,7 +281,7 @@ def render_advantage_html(tokens: Sequence[Sequence[str]], advantages: Mapping[s
 # messages. The figure's columns are feedback forms of feedback.FORMS, which build c as training does; another
 # builder is one more entry in the mapping passed to `mechanism`.
 ContextFn = Callable[[feedback.Item, object, str], list]
-FIGURE_FORMS = ("stepalign", "refsol", "refsol_steps", "verdict")  # the figure's columns, in this order
+FIGURE_FORMS = ("stepalign", "refsol", "refsol_prose", "refsol_steps", "verdict")  # the figure's columns, in order
 MECHANISM_CONTEXTS: dict[str, ContextFn] = {name: functools.partial(feedback.form_messages, name)
                                             for name in FIGURE_FORMS}
 

@@ -246,7 +246,7 @@ def test_mechanism_driver_matches_direct_forward_passes(tiny_smol, tmp_path):
     (["--temperature", "0"], "--temperature 0.0: must be > 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
     (["--n-ops", "0"], "--arith-ops 0: must be >= 1"),
-    (["--seed", "-1"], "--seed -1: must be >= 0"),
+    (["--seed", "-1"], "--seed -1: must lie in [0, 2^32 - 1]"),
     (["--model", "./no/such/model"], "--model ./no/such/model: no such directory"),
     (["--n-problems", "x"], "argument --n-problems: invalid int value: 'x'"),
 ])
