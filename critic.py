@@ -129,6 +129,16 @@ def critique_metrics(critiques: list[Critique]) -> dict[str, float]:
     return metrics
 
 
+# Control tokens of the chat formats a served critic uses (ChatML: Qwen, QwQ; and the <|...|> family of others):
+# outside text holding one would become the template's own token on the server (tokenizers parse them in text)
+_CONTROL_TOKEN = re.compile(r"<\|[A-Za-z_]{1,40}\|>")
+
+
+def control_tokens(*texts: str) -> list[str]:
+    """The control-token strings (`<|im_end|>`, `<|endoftext|>`, ...) found in the texts, in order."""
+    return [m.group(0) for text in texts for m in _CONTROL_TOKEN.finditer(text)]
+
+
 class ServerCritic(ChatClient):
     """The critic behind an OpenAI-compatible chat-completions server (e.g. `vllm serve Qwen/QwQ-32B`), through the
     hardened client of infra/chat_client.py: greedy by default (temperature 0, the paper's critic; when it samples,
@@ -142,11 +152,22 @@ class ServerCritic(ChatClient):
         self.think_in_prompt, self.seed = think_in_prompt, seed
 
     def critique(self, batch: list[tuple[data.Problem, str]]) -> list[Critique]:
+        """One critique per (problem, rollout). The server renders and tokenizes the chat messages itself, reading
+        any control-token string in them as the template's own (vLLM has no way to say otherwise): a problem,
+        reference or rollout holding one (`control_tokens`) is not sent; its critique fails with error_kind
+        "control_token", counted, its rollout skipped."""
+        unsafe = [control_tokens(problem.problem, problem.reference_solution or "", response)
+                  for problem, response in batch]
+        sent = [item for item, found in zip(batch, unsafe) if not found]
         # a sampled critique's seed: from the run seed and the rollout itself, so not from which rank asks, nor when
-        seeds = [rollout.sample_seed(self.seed, "critic", problem.id, response) for problem, response in batch]
-        answers = self.complete([prompts.critic_messages(problem, response) for problem, response in batch], seeds)
+        seeds = [rollout.sample_seed(self.seed, "critic", problem.id, response) for problem, response in sent]
+        answers = iter(self.complete([prompts.critic_messages(problem, response) for problem, response in sent],
+                                     seeds))
         out = []
-        for (text, error, kind), (_, response) in zip(answers, batch):
+        for found, (_, response) in zip(unsafe, batch):
+            text, error, kind = next(answers) if not found else (
+                None, f"not sent: the problem, reference or rollout holds {found[0]!r}, which the critic server "
+                      "would read as its chat template's control token", "control_token")
             if error is not None:
                 out.append(Critique(text="", error=error, error_kind=kind,
                                     schema_error="no critique (backend error)"))

@@ -82,6 +82,9 @@ def critic_fix(cfg, failures: dict[str, float]) -> str:
     if kind == "empty":
         return ("the critic's answers are empty: a think trace never closed (--critic-think-in-prompt?) or a "
                 "reasoning parser that keeps the whole answer in the reasoning field (no </think> in the output)")
+    if kind == "control_token":
+        return ("problems, references or rollouts hold chat control tokens (e.g. <|im_end|>) that the critic server "
+                "would read as its own: see samples.jsonl's critique errors, and clean the data")
     if kind == "length":
         return f"critiques are cut by --critic-max-tokens {cfg.critic_max_tokens}: raise it"
     return "see the warnings above"
