@@ -139,6 +139,12 @@ def _filter_command(argv: list[str]) -> None:
     else:
         problems, stats = data.load_openmathreasoning_hub(args.hub_split, skip_bad=args.skip_bad, limit=args.limit)
     print(stats.summary(), flush=True)
+    # a problem holding a chat control token (<|im_end|>, ...) would inject a turn into the critic server's prompt,
+    # and training never sends it to the critic (critic.ServerCritic): it is left out here, counted
+    safe = [p for p in problems if not critic.control_tokens(p.problem, p.reference_solution or "")]
+    if len(safe) < len(problems):
+        print(f"{len(problems) - len(safe)} problems left out: they hold chat control tokens", flush=True)
+        problems = safe
     answers = [p.answer for p in problems]
     seeds = [rollout.sample_seed(args.seed, "filter", p.id) for p in problems]
 
