@@ -126,6 +126,15 @@ def test_training_sigterm_resume_and_the_table(rehearsal):
         assert r["skipped_critic_step"] == r["skipped_unstructured_step"] and 0 <= r["critic_schema_ok"] <= 1
         assert isinstance(r["grad_norm"], float) or r["skipped_critic_step"] == PROMPTS_PER_STEP
     assert sum(r["critic_schema_ok"] for r in records) > 0
+    # samples.jsonl: each rollout of each step (both ranks), with the critique as each server sent it: server A's
+    # trace in content (the raw answer holds </think>), server B's taken out by its reasoning parser
+    samples = read_jsonl(run / "samples.jsonl")
+    assert sorted({r["step"] for r in samples}) == list(range(1, MAX_STEPS + 1))
+    assert all(sum(r["step"] == s for r in samples) == PROMPTS_PER_STEP for s in range(1, MAX_STEPS + 1))
+    assert {r["rank"] for r in samples} == set(range(RANKS))
+    for r in samples:
+        assert r["critique"]["error"] is None and r["critique"]["raw"].count("</think>") == 1
+        assert r["critique"]["text"] and "</think>" not in r["critique"]["text"]
     evals = read_jsonl(run / "eval.jsonl")
     assert [e["step"] for e in evals] == list(range(0, MAX_STEPS + 1, EVAL_EVERY))
     for e in evals:
