@@ -417,7 +417,7 @@ def critic_training(model, tmp):
     c.close()
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] if (out / "log.jsonl").exists() \
         else [{}]
-    record("hostile text: a 1 MB critique (kept as text)", 0, "exceed the context", got, o, secs,
+    record("hostile text: a 1 MB critique (kept as text)", 0, "exceed the window of", got, o, secs,
            log[-1].get("skipped_context") == 1, f"skipped_context {log[-1].get('skipped_context')}")
 
 
@@ -436,7 +436,7 @@ def hostile_text(model, tmp):
     p.write_text("".join(json.dumps(r) + "\n" for r in
                          [rows[0], {"id": "big", "problem": "What is 6 + 1?", "answer": "7", "split": "train",
                                     "reference_solution": huge}, test]))
-    fault("hostile text: a 1 MB reference solution (refsol)", 0, "exceed the context",
+    fault("hostile text: a 1 MB reference solution (refsol)", 0, "exceed the window of",
           tiny(model, tmp / "ht2", "--data", str(p), "--feedback", "refsol"))
     # the mechanism figure: model text with HTML and a script, rendered in this process
     import numpy as np
