@@ -236,13 +236,15 @@ def feedback_contexts(cfg, critic_backend, items: list[Item], timer
 
 
 def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str | None], max_positions: int,
-                         critiques: list[critic.Critique] | None = None) -> tuple[list[Item], int]:
+                         critiques: list[critic.Critique] | None = None, interrupt: Callable[[], None] | None = None
+                         ) -> tuple[list[Item], int]:
     """Step 4: the teacher's prompt x + c of each rollout (y is appended as ids when it is scored), with c and the
     critique it came from (`critiques`, when the form has a critic) kept on the item; a rollout without a context
-    is skipped. PBSD scores y_T after the STUDENT prompt, so y_T must be in the student's format:
-    its teacher prompt takes the student's thinking mode (train.py, departure 7). A rollout whose teacher prompt
-    plus y (plus --max-new-tokens when y_T is sampled from it) exceeds the model's window of `max_positions` tokens is skipped too; returns
-    (items, how many were skipped for that)."""
+    is skipped. PBSD scores y_T after the STUDENT prompt, so y_T must be in the student's format: its teacher prompt
+    takes the student's thinking mode (train.py, departure 7). A rollout whose teacher prompt plus y (plus
+    --max-new-tokens when y_T is sampled from it) exceeds the model's window of `max_positions` tokens is skipped
+    too; returns (items, how many were skipped for that). `interrupt` (a stop signal's check) is called before each
+    prompt is tokenized, so a signal does not wait for the whole step's prompts."""
     thinking = cfg.teacher_thinking if cfg.objective == "sd" else cfg.student_thinking
     sampled = cfg.objective == "pbsd" or cfg.teacher_samples
     out, too_long = [], 0
@@ -252,6 +254,8 @@ def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str |
         if c is None:
             out.append(dataclasses.replace(it, skipped=True))
             continue
+        if interrupt is not None:
+            interrupt()
         messages = prompts.teacher_messages(it.problem, cfg.feedback, c, cfg.teacher_layout, it.completion.text)
         prompt, ids = prompts.render(tokenizer, messages, thinking), prompts.encode(tokenizer, messages, thinking)
         y = len(it.completion.token_ids)

@@ -270,7 +270,7 @@ def train(cfg: Config, d: Dist, checker, base_eval: dict | None = None,
                     contexts, critiques, stats = feedback.feedback_contexts(cfg, critic_backend, items, timer)
                     # 4. teacher inputs: the prompt x + c (y is appended as ids); PBSD: a sample y_T ~ π_base(·|x, c)
                     items, stats["skipped_context_step"] = feedback.with_teacher_prompts(
-                        cfg, tokenizer, items, contexts, max_positions, critiques)
+                        cfg, tokenizer, items, contexts, max_positions, critiques, stop.check)
                     if cfg.objective == "pbsd" or cfg.teacher_samples:
                         items = feedback.with_teacher_samples(cfg, engine, checker, items, step, timer)
                     if cfg.data == "arithmetic":  # (diagnostics) the exact critic's critiques when the step has them

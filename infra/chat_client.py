@@ -31,6 +31,8 @@ POLL_S = 0.1  # how often a waiting ServerCritic batch calls its `interrupt` (a 
 # escape to 6 bytes each, and the same again as its reasoning trace, is a few MB; a server that sends more is not
 # answering a chat completion, and reading on would let it fill memory (times --critic-concurrency).
 MAX_ANSWER_BYTES = 16 * 2 ** 20
+# The most characters an answer of max_tokens tokens may hold, per token: 8 times what real text averages (about 4)
+MAX_CHARS_PER_TOKEN = 32
 # Where a chat answer holds the trace a reasoning parser took out of content: vLLM 0.32's name, then the older one
 REASONING_FIELDS = ("reasoning", "reasoning_content")
 
@@ -341,6 +343,14 @@ class ChatClient:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
             raise RequestFailed(f"malformed answer from {self.shown_url}: {type(e).__name__}: {e}; "
                                  f"body starts {raw[:120]!r}", True, "malformed") from None
+        # No tokenizer writes more than MAX_CHARS_PER_TOKEN characters a token on average over an answer (real text:
+        # about 4): a longer one is not what max_tokens tokens decode to. Refused here, before it becomes a teacher
+        # prompt whose tokenization (one call, seconds for megabytes) a stop signal would have to wait for.
+        trace = next((message[f] for f in REASONING_FIELDS if isinstance(message.get(f), str)), "")
+        if len(text) + len(trace) > self.max_tokens * MAX_CHARS_PER_TOKEN:
+            raise RequestFailed(f"the answer from {self.shown_url} has {len(text) + len(trace)} characters, more than "
+                                f"max_tokens={self.max_tokens} tokens decode to (at most {MAX_CHARS_PER_TOKEN} a "
+                                "token): not a completion of this request", False, "malformed")
         # A reasoning parser (vLLM's --reasoning-parser) took the trace out of content, into `reasoning` (vLLM 0.32:
         # ChatMessage.reasoning, vllm/entrypoints/openai/chat_completion/protocol.py) or `reasoning_content` (its
         # older name, still sent by other servers): content is then the critique alone, whichever the template.

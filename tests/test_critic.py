@@ -241,6 +241,27 @@ def test_an_oversized_answer_is_cut_and_not_retried(serve):
     assert f"an answer of more than {chat_client.MAX_ANSWER_BYTES} bytes" in c.error
 
 
+def test_an_answer_longer_than_its_max_tokens_can_decode_to_is_refused_before_it_is_tokenized(serve):
+    """At most MAX_CHARS_PER_TOKEN characters a token (content and trace together): 10 tokens hold 320 characters;
+    one more is not a completion of the request (a server that pads or loops past its budget), refused as
+    "malformed" without a retry, so it never becomes a teacher prompt whose tokenization a signal would wait for."""
+    limit = 10 * chat_client.MAX_CHARS_PER_TOKEN
+    replies = {"FIT": {"content": "x" * (limit - 4), "reasoning": "abcd"},
+               "OVER": {"content": "x" * (limit - 3), "reasoning": "abcd"}}
+
+    def respond(body, headers):
+        marker = next(m for m in replies if m in body["messages"][0]["content"])
+        return 200, {"choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", **replies[marker]}}]}
+
+    server, url = serve(respond)
+    fit, over = ServerCritic(url, "m", max_tokens=10, timeout_s=5, max_retries=2, backoff_s=0.01).critique(
+        [(PROBLEM, "Step 1: FIT"), (PROBLEM, "Step 1: OVER")])
+    assert fit.error is None and fit.raw == "</think>" + "x" * (limit - 4)
+    assert over.error_kind == "malformed" and f"{limit + 1} characters" in over.error
+    assert sum("OVER" in r[2]["messages"][0]["content"] for r in server.requests) == 1  # not retried
+
+
 def test_one_failing_item_does_not_affect_the_others(serve):
     response = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136"
     good = ExactArithmeticCritic().critique_one(PROBLEM, response).text

@@ -1205,3 +1205,28 @@ def test_torchrun_ranks_given_different_options_are_refused(tiny_model_dir, tmp_
     assert r.returncode != 0 and "train.py: error: rank 1 runs --lr 0.02 but rank 0 0.01: start every rank with " \
                                  "the same options and files" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr.split("train.py: error:")[0] and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_stop_signal_does_not_wait_for_the_steps_teacher_prompts(smol_tokenizer):
+    """with_teacher_prompts calls its `interrupt` (train.py: the stop flag's check) before tokenizing each prompt: a
+    signal raised there abandons step 4 at once, before the next prompt, instead of after the step's last one."""
+    cfg = config.parse_config(["--preset", "demo", "--feedback", "refsol"])
+    from demo.arithmetic import arithmetic_problems
+    p = arithmetic_problems(1, seed=0)[0]
+    y = rollout.Completion(smol_tokenizer("Step 1: 1 + 1 = 2").input_ids, "Step 1: 1 + 1 = 2", "stop")
+    items = [feedback.Item(p, [], y) for _ in range(5)]
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        feedback.with_teacher_prompts(cfg, smol_tokenizer, items, ["c"] * 5, 8192, interrupt=interrupt)
+    assert len(calls) == 3
+    done, _ = feedback.with_teacher_prompts(cfg, smol_tokenizer, items, ["c"] * 5, 8192, interrupt=lambda: None)
+    assert all(it.teacher_ids for it in done)
