@@ -490,27 +490,26 @@ def signals(model, tmp):
         record(f"signal: {name} during a hung critic request (timeout 600 s), then --resume", code,
                f"{name}: checkpoint written at step 1", got, o, secs, secs < 20 and same,
                f"resume exit {r[0]}, final adapter {'==' if same else '!='} uninterrupted")
-    # while step 2's critiques are parsed and kept: step 1 answered (2 critiques), then every answer is a 16 MiB one
-    # shaped against the schema's regexes (issue 30: a parse of 730 bytes held SIGTERM for 60 s); the signal 3 s
-    # after both were sent (read and parsed in about 1 s), so while they are made into teacher prompts
+    # while step 2's critiques are parsed and kept: step 1 answered (2 critiques), then every answer is the largest
+    # the client keeps (16384 x 32 characters; a 16 MiB one is refused as more than max_tokens decode to), shaped
+    # against the schema's regexes (issue 30: a parse of 730 bytes held SIGTERM for 60 s); the signal as soon as
+    # both were sent, so while they are read, parsed and made into teacher prompts (a few seconds at most). Where
+    # it lands depends on timing (step 2's prompts or the next boundary), so the promise is: exit 143 within 20 s,
+    # a checkpoint of the last completed step, and a --resume that finishes
     out = tmp / "sig_critic_parse"
     c.train, c.sequence, c.answered = "shape", ["text", "text"], 0
-    c.set_shape(big_answer())
+    c.set_shape(largest_kept_answer())
 
     def answered_both(c=c):
-        if c.answered >= 4:
-            time.sleep(3.0)
-            return True
-        return False
+        return c.answered >= 4
     got, o, secs = signalled(train_cmd(*tiny(model, out, *url_args, *cbase)), answered_both, signal.SIGTERM,
                              bound_s=120)
     c.train, c.sequence = "text", []
     r = run(train_cmd(*tiny(model, out, *url_args, *cbase, "--resume")), 300)
-    same = r[0] == 0 and same_adapter(straight_c, out, 3)
-    record("signal: SIGTERM while the critic's 16 MiB answers become teacher prompts, then --resume", 143,
-           "SIGTERM: checkpoint written at step 1", got, o, secs, secs < 20 and same,
-           f"exit {secs:.1f} s after the signal; resume exit {r[0]}, final adapter {'==' if same else '!='} "
-           "uninterrupted")
+    finished = r[0] == 0 and (out / "checkpoints" / "step_000003").is_dir()
+    record("signal: SIGTERM while the largest critiques kept become teacher prompts, then --resume", 143,
+           "SIGTERM: checkpoint written at step", got, o, secs, secs < 20 and finished,
+           f"exit {secs:.1f} s after the signal; resume exit {r[0]}, {'finished' if finished else 'not finished'}")
     c.close()
     # at an evaluation boundary: step 1 logged, its checkpoint written, its (slowed) evaluation under way
     ebase = ["--max-steps", "2", "--eval-every", "1", "--max-new-tokens", "200"]
@@ -703,14 +702,23 @@ def resume_spellings(model, tmp):
 BODY = "\nCorrected solution:\nStep 1: 1 + 1 = 2\n\\boxed{2}"  # a valid end, so that the head is parsed
 
 
-def big_answer() -> str:
-    """The slowest shape for the schema's regexes (one line of spaces after the Case/Pivotal lines), as large as
-    the critic client reads: its JSON answer just under infra.chat_client.MAX_ANSWER_BYTES (16 MiB)."""
+def big_answer(chars: int | None = None) -> str:
+    """The slowest shape for the schema's regexes (one line of spaces after the Case/Pivotal lines), `chars`
+    characters long; by default as large as the critic client reads: its JSON answer just under
+    infra.chat_client.MAX_ANSWER_BYTES (16 MiB)."""
     from infra.chat_client import MAX_ANSWER_BYTES
     head = "Case: A\nPivotal step: none\n"
-    text = head + " " * (MAX_ANSWER_BYTES - 4096) + "x" + BODY
+    chars = MAX_ANSWER_BYTES - 4096 if chars is None else chars
+    text = head + " " * (chars - len(head) - 1 - len(BODY)) + "x" + BODY
     assert len(json.dumps(chat(text)).encode()) <= MAX_ANSWER_BYTES
     return text
+
+
+def largest_kept_answer() -> str:
+    """The largest answer the client keeps at --critic-max-tokens 16384 (the default): 16384 x MAX_CHARS_PER_TOKEN
+    characters; a longer one is refused as more than its max_tokens decode to."""
+    from infra.chat_client import MAX_CHARS_PER_TOKEN
+    return big_answer(16384 * MAX_CHARS_PER_TOKEN)
 
 
 def parsing(model, tmp):
@@ -724,8 +732,10 @@ def parsing(model, tmp):
               ("4,000 lines of spaces after the Case/Pivotal lines",
                "Case: A\nPivotal step: none\n" + ("Step 1" + " " * 25 + "x\n") * 4000 + BODY, "(schema 2)"),
               ("20,000 <think> tags, none closed", "<think>" * 20_000 + BODY, "(empty 2)"),
-              ("a 16 MiB answer (the client's bound), spaces after the Case/Pivotal lines", big_answer(),
-               "(schema 2)")]
+              ("a 16 MiB answer (the client's byte bound), spaces after the Case/Pivotal lines", big_answer(),
+               "(malformed 2)"),
+              ("the largest answer kept (16384 x 32 characters), spaces after the Case/Pivotal lines",
+               largest_kept_answer(), "(schema 2)")]
     c = Critic()
     c.train = "schema"
     shown = ["--no-critic-think-in-prompt"]  # the whole answer reaches the schema's regexes (not read as a trace)
