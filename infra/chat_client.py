@@ -343,22 +343,23 @@ class ChatClient:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
             raise RequestFailed(f"malformed answer from {self.shown_url}: {type(e).__name__}: {e}; "
                                  f"body starts {raw[:120]!r}", True, "malformed") from None
-        # No tokenizer writes more than MAX_CHARS_PER_TOKEN characters a token on average over an answer (real text:
-        # about 4): a longer one is not what max_tokens tokens decode to. Refused here, before it becomes a teacher
-        # prompt whose tokenization (one call, seconds for megabytes) a stop signal would have to wait for.
-        trace = next((message[f] for f in REASONING_FIELDS if isinstance(message.get(f), str)), "")
-        if len(text) + len(trace) > self.max_tokens * MAX_CHARS_PER_TOKEN:
-            raise RequestFailed(f"the answer from {self.shown_url} has {len(text) + len(trace)} characters, more than "
-                                f"max_tokens={self.max_tokens} tokens decode to (at most {MAX_CHARS_PER_TOKEN} a "
-                                "token): not a completion of this request", False, "malformed")
         # A reasoning parser (vLLM's --reasoning-parser) took the trace out of content, into `reasoning` (vLLM 0.32:
         # ChatMessage.reasoning, vllm/entrypoints/openai/chat_completion/protocol.py) or `reasoning_content` (its
         # older name, still sent by other servers): content is then the critique alone, whichever the template.
+        trace = next((message[f] for f in REASONING_FIELDS if isinstance(message.get(f), str)), None)
+        # No tokenizer writes more than MAX_CHARS_PER_TOKEN characters a token on average over an answer (real text:
+        # about 4): a longer one is not what max_tokens tokens decode to. Refused here, before it becomes a teacher
+        # prompt whose tokenization (one call, seconds for megabytes) a stop signal would have to wait for.
+        chars = len(text) + len(trace or "")
+        if chars > self.max_tokens * MAX_CHARS_PER_TOKEN:
+            raise RequestFailed(f"the answer from {self.shown_url} has {chars} characters, more than max_tokens="
+                                f"{self.max_tokens} tokens decode to (at most {MAX_CHARS_PER_TOKEN} a token): not a "
+                                "completion of this request", False, "malformed")
         text, replaced = valid_text(text)  # outside text becomes valid Unicode here, once
         if replaced:
             with self._count:
                 self.repaired += 1
-        if any(isinstance(message.get(field), str) for field in REASONING_FIELDS):
+        if trace is not None:
             return "</think>" + text  # (data.strip_think keeps what follows the tag)
         return text
 
