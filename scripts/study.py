@@ -121,7 +121,8 @@ def run_argv(out: Path, seed: int, run_dir: Path, options: list[str]) -> list[st
 
 def train_commands(out: Path, seed: int, extra: list[str], study: str) -> list[tuple[str, list[str]]]:
     """(layout/row, train.py command) of each unfinished run of one seed, in the order they run. A run with a
-    checkpoint continues from it (--resume); one cut short before its first checkpoint is removed, to start again."""
+    checkpoint continues from it (--resume); one cut short before its first checkpoint is removed, to start again; a
+    finished run kept without its checkpoints (finished_steps) is left as it is."""
     commands = []
     for layout, row, run_dir, options in run_dirs(out, seed, study):
         argv = [*run_argv(out, seed, run_dir, options), *extra]
@@ -130,6 +131,9 @@ def train_commands(out: Path, seed: int, extra: list[str], study: str) -> list[t
             if last_eval_step(run_dir) == run_steps(parse_config(argv)):
                 print(f"[seed {seed}] {layout}/{row}: done already", flush=True)
                 continue
+        elif finished_steps(run_dir) is not None:  # run files kept without checkpoints: never removed
+            print(f"[seed {seed}] {layout}/{row}: done already (its logs, kept without checkpoints)", flush=True)
+            continue
         elif run_dir.exists():
             print(f"[seed {seed}] {layout}/{row}: no checkpoint from an earlier start; starting it again", flush=True)
             shutil.rmtree(run_dir)
@@ -257,11 +261,14 @@ def _log_counts(run_dir: Path) -> list[tuple[float, float]]:
 
 
 def finished_steps(run_dir: Path) -> int | None:
-    """The run's number of steps when it has logged the evaluation of its last step, else None (not finished)."""
+    """The run's number of steps when it has logged the evaluation of its last step, else None (not finished). Its
+    options are its last checkpoint's config.json, or, for a run kept without its checkpoints (the study's committed
+    run files: docs/demo/study2), the config.json beside its logs."""
     checkpoints = checkpoint_dirs(run_dir) if run_dir.is_dir() else []
-    if not checkpoints:
+    saved = checkpoints[-1] / "config.json" if checkpoints else run_dir / "config.json"
+    if not saved.is_file():
         return None
-    steps = run_steps(saved_config(checkpoints[-1] / "config.json"))
+    steps = run_steps(saved_config(saved))
     return steps if last_eval_step(run_dir) == steps else None
 
 

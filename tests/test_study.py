@@ -3,6 +3,7 @@ file; a finished run is not run again, one with a checkpoint continues, one cut 
 signal reaches every run once and the study waits for their checkpoints; bad options and run files are one line."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,24 @@ def _finished_run(out, seed=101, evals=None):
     (run / "log.jsonl").write_text(json.dumps({"step": 1, "wrong_attempts": 4, "wrong_correct_prefix": 1}) + "\n")
     return run, steps
 
+
+def test_run_files_kept_without_checkpoints_give_the_same_report_and_are_never_run_again(tmp_path, capsys):
+    """The study's committed run files (docs/demo/study2: config.json, eval.jsonl, log.jsonl; no checkpoints) are a
+    finished run to the report, the same table as from the live run; the study never removes or reruns them."""
+    out = tmp_path / "study"
+    run, steps = _finished_run(out)
+    study.main(["--report", "--seeds", "101", "--out", str(out)])
+    live = (out / "study.md").read_text()
+    checkpoint = run / "checkpoints" / f"step_{steps:06d}"
+    (run / "config.json").write_text((checkpoint / "config.json").read_text())
+    shutil.rmtree(checkpoint.parent)
+    study.main(["--report", "--seeds", "101", "--out", str(out)])
+    assert (out / "study.md").read_text() == live and "| StepAlignFB | repeat | 25.00 |" in live
+    assert "repeat/stepalign" not in commands(out, name="second") and (run / "eval.jsonl").is_file()
+    (run / "eval.jsonl").write_text(json.dumps(eval_row(0)) + "\n")  # logs of a run cut before its last step
+    study.main(["--report", "--seeds", "101", "--out", str(out)])
+    assert "seed101/repeat/stepalign" in (out / "study.md").read_text().split("Not finished")[1]
+    capsys.readouterr()
 
 def test_the_report_skips_a_cut_last_line_and_refuses_bad_files_in_one_line(tmp_path, capsys):
     """A run killed mid-write ends its eval.jsonl with a cut line: skipped with a warning (the run counts as not
