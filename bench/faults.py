@@ -22,6 +22,7 @@ this process (mechanism.render_advantage_html: python -m scripts.mechanism needs
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -245,6 +246,27 @@ def critic_args(url, *extra):
             "FAULT_KEY", "--critic-timeout", "3", "--critic-retries", "0", *extra]
 
 
+@contextlib.contextmanager
+def serving(train="ok", preflight="ok", shape=None, host="127.0.0.1"):
+    """A fresh Critic whose training answers are `train` (mode "shape": the message `shape`) and whose preflight
+    answers are `preflight`, closed on the way out whatever happens inside."""
+    c = Critic(host)
+    c.train, c.preflight = train, preflight
+    if shape is not None:
+        c.set_shape(shape)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def against_critic(model, out, *extra, timeout=120, cmd=None, **modes):
+    """A tiny run (tiny(); `cmd`: the command before its options, train.py by default) against a fresh critic in
+    `modes` (serving's), the critic's options followed by `extra`: (exit code or 'hang', output, seconds)."""
+    with serving(**modes) as c:
+        return run([*(cmd or train_cmd()), *tiny(model, out, *critic_args(c.url, *extra))], timeout)
+
+
 # train.py under a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored): a write past it fails with EFBIG, as a full disk
 # fails with ENOSPC
 FSIZE = """import resource, runpy, signal, sys
@@ -371,27 +393,21 @@ def critic_preflight(model, tmp):
     for mode, msg in [("500", "HTTP 500"), ("garbage", "not an OpenAI-compatible answer"),
                       ("401", "refused"), ("wrong_model", "not 'critic' (--critic-model)"),
                       ("hang", "no answer within 3.0 s"), ("drip", "no answer within 3.0 s")]:
-        c = Critic()
-        c.preflight = mode
-        got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url))), 60)
-        c.close()
+        got, o, secs = against_critic(model, out, preflight=mode, timeout=60)
         record(f"critic preflight: {mode}", 2, msg, got, o, secs, secs < 25 and KEY not in o,
                "key printed" if KEY in o else "")
     # a redirect to another host: the key must not reach it (GET of the model list, and POST of the probe)
     for what in ("GET", "POST"):
-        other, c = Critic("127.0.0.2"), Critic()
-        c.preflight, c.redirect_to = ("redirect" if what == "GET" else "ok"), other.url.removesuffix("/v1")
-        if what == "POST":  # the model list answers, the probe is redirected
-            c.preflight = "ok"
+        with serving(host="127.0.0.2") as other, serving(preflight="redirect" if what == "GET" else "ok") as c:
+            c.redirect_to = other.url.removesuffix("/v1")
+            if what == "POST":  # the model list answers, the probe is redirected
 
-            def redirect_post(h):
-                h.rfile.read(int(h.headers["Content-Length"]))
-                h.act("redirect", None, 307)
-            c.server.RequestHandlerClass.do_POST = redirect_post
-        got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url))), 60)
+                def redirect_post(h):
+                    h.rfile.read(int(h.headers["Content-Length"]))
+                    h.act("redirect", None, 307)
+                c.server.RequestHandlerClass.do_POST = redirect_post
+            got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url))), 60)
         leaked = [a for a in other.auth if a and KEY in a]
-        c.close()
-        other.close()
         record(f"critic preflight: {what} redirected to another host", 2, "HTTP 307", got, o, secs,
                not leaked and KEY not in o, f"key sent to the other host {len(leaked)} times")
 
@@ -402,19 +418,13 @@ def critic_training(model, tmp):
     for mode, msg, extra in [("schema", "(schema 2)", []), ("empty", "critiques failed", []),
                              ("500", "critiques failed", []), ("garbage", "critiques failed", []),
                              ("hang", "critiques failed", []), ("drip", "critiques failed", [])]:
-        c = Critic()
-        c.train = mode
         out = tmp / f"ct_{mode}"
-        got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url), *extra)), 90)
-        c.close()
+        got, o, secs = against_critic(model, out, *extra, train=mode, timeout=90)
         record(f"critic in training: {mode}", 3, msg, got, o, secs,
                ckpts(out) == ["step_000001"] and KEY not in o, f"checkpoints {ckpts(out)}")
-    c = Critic()
-    c.train = "huge_first"
     out = tmp / "ct_huge"
-    got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url, "--critic-unstructured", "keep",
-                                                                 "--no-critic-think-in-prompt"))), 120)
-    c.close()
+    got, o, secs = against_critic(model, out, "--critic-unstructured", "keep", "--no-critic-think-in-prompt",
+                                  train="huge_first")
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] if (out / "log.jsonl").exists() \
         else [{}]
     record("hostile text: a 1 MB critique (kept as text)", 0, "exceed the window of", got, o, secs,
@@ -472,45 +482,43 @@ def signals(model, tmp):
     # during a hung critic request: step 1 answered (2 critiques), then every request held for 300 s
     cbase = ["--max-steps", "3", "--eval-every", "100", "--critic-unstructured", "keep",
              "--no-critic-think-in-prompt", "--critic-timeout", "600"]
-    c = Critic()
-    c.train = "text"
-    url_args = critic_args(c.url)[:-4] + ["--critic-retries", "0"]
-    straight_c = tmp / "sigc_straight"
-    run(train_cmd(*tiny(model, straight_c, *url_args, *cbase)), 300)
-    for name, signum, code in (("SIGTERM", signal.SIGTERM, 143), ("SIGINT", signal.SIGINT, 130)):
-        out = tmp / f"sig_critic_{name}"
-        c.train, c.answered, c.hang_after = "hang_after", 0, 2
-        c.release.clear()
-        got, o, secs = signalled(train_cmd(*tiny(model, out, *url_args, *cbase)), lambda c=c: c.answered > 2,
-                                 signum)
-        c.release.set()
-        c.train = "text"
-        r = run(train_cmd(*tiny(model, out, *url_args, *cbase, "--resume")), 300)
-        same = r[0] == 0 and same_adapter(straight_c, out, 3)
-        record(f"signal: {name} during a hung critic request (timeout 600 s), then --resume", code,
-               f"{name}: checkpoint written at step 1", got, o, secs, secs < 20 and same,
-               f"resume exit {r[0]}, final adapter {'==' if same else '!='} uninterrupted")
-    # while step 2's critiques are parsed and kept: step 1 answered (2 critiques), then every answer is the largest
-    # the client keeps (16384 x 32 characters; a 16 MiB one is refused as more than max_tokens decode to), shaped
-    # against the schema's regexes (issue 30: a parse of 730 bytes held SIGTERM for 60 s); the signal as soon as
-    # both were sent, so while they are read, parsed and made into teacher prompts (a few seconds at most). Where
-    # it lands depends on timing (step 2's prompts or the next boundary), so the promise is: exit 143 within 20 s,
-    # a checkpoint of the last completed step, and a --resume that finishes
-    out = tmp / "sig_critic_parse"
-    c.train, c.sequence, c.answered = "shape", ["text", "text"], 0
-    c.set_shape(largest_kept_answer())
+    with serving(train="text") as c:
+        url_args = critic_args(c.url)[:-4] + ["--critic-retries", "0"]
+        straight_c = tmp / "sigc_straight"
+        run(train_cmd(*tiny(model, straight_c, *url_args, *cbase)), 300)
+        for name, signum, code in (("SIGTERM", signal.SIGTERM, 143), ("SIGINT", signal.SIGINT, 130)):
+            out = tmp / f"sig_critic_{name}"
+            c.train, c.answered, c.hang_after = "hang_after", 0, 2
+            c.release.clear()
+            got, o, secs = signalled(train_cmd(*tiny(model, out, *url_args, *cbase)), lambda c=c: c.answered > 2,
+                                     signum)
+            c.release.set()
+            c.train = "text"
+            r = run(train_cmd(*tiny(model, out, *url_args, *cbase, "--resume")), 300)
+            same = r[0] == 0 and same_adapter(straight_c, out, 3)
+            record(f"signal: {name} during a hung critic request (timeout 600 s), then --resume", code,
+                   f"{name}: checkpoint written at step 1", got, o, secs, secs < 20 and same,
+                   f"resume exit {r[0]}, final adapter {'==' if same else '!='} uninterrupted")
+        # while step 2's critiques are parsed and kept: step 1 answered (2 critiques), then every answer is the largest
+        # the client keeps (16384 x 32 characters; a 16 MiB one is refused as more than max_tokens decode to), shaped
+        # against the schema's regexes (issue 30: a parse of 730 bytes held SIGTERM for 60 s); the signal as soon as
+        # both were sent, so while they are read, parsed and made into teacher prompts (a few seconds at most). Where
+        # it lands depends on timing (step 2's prompts or the next boundary), so the promise is: exit 143 within 20 s,
+        # a checkpoint of the last completed step, and a --resume that finishes
+        out = tmp / "sig_critic_parse"
+        c.train, c.sequence, c.answered = "shape", ["text", "text"], 0
+        c.set_shape(largest_kept_answer())
 
-    def answered_both(c=c):
-        return c.answered >= 4
-    got, o, secs = signalled(train_cmd(*tiny(model, out, *url_args, *cbase)), answered_both, signal.SIGTERM,
-                             bound_s=120)
-    c.train, c.sequence = "text", []
-    r = run(train_cmd(*tiny(model, out, *url_args, *cbase, "--resume")), 300)
-    finished = r[0] == 0 and (out / "checkpoints" / "step_000003").is_dir()
-    record("signal: SIGTERM while the largest critiques kept become teacher prompts, then --resume", 143,
-           "SIGTERM: checkpoint written at step", got, o, secs, secs < 20 and finished,
-           f"exit {secs:.1f} s after the signal; resume exit {r[0]}, {'finished' if finished else 'not finished'}")
-    c.close()
+        def answered_both(c=c):
+            return c.answered >= 4
+        got, o, secs = signalled(train_cmd(*tiny(model, out, *url_args, *cbase)), answered_both, signal.SIGTERM,
+                                 bound_s=120)
+        c.train, c.sequence = "text", []
+        r = run(train_cmd(*tiny(model, out, *url_args, *cbase, "--resume")), 300)
+        finished = r[0] == 0 and (out / "checkpoints" / "step_000003").is_dir()
+        record("signal: SIGTERM while the largest critiques kept become teacher prompts, then --resume", 143,
+               "SIGTERM: checkpoint written at step", got, o, secs, secs < 20 and finished,
+               f"exit {secs:.1f} s after the signal; resume exit {r[0]}, {'finished' if finished else 'not finished'}")
     # at an evaluation boundary: step 1 logged, its checkpoint written, its (slowed) evaluation under way
     ebase = ["--max-steps", "2", "--eval-every", "1", "--max-new-tokens", "200"]
     straight_e = tmp / "sige_straight"
@@ -658,7 +666,7 @@ def out_dir_sharing(model, tmp):
     holder.kill()
     holder.wait()
     got, o, secs = run(train_cmd(*tiny(model, out, "--arith-train", "400")), 120)
-    record("two runs on one out-dir: after the holder is killed (-9)", 0, f"taken over from a run", got, o, secs)
+    record("two runs on one out-dir: after the holder is killed (-9)", 0, "taken over from a run", got, o, secs)
 
 
 def divergence(model, tmp):
@@ -736,18 +744,11 @@ def parsing(model, tmp):
                "(malformed 2)"),
               ("the largest answer kept (16384 x 32 characters), spaces after the Case/Pivotal lines",
                largest_kept_answer(), "(schema 2)")]
-    c = Critic()
-    c.train = "schema"
     shown = ["--no-critic-think-in-prompt"]  # the whole answer reaches the schema's regexes (not read as a trace)
-    base = run(train_cmd(*tiny(model, tmp / "parse_base", *critic_args(c.url, *shown))), 120)
-    c.close()
+    base = against_critic(model, tmp / "parse_base", *shown, train="schema")
     for name, text, msg in shapes:
-        c = Critic()
-        c.train = "shape"
-        c.set_shape(text)
         out = tmp / f"parse_{len(ROWS)}"
-        got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url, *shown))), 240)
-        c.close()
+        got, o, secs = against_critic(model, out, *shown, train="shape", shape=text, timeout=240)
         record(f"parsing: the critic answers {name}", 3, msg, got, o, secs,
                secs < base[2] + 15 and ckpts(out) == ["step_000001"],
                f"{secs:.1f} s vs {base[2]:.1f} s for a one-line answer; checkpoints {ckpts(out)}")
@@ -804,14 +805,11 @@ def special_tokens(model, tmp):
         ok, what = turns_only(dump)
         record(f"special tokens: a turn in the problem and reference ({form}, {' '.join(extra)})", 0, "", got, o,
                secs, ok and ckpts(out) == ["step_000001"], what)
-    c = Critic()
-    c.train = "shape"
-    c.set_shape(f"Step 1 is wrong.{INJECT}")
     dump = tmp / "scored_critique.json"
     spy.write_text(SPY.format(root=str(ROOT), dump=str(dump)))
-    got, o, secs = run([sys.executable, str(spy), *tiny(model, tmp / "inject_critique", *critic_args(
-        c.url, "--critic-unstructured", "keep", "--no-critic-think-in-prompt"))], 120)
-    c.close()
+    got, o, secs = against_critic(model, tmp / "inject_critique", "--critic-unstructured", "keep",
+                                  "--no-critic-think-in-prompt", cmd=[sys.executable, str(spy)], train="shape",
+                                  shape=f"Step 1 is wrong.{INJECT}")
     ok, what = turns_only(dump)
     record("special tokens: a turn in the critique (stepalign, kept as text)", 0, "", got, o, secs, ok, what)
 
@@ -819,45 +817,39 @@ def special_tokens(model, tmp):
 def values(model, tmp):
     """Class 3: values that failed mid-run, after the model loaded, are refused before it loads; secrets are
     printed and written nowhere, whatever their bytes; a lone surrogate in a critique is repaired and counted."""
-    c = Critic()
-    for name, extra, msg in [
-            ("option: --critic-url with port 70000", critic_args("http://127.0.0.1:70000/v1"),
-             "--critic-url http://127.0.0.1:70000/v1: has a bad port"),
-            ("option: --critic-retries 1100", critic_args(c.url)[:-2] + ["--critic-retries", "1100"],
-             "--critic-retries 1100: "),
-            ("option: --seed 4294967296", ["--seed", "4294967296"], "--seed 4294967296: ")]:
-        out = tmp / f"val_{len(ROWS)}"
-        got, o, secs = run(train_cmd(*tiny(model, out, *extra)), 60)
-        record(name, 2, msg, got, o, secs, not out.exists() and c.answered == 0, f"out-dir made: {out.exists()}")
-    # a key no HTTP header can carry: refused by name, its bytes nowhere (http.client's error printed it)
-    out = tmp / "val_key_cr"
-    got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url))), 60, {"FAULT_KEY": KEY + "\r"})
-    where = leaks(KEY, o, out) + (["sent to the server"] if any(a and KEY in a for a in c.auth) else [])
-    record("secret: an API key ending in \\r", 2, "holds the character U+000D", got, o, secs, not where,
-           f"the key in: {where or 'nothing'}")
-    c.close()
+    with serving() as c:
+        for name, extra, msg in [
+                ("option: --critic-url with port 70000", critic_args("http://127.0.0.1:70000/v1"),
+                 "--critic-url http://127.0.0.1:70000/v1: has a bad port"),
+                ("option: --critic-retries 1100", critic_args(c.url)[:-2] + ["--critic-retries", "1100"],
+                 "--critic-retries 1100: "),
+                ("option: --seed 4294967296", ["--seed", "4294967296"], "--seed 4294967296: ")]:
+            out = tmp / f"val_{len(ROWS)}"
+            got, o, secs = run(train_cmd(*tiny(model, out, *extra)), 60)
+            record(name, 2, msg, got, o, secs, not out.exists() and c.answered == 0, f"out-dir made: {out.exists()}")
+        # a key no HTTP header can carry: refused by name, its bytes nowhere (http.client's error printed it)
+        out = tmp / "val_key_cr"
+        got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url))), 60, {"FAULT_KEY": KEY + "\r"})
+        where = leaks(KEY, o, out) + (["sent to the server"] if any(a and KEY in a for a in c.auth) else [])
+        record("secret: an API key ending in \\r", 2, "holds the character U+000D", got, o, secs, not where,
+               f"the key in: {where or 'nothing'}")
     # a password in --critic-url: Basic authentication, shown as [redacted] in the output, config.json, every file
     for mode, code, msg in (("text", 0, "[redacted]@127.0.0.1"), ("500", 3, "critiques failed")):
-        c = Critic()
-        c.train = mode
-        url = c.url.replace("http://", "http://alice:pw-fault-secret@")
         out = tmp / f"val_pw_{mode}"
-        got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(url, "--critic-unstructured", "keep",
-                                                                   "--no-critic-think-in-prompt",
-                                                                   "--critic-api-key-env", "FAULT_NO_SUCH_KEY"))), 90)
-        c.close()
+        with serving(train=mode) as c:
+            url = c.url.replace("http://", "http://alice:pw-fault-secret@")
+            got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(
+                url, "--critic-unstructured", "keep", "--no-critic-think-in-prompt", "--critic-api-key-env",
+                "FAULT_NO_SUCH_KEY"))), 90)
         where = leaks("pw-fault-secret", o, out)
         basic = sum(1 for a in c.auth if a and a.startswith("Basic "))
         record(f"secret: a password in --critic-url (critic answers {mode})", code, msg, got, o, secs,
                not where and basic > 0 and (out / "checkpoints" / "step_000001" / "config.json").exists(),
                f"the password in: {where or 'nothing'}; {basic} requests with Basic authentication")
     # a lone surrogate in a critique (JSON's \ud800): repaired (U+FFFD) and counted; the run checkpoints
-    c = Critic()
-    c.train = "surrogate"
     out = tmp / "val_surrogate"
-    got, o, secs = run(train_cmd(*tiny(model, out, *critic_args(c.url, "--critic-unstructured", "keep",
-                                                                 "--no-critic-think-in-prompt"))), 90)
-    c.close()
+    got, o, secs = against_critic(model, out, "--critic-unstructured", "keep", "--no-critic-think-in-prompt",
+                                  train="surrogate", timeout=90)
     samples = (out / "samples.jsonl").read_text(encoding="utf-8") if (out / "samples.jsonl").exists() else ""
     repaired = "\ufffd" in samples
     record("critic answer with a lone surrogate (JSON \\ud800)", 0, "", got, o, secs,
@@ -1056,7 +1048,7 @@ def main(argv):
                 continue
             group(model, tmp)
         (tmp / "readonly").exists() and (tmp / "readonly").chmod(0o700)
-    print(f"\n| fault | expected | what happened | |\n|---|---|---|---|")
+    print("\n| fault | expected | what happened | |\n|---|---|---|---|")
     for name, want, got, ok in ROWS:
         print(f"| {name} | {want} | {got.replace('|', '/')} | {'PASS' if ok else 'FAIL'} |")
     survived = sum(ok for *_, ok in ROWS)
