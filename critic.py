@@ -198,8 +198,7 @@ class LocalCritic:
 
     def critique(self, batch: list[tuple[data.Problem, str]]) -> list[Critique]:
         messages = [prompts.critic_messages(p, r) for p, r in batch]
-        texts = [prompts.render(self.tokenizer, m, self.thinking) for m in messages]
-        ids = [prompts.encode(self.tokenizer, m, self.thinking) for m in messages]
+        texts, ids = zip(*[prompts.render_and_encode(self.tokenizer, m, self.thinking) for m in messages])
         out = []
         for prompt, (text, finish_reason), (_, r) in zip(texts, self.generate(ids), batch):
             if finish_reason == "length":

@@ -257,7 +257,7 @@ def with_teacher_prompts(cfg, tokenizer, items: list[Item], contexts: list[str |
         if interrupt is not None:
             interrupt()
         messages = prompts.teacher_messages(it.problem, cfg.feedback, c, cfg.teacher_layout, it.completion.text)
-        prompt, ids = prompts.render(tokenizer, messages, thinking), prompts.encode(tokenizer, messages, thinking)
+        prompt, ids = prompts.render_and_encode(tokenizer, messages, thinking)
         y = len(it.completion.token_ids)
         if len(ids) + (max(y, cfg.max_new_tokens) if sampled else y) > max_positions:
             too_long += 1

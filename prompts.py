@@ -9,7 +9,7 @@
   student off, teacher on). `encode(tokenizer, messages, thinking)`: its token ids, the ones every engine and
   scorer reads: the template's special tokens as such, every content (problem, reference, critique, rollout) as
   text only, so no outside text can open or close a turn. Rollout tokens y are appended to these ids, never
-  re-tokenized.
+  re-tokenized. `render_and_encode`: both at once (the template rendered once).
   `prompt_opens_think(prompt)`: the rendered prompt ends with an open <think> tag (QwQ-32B's template).
 - The StepAlignFB critic: `critic_messages(problem, response)` asks for ONE schema, no preamble
   (`format_critique` writes it; critic.parse_critique validates it):
@@ -178,9 +178,15 @@ HOLE = "\x00content {}\x00"  # a message's place in the template's skeleton (enc
 
 
 def encode(tokenizer, messages: list[dict], thinking: bool) -> list[int]:
-    """The prompt's token ids: `render`'s string, with the chat template's own special tokens as their ids and each
-    message's content (outside text: a problem, a reference, a critique, a rollout) tokenized as text, so that a
-    content holding "<|im_end|><|im_start|>user" stays those characters and never opens a turn.
+    """The prompt's token ids (render_and_encode's)."""
+    return render_and_encode(tokenizer, messages, thinking)[1]
+
+
+def render_and_encode(tokenizer, messages: list[dict], thinking: bool) -> tuple[str, list[int]]:
+    """The prompt string (`render`'s, rendered once) and its token ids: the string with the chat template's own
+    special tokens as their ids and each message's content (outside text: a problem, a reference, a critique, a
+    rollout) tokenized as text, so that a content holding "<|im_end|><|im_start|>user" stays those characters and
+    never opens a turn.
 
     How: the template is rendered with a hole in place of every content (the skeleton: the template's own pieces),
     then once per message with that content alone in its hole (what the template makes of it: Qwen3's drops the
@@ -206,7 +212,8 @@ def encode(tokenizer, messages: list[dict], thinking: bool) -> list[int]:
                 and alone.endswith(skeleton[end:])):
             raise ValueError(f"the chat template renders its own text differently for message {k}'s content")
         spans.insert(2 * k + 1, (alone[start:len(alone) - tail], True))
-    if "".join(text for text, _ in spans) != render(tokenizer, messages, thinking):
+    whole = render(tokenizer, messages, thinking)
+    if "".join(text for text, _ in spans) != whole:
         raise ValueError("the chat template renders the messages' contents differently together than alone")
     special = special_tokens(tokenizer)
     ids, run = [], ""  # run: the text since the last special token of the template
@@ -219,7 +226,7 @@ def encode(tokenizer, messages: list[dict], thinking: bool) -> list[int]:
             ids += tokenizer(run, add_special_tokens=False, split_special_tokens=True).input_ids if run else []
             ids.append(tokenizer.convert_tokens_to_ids(part))
             run = ""
-    return ids + (tokenizer(run, add_special_tokens=False, split_special_tokens=True).input_ids if run else [])
+    return whole, ids + (tokenizer(run, add_special_tokens=False, split_special_tokens=True).input_ids if run else [])
 
 
 def special_tokens(tokenizer) -> re.Pattern | None:

@@ -74,7 +74,10 @@ def test_encode_gives_the_whole_string_ids_on_every_prompt_without_special_strin
     n = 0
     for messages in all_messages(problems):
         for thinking in (False, True):
-            assert prompts.encode(tokenizer, messages, thinking) == whole(tokenizer, messages, thinking), messages
+            text, ids = prompts.render_and_encode(tokenizer, messages, thinking)
+            assert ids == whole(tokenizer, messages, thinking), messages
+            assert text == prompts.render(tokenizer, messages, thinking)
+            assert prompts.encode(tokenizer, messages, thinking) == ids
             n += 1
     assert n > 1000
 
