@@ -58,13 +58,15 @@ from infra.report import ReportError, read_evals, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 # The pre-registered studies: their evaluation seeds (no run had used them when they were committed), the form of
-# their RefSol arm, and the gate (each arm's teacher gap on a development seed's training problems, teacher_gap.py)
+# their RefSol arm, the gate (each arm's teacher gap on a development seed's training problems, teacher_gap.py) and
+# the goal written in the pre-registration (goal_lines), where one was
 STUDIES = {
     # ac0a73d; its RefSol reference was the one-line prose one, kept as the stress case --refsol-style prose
-    "first": {"seeds": (101, 102, 103), "refsol": "refsol_prose", "out": "runs/study", "gate": None},
+    "first": {"seeds": (101, 102, 103), "refsol": "refsol_prose", "out": "runs/study", "gate": None, "goal": None},
     # docs/demo/study2/preregistration.md: the fair reference (a correct solution in a wording of its own)
     "second": {"seeds": (201, 202, 203), "refsol": "refsol", "out": "runs/study2",
-               "gate": ROOT / "docs" / "demo" / "study2" / "gate_seed50.json"},
+               "gate": ROOT / "docs" / "demo" / "study2" / "gate_seed50.json",
+               "goal": {"above": ("refsol", "refsol_steps"), "se": 2.0, "over_base": 10.0}},
 }
 LAYOUTS = ("repeat", "paper")  # the demo preset's teacher layout, then the paper's
 ROWS = ("stepalign", "refsol", "refsol_steps", "grpo")  # the rows; refsol_steps is the format control
@@ -317,6 +319,30 @@ def _mean_cell(values: dict[str, float], fmt: str) -> str:
     return f"{m:{fmt}} ± {se:.2f}" + ("" if len(values) >= 3 else f" (n = {len(values)})")
 
 
+def goal_lines(result: dict) -> list[str]:
+    """The study's pre-registered goal checked on its `repeat` runs: StepAlignFB above each arm of goal["above"] by
+    goal["se"] standard errors of the paired differences, and at least the base policy + goal["over_base"] points
+    (the mean of the paired differences from step 0); [] for a study without one."""
+    goal = STUDIES[result["study"]]["goal"]
+    if goal is None:
+        return []
+    runs, names = result["runs"], display(result["study"])
+    mine = runs.get(f"{LAYOUTS[0]}/stepalign", {})
+    checks = []
+    for other in goal["above"]:
+        theirs = runs.get(f"{LAYOUTS[0]}/{other}", {})
+        diff = [100 * (mine[s]["last"] - theirs[s]["last"]) for s in mine if s in theirs]
+        m, se = mean_se(diff) if len(diff) > 1 else (float("nan"), float("nan"))
+        checks.append((f"minus {names[other]} {m:+.2f}, {goal['se']:g} SE = {goal['se'] * se:.2f}",
+                       m > goal["se"] * se))
+    gain = [100 * (e["last"] - e["step0"]) for e in mine.values()]
+    m = float(np.mean(gain)) if gain else float("nan")
+    checks.append((f"minus the base policy {m:+.2f}, at least +{goal['over_base']:g}", m >= goal["over_base"]))
+    verdict = "met" if all(ok for _, ok in checks) else "missed"
+    return ["", f"The pre-registered goal, StepAlignFB in the {LAYOUTS[0]} layout over {len(mine)} seeds: **{verdict}**"
+            f" (" + "; ".join(f"{text}: {'yes' if ok else 'no'}" for text, ok in checks) + ")."]
+
+
 def report(result: dict) -> str:
     """The markdown tables of the study: finished runs only; a missing cell is "–"."""
     seeds = [str(s) for s in result["seeds"]]
@@ -365,6 +391,7 @@ def report(result: dict) -> str:
                   f"equations verbatim, then corrects a later claim), StepAlignFB runs, {LAYOUTS[0]} layout: step 1 "
                   f"(the base policy's rollouts) {a1:.0f} of {w1:.0f} ({a1 / max(w1, 1):.2f}); all steps {a:.0f} of "
                   f"{w:.0f} ({a / max(w, 1):.2f})."]
+    lines += goal_lines(result)
     if result["unfinished"]:
         lines += ["", f"Not finished ({len(result['unfinished'])} runs; `python -m scripts.study` continues them): "
                   + ", ".join(result["unfinished"]) + "."]
