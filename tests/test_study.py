@@ -254,3 +254,13 @@ def test_the_report_skips_a_cut_last_line_and_refuses_bad_files_in_one_line(tmp_
     assert "field 'epochs' must be int" in _refused(capsys, ["--report", "--seeds", "101", "--out", str(out)])
     config_json.write_text("{")
     assert "config.json: cannot be read" in _refused(capsys, ["--report", "--seeds", "101", "--out", str(out)])
+
+
+def test_the_committed_second_study_recomputes_its_table_from_its_run_files():
+    """docs/demo/study2 holds the second study's run files (config.json, eval.jsonl, log.jsonl per run); the table
+    and study.json recomputed from them are the committed ones, byte for byte."""
+    out = ROOT / "docs" / "demo" / "study2"
+    result = study.collect(out, list(study.STUDIES["second"]["seeds"]), "second")
+    assert not result["unfinished"]
+    assert study.report(result) == (out / "study.md").read_text()
+    assert json.dumps(result, indent=1) + "\n" == (out / "study.json").read_text()
