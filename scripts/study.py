@@ -21,7 +21,8 @@ and one cut short continues from its last checkpoint. Then it writes OUT/study.m
      same over all steps;
   5. beside each arm, its teacher's gap over the student measured before the study (the study's gate, written in
      its pre-registration): an arm whose teacher is not above its student is reported as unable to teach, and no
-     difference with it is drawn.
+     difference with it is drawn;
+  6. the pre-registered goal checked on the runs (goal_lines), for a study whose pre-registration wrote one.
 
 Stopping it (SIGTERM, Ctrl-C, or SIGHUP when its terminal closes) passes the signal on to its train.py runs (each in
 a process group of its own, so that Ctrl-C reaches each once, through the study), waits for their checkpoints (at
