@@ -53,7 +53,8 @@ class Critique:
     step_ok: list[bool] | None = None  # one verdict per student step
     schema_ok: bool = False
     error: str | None = None  # the backend failed for this item (text is then empty); a message for people
-    # why, for counting: "refused", "timeout", "connection", "http_<status>", "malformed", "length", "empty"
+    # why, for counting: "refused", "timeout", "connection", "http_<status>", "malformed", "oversized", "length",
+    # "empty"
     error_kind: str | None = None
     schema_error: str | None = None  # why the schema did not validate
     # where the wrong claim is in the student's response (exact_critic.ExactArithmeticCritic only; for figures)

@@ -176,8 +176,6 @@ class Critic:
                     mode = critic.sequence[critic.answered - 1]
                 if mode == "hang_after":
                     mode = "hang" if critic.answered > critic.hang_after else "text"
-                if mode == "huge_first":
-                    mode = "huge" if critic.answered == 1 else "text"
                 self.act(mode, chat("Step 1 is wrong."), 307)
 
             def act(self, mode, payload, redirect_status):
@@ -247,11 +245,12 @@ def critic_args(url, *extra):
 
 
 @contextlib.contextmanager
-def serving(train="ok", preflight="ok", shape=None, host="127.0.0.1"):
-    """A fresh Critic whose training answers are `train` (mode "shape": the message `shape`) and whose preflight
-    answers are `preflight`, closed on the way out whatever happens inside."""
+def serving(train="ok", preflight="ok", shape=None, sequence=(), host="127.0.0.1"):
+    """A fresh Critic whose first training answers are the modes of `sequence`, the others `train` (mode "shape":
+    the message `shape`), and whose preflight answers are `preflight`; closed on the way out whatever happens
+    inside."""
     c = Critic(host)
-    c.train, c.preflight = train, preflight
+    c.train, c.preflight, c.sequence = train, preflight, list(sequence)
     if shape is not None:
         c.set_shape(shape)
     try:
@@ -422,12 +421,20 @@ def critic_training(model, tmp):
         got, o, secs = against_critic(model, out, *extra, train=mode, timeout=90)
         record(f"critic in training: {mode}", 3, msg, got, o, secs,
                ckpts(out) == ["step_000001"] and KEY not in o, f"checkpoints {ckpts(out)}")
+    # the first critique of 1 MB, more than --critic-max-tokens 16384 decode to: refused ("oversized"), and the
+    # stop rule's fix names the cause (before: "malformed", whose fix blamed --critic-url)
+    as_text = ("--critic-unstructured", "keep", "--no-critic-think-in-prompt")
     out = tmp / "ct_huge"
-    got, o, secs = against_critic(model, out, "--critic-unstructured", "keep", "--no-critic-think-in-prompt",
-                                  train="huge_first")
+    got, o, secs = against_critic(model, out, *as_text, train="text", sequence=["huge"])
+    record("hostile text: a 1 MB critique, more than --critic-max-tokens decode to", 3,
+           "longer than --critic-max-tokens 16384", got, o, secs, ckpts(out) == ["step_000001"],
+           f"checkpoints {ckpts(out)}")
+    # the first critique the largest kept (16384 x 32 characters), as text: past the model's window, skipped
+    out = tmp / "ct_largest"
+    got, o, secs = against_critic(model, out, *as_text, train="text", sequence=["shape"], shape=largest_kept_answer())
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] if (out / "log.jsonl").exists() \
         else [{}]
-    record("hostile text: a 1 MB critique (kept as text)", 0, "exceed the window of", got, o, secs,
+    record("hostile text: the largest critique kept (512 KiB, as text)", 0, "exceed the window of", got, o, secs,
            log[-1].get("skipped_context") == 1, f"skipped_context {log[-1].get('skipped_context')}")
 
 
@@ -741,7 +748,7 @@ def parsing(model, tmp):
                "Case: A\nPivotal step: none\n" + ("Step 1" + " " * 25 + "x\n") * 4000 + BODY, "(schema 2)"),
               ("20,000 <think> tags, none closed", "<think>" * 20_000 + BODY, "(empty 2)"),
               ("a 16 MiB answer (the client's byte bound), spaces after the Case/Pivotal lines", big_answer(),
-               "(malformed 2)"),
+               "(oversized 2)"),
               ("the largest answer kept (16384 x 32 characters), spaces after the Case/Pivotal lines",
                largest_kept_answer(), "(schema 2)")]
     shown = ["--no-critic-think-in-prompt"]  # the whole answer reaches the schema's regexes (not read as a trace)

@@ -166,8 +166,8 @@ def request(url: str, body: bytes | None, key: str | None, timeout_s: float, bat
     wall clock for the whole exchange (_Deadline), less if `batch` is abandoned. Redirects are never followed: the
     key goes to `url`'s server only. Raises RequestFailed: kind "http_<status>" (retryable for 5xx, 408, 429,
     detail = the start of its body; a 3xx names where it pointed), "refused" / "timeout" / "connection"
-    (retryable), "abandoned", or "malformed" (not an http(s) URL, an answer over MAX_ANSWER_BYTES; neither
-    retried)."""
+    (retryable), "abandoned", "malformed" (not an http(s) URL) or "oversized" (an answer over MAX_ANSWER_BYTES;
+    neither retried)."""
     shown = redact_url(url)
     problem = url_problem(url)
     if problem:
@@ -206,7 +206,7 @@ def request(url: str, body: bytes | None, key: str | None, timeout_s: float, bat
     status = response.status
     if len(raw) > MAX_ANSWER_BYTES:  # (read no further: the connection is closed)
         raise RequestFailed(f"HTTP {status} from {url}: an answer of more than {MAX_ANSWER_BYTES} bytes, not a chat "
-                             f"completion; body starts {raw[:80]!r}", False, "malformed")
+                             f"completion; body starts {raw[:80]!r}", False, "oversized")
     if 300 <= status < 400:
         target = urllib.parse.urlsplit(response.getheader("Location") or "")
         where = f"{target.scheme}://{target.netloc}" if target.netloc else "the same server"
@@ -354,7 +354,7 @@ class ChatClient:
         if chars > self.max_tokens * MAX_CHARS_PER_TOKEN:
             raise RequestFailed(f"the answer from {self.shown_url} has {chars} characters, more than max_tokens="
                                 f"{self.max_tokens} tokens decode to (at most {MAX_CHARS_PER_TOKEN} a token): not a "
-                                "completion of this request", False, "malformed")
+                                "completion of this request", False, "oversized")
         text, replaced = valid_text(text)  # outside text becomes valid Unicode here, once
         if replaced:
             with self._count:

@@ -75,6 +75,12 @@ def critic_fix(cfg, failures: dict[str, float]) -> str:
         return f"the server fails ({kind}): see its log (out of memory? a context shorter than the prompts?)"
     if kind == "malformed":
         return f"the answers of {cfg.critic_url} are not OpenAI chat completions: check --critic-url"
+    if kind == "oversized":
+        return (f"the answers of {cfg.critic_url} are longer than --critic-max-tokens {cfg.critic_max_tokens} tokens "
+                f"can decode to: the server ignores max_tokens, or something between it and this run adds to its "
+                f"answers (samples.jsonl's critique errors give their sizes)")
+    if kind == "bad_key":
+        return f"the API key in ${cfg.critic_api_key_env} holds characters that no HTTP header can carry"
     if kind == "schema":
         return (f"the critiques of {cfg.critic_model} do not follow the schema (prompts.critic_messages): check "
                 f"--critic-model and --critic-think-in-prompt, or give unstructured text to the teacher with "

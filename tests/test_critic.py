@@ -234,17 +234,17 @@ def test_malformed_answer_gives_error(serve, payload):  # (the last: JSON nested
 
 def test_an_oversized_answer_is_cut_and_not_retried(serve):
     """A server that sends more than MAX_ANSWER_BYTES (here one byte more) cannot fill the client's memory: the
-    read stops there, the critique is a "malformed" failure naming the limit, and the request is not repeated."""
+    read stops there, the critique is an "oversized" failure naming the limit, and the request is not repeated."""
     server, url = serve(lambda body, headers: (200, b"{" + b" " * chat_client.MAX_ANSWER_BYTES))
     [c] = ServerCritic(url, "m", timeout_s=30, max_retries=3, backoff_s=0.01).critique([(PROBLEM, "x")])
-    assert c.error_kind == "malformed" and len(server.requests) == 1
+    assert c.error_kind == "oversized" and len(server.requests) == 1
     assert f"an answer of more than {chat_client.MAX_ANSWER_BYTES} bytes" in c.error
 
 
 def test_an_answer_longer_than_its_max_tokens_can_decode_to_is_refused_before_it_is_tokenized(serve):
     """At most MAX_CHARS_PER_TOKEN characters a token (content and trace together): 10 tokens hold 320 characters;
     one more is not a completion of the request (a server that pads or loops past its budget), refused as
-    "malformed" without a retry, so it never becomes a teacher prompt whose tokenization a signal would wait for."""
+    "oversized" without a retry, so it never becomes a teacher prompt whose tokenization a signal would wait for."""
     limit = 10 * chat_client.MAX_CHARS_PER_TOKEN
     replies = {"FIT": {"content": "x" * (limit - 4), "reasoning": "abcd"},
                "OVER": {"content": "x" * (limit - 3), "reasoning": "abcd"}}
@@ -258,7 +258,7 @@ def test_an_answer_longer_than_its_max_tokens_can_decode_to_is_refused_before_it
     fit, over = ServerCritic(url, "m", max_tokens=10, timeout_s=5, max_retries=2, backoff_s=0.01).critique(
         [(PROBLEM, "Step 1: FIT"), (PROBLEM, "Step 1: OVER")])
     assert fit.error is None and fit.raw == "</think>" + "x" * (limit - 4)
-    assert over.error_kind == "malformed" and f"{limit + 1} characters" in over.error
+    assert over.error_kind == "oversized" and f"{limit + 1} characters" in over.error
     assert sum("OVER" in r[2]["messages"][0]["content"] for r in server.requests) == 1  # not retried
 
 

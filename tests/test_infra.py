@@ -550,3 +550,22 @@ def test_the_client_repairs_lone_surrogates_and_never_shows_a_secret(serve, smol
     server.respond = lambda body, headers: (500, {"error": "down"})
     [(_, error, _)] = client.complete([[{"role": "user", "content": "hi"}]])
     assert "s3cret" not in error + repr(client) and "[redacted]@127.0.0.1" in error
+
+
+def test_every_failure_kind_of_the_critic_has_a_fix_of_its_own():
+    """The stop rule says what to change from the most frequent failure kind (stop_rules.critic_fix). Every kind the
+    client raises (read from infra/chat_client.py's source, so a kind cannot be added without its fix), the critic's
+    own and an HTTP status get a fix of their own, never the fallback, and no two share one. Before, an answer longer
+    than max_tokens can decode to was "malformed", whose fix blamed --critic-url; a bad key had the fallback."""
+    import re
+    source = (ROOT / "infra" / "chat_client.py").read_text()
+    kinds = set(re.findall(r'(?:kind = |(?:True|False),\s*)"(\w+)"', source))
+    assert {"refused", "timeout", "connection", "malformed", "oversized", "bad_key", "length", "empty"} <= kinds
+    kinds -= {"abandoned"}  # only while the run stops: that step is dropped, never counted
+    kinds |= {"schema", "control_token", "http_401", "http_404", "http_500"}
+    cfg = config.parse_config(["--critic", "server", "--critic-max-tokens", "512"])
+    fixes = {kind: stop_rules.critic_fix(cfg, {f"critic_failed_{kind}": 1.0}) for kind in kinds}
+    fallback = stop_rules.critic_fix(cfg, {})
+    assert all(fix != fallback for fix in fixes.values()), fixes
+    assert len(set(fixes.values())) == len(kinds) - 1  # refused and connection: the same fix (the server is down)
+    assert "--critic-max-tokens 512" in fixes["oversized"] and "--critic-url" not in fixes["oversized"]
