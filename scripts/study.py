@@ -4,14 +4,16 @@
     python -m scripts.study --study first                # the first (seeds 101-103, the prose reference), runs/study
     python -m scripts.study --seeds 20 21 --out runs/dev # any other seeds (e.g. your own, to check the claim)
     python -m scripts.study --report                     # only the table, from the runs already in --out
+    python -m scripts.study --report --out docs/demo/study2   # the second study's table from its committed files
 
 For each seed, the demo preset runs (`python train.py --preset demo`, a process each) once per row of ROWS:
-StepAlignFB, RefSol (its reference: the study's, STUDIES) and the format control (RefSol with `--refsol-style steps`: a correct solution in the student's
-step format that never copies the student's steps) under the demo's teacher layout and under the paper's, and GRPO
-(no teacher, one row for both layouts), one run after the other; `--jobs` seeds at once. The runs of a seed share its
-step-0 evaluation (the base policy) through OUT/seedS/base_eval.json (train.py --base-eval). Each run uses one torch
-thread, so its numbers do not depend on how many runs share the machine; a run already finished is not run again,
-and one cut short continues from its last checkpoint. Then it writes OUT/study.md and OUT/study.json:
+StepAlignFB, RefSol (its reference: the study's, STUDIES) and the format control (RefSol with `--refsol-style
+steps`: a correct solution in the student's step format that never copies the student's steps) under the demo's
+teacher layout and under the paper's, and GRPO (no teacher, one row for both layouts), one run after the other;
+`--jobs` seeds at once. The runs of a seed share its step-0 evaluation (the base policy) through
+OUT/seedS/base_eval.json (train.py --base-eval). Each run uses one torch thread, so its numbers do not depend on how
+many runs share the machine; a run already finished is not run again, and one cut short continues from its last
+checkpoint. Then it writes OUT/study.md and OUT/study.json:
   1. Avg@k at the last step per form, layout and seed; across seeds the mean ± standard error (sample std/√n);
   2. per seed, StepAlignFB minus RefSol and minus the format control (same seed, same layout), mean ± standard error
      of those paired differences;
@@ -323,14 +325,18 @@ def _mean_cell(values: dict[str, float], fmt: str) -> str:
 def goal_lines(result: dict) -> list[str]:
     """The study's pre-registered goal checked on its `repeat` runs: StepAlignFB above each arm of goal["above"] by
     goal["se"] standard errors of the paired differences, and at least the base policy + goal["over_base"] points
-    (the mean of the paired differences from step 0); [] for a study without one."""
+    (the mean of the paired differences from step 0); [] for a study without one. A comparison with an arm whose
+    teacher cannot teach (the gate) is not drawn, and the goal is then not decided."""
     goal = STUDIES[result["study"]]["goal"]
     if goal is None:
         return []
-    runs, names = result["runs"], display(result["study"])
+    runs, names, gaps = result["runs"], display(result["study"]), result.get("gate", {})
     mine = runs.get(f"{LAYOUTS[0]}/stepalign", {})
     checks = []
     for other in goal["above"]:
+        if gaps.get(other, 1) <= 0 or gaps.get("stepalign", 1) <= 0:
+            checks.append((f"minus {names[other]}: not drawn (a teacher that cannot teach)", None))
+            continue
         theirs = runs.get(f"{LAYOUTS[0]}/{other}", {})
         diff = [100 * (mine[s]["last"] - theirs[s]["last"]) for s in mine if s in theirs]
         m, se = mean_se(diff) if len(diff) > 1 else (float("nan"), float("nan"))
@@ -339,9 +345,10 @@ def goal_lines(result: dict) -> list[str]:
     gain = [100 * (e["last"] - e["step0"]) for e in mine.values()]
     m = float(np.mean(gain)) if gain else float("nan")
     checks.append((f"minus the base policy {m:+.2f}, at least +{goal['over_base']:g}", m >= goal["over_base"]))
-    verdict = "met" if all(ok for _, ok in checks) else "missed"
+    oks = [ok for _, ok in checks]
+    verdict = "missed" if False in oks else "not decided" if None in oks else "met"
     return ["", f"The pre-registered goal, StepAlignFB in the {LAYOUTS[0]} layout over {len(mine)} seeds: **{verdict}**"
-            f" (" + "; ".join(f"{text}: {'yes' if ok else 'no'}" for text, ok in checks) + ")."]
+            f" (" + "; ".join(text if ok is None else f"{text}: {'yes' if ok else 'no'}" for text, ok in checks) + ")."]
 
 
 def report(result: dict) -> str:

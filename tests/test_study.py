@@ -212,7 +212,8 @@ def test_the_goal_is_checked_as_pre_registered_two_se_above_each_arm_and_ten_poi
     """goal_lines against the numbers worked by hand: StepAlignFB 30, 40, 50 from 10 each; RefSol 5 on every seed
     (differences 25, 35, 45: mean 35, sample std 10, 2 SE = 20/√3 = 11.55, met); the control 30, 40, 60
     (differences 0, 0, -10: missed); the gain over the base 30 >= 10. Then the control at 20, 30, 40 (differences
-    10, 10, 10: SE 0, met) makes the goal met; a study without a goal has no line."""
+    10, 10, 10: SE 0, met) makes the goal met, unless the gate says RefSol's teacher cannot teach (not drawn: not
+    decided); a study without a goal has no line."""
     def runs(*rows):
         return {f"repeat/{row}": {str(s): {"last": v / 100, "step0": 0.1} for s, v in zip((1, 2, 3), values)}
                 for row, values in rows}
@@ -223,6 +224,8 @@ def test_the_goal_is_checked_as_pre_registered_two_se_above_each_arm_and_ten_poi
     assert "step format (control) -3.33" in line and "minus the base policy +30.00, at least +10: yes" in line
     result["runs"] |= runs(("refsol_steps", (20, 30, 40)))
     assert "**met**" in study.goal_lines(result)[1]
+    gated = study.goal_lines({**result, "gate": {"refsol": 0.0}})[1]  # RefSol's teacher not above its student
+    assert "**not decided**" in gated and "minus RefSol: not drawn (a teacher that cannot teach)" in gated
     assert study.goal_lines({**result, "study": "first"}) == []
 
 def test_the_report_skips_a_cut_last_line_and_refuses_bad_files_in_one_line(tmp_path, capsys):
