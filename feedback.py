@@ -202,7 +202,7 @@ def critique_stats(items: list[Item], critiques: list[critic.Critique], usable: 
     unstructured = [ok for c, ok in zip(critiques, usable) if c.error is None and not c.schema_ok]
     stats = {"critic_failed": float(sum(c.error is not None for c in critiques))}
     for kind, count in Counter(c.error_kind or "other" for c in critiques if c.error is not None).items():
-        stats[f"critic_failed_{kind}"] = float(count)  # why: refused, timeout, http_<status>, malformed, oversized, length
+        stats[f"critic_failed_{kind}"] = float(count)  # why: critic.Critique.error_kind
     stats["critic_schema_ok"] = float(sum(c.schema_ok for c in critiques if c.error is None))
     # where alignment can matter: wrong attempts whose correct equations the critique copies before its fix
     wrong = [(it, c) for it, c in zip(items, critiques) if c.error is None and c.schema_ok and it.reward == 0]

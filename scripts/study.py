@@ -322,6 +322,24 @@ def _mean_cell(values: dict[str, float], fmt: str) -> str:
     return f"{m:{fmt}} ± {se:.2f}" + ("" if len(values) >= 3 else f" (n = {len(values)})")
 
 
+def run_key(layout: str, row: str) -> str:
+    """The key of a row's runs in result["runs"]: GRPO (no teacher) runs once, under "-"."""
+    return "-/grpo" if row == "grpo" else f"{layout}/{row}"
+
+
+def paired(runs: dict, layout: str, other: str) -> dict[str, float]:
+    """Per seed, StepAlignFB minus `other` in points (the same seed, layout and problems), over the seeds where both
+    finished."""
+    mine, theirs = runs.get(f"{layout}/stepalign", {}), runs.get(run_key(layout, other), {})
+    return {s: 100 * (mine[s]["last"] - theirs[s]["last"]) for s in mine if s in theirs}
+
+
+def drawn(gaps: dict[str, float], other: str) -> bool:
+    """The gate's rule: StepAlignFB is compared with `other` only when both teachers are above their students (an
+    arm the gate did not measure counts as above)."""
+    return gaps.get(other, 1) > 0 and gaps.get("stepalign", 1) > 0
+
+
 def goal_lines(result: dict) -> list[str]:
     """The study's pre-registered goal checked on its `repeat` runs: StepAlignFB above each arm of goal["above"] by
     goal["se"] standard errors of the paired differences, and at least the base policy + goal["over_base"] points
@@ -334,11 +352,10 @@ def goal_lines(result: dict) -> list[str]:
     mine = runs.get(f"{LAYOUTS[0]}/stepalign", {})
     checks = []
     for other in goal["above"]:
-        if gaps.get(other, 1) <= 0 or gaps.get("stepalign", 1) <= 0:
+        if not drawn(gaps, other):
             checks.append((f"minus {names[other]}: not drawn (a teacher that cannot teach)", None))
             continue
-        theirs = runs.get(f"{LAYOUTS[0]}/{other}", {})
-        diff = [100 * (mine[s]["last"] - theirs[s]["last"]) for s in mine if s in theirs]
+        diff = list(paired(runs, LAYOUTS[0], other).values())
         m, se = mean_se(diff) if len(diff) > 1 else (float("nan"), float("nan"))
         checks.append((f"minus {names[other]} {m:+.2f}, {goal['se']:g} SE = {goal['se'] * se:.2f}",
                        m > goal["se"] * se))
@@ -371,7 +388,7 @@ def report(result: dict) -> str:
         for row in ROWS:
             if row == "grpo" and layout != LAYOUTS[0]:
                 continue
-            entries = runs.get(f"-/{row}" if row == "grpo" else f"{layout}/{row}", {})
+            entries = runs.get(run_key(layout, row), {})
             vals = {s: 100 * e["last"] for s, e in entries.items()}
             answered = [e["answered"] for e in entries.values() if e["answered"] is not None]
             gap = f"{gaps[row]:+.1f}" if row in gaps else "–"
@@ -382,13 +399,11 @@ def report(result: dict) -> str:
               f"| difference | layout | {head} | mean ± SE |", "|---|---|" + "---|" * len(seeds) + "---|"]
     for layout in LAYOUTS:
         for other in ("refsol", "refsol_steps", "grpo"):
-            if other in gaps and gaps[other] <= 0 or gaps.get("stepalign", 1) <= 0:
+            if not drawn(gaps, other):
                 lines.append(f"| StepAlignFB − {names[other]} | {layout} | not drawn: a teacher that cannot teach "
                              f"(gate) |")
                 continue
-            mine = runs.get(f"{layout}/stepalign", {})
-            theirs = runs.get("-/grpo" if other == "grpo" else f"{layout}/{other}", {})
-            diff = {s: 100 * (mine[s]["last"] - theirs[s]["last"]) for s in seeds if s in mine and s in theirs}
+            diff = paired(runs, layout, other)
             lines.append(f"| StepAlignFB − {names[other]} | {layout} | {_cells(diff, seeds, '+.2f')} | "
                          f"{_mean_cell(diff, '+.2f')} |")
     sa = list(runs.get(f"{LAYOUTS[0]}/stepalign", {}).values())
