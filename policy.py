@@ -21,11 +21,15 @@ from infra.logs import inside
 
 
 def build_model(cfg, d: Dist):
-    """The model in --dtype on this rank's device with a fresh LoRA adapter (B = 0: the base policy)."""
+    """The model in --dtype on this rank's device with a fresh LoRA adapter (B = 0: the base policy), its A drawn
+    from torch's global generator seeded by --seed right before: loading the model may draw from it (the demo
+    model's first load, which fills the cache, builds it from a config with random weights), and the adapter, so
+    the run, must not depend on whether the cache was there."""
     if d.device.type == "cuda":  # fp32 matmuls (the LoRA branch, the loss's fp32 parts) on TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     model, tokenizer = rollout.load_model(cfg.model, dtype=rollout.DTYPES[cfg.dtype], device=d.device)
+    torch.manual_seed(cfg.seed)  # here, after the load, so that A depends on --seed alone (see above)
     lora.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets.split(",")))
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -46,8 +50,7 @@ def make_vllm_engine(cfg, d: Dist) -> rollout.VLLMEngine:
 def start_policy(cfg, d: Dist):
     """The model with a fresh adapter, identical on every rank, and its AdamW; then the per-rank RNG offsets.
     Returns (model, tokenizer, LoRA parameters, optimizer)."""
-    torch.manual_seed(cfg.seed)  # the same LoRA initialization on every rank...
-    model, tokenizer = build_model(cfg, d)
+    model, tokenizer = build_model(cfg, d)  # the same LoRA initialization on every rank (one seed)...
     params = [p for p in model.parameters() if p.requires_grad]
     if d.world > 1:
         for p in params:  # ...and rank 0's copy, as DDP does, so the ranks cannot drift apart

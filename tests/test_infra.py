@@ -28,6 +28,7 @@ from infra import logs
 from infra import signals
 from infra import stop_rules
 import policy
+import rollout
 from demo import arithmetic
 
 
@@ -40,6 +41,22 @@ def two_steps_then_a_fresh_policy(tiny_model_dir, tmp_path):
     model, _ = policy.build_model(cfg, dist.Dist())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     return out, before, cfg, model, optimizer
+
+
+def test_the_adapter_depends_on_the_seed_alone_not_on_whether_the_model_cache_was_there(tmp_path, monkeypatch):
+    """The demo model's first load fills the cache (rollout.smollm2_path): it builds the model from a config, which
+    draws random weights from torch's global generator, before the GGUF weights replace them. The adapter drawn
+    after it must be the one a later load (from the cache) draws: before policy.build_model seeded right before
+    add_lora, the first run of a fresh checkout trained from another A (the first study's rerun found it: the
+    same step-1 loss, since B = 0, another gradient)."""
+    monkeypatch.setenv("SDCF_CACHE", str(tmp_path))
+    cfg = config.parse_config(["--preset", "demo", "--seed", "102", "--out-dir", str(tmp_path / "run")])
+    filled, _ = policy.build_model(cfg, dist.Dist())
+    assert (tmp_path / rollout.SMOLLM2 / "model.safetensors").is_file()  # this load was the conversion
+    cached, _ = policy.build_model(cfg, dist.Dist())
+    a, b = lora.lora_state_dict(filled), lora.lora_state_dict(cached)
+    assert len(a) == 420 and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_kill_during_save_leaves_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
