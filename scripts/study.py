@@ -5,6 +5,7 @@
     python -m scripts.study --seeds 20 21 --out runs/dev # any other seeds (e.g. your own, to check the claim)
     python -m scripts.study --report                     # only the table, from the runs already in --out
     python -m scripts.study --report --out docs/demo/study2   # the second study's table from its committed files
+    python -m scripts.study --study first --report --out docs/demo/study1   # the first's, from its files
 
 For each seed, the demo preset runs (`python train.py --preset demo`, a process each) once per row of ROWS:
 StepAlignFB, RefSol (its reference: the study's, STUDIES) and the format control (RefSol with `--refsol-style

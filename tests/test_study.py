@@ -259,11 +259,12 @@ def test_the_report_skips_a_cut_last_line_and_refuses_bad_files_in_one_line(tmp_
     assert "config.json: cannot be read" in _refused(capsys, ["--report", "--seeds", "101", "--out", str(out)])
 
 
-def test_the_committed_second_study_recomputes_its_table_from_its_run_files():
-    """docs/demo/study2 holds the second study's run files (config.json, eval.jsonl, log.jsonl per run); the table
-    and study.json recomputed from them are the committed ones, byte for byte."""
-    out = ROOT / "docs" / "demo" / "study2"
-    result = study.collect(out, list(study.STUDIES["second"]["seeds"]), "second")
+@pytest.mark.parametrize("name, folder", [("first", "study1"), ("second", "study2")])
+def test_each_committed_study_recomputes_its_table_from_its_run_files(name, folder):
+    """docs/demo/study1 and study2 hold the studies' run files (config.json, eval.jsonl, log.jsonl per run); the
+    table and study.json recomputed from them are the committed ones, byte for byte."""
+    out = ROOT / "docs" / "demo" / folder
+    result = study.collect(out, list(study.STUDIES[name]["seeds"]), name)
     assert not result["unfinished"]
     assert study.report(result) == (out / "study.md").read_text()
     assert json.dumps(result, indent=1) + "\n" == (out / "study.json").read_text()
